@@ -1,0 +1,216 @@
+"""The Kafka edge: topic setup, an idempotent producer, and faststream batch subscribers.
+
+Consumers are faststream batch subscribers on confluent-kafka with manual acknowledgement: a batch
+is acknowledged (its offsets committed) only after the handler returned, that is after the
+database transaction that recorded it committed. A handler that raises is nacked: faststream seeks
+back and the batch is redelivered, so handlers raise only for infrastructure faults, never for bad
+input (bad input is dead-lettered inside the transaction).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+from faststream import AckPolicy
+from faststream.confluent import KafkaBroker
+from faststream.confluent.annotations import KafkaMessage
+
+from orchestrator.errors import BusError
+from orchestrator.settings import Settings
+from schemas import TOPIC_DEAD_LETTERS, TOPIC_REPLIES, TOPIC_TRANSFER_COMMANDS, step_topic
+
+log = logging.getLogger(__name__)
+
+PARTICIPANTS = ("risk", "ledger", "notify")
+
+
+def all_topics(settings: Settings) -> list[str]:
+    names = [TOPIC_TRANSFER_COMMANDS, TOPIC_REPLIES, TOPIC_DEAD_LETTERS]
+    names += [step_topic(p) for p in PARTICIPANTS]
+    return [settings.topic(name) for name in names]
+
+
+def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> None:
+    """Create the topics if missing. Idempotent; an existing topic is left as it is."""
+    assert settings.kafka_bootstrap
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    futures = admin.create_topics(
+        [NewTopic(name, settings.topic_partitions, 1) for name in all_topics(settings)],
+        operation_timeout=timeout_s,
+        request_timeout=timeout_s,
+    )
+    for name, future in futures.items():
+        try:
+            future.result(timeout_s)
+        except KafkaException as error:
+            if error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise BusError(f"cannot create topic {name}: {error}") from error
+
+
+@dataclass(frozen=True)
+class Record:
+    """One message to produce. Headers are bytes, as Kafka carries them."""
+
+    topic: str
+    value: bytes
+    key: bytes | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass(frozen=True)
+class Consumed:
+    """What a handler needs of one consumed Kafka record, free of the client's types."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...]
+    timestamp_ms: int | None
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key == name:
+                return value.decode(errors="replace")
+        return None
+
+    @classmethod
+    def from_confluent(cls, message: Message) -> Consumed:
+        kind, timestamp = message.timestamp()
+        return cls(
+            topic=message.topic(),
+            partition=message.partition(),
+            offset=message.offset(),
+            key=message.key(),
+            value=message.value() or b"",
+            headers=tuple((k, v or b"") for k, v in (message.headers() or [])),
+            timestamp_ms=timestamp if kind != 0 else None,
+        )
+
+
+def encode_headers(headers: Sequence[tuple[str, bytes]]) -> list[list[str]]:
+    """Headers as JSON (for the outbox and dead-letter rows), lossless for binary values."""
+    return [[name, base64.b64encode(value).decode()] for name, value in headers]
+
+
+def decode_headers(stored: Sequence[Sequence[str]]) -> tuple[tuple[str, bytes], ...]:
+    return tuple((name, base64.b64decode(value)) for name, value in stored)
+
+
+class KafkaProducer:
+    """An idempotent producer (no duplicates or reordering from its own retries) that sends a
+    batch and waits until the broker acknowledged every record."""
+
+    def __init__(self, settings: Settings, client_id: str) -> None:
+        assert settings.kafka_bootstrap
+        self._producer = Producer(
+            {
+                "bootstrap.servers": settings.kafka_bootstrap,
+                "client.id": client_id,
+                "enable.idempotence": True,
+                "acks": "all",
+                # Latency over batching: a saga's next step waits on this record.
+                "linger.ms": 0,
+                "message.timeout.ms": 30000,
+            }
+        )
+
+    async def send(self, records: Sequence[Record]) -> None:
+        if not records:
+            return
+        errors: list[str] = []
+
+        def on_delivery(error: KafkaError | None, _message: Message) -> None:
+            if error is not None:
+                errors.append(str(error))
+
+        for record in records:
+            while True:
+                try:
+                    self._producer.produce(
+                        record.topic,
+                        value=record.value,
+                        key=record.key,
+                        headers=list(record.headers),
+                        on_delivery=on_delivery,
+                    )
+                    break
+                except BufferError:
+                    # The local queue is full: let deliveries drain, then go on.
+                    await asyncio.to_thread(self._producer.poll, 0.05)
+        remaining = await asyncio.to_thread(self._producer.flush, 30)
+        if remaining:
+            raise BusError(f"{remaining} records were not acknowledged by the broker in 30 s")
+        if errors:
+            raise BusError(f"the broker refused records: {errors[:3]}")
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._producer.flush(5)
+
+
+async def _raw_decoder(message: Any) -> None:
+    # The handlers parse bytes themselves (bad input must be dead-lettered, not crash decoding).
+    return None
+
+
+BatchHandler = Callable[[list[Consumed]], Awaitable[None]]
+
+
+def make_broker(settings: Settings) -> KafkaBroker:
+    assert settings.kafka_bootstrap
+    return KafkaBroker(
+        settings.kafka_bootstrap,
+        client_id=settings.worker_name or "saga",
+        logger=None,
+        config={"linger.ms": 0},
+    )
+
+
+def subscribe_batches(
+    broker: KafkaBroker,
+    settings: Settings,
+    topics: Sequence[str],
+    group_id: str,
+    handler: BatchHandler,
+    on_assign: Callable[..., None] | None = None,
+) -> None:
+    """Register `handler` for batches from `topics` in consumer group `group_id`.
+
+    `on_assign` is called (on the consumer's thread) when the group hands it partitions.
+    """
+
+    @broker.subscriber(
+        *topics,
+        group_id=group_id,
+        batch=True,
+        max_records=settings.consume_batch_max,
+        polling_interval=settings.consume_poll_s,
+        fetch_max_wait_ms=settings.kafka_fetch_wait_ms,
+        auto_offset_reset="earliest",
+        session_timeout_ms=settings.kafka_session_timeout_ms,
+        heartbeat_interval_ms=max(500, settings.kafka_session_timeout_ms // 6),
+        ack_policy=AckPolicy.NACK_ON_ERROR,
+        decoder=_raw_decoder,
+        on_assign=on_assign,
+        title=f"{group_id}:{','.join(topics)}",
+    )
+    async def _on_batch(body: Any, message: KafkaMessage) -> None:
+        consumed = [Consumed.from_confluent(raw) for raw in message.raw_message]
+        try:
+            await handler(consumed)
+        except Exception:
+            log.exception("batch of %d from %s failed; it will be redelivered", len(consumed),
+                          group_id)
+            # Redelivery is immediate; a short pause keeps a database outage from spinning a core.
+            await asyncio.sleep(0.5)
+            raise

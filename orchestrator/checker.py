@@ -1,0 +1,245 @@
+"""The invariant checker: proves from the data alone that money and history are right.
+
+    I1 money conserved: Σ balances of all accounts (customers and clearing) equals Σ opening
+       balances, per currency; every terminal saga's net effect is all-or-nothing (a completed
+       transfer moved exactly its amount from source to destination; a compensated or rejected
+       one moved nothing); with nothing in flight, clearing accounts and holds are back to zero.
+    I2 no double effect: at most one entry per (saga, step, direction); a compensation entry only
+       where its forward entry exists.
+    I3 termination: no saga in flight (only a violation when `expect_quiescent`).
+    I4 the event log is gapless per saga (seq 1..n), protected by its append-only triggers, and
+       folding each saga's events reproduces its projection.
+    I5 every consumed message has a verdict; dead letters are counted.
+    I6 no outbox row left unpublished (older than `outbox_grace_s`).
+    I7 no customer balance or available balance below zero; every entry belongs to a known saga.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from orchestrator.core import SagaState, fold
+from orchestrator.store import parse_event
+
+
+@dataclass(frozen=True)
+class Check:
+    invariant: str
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class Report:
+    checks: list[Check] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(check.ok for check in self.checks)
+
+    @property
+    def money_conserved(self) -> bool:
+        return all(check.ok for check in self.checks if check.invariant == "I1")
+
+    @property
+    def duplicate_effects(self) -> int:
+        return self.counts.get("duplicate_effects", 0)
+
+    def failures(self) -> list[Check]:
+        return [check for check in self.checks if not check.ok]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "money_conserved": self.money_conserved,
+                "duplicate_effects": self.duplicate_effects, "counts": self.counts,
+                "checks": [asdict(check) for check in self.checks]}
+
+
+async def _rows(conn: AsyncConnection, sql: str, **params: Any) -> list[Any]:
+    return list((await conn.execute(text(sql), params)).all())
+
+
+def _sample(rows: list[Any], limit: int = 5) -> str:
+    return "; ".join(str(tuple(row)) for row in rows[:limit]) + (
+        f" (+{len(rows) - limit} more)" if len(rows) > limit else "")
+
+
+_BALANCES = """
+SELECT a.account_id, a.kind, a.currency, a.opening_balance,
+       a.opening_balance
+         + COALESCE((SELECT sum(amount) FROM ledger_entries WHERE credit_account = a.account_id), 0)
+         - COALESCE((SELECT sum(amount) FROM ledger_entries WHERE debit_account = a.account_id), 0)
+         AS balance,
+       COALESCE((SELECT sum(hold_delta) FROM ledger_entries WHERE hold_account = a.account_id), 0)
+         AS held
+FROM accounts a
+"""
+
+# Net movement of each saga per account, from the entries, beside what its status promises.
+_SAGA_NETS = """
+WITH moves AS (
+    SELECT saga_id, credit_account AS account, amount AS delta, 0::numeric AS hold
+      FROM ledger_entries WHERE credit_account IS NOT NULL
+    UNION ALL
+    SELECT saga_id, debit_account, -amount, 0 FROM ledger_entries WHERE debit_account IS NOT NULL
+    UNION ALL
+    SELECT saga_id, hold_account, 0, hold_delta FROM ledger_entries WHERE hold_account IS NOT NULL
+), nets AS (
+    SELECT saga_id, account, sum(delta) AS delta, sum(hold) AS hold FROM moves
+    GROUP BY saga_id, account
+)
+SELECT s.saga_id, s.status, n.account, n.delta, n.hold,
+       (s.state->'input'->>'amount')::numeric AS amount,
+       s.state->'input'->>'source_account' AS source,
+       s.state->'input'->>'destination_account' AS destination
+FROM nets n JOIN sagas s USING (saga_id)
+WHERE s.status IN ('COMPLETED', 'COMPENSATED', 'REJECTED')
+  AND NOT (
+        (n.hold = 0 AND n.delta = 0)
+     OR (s.status = 'COMPLETED' AND n.hold = 0 AND (
+            (n.account = s.state->'input'->>'source_account'
+                AND n.delta = -(s.state->'input'->>'amount')::numeric)
+         OR (n.account = s.state->'input'->>'destination_account'
+                AND n.delta = (s.state->'input'->>'amount')::numeric)))
+  )
+"""
+
+
+async def check(engine: AsyncEngine, expect_quiescent: bool = False,
+                outbox_grace_s: float = 5.0) -> Report:
+    report = Report()
+    add = report.checks.append
+    async with engine.connect() as conn:
+        # One snapshot for every query, so a check never compares two moments.
+        await conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"))
+        in_flight = (await conn.execute(text(
+            "SELECT count(*) FROM sagas WHERE status IN ('RUNNING', 'COMPENSATING')"))).scalar_one()
+        status_rows = await _rows(conn, "SELECT status, count(*) FROM sagas GROUP BY status")
+        report.counts.update({f"sagas_{s.lower()}": n for s, n in status_rows})
+        report.counts["sagas_in_flight"] = in_flight
+
+        # I1
+        accounts = await _rows(conn, _BALANCES)
+        by_currency: dict[str, list[Any]] = {}
+        for row in accounts:
+            by_currency.setdefault(row.currency.strip(), []).append(row)
+        unbalanced = [
+            (currency, sum(r.opening_balance for r in rows), sum(r.balance for r in rows))
+            for currency, rows in sorted(by_currency.items())
+            if sum(r.opening_balance for r in rows) != sum(r.balance for r in rows)
+        ]
+        add(Check("I1", "sum of balances equals sum of opening balances", not unbalanced,
+                  _sample(unbalanced)))
+        wrong_nets = await _rows(conn, _SAGA_NETS)
+        add(Check("I1", "each terminal saga moved all of its amount or nothing", not wrong_nets,
+                  _sample(wrong_nets)))
+        if in_flight == 0:
+            leftovers = [(r.account_id, r.balance, r.held) for r in accounts
+                         if (r.kind == "clearing" and r.balance != 0) or r.held != 0]
+            add(Check("I1", "with nothing in flight, clearing and holds are zero",
+                      not leftovers, _sample(leftovers)))
+
+        # I2
+        doubled = await _rows(conn, (
+            "SELECT saga_id, step, direction, count(*) FROM ledger_entries"
+            " GROUP BY saga_id, step, direction HAVING count(*) > 1"))
+        orphans = await _rows(conn, (
+            "SELECT c.saga_id, c.step FROM ledger_entries c WHERE c.direction = 'compensate'"
+            " AND NOT EXISTS (SELECT 1 FROM ledger_entries f WHERE f.saga_id = c.saga_id"
+            " AND f.step = c.step AND f.direction = 'forward')"))
+        report.counts["duplicate_effects"] = len(doubled) + len(orphans)
+        add(Check("I2", "at most one entry per (saga, step, direction)", not doubled,
+                  _sample(doubled)))
+        add(Check("I2", "compensation entries only where the forward entry exists", not orphans,
+                  _sample(orphans)))
+
+        # I3
+        if expect_quiescent:
+            stuck = await _rows(conn, (
+                "SELECT saga_id, status, current_step, updated_at FROM sagas"
+                " WHERE status IN ('RUNNING', 'COMPENSATING') ORDER BY updated_at"))
+            add(Check("I3", "every saga is terminal", not stuck, _sample(stuck)))
+
+        # I4
+        gaps = await _rows(conn, (
+            "SELECT saga_id, min(seq), max(seq), count(*) FROM saga_events GROUP BY saga_id"
+            " HAVING min(seq) <> 1 OR max(seq) <> count(*)"))
+        add(Check("I4", "event log gapless per saga (seq 1..n)", not gaps, _sample(gaps)))
+        triggers = set((await conn.execute(text(
+            "SELECT tgname FROM pg_trigger WHERE tgrelid = 'saga_events'::regclass"
+            " AND tgenabled <> 'D'"))).scalars())
+        wanted = {"saga_events_append_only", "saga_events_no_truncate"}
+        add(Check("I4", "append-only triggers enabled on saga_events", wanted <= triggers,
+                  f"missing: {sorted(wanted - triggers)}" if not wanted <= triggers else ""))
+        mismatched = await replay_mismatches(conn)
+        add(Check("I4", "replaying events reproduces every saga's projection", not mismatched,
+                  _sample([(m,) for m in mismatched])))
+        version_drift = await _rows(conn, (
+            "SELECT s.saga_id, s.version, e.n FROM sagas s JOIN (SELECT saga_id, count(*) AS n"
+            " FROM saga_events GROUP BY saga_id) e USING (saga_id) WHERE s.version <> e.n"))
+        add(Check("I4", "projection version equals event count", not version_drift,
+                  _sample(version_drift)))
+
+        # I5
+        verdicts = await _rows(conn, "SELECT verdict, count(*) FROM inbox GROUP BY verdict")
+        report.counts.update({f"inbox_{v}": n for v, n in verdicts})
+        report.counts["dead_letters"] = (await conn.execute(
+            text("SELECT count(*) FROM dead_letters"))).scalar_one()
+        unaccounted = await _rows(conn, "SELECT message_id FROM inbox WHERE verdict = ''")
+        add(Check("I5", "every consumed message has a verdict", not unaccounted,
+                  _sample(unaccounted)))
+
+        # I6
+        unpublished = await _rows(conn, (
+            "SELECT id, topic, created_at FROM outbox WHERE published_at IS NULL"
+            " AND created_at < clock_timestamp() - make_interval(secs => :grace)"),
+            grace=0.0 if expect_quiescent else outbox_grace_s)
+        report.counts["outbox_unpublished"] = len(unpublished)
+        add(Check("I6", "no outbox row left unpublished", not unpublished, _sample(unpublished)))
+
+        # I7
+        negative = [(r.account_id, r.balance, r.held) for r in accounts
+                    if r.kind == "customer" and (r.balance < 0 or r.balance - r.held < 0)]
+        add(Check("I7", "no customer balance or available balance below zero", not negative,
+                  _sample(negative)))
+        untied = await _rows(conn, (
+            "SELECT e.entry_id, e.saga_id FROM ledger_entries e"
+            " WHERE NOT EXISTS (SELECT 1 FROM sagas s WHERE s.saga_id = e.saga_id)"))
+        add(Check("I7", "every ledger entry is tied to a known saga", not untied,
+                  _sample(untied)))
+        await conn.rollback()
+    return report
+
+
+async def replay_mismatches(conn: AsyncConnection) -> list[str]:
+    """Fold every saga's events and compare with its cached state; returns the saga ids that
+    differ. Streams the events so memory stays flat however many sagas there are."""
+    mismatched: list[str] = []
+    result = await conn.stream(text(
+        "SELECT e.saga_id, e.payload, s.state FROM saga_events e JOIN sagas s USING (saga_id)"
+        " ORDER BY e.saga_id, e.seq"))
+    current: Any = None
+    events: list[Any] = []
+    cached: Any = None
+
+    def compare() -> None:
+        state = fold(events)
+        expected = SagaState.from_json(cached if isinstance(cached, dict) else json.loads(cached))
+        if state != expected:
+            mismatched.append(str(current))
+
+    async for row in result:
+        if row.saga_id != current:
+            if current is not None:
+                compare()
+            current, events, cached = row.saga_id, [], row.state
+        events.append(parse_event(row.payload))
+    if current is not None:
+        compare()
+    return mismatched

@@ -1,0 +1,246 @@
+"""`saga`: the command line on-call engineers live in. Every printing command takes `--json`.
+
+Exit codes: 0 ok; 1 an invariant violated or the demo did not finish clean; 2 bad usage or
+configuration; 3 not found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from orchestrator.errors import ConfigurationError, NotFound, SagaError
+from orchestrator.settings import Settings
+
+
+def _engine(settings: Settings) -> Any:
+    from orchestrator.store import create_engine
+
+    if not settings.database_url:
+        raise ConfigurationError(
+            "SAGA_DATABASE_URL is not set: point it at the event store "
+            "(`saga dev` prints the embedded one's URL)")
+    return create_engine(settings.database_url, pool_size=2)
+
+
+def _print(data: Any, as_json: bool, render: Callable[[Any], str]) -> None:
+    print(json.dumps(data, indent=2, default=str) if as_json else render(data))
+
+
+async def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestrator.runner import run_worker
+
+    kind = args.kind if args.kind != "participant" else f"participant:{args.name}"
+    if args.kind == "participant" and not args.name:
+        raise ConfigurationError("usage: saga worker participant NAME (risk, ledger, notify)")
+    stop = await _stop_on_signals()
+    await run_worker(kind, settings, stop)
+    return 0
+
+
+async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestrator.demo import render_summary, run_demo
+
+    summary = await run_demo(settings, args.transfers, args.timeout, args.json, args.seed,
+                             args.keep)
+    if args.json:
+        compact = {k: v for k, v in summary.items() if k != "example_timeline"}
+        print(json.dumps(compact, default=str))
+    else:
+        print(render_summary(summary))
+    clean = summary["stuck"] == 0 and summary["invariants_ok"]
+    return 0 if clean else 1
+
+
+async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestrator.embedded import EmbeddedStack
+    from orchestrator.processes import WorkerProcesses
+    from orchestrator.store import create_engine, migrate
+
+    stack = EmbeddedStack(keep_files=False).start()
+    settings = settings.model_copy(update={
+        "database_url": stack.postgres.url, "kafka_bootstrap": stack.broker.bootstrap})
+    engine = create_engine(stack.postgres.url)
+    workers = WorkerProcesses(settings, stack.root / "logs")
+    try:
+        await migrate(engine)
+        workers.start()
+        await workers.wait_ready(engine)
+        info = {"kafka_bootstrap": stack.broker.bootstrap, "database_url": stack.postgres.url,
+                "workers": {k: p.pid for k, p in workers.processes.items()},
+                "logs": str(stack.root / "logs")}
+        if args.json:
+            print(json.dumps(info), flush=True)
+        else:
+            print(f"kafka bootstrap   {info['kafka_bootstrap']}\n"
+                  f"database url      {info['database_url']}\n"
+                  f"worker logs       {info['logs']}\n\n"
+                  f"export SAGA_KAFKA_BOOTSTRAP={info['kafka_bootstrap']} "
+                  f"SAGA_DATABASE_URL={info['database_url']}\n"
+                  "running; Ctrl-C stops everything", flush=True)
+        stop = await _stop_on_signals()
+        await stop.wait()
+    finally:
+        workers.stop()
+        await engine.dispose()
+        stack.stop()
+    return 0
+
+
+async def cmd_timeline(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestrator.queries import render_timeline, timeline
+
+    engine = _engine(settings)
+    try:
+        _print(await timeline(engine, args.id), args.json, render_timeline)
+    finally:
+        await engine.dispose()
+    return 0
+
+
+async def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestrator.queries import list_sagas
+
+    engine = _engine(settings)
+    try:
+        rows = await list_sagas(engine, args.status, args.limit)
+    finally:
+        await engine.dispose()
+
+    def render(rows: list[dict[str, Any]]) -> str:
+        lines = [f"{'saga id':<36}  {'status':<12} {'step':<8} {'amount':>12} cur  updated"]
+        lines += [f"{r['saga_id']:<36}  {r['status']:<12} {r['current_step'] or '':<8} "
+                  f"{r['amount'] or '':>12} {r['currency'] or '':<4} {r['updated_at'][:23]}"
+                  for r in rows]
+        return "\n".join(lines)
+
+    _print(rows, args.json, render)
+    return 0
+
+
+async def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestrator.checker import check
+
+    engine = _engine(settings)
+    try:
+        report = await check(engine, expect_quiescent=args.quiescent)
+    finally:
+        await engine.dispose()
+
+    def render(data: dict[str, Any]) -> str:
+        lines = [f"{'ok' if c['ok'] else 'VIOLATED':<9} {c['invariant']}  {c['name']}"
+                 + (f"\n            {c['detail']}" if c["detail"] and not c["ok"] else "")
+                 for c in data["checks"]]
+        lines.append("counts: " + ", ".join(f"{k}={v}" for k, v in sorted(data["counts"].items())))
+        return "\n".join(lines)
+
+    _print(report.to_json(), args.json, render)
+    return 0 if report.ok else 1
+
+
+async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestrator.store import migrate
+
+    engine = _engine(settings)
+    try:
+        applied = await migrate(engine)
+    finally:
+        await engine.dispose()
+    _print({"applied": applied}, args.json, lambda d: "applied: " + (", ".join(d["applied"])
+                                                                     or "nothing (up to date)"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saga", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run N transfers end to end on the embedded stack")
+    demo.add_argument("-n", "--transfers", type=int, default=1000)
+    demo.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the end")
+    demo.add_argument("--seed", type=int, default=None, help="random seed of the transfer mix")
+    demo.add_argument("--keep", action="store_true",
+                      help="keep the embedded stack's data and worker logs afterwards")
+    demo.add_argument("--json", action="store_true")
+    demo.set_defaults(run=cmd_demo)
+
+    dev = sub.add_parser("dev", help="run the embedded stack and all workers in the foreground")
+    dev.add_argument("--json", action="store_true")
+    dev.set_defaults(run=cmd_dev)
+
+    worker = sub.add_parser("worker", help="run one worker against the configured stack")
+    worker.add_argument("kind", choices=["orchestrator", "relay", "participant"])
+    worker.add_argument("name", nargs="?", help="participant name: risk, ledger or notify")
+    worker.set_defaults(run=cmd_worker)
+
+    tl = sub.add_parser("timeline", help="every event of one saga (saga id or transfer id)")
+    tl.add_argument("id")
+    tl.add_argument("--json", action="store_true")
+    tl.set_defaults(run=cmd_timeline)
+
+    ls = sub.add_parser("list", help="sagas, most recently changed first")
+    ls.add_argument("--status", choices=["RUNNING", "COMPENSATING", "COMPLETED", "COMPENSATED",
+                                         "REJECTED", "FAILED"])
+    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(run=cmd_list)
+
+    ck = sub.add_parser("check", help="check the invariants I1-I7; exit 1 on a violation")
+    ck.add_argument("--quiescent", action="store_true",
+                    help="also require every saga terminal and the outbox empty")
+    ck.add_argument("--json", action="store_true")
+    ck.set_defaults(run=cmd_check)
+
+    mg = sub.add_parser("migrate", help="apply the schema migrations")
+    mg.add_argument("--json", action="store_true")
+    mg.set_defaults(run=cmd_migrate)
+    return parser
+
+
+def _raise_interrupt(*_args: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so `finally` blocks stop child processes and servers.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose or args.command == "worker" else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    run: Callable[[argparse.Namespace, Settings], Awaitable[int]] = args.run
+    try:
+        settings = Settings()
+        return asyncio.run(run(args, settings))
+    except NotFound as error:
+        print(f"saga: {error}", file=sys.stderr)
+        return 3
+    except ConfigurationError as error:
+        print(f"saga: {error}", file=sys.stderr)
+        return 2
+    except SagaError as error:
+        print(f"saga: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())

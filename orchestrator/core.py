@@ -1,0 +1,447 @@
+"""The pure decision core: given a saga's state and one incoming message, decide.
+
+No I/O, no clock, no randomness: the caller passes `now`, and every id the core makes is derived
+(uuid5) from ids it was given, so deciding twice on the same input yields the same events and
+commands. That is what makes a crash-and-redeliver safe: a redelivered message either finds its
+effects already recorded (and is ignored) or produces exactly what the lost attempt would have.
+
+State is never stored as truth: `fold(events)` rebuilds it, and the `sagas` table only caches it.
+
+Invariants kept here:
+- at most one step command is outstanding per saga (`command_id`); a reply for any other command
+  is a duplicate or a late reply and changes nothing;
+- compensations run in the reverse order of the forward steps whose effects were applied;
+- a terminal saga never changes again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+from uuid import UUID, uuid5
+
+from orchestrator.definition import SagaDefinition, Step
+from schemas import (
+    CompensationFailed,
+    DeadLetter,
+    Direction,
+    Outcome,
+    RejectionCode,
+    SagaCompensated,
+    SagaCompleted,
+    SagaEvent,
+    SagaFailed,
+    SagaRejected,
+    SagaStarted,
+    StepCommand,
+    StepCompensated,
+    StepFailed,
+    StepReply,
+    StepStarted,
+    StepSucceeded,
+    TransferRequested,
+)
+
+_SAGA_NAMESPACE = UUID("6f1c3a52-8d0e-4f7b-9a51-2c0d9e7b4a10")
+
+
+class SagaStatus(StrEnum):
+    RUNNING = "RUNNING"
+    COMPENSATING = "COMPENSATING"
+    COMPLETED = "COMPLETED"
+    COMPENSATED = "COMPENSATED"
+    REJECTED = "REJECTED"
+    FAILED = "FAILED"
+
+
+TERMINAL_STATUSES = frozenset(
+    {SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.REJECTED, SagaStatus.FAILED}
+)
+IN_FLIGHT_STATUSES = frozenset({SagaStatus.RUNNING, SagaStatus.COMPENSATING})
+
+
+def saga_id_for_transfer(transfer_id: UUID) -> UUID:
+    """The saga id is derived from the transfer id, so a second saga for one transfer would
+    collide on the event table's primary key even if every other check were bypassed."""
+    return uuid5(_SAGA_NAMESPACE, f"transfer:{transfer_id}")
+
+
+def command_id_for(saga_id: UUID, step: str, direction: Direction, attempt: int) -> UUID:
+    return uuid5(saga_id, f"{step}:{direction.value}:{attempt}")
+
+
+@dataclass(frozen=True)
+class SagaState:
+    saga_id: UUID
+    saga_type: str
+    transfer_id: UUID
+    status: SagaStatus
+    version: int
+    input: dict[str, Any] = field(default_factory=dict)
+    request_hash: str = ""
+    step: str | None = None
+    direction: Direction | None = None
+    attempt: int = 0
+    command_id: UUID | None = None
+    deadline_at: datetime | None = None
+    # Forward steps whose effects were applied and not yet undone, in the order they happened.
+    applied: tuple[str, ...] = ()
+    failed_step: str | None = None
+    failure: str | None = None
+    requested_at: datetime | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "saga_id": str(self.saga_id),
+            "saga_type": self.saga_type,
+            "transfer_id": str(self.transfer_id),
+            "status": self.status.value,
+            "version": self.version,
+            "input": self.input,
+            "request_hash": self.request_hash,
+            "step": self.step,
+            "direction": self.direction.value if self.direction else None,
+            "attempt": self.attempt,
+            "command_id": str(self.command_id) if self.command_id else None,
+            "deadline_at": self.deadline_at.isoformat() if self.deadline_at else None,
+            "applied": list(self.applied),
+            "failed_step": self.failed_step,
+            "failure": self.failure,
+            "requested_at": self.requested_at.isoformat() if self.requested_at else None,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SagaState:
+        return cls(
+            saga_id=UUID(data["saga_id"]),
+            saga_type=data["saga_type"],
+            transfer_id=UUID(data["transfer_id"]),
+            status=SagaStatus(data["status"]),
+            version=data["version"],
+            input=data["input"],
+            request_hash=data["request_hash"],
+            step=data["step"],
+            direction=Direction(data["direction"]) if data["direction"] else None,
+            attempt=data["attempt"],
+            command_id=UUID(data["command_id"]) if data["command_id"] else None,
+            deadline_at=datetime.fromisoformat(data["deadline_at"]) if data["deadline_at"] else None,
+            applied=tuple(data["applied"]),
+            failed_step=data["failed_step"],
+            failure=data["failure"],
+            requested_at=(
+                datetime.fromisoformat(data["requested_at"]) if data.get("requested_at") else None
+            ),
+        )
+
+
+# ---------------------------------------------------------------- fold: events -> state
+
+
+def evolve(state: SagaState | None, event: SagaEvent) -> SagaState:
+    """Apply one event. Pure and total over valid histories; the version counts events."""
+    if isinstance(event, SagaStarted):
+        return SagaState(
+            saga_id=saga_id_for_transfer(event.transfer_id),
+            saga_type=event.saga_type,
+            transfer_id=event.transfer_id,
+            status=SagaStatus.RUNNING,
+            version=1,
+            input=dict(event.input),
+            request_hash=event.request_hash,
+            requested_at=event.requested_at,
+        )
+    if isinstance(event, SagaRejected):
+        return SagaState(
+            saga_id=saga_id_for_transfer(event.transfer_id),
+            saga_type="transfer",
+            transfer_id=event.transfer_id,
+            status=SagaStatus.REJECTED,
+            version=1,
+            failure=f"{event.reason_code.value}: {event.reason}",
+        )
+    if state is None:
+        raise ValueError(f"{event.type} cannot start a saga's history")
+    state = replace(state, version=state.version + 1)
+    if isinstance(event, StepStarted):
+        status = SagaStatus.RUNNING if event.direction is Direction.FORWARD else (
+            SagaStatus.COMPENSATING
+        )
+        return replace(
+            state,
+            status=status,
+            step=event.step,
+            direction=event.direction,
+            attempt=event.attempt,
+            command_id=event.command_id,
+            deadline_at=event.deadline_at,
+        )
+    if isinstance(event, StepSucceeded):
+        return replace(state, applied=(*state.applied, event.step), command_id=None,
+                       deadline_at=None, failed_step=None, failure=None)
+    if isinstance(event, StepFailed):
+        return replace(state, command_id=None, deadline_at=None, failed_step=event.step,
+                       failure=f"{event.code}: {event.reason}")
+    if isinstance(event, StepCompensated):
+        applied = tuple(s for s in state.applied if s != event.step)
+        return replace(state, applied=applied, command_id=None, deadline_at=None)
+    if isinstance(event, CompensationFailed):
+        return replace(state, command_id=None, deadline_at=None)
+    if isinstance(event, SagaCompleted):
+        return replace(state, status=SagaStatus.COMPLETED, step=None, direction=None)
+    if isinstance(event, SagaCompensated):
+        return replace(state, status=SagaStatus.COMPENSATED, step=None, direction=None)
+    if isinstance(event, SagaFailed):
+        return replace(state, status=SagaStatus.FAILED, failure=f"{event.step}: {event.reason}")
+    raise TypeError(f"unknown event {event!r}")  # pragma: no cover - the union is closed
+
+
+def fold(events: Iterable[SagaEvent]) -> SagaState | None:
+    state: SagaState | None = None
+    for event in events:
+        state = evolve(state, event)
+    return state
+
+
+# ---------------------------------------------------------------- decide: input -> effects
+
+
+class Verdict(StrEnum):
+    """What the shell should record about the consumed message (the inbox outcome)."""
+
+    STARTED = "started"
+    REJECTED = "rejected"
+    DUPLICATE = "duplicate"
+    CONFLICT = "conflict"
+    APPLIED = "applied"
+    STALE = "stale"
+    UNKNOWN_SAGA = "unknown_saga"
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: Verdict
+    events: tuple[SagaEvent, ...] = ()
+    commands: tuple[StepCommand, ...] = ()
+    # Set when the consumed message itself must go to the dead-letter topic.
+    rejection: tuple[RejectionCode, str] | None = None
+    # Set when the saga itself failed for good and must be raised to an operator.
+    saga_failed: bool = False
+
+
+@dataclass(frozen=True)
+class StartTransfer:
+    request: TransferRequested
+    request_hash: str
+    requested_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class RejectTransfer:
+    """An intake message that names a transfer id but is not a valid request."""
+
+    transfer_id: UUID
+    code: RejectionCode
+    reason: str
+
+
+def request_hash(request: TransferRequested) -> str:
+    """Identity of a request's content, to tell a harmless duplicate from a conflicting one."""
+    import hashlib
+
+    return hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+
+
+def decide_start(
+    definition: SagaDefinition,
+    state: SagaState | None,
+    message: StartTransfer,
+    now: datetime,
+) -> Decision:
+    request = message.request
+    if state is not None:
+        if state.request_hash == message.request_hash:
+            return Decision(Verdict.DUPLICATE)
+        return Decision(
+            Verdict.CONFLICT,
+            rejection=(
+                RejectionCode.CONFLICTING_DUPLICATE,
+                f"transfer {request.transfer_id} was already requested with a different payload;"
+                " the original saga is unchanged",
+            ),
+        )
+    started = SagaStarted(
+        saga_type=definition.name,
+        transfer_id=request.transfer_id,
+        input=request.model_dump(mode="json"),
+        request_hash=message.request_hash,
+        requested_at=message.requested_at,
+    )
+    state = evolve(None, started)
+    events, commands = _start_step(definition, state, definition.steps[0], Direction.FORWARD, 1,
+                                   now)
+    return Decision(Verdict.STARTED, events=(started, *events), commands=commands)
+
+
+def decide_reject(state: SagaState | None, message: RejectTransfer) -> Decision:
+    """An invalid request: dead-letter it; record a REJECTED saga if the id is still free."""
+    rejection = (message.code, message.reason)
+    if state is not None:
+        return Decision(Verdict.REJECTED, rejection=rejection)
+    event = SagaRejected(
+        transfer_id=message.transfer_id, reason_code=message.code, reason=message.reason
+    )
+    return Decision(Verdict.REJECTED, events=(event,), rejection=rejection)
+
+
+def decide_reply(
+    definition: SagaDefinition,
+    state: SagaState | None,
+    reply: StepReply,
+    now: datetime,
+) -> Decision:
+    if state is None:
+        return Decision(
+            Verdict.UNKNOWN_SAGA,
+            rejection=(RejectionCode.UNKNOWN_SAGA, f"no saga {reply.saga_id} for this reply"),
+        )
+    if state.terminal or reply.command_id != state.command_id:
+        # A duplicate of a reply already folded in, or a late reply for an attempt that was
+        # superseded: the effect it reports is already accounted for by the current attempt.
+        return Decision(Verdict.STALE)
+    # The command id matched, so the step and direction are the saga's own, not the reply's word.
+    assert state.step is not None
+    step = definition.step(state.step)
+    if state.direction is Direction.FORWARD:
+        return _forward_reply(definition, state, step, reply, now)
+    return _compensation_reply(definition, state, step, reply, now)
+
+
+def _forward_reply(
+    definition: SagaDefinition, state: SagaState, step: Step, reply: StepReply, now: datetime
+) -> Decision:
+    if reply.outcome is Outcome.SUCCEEDED:
+        succeeded = StepSucceeded(step=step.name, attempt=reply.attempt,
+                                  command_id=reply.command_id, result=dict(reply.result))
+        state = evolve(state, succeeded)
+        index = definition.index_of(step.name)
+        if index + 1 == len(definition.steps):
+            return Decision(Verdict.APPLIED, events=(succeeded, SagaCompleted()))
+        events, commands = _start_step(
+            definition, state, definition.steps[index + 1], Direction.FORWARD, 1, now
+        )
+        return Decision(Verdict.APPLIED, events=(succeeded, *events), commands=commands)
+
+    failed = StepFailed(step=step.name, attempt=reply.attempt, command_id=reply.command_id,
+                        code=reply.code or "FAILED", reason=reply.reason or "",
+                        retryable=reply.retryable)
+    state = evolve(state, failed)
+    if reply.retryable and reply.attempt < step.max_attempts:
+        events, commands = _start_step(definition, state, step, Direction.FORWARD,
+                                       reply.attempt + 1, now)
+        return Decision(Verdict.APPLIED, events=(failed, *events), commands=commands)
+    pivot_passed = any(definition.step(name).pivot for name in state.applied)
+    if pivot_passed:
+        # Past the pivot nothing can be undone: the transfer stands, an operator finishes it.
+        saga_failed = SagaFailed(step=step.name, reason=f"failed after the pivot: {failed.reason}")
+        return Decision(Verdict.APPLIED, events=(failed, saga_failed), saga_failed=True)
+    events, commands = _next_compensation(definition, state, now)
+    return Decision(Verdict.APPLIED, events=(failed, *events), commands=commands)
+
+
+def _compensation_reply(
+    definition: SagaDefinition, state: SagaState, step: Step, reply: StepReply, now: datetime
+) -> Decision:
+    if reply.outcome is Outcome.SUCCEEDED:
+        compensated = StepCompensated(step=step.name, attempt=reply.attempt,
+                                      command_id=reply.command_id)
+        state = evolve(state, compensated)
+        events, commands = _next_compensation(definition, state, now)
+        return Decision(Verdict.APPLIED, events=(compensated, *events), commands=commands)
+    failed = CompensationFailed(step=step.name, attempt=reply.attempt,
+                                command_id=reply.command_id, code=reply.code or "FAILED",
+                                reason=reply.reason or "", retryable=reply.retryable)
+    state = evolve(state, failed)
+    if reply.retryable and reply.attempt < step.max_attempts:
+        events, commands = _start_step(definition, state, step, Direction.COMPENSATE,
+                                       reply.attempt + 1, now)
+        return Decision(Verdict.APPLIED, events=(failed, *events), commands=commands)
+    saga_failed = SagaFailed(step=step.name,
+                             reason=f"compensation failed: {failed.code}: {failed.reason}")
+    return Decision(Verdict.APPLIED, events=(failed, saga_failed), saga_failed=True)
+
+
+def _next_compensation(
+    definition: SagaDefinition, state: SagaState, now: datetime
+) -> tuple[Sequence[SagaEvent], tuple[StepCommand, ...]]:
+    """Undo the most recent applied effect that has a compensation, or finish compensating."""
+    pending = [name for name in state.applied if definition.step(name).compensation is not None]
+    if pending:
+        return _start_step(definition, state, definition.step(pending[-1]),
+                           Direction.COMPENSATE, 1, now)
+    return (
+        SagaCompensated(failed_step=state.failed_step or "", reason=state.failure or "failed"),
+    ), ()
+
+
+def _start_step(
+    definition: SagaDefinition,
+    state: SagaState,
+    step: Step,
+    direction: Direction,
+    attempt: int,
+    now: datetime,
+) -> tuple[Sequence[SagaEvent], tuple[StepCommand, ...]]:
+    action = step.action if direction is Direction.FORWARD else step.compensation
+    assert action is not None, "definition guarantees a compensation for compensable steps"
+    command_id = command_id_for(state.saga_id, step.name, direction, attempt)
+    deadline_at = now + timedelta(seconds=step.timeout_s)
+    started = StepStarted(step=step.name, action=action.name, direction=direction,
+                          attempt=attempt, command_id=command_id, deadline_at=deadline_at)
+    command = StepCommand(
+        command_id=command_id,
+        saga_id=state.saga_id,
+        saga_type=definition.name,
+        step=step.name,
+        action=action.name,
+        direction=direction,
+        attempt=attempt,
+        deadline_at=deadline_at,
+        payload=state.input,
+    )
+    return (started,), (command,)
+
+
+def participant_of(definition: SagaDefinition, command: StepCommand) -> str:
+    step = definition.step(command.step)
+    action = step.action if command.direction is Direction.FORWARD else step.compensation
+    assert action is not None
+    return action.participant
+
+
+__all__ = [
+    "IN_FLIGHT_STATUSES",
+    "TERMINAL_STATUSES",
+    "DeadLetter",
+    "Decision",
+    "RejectTransfer",
+    "SagaState",
+    "SagaStatus",
+    "StartTransfer",
+    "Verdict",
+    "command_id_for",
+    "decide_reject",
+    "decide_reply",
+    "decide_start",
+    "evolve",
+    "fold",
+    "participant_of",
+    "request_hash",
+    "saga_id_for_transfer",
+]

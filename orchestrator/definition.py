@@ -1,0 +1,65 @@
+"""The saga definition API: an ordered list of named steps, each with an action and its
+compensation (or an explicit statement that it has none), a timeout and an attempt budget.
+
+Rules enforced at construction, so a bad definition never reaches a worker:
+- step names are unique (they are persisted in events and ledger keys);
+- a step with an effect must name its compensation, unless it is the pivot: the step after which
+  the saga can only go forward (here: settling the source debit). Steps after the pivot have no
+  compensation and must not fail for business reasons.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from orchestrator.errors import SagaDefinitionError
+from steps.registry import Action
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    action: Action
+    compensation: Action | None
+    timeout_s: float = 10.0
+    max_attempts: int = 3
+    has_effect: bool = True
+    pivot: bool = False
+
+
+@dataclass(frozen=True)
+class SagaDefinition:
+    name: str
+    steps: tuple[Step, ...]
+    _by_name: dict[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.steps:
+            raise SagaDefinitionError(f"saga {self.name!r} has no steps")
+        names = [step.name for step in self.steps]
+        if len(set(names)) != len(names):
+            raise SagaDefinitionError(f"saga {self.name!r} repeats a step name: {names}")
+        pivots = [i for i, step in enumerate(self.steps) if step.pivot]
+        if len(pivots) > 1:
+            raise SagaDefinitionError(f"saga {self.name!r} has more than one pivot step")
+        pivot_index = pivots[0] if pivots else len(self.steps)
+        for index, step in enumerate(self.steps):
+            if step.max_attempts < 1 or step.timeout_s <= 0:
+                raise SagaDefinitionError(f"step {step.name!r} needs attempts >= 1, timeout > 0")
+            needs_compensation = step.has_effect and index < pivot_index
+            if needs_compensation and step.compensation is None:
+                raise SagaDefinitionError(
+                    f"step {step.name!r} has an effect before the pivot but no compensation"
+                )
+            if not needs_compensation and step.compensation is not None:
+                raise SagaDefinitionError(
+                    f"step {step.name!r} is the pivot, after it, or has no effect, "
+                    "so it must not have a compensation"
+                )
+        object.__setattr__(self, "_by_name", {name: i for i, name in enumerate(names)})
+
+    def step(self, name: str) -> Step:
+        return self.steps[self._by_name[name]]
+
+    def index_of(self, name: str) -> int:
+        return self._by_name[name]

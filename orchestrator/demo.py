@@ -1,0 +1,294 @@
+"""`saga demo`: the whole product on the embedded stack in one command.
+
+Starts PostgreSQL and the broker, the five workers as processes, opens accounts, publishes N
+transfer requests (a mix that completes, compensates at each depth, and is refused at intake),
+re-sends some of them (same payload: ignored; different payload: refused), waits until every
+transfer is terminal, checks the invariants, and prints a summary and one compensated timeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Producer
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from orchestrator.checker import check
+from orchestrator.embedded import EmbeddedStack
+from orchestrator.processes import WorkerProcesses
+from orchestrator.queries import render_timeline, timeline
+from orchestrator.settings import Settings
+from orchestrator.store import create_engine, migrate
+from schemas import TOPIC_TRANSFER_COMMANDS
+
+SANCTIONED = "demo-sanctioned"
+
+
+@dataclass(frozen=True)
+class Planned:
+    kind: str  # ok | insufficient | closed_destination | over_limit | sanctioned | invalid:*
+    payload: bytes
+    transfer_id: str | None
+
+
+def demo_accounts(prefix: str) -> list[tuple[str, str, Decimal, Decimal | None, bool]]:
+    """(account id, currency, opening balance, daily outflow limit, closed)."""
+    accounts: list[tuple[str, str, Decimal, Decimal | None, bool]] = [
+        (f"{prefix}c{i:03d}", "EUR", Decimal("100000.00"), None, False) for i in range(40)
+    ]
+    accounts += [(f"{prefix}poor{i}", "EUR", Decimal("5.00"), None, False) for i in range(3)]
+    accounts += [(f"{prefix}closed{i}", "EUR", Decimal("0.00"), None, True) for i in range(2)]
+    accounts += [(f"{prefix}limited{i}", "EUR", Decimal("100000.00"), Decimal("50.00"), False)
+                 for i in range(3)]
+    accounts += [(f"{prefix}yen{i}", "JPY", Decimal("10000000"), None, False) for i in range(4)]
+    accounts.append((f"{prefix}{SANCTIONED}", "EUR", Decimal("1000.00"), None, False))
+    return accounts
+
+
+def plan_transfers(n: int, prefix: str, rng: random.Random) -> list[Planned]:
+    customers = [f"{prefix}c{i:03d}" for i in range(40)]
+    yen = [f"{prefix}yen{i}" for i in range(4)]
+    plans: list[Planned] = []
+
+    def transfer(kind: str, source: str, destination: str, amount: str, currency: str = "EUR",
+                 overrides: dict[str, Any] | None = None) -> Planned:
+        transfer_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        body: dict[str, Any] = {
+            "transfer_id": transfer_id, "source_account": source,
+            "destination_account": destination, "amount": amount, "currency": currency,
+            "reference": f"demo {len(plans)}", "requested_by": "demo@saga",
+        }
+        body.update(overrides or {})
+        return Planned(kind, json.dumps(body).encode(), transfer_id)
+
+    invalid_kinds = ["malformed", "float_amount", "unknown_currency", "zero", "negative",
+                     "too_precise", "same_account", "missing_field"]
+    for i in range(n):
+        roll = rng.random()
+        a, b = rng.sample(customers, 2)
+        amount = f"{rng.randint(1, 20000) / 100:.2f}"
+        if roll < 0.04:
+            kind = invalid_kinds[i % len(invalid_kinds)]
+            if kind == "malformed":
+                plans.append(Planned("invalid:malformed", b'{"transfer_id": "' + str(i).encode()
+                                     + b'", "amount": ', None))
+                continue
+            overrides: dict[str, Any] = {
+                "float_amount": {"amount": 12.5}, "unknown_currency": {"currency": "XTS"},
+                "zero": {"amount": "0.00"}, "negative": {"amount": "-3.00"},
+                "too_precise": {"amount": "1.001"}, "same_account": {"destination_account": a},
+                "missing_field": {"requested_by": None},
+            }[kind]
+            plans.append(transfer(f"invalid:{kind}", a, b, amount, overrides=overrides))
+        elif roll < 0.07:
+            plans.append(transfer("insufficient", f"{prefix}poor{i % 3}", b, "50.00"))
+        elif roll < 0.10:
+            plans.append(transfer("closed_destination", a, f"{prefix}closed{i % 2}", amount))
+        elif roll < 0.13:
+            plans.append(transfer("over_limit", f"{prefix}limited{i % 3}", b, "75.00"))
+        elif roll < 0.15:
+            plans.append(transfer("sanctioned", a, f"{prefix}{SANCTIONED}", amount))
+        elif roll < 0.20:
+            y1, y2 = rng.sample(yen, 2)
+            plans.append(transfer("ok", y1, y2, str(rng.randint(1, 50000)), "JPY"))
+        else:
+            plans.append(transfer("ok", a, b, amount))
+    return plans
+
+
+async def seed(engine: AsyncEngine, prefix: str) -> None:
+    from steps.ledger import open_account
+
+    async with engine.begin() as conn:
+        for account_id, currency, opening, limit, closed in demo_accounts(prefix):
+            await open_account(conn, account_id, currency, opening, limit, closed)
+
+
+def publish(settings: Settings, payloads: list[tuple[bytes, bytes | None]]) -> None:
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 2,
+                         "enable.idempotence": True})
+    topic = settings.topic(TOPIC_TRANSFER_COMMANDS)
+    for value, key in payloads:
+        while True:
+            try:
+                producer.produce(topic, value=value, key=key)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        producer.poll(0)
+    remaining = producer.flush(30)
+    if remaining:
+        raise RuntimeError(f"{remaining} transfer requests were not acknowledged by the broker")
+
+
+async def _progress(engine: AsyncEngine, transfer_ids: list[str], refused_payloads: list[bytes]
+                    ) -> dict[str, int]:
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text(
+            "SELECT status, count(*) FROM sagas WHERE transfer_id = ANY(CAST(:ids AS uuid[]))"
+            " GROUP BY status"), {"ids": transfer_ids})).all()
+        refused_without_saga = (await conn.execute(text(
+            "SELECT count(DISTINCT payload) FROM dead_letters WHERE stage = 'intake'"
+            " AND transfer_id IS NULL AND payload = ANY(:p)"), {"p": refused_payloads})).scalar_one()
+    counts = {status.lower(): n for status, n in rows}
+    counts["rejected"] = counts.get("rejected", 0) + refused_without_saga
+    return counts
+
+
+async def _latencies_ms(engine: AsyncEngine, transfer_ids: list[str]) -> list[float]:
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text(
+            "SELECT EXTRACT(EPOCH FROM (e.recorded_at - s.requested_at)) * 1000"
+            " FROM sagas s JOIN saga_events e ON e.saga_id = s.saga_id AND e.seq = s.version"
+            " WHERE s.transfer_id = ANY(CAST(:ids AS uuid[])) AND s.requested_at IS NOT NULL"
+            " AND s.status IN ('COMPLETED', 'COMPENSATED', 'FAILED')"),
+            {"ids": transfer_ids})).scalars().all()
+    return [float(v) for v in rows]
+
+
+async def _pick_compensated(engine: AsyncEngine, transfer_ids: list[str]) -> str | None:
+    """The compensated saga that undid the most effects: the most instructive timeline."""
+    async with engine.connect() as conn:
+        return (await conn.execute(text(
+            "SELECT s.saga_id FROM sagas s WHERE s.status = 'COMPENSATED'"
+            " AND s.transfer_id = ANY(CAST(:ids AS uuid[])) ORDER BY s.version DESC LIMIT 1"),
+            {"ids": transfer_ids})).scalar()
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+async def run_demo(settings: Settings, transfers: int, timeout_s: float, as_json: bool,
+                   seed_value: int | None = None, keep_files: bool = False) -> dict[str, Any]:
+    out = sys.stderr
+    rng = random.Random(seed_value)
+    stack: EmbeddedStack | None = None
+    if settings.embedded:
+        print("starting the embedded stack (PostgreSQL + tansu broker)...", file=out)
+        stack = EmbeddedStack(keep_files=keep_files).start()
+        settings = settings.model_copy(update={
+            "database_url": stack.postgres.url, "kafka_bootstrap": stack.broker.bootstrap})
+    prefix = f"demo-{uuid.uuid4().hex[:6]}-"
+    settings = settings.model_copy(update={
+        "topic_prefix": settings.topic_prefix or prefix,
+        "risk_denied_accounts": [*settings.risk_denied_accounts, f"{prefix}{SANCTIONED}"]})
+    assert settings.database_url
+    engine = create_engine(settings.database_url)
+    log_dir = (stack.root if stack else Path(".saga")) / "logs"
+    workers = WorkerProcesses(settings, log_dir)
+    try:
+        await migrate(engine)
+        print("starting workers:", ", ".join(workers.kinds), file=out)
+        workers.start()
+        await workers.wait_ready(engine)
+        await seed(engine, prefix)
+        plans = plan_transfers(transfers, prefix, rng)
+        by_id = [p for p in plans if p.transfer_id and not p.kind.startswith("invalid:malformed")]
+        transfer_ids = [p.transfer_id for p in by_id if p.transfer_id]
+        refused_payloads = [p.payload for p in plans if p.kind == "invalid:malformed"]
+        # Re-sends: an exact duplicate must be ignored; a changed payload must be refused.
+        valid = [p for p in plans if p.kind == "ok"]
+        duplicates = rng.sample(valid, min(len(valid), max(1, transfers // 100)))
+        conflicts = rng.sample(valid, min(len(valid), max(1, transfers // 200)))
+        conflict_payloads = []
+        for p in conflicts:
+            body = json.loads(p.payload)
+            body["reference"] = body["reference"] + " (changed)"
+            conflict_payloads.append(json.dumps(body).encode())
+        print(f"publishing {transfers} transfer requests (+{len(duplicates)} exact re-sends, "
+              f"+{len(conflicts)} conflicting re-sends)...", file=out)
+        started = time.monotonic()
+        await asyncio.to_thread(publish, settings, [
+            (p.payload, p.transfer_id.encode() if p.transfer_id else None) for p in plans])
+        await asyncio.to_thread(publish, settings, [
+            (p.payload, p.transfer_id.encode() if p.transfer_id else None) for p in duplicates]
+            + [(c, None) for c in conflict_payloads])
+        counts: dict[str, int] = {}
+        terminal = 0
+        last_line = 0.0
+        while time.monotonic() - started < timeout_s:
+            counts = await _progress(engine, transfer_ids, refused_payloads)
+            terminal = sum(counts.get(s, 0) for s in
+                           ("completed", "compensated", "rejected", "failed"))
+            now = time.monotonic()
+            done = terminal >= transfers
+            # On a terminal: one line redrawn in place; in a log: a line every 2 s.
+            if out.isatty() or done or now - last_line >= 2.0:
+                line = (f"  {terminal}/{transfers} terminal  "
+                        + "  ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+                        + f"  {now - started:.1f}s")
+                print(("\r" + line) if out.isatty() else line,
+                      end="" if out.isatty() and not done else "\n", file=out, flush=True)
+                last_line = now
+            if done:
+                break
+            await asyncio.sleep(0.05)
+        elapsed = time.monotonic() - started
+        # Let the relay drain the last dead letters and re-sends before judging the outbox.
+        await asyncio.sleep(0.5)
+        report = await check(engine, expect_quiescent=terminal >= transfers)
+        latencies = await _latencies_ms(engine, transfer_ids)
+        finished = counts.get("completed", 0) + counts.get("compensated", 0)
+        summary: dict[str, Any] = {
+            "transfers": transfers,
+            "completed": counts.get("completed", 0),
+            "compensated": counts.get("compensated", 0),
+            "rejected": counts.get("rejected", 0),
+            "failed": counts.get("failed", 0),
+            "stuck": transfers - terminal,
+            "money_conserved": report.money_conserved,
+            "duplicate_effects": report.duplicate_effects,
+            "invariants_ok": report.ok,
+            "violations": [f"{c.invariant} {c.name}: {c.detail}" for c in report.failures()],
+            "exact_resends": len(duplicates),
+            "conflicting_resends": len(conflicts),
+            "dead_letters": report.counts.get("dead_letters", 0),
+            "elapsed_s": round(elapsed, 3),
+            "sagas_per_s": round(finished / elapsed, 1) if elapsed else 0.0,
+            "p50_ms": round(_percentile(latencies, 50), 1),
+            "p99_ms": round(_percentile(latencies, 99), 1),
+        }
+        compensated = await _pick_compensated(engine, transfer_ids)
+        summary["example_compensated_saga"] = compensated and str(compensated)
+        if compensated:
+            summary["example_timeline"] = await timeline(engine, str(compensated))
+        return summary
+    finally:
+        workers.stop()
+        await engine.dispose()
+        if stack is not None:
+            stack.stop()
+            if keep_files:
+                print(f"kept the embedded stack's files and worker logs in {stack.root}",
+                      file=out)
+
+
+def render_summary(summary: dict[str, Any]) -> str:
+    lines = ["", "demo summary"]
+    keys = ["transfers", "completed", "compensated", "rejected", "failed", "stuck",
+            "money_conserved", "duplicate_effects", "exact_resends", "conflicting_resends",
+            "dead_letters", "elapsed_s", "sagas_per_s", "p50_ms", "p99_ms"]
+    lines += [f"  {key:<20} {summary[key]}" for key in keys]
+    for violation in summary["violations"]:
+        lines.append(f"  VIOLATION {violation}")
+    if summary.get("example_timeline"):
+        lines += ["", "timeline of a compensated saga (saga timeline "
+                  f"{summary['example_compensated_saga']}):",
+                  render_timeline(summary["example_timeline"])]
+    return "\n".join(lines)

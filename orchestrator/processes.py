@@ -1,0 +1,94 @@
+"""Workers as child processes (`saga worker ...`), for the demo, `saga dev`, benchmarks and
+tests that need real process boundaries. Each child's output goes to a log file."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from orchestrator.errors import EmbeddedStackError
+from orchestrator.runner import WORKER_KINDS, workers_ready
+from orchestrator.settings import Settings
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that points a child process at the same stack and topics."""
+    env = dict(os.environ)
+    env.update({
+        "SAGA_DATABASE_URL": settings.database_url or "",
+        "SAGA_KAFKA_BOOTSTRAP": settings.kafka_bootstrap or "",
+        "SAGA_TOPIC_PREFIX": settings.topic_prefix,
+        "SAGA_RISK_DENIED_ACCOUNTS": _json_list(settings.risk_denied_accounts),
+        "SAGA_RISK_LATENCY_MS": str(settings.risk_latency_ms),
+        "SAGA_RISK_FAILURE_RATE": str(settings.risk_failure_rate),
+    })
+    return env
+
+
+def _json_list(values: list[str]) -> str:
+    import json
+
+    return json.dumps(values)
+
+
+def worker_argv(kind: str) -> list[str]:
+    if kind.startswith("participant:"):
+        return [sys.executable, "-m", "orchestrator.cli", "worker", "participant",
+                kind.split(":", 1)[1]]
+    return [sys.executable, "-m", "orchestrator.cli", "worker", kind]
+
+
+@dataclass
+class WorkerProcesses:
+    settings: Settings
+    log_dir: Path
+    kinds: tuple[str, ...] = WORKER_KINDS
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self, kind: str | None = None) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = settings_env(self.settings)
+        for k in [kind] if kind else list(self.kinds):
+            log_path = self.log_dir / f"{k.replace(':', '-')}.log"
+            with open(log_path, "ab") as log_file:
+                self.processes[k] = subprocess.Popen(
+                    worker_argv(k), stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                    start_new_session=True,
+                )
+
+    async def wait_ready(self, engine: AsyncEngine, timeout_s: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for kind, process in self.processes.items():
+                if process.poll() is not None:
+                    raise EmbeddedStackError(
+                        f"worker {kind} exited with {process.returncode}; see "
+                        f"{self.log_dir / (kind.replace(':', '-') + '.log')}")
+            with contextlib.suppress(Exception):
+                if await workers_ready(engine, set(self.processes), since_s=timeout_s + 60):
+                    return
+            await asyncio.sleep(0.2)
+        raise EmbeddedStackError(f"workers not ready after {timeout_s}s; logs in {self.log_dir}")
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for process in self.processes.values():
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGKILL)
+                process.wait(5)

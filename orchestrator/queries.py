@@ -1,0 +1,116 @@
+"""Read side for on-call engineers: a saga's timeline and lists of sagas."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from orchestrator.errors import NotFound
+from orchestrator.store import json_value
+
+
+async def resolve_saga_id(engine: AsyncEngine, any_id: str) -> UUID:
+    """Accept a saga id or a transfer id."""
+    try:
+        wanted = UUID(any_id)
+    except ValueError:
+        raise NotFound(f"{any_id!r} is not a saga id or transfer id (a UUID)") from None
+    async with engine.connect() as conn:
+        found = (await conn.execute(
+            text("SELECT saga_id FROM sagas WHERE saga_id = :id OR transfer_id = :id"),
+            {"id": wanted})).scalar()
+    if found is None:
+        raise NotFound(f"no saga with saga id or transfer id {any_id}")
+    return UUID(str(found))
+
+
+def _detail(event_type: str, payload: dict[str, Any]) -> str:
+    if event_type == "SagaStarted":
+        i = payload["input"]
+        return (f"{i['amount']} {i['currency']} {i['source_account']} -> "
+                f"{i['destination_account']} ref={i.get('reference', '')!r} "
+                f"by {i['requested_by']}")
+    if event_type == "StepStarted":
+        return f"{payload['direction']} {payload['action']} (deadline {payload['deadline_at']})"
+    if event_type in ("StepFailed", "CompensationFailed"):
+        retry = " (retryable)" if payload.get("retryable") else ""
+        return f"{payload['code']}: {payload['reason']}{retry}"
+    if event_type == "StepSucceeded":
+        return ", ".join(f"{k}={v}" for k, v in payload.get("result", {}).items())
+    if event_type == "SagaCompensated":
+        return f"turned back at {payload['failed_step']}: {payload['reason']}"
+    if event_type == "SagaRejected":
+        return f"{payload['reason_code']}: {payload['reason']}"
+    if event_type == "SagaFailed":
+        return f"at {payload['step']}: {payload['reason']}"
+    return ""
+
+
+async def timeline(engine: AsyncEngine, any_id: str) -> dict[str, Any]:
+    saga_id = await resolve_saga_id(engine, any_id)
+    async with engine.connect() as conn:
+        saga = (await conn.execute(text(
+            "SELECT saga_id, transfer_id, saga_type, status, current_step, version, created_at,"
+            " updated_at FROM sagas WHERE saga_id = :id"), {"id": saga_id})).one()
+        rows = (await conn.execute(text(
+            "SELECT seq, type, step, attempt, payload, actor, recorded_at FROM saga_events"
+            " WHERE saga_id = :id ORDER BY seq"), {"id": saga_id})).all()
+    started_at: dict[str, datetime] = {}
+    previous: datetime | None = None
+    events = []
+    for row in rows:
+        payload = json_value(row.payload)
+        command_id = payload.get("command_id")
+        if row.type == "StepStarted" and command_id:
+            started_at[command_id] = row.recorded_at
+        # A step outcome's duration is from its command; any other event's, from the last event.
+        since = started_at.get(command_id) if row.type != "StepStarted" and command_id else previous
+        duration_ms = (row.recorded_at - since).total_seconds() * 1000 if since else None
+        previous = row.recorded_at
+        events.append({
+            "seq": row.seq, "recorded_at": row.recorded_at.isoformat(), "type": row.type,
+            "step": row.step, "attempt": row.attempt,
+            "duration_ms": round(duration_ms, 2) if duration_ms is not None else None,
+            "actor": row.actor, "detail": _detail(row.type, payload), "payload": payload,
+        })
+    return {
+        "saga_id": str(saga.saga_id), "transfer_id": str(saga.transfer_id),
+        "saga_type": saga.saga_type, "status": saga.status, "current_step": saga.current_step,
+        "version": saga.version, "created_at": saga.created_at.isoformat(),
+        "updated_at": saga.updated_at.isoformat(), "events": events,
+    }
+
+
+def render_timeline(data: dict[str, Any]) -> str:
+    lines = [f"saga {data['saga_id']}  transfer {data['transfer_id']}  {data['status']}"]
+    lines.append(f"{'time (UTC)':<15} {'seq':>3}  {'type':<18} {'step':<8} {'att':>3} "
+                 f"{'ms':>8}  detail")
+    for e in data["events"]:
+        ms = f"{e['duration_ms']:.1f}" if e["duration_ms"] is not None else ""
+        lines.append(
+            f"{e['recorded_at'][11:26]:<15} {e['seq']:>3}  {e['type']:<18} {e['step'] or '':<8} "
+            f"{e['attempt'] or '':>3} {ms:>8}  {e['detail']}")
+    return "\n".join(lines)
+
+
+async def list_sagas(engine: AsyncEngine, status: str | None, limit: int) -> list[dict[str, Any]]:
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text(
+            "SELECT saga_id, transfer_id, status, current_step, attempt, version, deadline_at,"
+            " updated_at, state->'input'->>'amount' AS amount,"
+            " state->'input'->>'currency' AS currency, state->>'failure' AS failure"
+            " FROM sagas WHERE (CAST(:status AS text) IS NULL OR status = :status)"
+            " ORDER BY updated_at DESC LIMIT :limit"),
+            {"status": status, "limit": limit})).all()
+    return [
+        {"saga_id": str(r.saga_id), "transfer_id": str(r.transfer_id), "status": r.status,
+         "current_step": r.current_step, "attempt": r.attempt, "version": r.version,
+         "amount": r.amount, "currency": r.currency, "failure": r.failure,
+         "deadline_at": r.deadline_at.isoformat() if r.deadline_at else None,
+         "updated_at": r.updated_at.isoformat()}
+        for r in rows
+    ]

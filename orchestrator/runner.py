@@ -1,0 +1,122 @@
+"""Run one worker (orchestrator, a participant, or the relay) until told to stop.
+
+The CLI runs each in its own process (`saga worker ...`); tests and `saga dev` may run several in
+one event loop. Each worker migrates the schema (idempotent, under a lock) and creates its topics
+before it starts, so workers can be started in any order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from orchestrator.bus import KafkaProducer, ensure_topics, make_broker, subscribe_batches
+from orchestrator.errors import ConfigurationError
+from orchestrator.relay import OutboxRelay
+from orchestrator.settings import Settings
+from orchestrator.store import create_engine, migrate
+from orchestrator.worker import ORCHESTRATOR_GROUP, OrchestratorWorker
+
+log = logging.getLogger(__name__)
+
+WORKER_KINDS = ("orchestrator", "relay", "participant:risk", "participant:ledger",
+                "participant:notify")
+
+
+def make_participant(name: str, settings: Settings) -> Any:
+    from steps import LedgerParticipant, NotifyParticipant, RiskParticipant
+
+    factories: dict[str, Callable[[], Any]] = {
+        "ledger": LedgerParticipant,
+        "risk": lambda: RiskParticipant(settings),
+        "notify": NotifyParticipant,
+    }
+    if name not in factories:
+        raise ConfigurationError(f"no participant {name!r}; known: {', '.join(factories)}")
+    return factories[name]()
+
+
+async def prepare(settings: Settings) -> AsyncEngine:
+    if not settings.database_url or not settings.kafka_bootstrap:
+        raise ConfigurationError("SAGA_DATABASE_URL and SAGA_KAFKA_BOOTSTRAP must both be set")
+    engine = create_engine(settings.database_url, settings.db_pool_size)
+    await migrate(engine)
+    await asyncio.to_thread(ensure_topics, settings)
+    return engine
+
+
+async def _mark_ready(engine: AsyncEngine, worker: str, kind: str) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(
+            text("INSERT INTO workers (worker, kind, pid, ready_at) VALUES (:w, :k, :pid, now())"
+                 " ON CONFLICT (worker) DO UPDATE SET pid = EXCLUDED.pid, ready_at = now(),"
+                 " stopped_at = NULL"),
+            {"w": worker, "k": kind, "pid": os.getpid()},
+        )
+
+
+async def _mark_stopped(engine: AsyncEngine, worker: str) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(text("UPDATE workers SET stopped_at = now() WHERE worker = :w"),
+                           {"w": worker})
+
+
+async def run_worker(kind: str, settings: Settings, stop: asyncio.Event) -> None:
+    """Run the worker `kind` (one of WORKER_KINDS) until `stop` is set."""
+    if kind not in WORKER_KINDS:
+        raise ConfigurationError(f"unknown worker {kind!r}; known: {', '.join(WORKER_KINDS)}")
+    name = settings.worker_name or f"{kind}@{socket.gethostname()}:{os.getpid()}"
+    settings = settings.model_copy(update={"worker_name": name})
+    engine = await prepare(settings)
+    producer: KafkaProducer | None = None
+    loop = asyncio.get_running_loop()
+
+    def on_assign(*_args: Any) -> None:
+        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(_mark_ready(engine, name, kind)))
+
+    try:
+        if kind == "relay":
+            producer = KafkaProducer(settings, name)
+            relay = OutboxRelay(settings, engine, producer)
+            await _mark_ready(engine, name, kind)
+            await relay.run(stop)
+            return
+        broker = make_broker(settings)
+        if kind == "orchestrator":
+            worker = OrchestratorWorker(settings, engine)
+            subscribe_batches(broker, settings, worker.topics, ORCHESTRATOR_GROUP,
+                              worker.handle_batch, on_assign)
+        else:
+            from steps.runtime import ParticipantWorker
+
+            producer = KafkaProducer(settings, name)
+            participant = ParticipantWorker(
+                settings, engine, make_participant(kind.split(":", 1)[1], settings), producer)
+            subscribe_batches(broker, settings, [participant.topic], participant.group_id,
+                              participant.handle_batch, on_assign)
+        await broker.start()
+        log.info("%s started", name)
+        await stop.wait()
+        await broker.stop()
+    finally:
+        if producer is not None:
+            producer.close()
+        try:
+            await _mark_stopped(engine, name)
+        finally:
+            await engine.dispose()
+
+
+async def workers_ready(engine: AsyncEngine, kinds: set[str], since_s: float = 3600) -> bool:
+    async with engine.connect() as conn:
+        rows = await conn.execute(text(
+            "SELECT DISTINCT kind FROM workers WHERE stopped_at IS NULL"
+            " AND ready_at > now() - make_interval(secs => :since)"), {"since": since_s})
+        return kinds <= set(rows.scalars())

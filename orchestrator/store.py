@@ -1,0 +1,268 @@
+"""PostgreSQL access: the engine, versioned migrations, and the event store's writes and reads.
+
+All writes of one consumed batch happen in one transaction: inbox rows, saga events, the
+projection, outbox rows and dead letters. The `(saga_id, seq)` primary key is the concurrency
+control: a writer that lost a race gets `ConcurrencyConflict` and redoes its batch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from orchestrator.core import SagaState
+from orchestrator.errors import ConcurrencyConflict, StoreError
+from schemas import SAGA_EVENT_ADAPTER, SagaEvent
+
+OUTBOX_CHANNEL = "saga_outbox"
+_MIGRATION_LOCK = 0x5A6A0001
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+def create_engine(url: str, pool_size: int = 5) -> AsyncEngine:
+    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+
+async def migrate(engine: AsyncEngine) -> list[str]:
+    """Apply the packaged migrations not applied yet, in order, under an advisory lock so that
+    workers starting together do not race. Returns the names applied now."""
+    files = sorted((path.name, path.read_text()) for path in MIGRATIONS_DIR.glob("*.sql"))
+    applied_now: list[str] = []
+    async with engine.begin() as conn:
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+        await conn.execute(text(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT clock_timestamp())"
+        ))
+        done = set((await conn.execute(text("SELECT name FROM schema_migrations"))).scalars())
+        raw = (await conn.get_raw_connection()).driver_connection
+        assert raw is not None
+        for name, sql in files:
+            if name in done:
+                continue
+            await raw.execute(sql)  # a multi-statement script: the simple query protocol
+            await conn.execute(text("INSERT INTO schema_migrations (name) VALUES (:n)"), {"n": name})
+            applied_now.append(name)
+    return applied_now
+
+
+_UNIQUE_VIOLATION = "23505"
+
+
+def translate(error: DBAPIError) -> StoreError:
+    """A driver error as ours: a unique-key collision means another writer won a race (retry);
+    anything else is a refusal that retrying will not cure."""
+    sqlstate = getattr(error.orig, "sqlstate", None) or getattr(
+        getattr(error.orig, "__cause__", None), "sqlstate", None)
+    if isinstance(error, IntegrityError) and sqlstate == _UNIQUE_VIOLATION:
+        return ConcurrencyConflict(f"another writer recorded part of this batch first: {error}")
+    return StoreError(f"the database refused the batch: {error}")
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    saga_id: UUID
+    seq: int
+    event: SagaEvent
+    actor: str
+    causation_id: str | None
+
+
+@dataclass(frozen=True)
+class InboxRow:
+    message_id: str
+    topic: str
+    partition: int | None
+    offset: int | None
+    verdict: str
+    saga_id: UUID | None
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[list[str]]
+    saga_id: UUID | None
+
+
+@dataclass(frozen=True)
+class DeadLetterRow:
+    dead_letter_id: UUID
+    stage: str
+    reason_code: str
+    reason: str
+    error_class: str
+    original_topic: str
+    original_partition: int | None
+    original_offset: int | None
+    original_key: str | None
+    payload: bytes
+    headers: list[list[str]]
+    failed_at: datetime
+    saga_id: UUID | None
+    transfer_id: UUID | None
+
+
+def _event_step(event: SagaEvent) -> tuple[str | None, int | None]:
+    return getattr(event, "step", None), getattr(event, "attempt", None)
+
+
+async def seen_messages(conn: AsyncConnection, consumer: str, ids: Sequence[str]) -> set[str]:
+    if not ids:
+        return set()
+    rows = await conn.execute(
+        text("SELECT message_id FROM inbox WHERE consumer = :c AND message_id = ANY(:ids)"),
+        {"c": consumer, "ids": list(ids)},
+    )
+    return set(rows.scalars())
+
+
+async def load_states(conn: AsyncConnection, saga_ids: Sequence[UUID]) -> dict[UUID, SagaState]:
+    if not saga_ids:
+        return {}
+    rows = await conn.execute(
+        text("SELECT state FROM sagas WHERE saga_id = ANY(:ids)"), {"ids": list(saga_ids)}
+    )
+    states = [SagaState.from_json(json_value(row[0])) for row in rows]
+    return {state.saga_id: state for state in states}
+
+
+def json_value(value: Any) -> Any:
+    """A jsonb column as Python: asyncpg hands it over as text."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
+async def write_batch(
+    conn: AsyncConnection,
+    consumer: str,
+    inbox: Sequence[InboxRow],
+    events: Sequence[NewEvent],
+    states: Sequence[SagaState],
+    outbox: Sequence[OutboxRow],
+    dead_letters: Sequence[DeadLetterRow],
+    now: datetime,
+) -> None:
+    """Write one batch's effects. Raises ConcurrencyConflict if another writer got there first."""
+    try:
+        if inbox:
+            await conn.execute(
+                text(
+                    "INSERT INTO inbox (consumer, message_id, topic, partition, \"offset\","
+                    " verdict, saga_id) VALUES (:consumer, :message_id, :topic, :partition,"
+                    " :offset, :verdict, :saga_id)"
+                ),
+                [
+                    {"consumer": consumer, "message_id": r.message_id, "topic": r.topic,
+                     "partition": r.partition, "offset": r.offset, "verdict": r.verdict,
+                     "saga_id": r.saga_id}
+                    for r in inbox
+                ],
+            )
+        if events:
+            await conn.execute(
+                text(
+                    "INSERT INTO saga_events (saga_id, seq, type, step, attempt, payload, actor,"
+                    " causation_id) VALUES (:saga_id, :seq, :type, :step, :attempt,"
+                    " CAST(:payload AS jsonb), :actor, :causation_id)"
+                ),
+                [
+                    {"saga_id": e.saga_id, "seq": e.seq, "type": e.event.type,
+                     "step": _event_step(e.event)[0], "attempt": _event_step(e.event)[1],
+                     "payload": e.event.model_dump_json(), "actor": e.actor,
+                     "causation_id": e.causation_id}
+                    for e in events
+                ],
+            )
+        if states:
+            await upsert_projection(conn, states, now)
+        if outbox:
+            await conn.execute(
+                text(
+                    "INSERT INTO outbox (topic, key, value, headers, saga_id) VALUES"
+                    " (:topic, :key, :value, CAST(:headers AS jsonb), :saga_id)"
+                ),
+                [
+                    {"topic": o.topic, "key": o.key, "value": o.value,
+                     "headers": json.dumps(o.headers), "saga_id": o.saga_id}
+                    for o in outbox
+                ],
+            )
+            # Delivered at commit, so the relay wakes exactly when there is something to send.
+            await conn.execute(text(f"NOTIFY {OUTBOX_CHANNEL}"))
+        if dead_letters:
+            await insert_dead_letters(conn, dead_letters)
+    except DBAPIError as error:
+        raise translate(error) from error
+
+
+async def upsert_projection(conn: AsyncConnection, states: Sequence[SagaState],
+                            now: datetime) -> None:
+    await conn.execute(
+        text(
+            "INSERT INTO sagas (saga_id, transfer_id, saga_type, status, current_step, direction,"
+            " attempt, version, deadline_at, requested_at, created_at, updated_at, state)"
+            " VALUES (:saga_id, :transfer_id, :saga_type, :status, :step, :direction, :attempt,"
+            " :version, :deadline_at, :requested_at, :now, :now, CAST(:state AS jsonb))"
+            " ON CONFLICT (saga_id) DO UPDATE SET status = EXCLUDED.status,"
+            " current_step = EXCLUDED.current_step, direction = EXCLUDED.direction,"
+            " attempt = EXCLUDED.attempt, version = EXCLUDED.version,"
+            " deadline_at = EXCLUDED.deadline_at, updated_at = EXCLUDED.updated_at,"
+            " state = EXCLUDED.state"
+        ),
+        [
+            {"saga_id": s.saga_id, "transfer_id": s.transfer_id, "saga_type": s.saga_type,
+             "status": s.status.value, "step": s.step,
+             "direction": s.direction.value if s.direction else None, "attempt": s.attempt,
+             "version": s.version, "deadline_at": s.deadline_at,
+             "requested_at": s.requested_at, "now": now, "state": json.dumps(s.to_json())}
+            for s in states
+        ],
+    )
+
+
+async def insert_dead_letters(conn: AsyncConnection, rows: Sequence[DeadLetterRow]) -> None:
+    await conn.execute(
+        text(
+            "INSERT INTO dead_letters (dead_letter_id, stage, reason_code, reason, error_class,"
+            " original_topic, original_partition, original_offset, original_key, payload, headers,"
+            " first_failed_at, last_failed_at, saga_id, transfer_id) VALUES (:id, :stage,"
+            " :reason_code, :reason, :error_class, :topic, :partition, :offset, :key, :payload,"
+            " CAST(:headers AS jsonb), :at, :at, :saga_id, :transfer_id)"
+            " ON CONFLICT (dead_letter_id) DO NOTHING"
+        ),
+        [
+            {"id": d.dead_letter_id, "stage": d.stage, "reason_code": d.reason_code,
+             "reason": d.reason, "error_class": d.error_class, "topic": d.original_topic,
+             "partition": d.original_partition, "offset": d.original_offset,
+             "key": d.original_key, "payload": d.payload, "headers": json.dumps(d.headers),
+             "at": d.failed_at, "saga_id": d.saga_id, "transfer_id": d.transfer_id}
+            for d in rows
+        ],
+    )
+
+
+async def read_events(conn: AsyncConnection, saga_id: UUID) -> list[dict[str, Any]]:
+    """Every event of one saga, in order, with its envelope columns."""
+    rows = await conn.execute(
+        text(
+            "SELECT seq, type, step, attempt, payload, actor, causation_id, recorded_at"
+            " FROM saga_events WHERE saga_id = :id ORDER BY seq"
+        ),
+        {"id": saga_id},
+    )
+    return [dict(row._mapping) for row in rows]
+
+
+def parse_event(payload: Any) -> SagaEvent:
+    return SAGA_EVENT_ADAPTER.validate_python(json_value(payload))

@@ -1,0 +1,261 @@
+"""The orchestrator worker: consumes transfer requests and step replies, decides with the pure
+core, and records everything a batch caused in one PostgreSQL transaction. Its offsets are
+committed by the bus only after that transaction committed (see `orchestrator.bus`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from uuid import UUID, uuid5
+
+from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncEngine
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+from orchestrator import store
+from orchestrator.bus import Consumed, Record, encode_headers
+from orchestrator.core import (
+    Decision,
+    RejectTransfer,
+    SagaState,
+    StartTransfer,
+    Verdict,
+    decide_reject,
+    decide_reply,
+    decide_start,
+    evolve,
+    participant_of,
+    saga_id_for_transfer,
+)
+from orchestrator.definition import SagaDefinition
+from orchestrator.errors import SagaError
+from orchestrator.intake import Unparseable, classify
+from orchestrator.sagas import TRANSFER
+from orchestrator.settings import Settings
+from schemas import (
+    TOPIC_DEAD_LETTERS,
+    TOPIC_REPLIES,
+    TOPIC_TRANSFER_COMMANDS,
+    DeadLetter,
+    RejectionCode,
+    StepReply,
+    step_topic,
+)
+
+log = logging.getLogger(__name__)
+
+ORCHESTRATOR_GROUP = "saga-orchestrator"
+CONSUMER = "orchestrator"
+_DEAD_LETTER_NAMESPACE = UUID("0b5e9b1e-2a7c-4c55-9e4f-6d0f3a8c1b22")
+REDRIVE_HEADER = "saga-redrive-id"
+
+
+def is_retryable(error: BaseException) -> bool:
+    return isinstance(error, SagaError) and error.retryable
+
+
+def retrying(attempts: int = 5) -> AsyncRetrying:
+    """Bounded retries for races and transient faults at the edges; never forever."""
+    return AsyncRetrying(
+        retry=retry_if_exception(is_retryable),
+        stop=stop_after_attempt(attempts),
+        wait=wait_random_exponential(multiplier=0.01, max=0.5),
+        reraise=True,
+    )
+
+
+def message_id_of(message: Consumed) -> str:
+    """Identity of an intake record: its content (plus a redrive id, so a redriven copy of a
+    dead letter is a new message). Broker coordinates are not stable: a memory broker that
+    restarts hands out the same offsets again."""
+    digest = hashlib.sha256(message.value)
+    redrive = message.header(REDRIVE_HEADER)
+    if redrive:
+        digest.update(b"\0redrive:" + redrive.encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def dead_letter_record(settings: Settings, message: Consumed, letter: DeadLetter) -> Record:
+    """The DLQ record: the original bytes and headers, plus `dlq-*` headers saying why."""
+    return Record(
+        topic=settings.topic(TOPIC_DEAD_LETTERS),
+        value=message.value,
+        key=message.key,
+        headers=(*message.headers, *letter.to_headers()),
+    )
+
+
+def dead_letter_for(
+    message: Consumed,
+    code: RejectionCode,
+    reason: str,
+    error_class: str,
+    now: datetime,
+    saga_id: UUID | None = None,
+    transfer_id: UUID | None = None,
+    message_id: str = "",
+) -> DeadLetter:
+    return DeadLetter(
+        # Derived, so reprocessing the same record after a crash does not dead-letter it twice.
+        dead_letter_id=uuid5(_DEAD_LETTER_NAMESPACE,
+                             f"{message.topic}:{message_id or message.offset}:{code.value}"),
+        reason_code=code,
+        reason=reason,
+        error_class=error_class,
+        original_topic=message.topic,
+        original_partition=message.partition,
+        original_offset=message.offset,
+        original_key=message.key.decode(errors="replace") if message.key is not None else None,
+        first_failed_at=now,
+        last_failed_at=now,
+        saga_id=saga_id,
+        transfer_id=transfer_id,
+    )
+
+
+@dataclass
+class _BatchWrites:
+    inbox: list[store.InboxRow] = field(default_factory=list)
+    events: list[store.NewEvent] = field(default_factory=list)
+    outbox: list[store.OutboxRow] = field(default_factory=list)
+    dead_letters: list[store.DeadLetterRow] = field(default_factory=list)
+    touched: dict[UUID, SagaState] = field(default_factory=dict)
+
+
+@dataclass
+class _Parsed:
+    message: Consumed
+    message_id: str
+    saga_id: UUID | None
+    input: StartTransfer | RejectTransfer | Unparseable | StepReply
+
+
+class OrchestratorWorker:
+    def __init__(self, settings: Settings, engine: AsyncEngine,
+                 definition: SagaDefinition = TRANSFER) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.definition = definition
+        self.actor = settings.worker_name or "orchestrator"
+        self.commands_topic = settings.topic(TOPIC_TRANSFER_COMMANDS)
+        self.replies_topic = settings.topic(TOPIC_REPLIES)
+
+    @property
+    def topics(self) -> list[str]:
+        return [self.commands_topic, self.replies_topic]
+
+    async def handle_batch(self, batch: Sequence[Consumed]) -> None:
+        parsed = [self._parse(message) for message in batch]
+        async for attempt in retrying():
+            with attempt:
+                await self._record(parsed)
+
+    def _parse(self, message: Consumed) -> _Parsed:
+        if message.topic == self.replies_topic:
+            try:
+                reply = StepReply.model_validate_json(message.value)
+            except ValidationError as error:
+                return _Parsed(message, message_id_of(message), None,
+                               Unparseable(RejectionCode.SCHEMA_VIOLATION,
+                                           f"not a StepReply: {error.errors()[0]['msg']}"))
+            return _Parsed(message, f"reply:{reply.reply_id}", reply.saga_id, reply)
+        intake = classify(message.value, message.timestamp_ms)
+        saga_id = None
+        if isinstance(intake, StartTransfer):
+            saga_id = saga_id_for_transfer(intake.request.transfer_id)
+        elif isinstance(intake, RejectTransfer):
+            saga_id = saga_id_for_transfer(intake.transfer_id)
+        return _Parsed(message, message_id_of(message), saga_id, intake)
+
+    async def _record(self, parsed: Sequence[_Parsed]) -> None:
+        now = datetime.now(UTC)
+        writes = _BatchWrites()
+        async with self.engine.begin() as conn:
+            seen = await store.seen_messages(conn, CONSUMER, [p.message_id for p in parsed])
+            states = await store.load_states(
+                conn, sorted({p.saga_id for p in parsed if p.saga_id is not None})
+            )
+            for item in parsed:
+                if item.message_id in seen:
+                    continue  # redelivered after a crash, or a byte-identical duplicate
+                seen.add(item.message_id)
+                state = states.get(item.saga_id) if item.saga_id else None
+                decision = self._decide(item, state, now)
+                self._apply(item, state, decision, now, writes, states)
+            await store.write_batch(
+                conn, CONSUMER, writes.inbox, writes.events, list(writes.touched.values()),
+                writes.outbox, writes.dead_letters, now,
+            )
+
+    def _decide(self, item: _Parsed, state: SagaState | None, now: datetime) -> Decision:
+        value = item.input
+        if isinstance(value, StartTransfer):
+            return decide_start(self.definition, state, value, now)
+        if isinstance(value, RejectTransfer):
+            return decide_reject(state, value)
+        if isinstance(value, StepReply):
+            return decide_reply(self.definition, state, value, now)
+        return Decision(Verdict.REJECTED, rejection=(value.code, value.reason))
+
+    def _apply(self, item: _Parsed, state: SagaState | None, decision: Decision, now: datetime,
+               writes: _BatchWrites, states: dict[UUID, SagaState]) -> None:
+        for event in decision.events:
+            state = evolve(state, event)
+            writes.events.append(store.NewEvent(state.saga_id, state.version, event, self.actor,
+                                                item.message_id))
+        if state is not None and decision.events:
+            states[state.saga_id] = state
+            writes.touched[state.saga_id] = state
+        for command in decision.commands:
+            topic = self.settings.topic(step_topic(participant_of(self.definition, command)))
+            writes.outbox.append(store.OutboxRow(
+                topic=topic,
+                key=str(command.saga_id).encode(),
+                value=command.model_dump_json().encode(),
+                headers=encode_headers([("message-id", str(command.command_id).encode()),
+                                        ("type", b"StepCommand")]),
+                saga_id=command.saga_id,
+            ))
+        rejection = decision.rejection
+        if decision.saga_failed and state is not None:
+            rejection = (RejectionCode.COMPENSATION_FAILED, state.failure or "saga failed")
+        if rejection is not None:
+            self._dead_letter(item, state, rejection, now, writes)
+        writes.inbox.append(store.InboxRow(
+            message_id=item.message_id, topic=item.message.topic,
+            partition=item.message.partition, offset=item.message.offset,
+            verdict=decision.verdict.value, saga_id=state.saga_id if state else item.saga_id,
+        ))
+
+    def _dead_letter(self, item: _Parsed, state: SagaState | None,
+                     rejection: tuple[RejectionCode, str], now: datetime,
+                     writes: _BatchWrites) -> None:
+        code, reason = rejection
+        transfer_id = None
+        if isinstance(item.input, StartTransfer):
+            transfer_id = item.input.request.transfer_id
+        elif isinstance(item.input, RejectTransfer):
+            transfer_id = item.input.transfer_id
+        elif state is not None:
+            transfer_id = state.transfer_id
+        stage = "reply" if item.message.topic == self.replies_topic else "intake"
+        letter = dead_letter_for(item.message, code, reason, f"{stage}.{code.value}", now,
+                                 saga_id=item.saga_id, transfer_id=transfer_id,
+                                 message_id=item.message_id)
+        record = dead_letter_record(self.settings, item.message, letter)
+        writes.dead_letters.append(store.DeadLetterRow(
+            dead_letter_id=letter.dead_letter_id, stage=stage, reason_code=code.value,
+            reason=reason, error_class=letter.error_class, original_topic=item.message.topic,
+            original_partition=item.message.partition, original_offset=item.message.offset,
+            original_key=letter.original_key, payload=item.message.value,
+            headers=encode_headers(item.message.headers), failed_at=now,
+            saga_id=item.saga_id, transfer_id=transfer_id,
+        ))
+        writes.outbox.append(store.OutboxRow(record.topic, record.key, record.value,
+                                             encode_headers(record.headers), item.saga_id))
+        log.warning("dead-lettered %s record at %s/%s: %s: %s", stage, item.message.partition,
+                    item.message.offset, code.value, reason)

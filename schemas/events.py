@@ -1,0 +1,120 @@
+"""Saga events, version 1: the append-only facts a saga's state is folded from.
+
+Every event is frozen, forbids extra fields and carries its schema version. Event type names are
+persisted in `saga_events.type` and never change.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+from uuid import UUID
+
+from pydantic import Field, JsonValue, TypeAdapter
+
+from schemas.messages import Direction, RejectionCode, WireModel
+
+
+class _Event(WireModel):
+    schema_version: Literal[1] = 1
+
+
+class SagaStarted(_Event):
+    type: Literal["SagaStarted"] = "SagaStarted"
+    saga_type: str
+    transfer_id: UUID
+    input: dict[str, JsonValue]
+    request_hash: str
+    requested_at: datetime | None = Field(
+        default=None, description="When the upstream published the request (Kafka timestamp)"
+    )
+
+
+class SagaRejected(_Event):
+    """Refused at intake; nothing ran and no money moved."""
+
+    type: Literal["SagaRejected"] = "SagaRejected"
+    transfer_id: UUID
+    reason_code: RejectionCode
+    reason: str
+
+
+class StepStarted(_Event):
+    type: Literal["StepStarted"] = "StepStarted"
+    step: str
+    action: str
+    direction: Direction
+    attempt: int
+    command_id: UUID
+    deadline_at: datetime
+
+
+class StepSucceeded(_Event):
+    type: Literal["StepSucceeded"] = "StepSucceeded"
+    step: str
+    attempt: int
+    command_id: UUID
+    result: dict[str, JsonValue] = Field(default_factory=dict)
+
+
+class StepFailed(_Event):
+    type: Literal["StepFailed"] = "StepFailed"
+    step: str
+    attempt: int
+    command_id: UUID
+    code: str
+    reason: str
+    retryable: bool
+
+
+class StepCompensated(_Event):
+    type: Literal["StepCompensated"] = "StepCompensated"
+    step: str
+    attempt: int
+    command_id: UUID
+
+
+class CompensationFailed(_Event):
+    type: Literal["CompensationFailed"] = "CompensationFailed"
+    step: str
+    attempt: int
+    command_id: UUID
+    code: str
+    reason: str
+    retryable: bool
+
+
+class SagaCompleted(_Event):
+    type: Literal["SagaCompleted"] = "SagaCompleted"
+
+
+class SagaCompensated(_Event):
+    """Every effect was undone; `reason` is the failure that made the saga turn back."""
+
+    type: Literal["SagaCompensated"] = "SagaCompensated"
+    failed_step: str
+    reason: str
+
+
+class SagaFailed(_Event):
+    """A compensation could not finish: money may be half-moved; an operator must act."""
+
+    type: Literal["SagaFailed"] = "SagaFailed"
+    step: str
+    reason: str
+
+
+SagaEvent = Annotated[
+    SagaStarted
+    | SagaRejected
+    | StepStarted
+    | StepSucceeded
+    | StepFailed
+    | StepCompensated
+    | CompensationFailed
+    | SagaCompleted
+    | SagaCompensated
+    | SagaFailed,
+    Field(discriminator="type"),
+]
+SAGA_EVENT_ADAPTER: TypeAdapter[SagaEvent] = TypeAdapter(SagaEvent)

@@ -1,0 +1,259 @@
+"""The ledger participant: accounts, append-only journal entries and holds.
+
+Balances are never stored; they are derived:
+    balance(a)   = opening_balance + Σ amount credited to a − Σ amount debited from a
+    held(a)      = Σ hold_delta on a
+    available(a) = balance(a) − held(a)
+A customer account's available balance never goes below zero: every command that could lower it
+first locks the account row (`FOR UPDATE`), so concurrent transfers on one hot account are
+serialised and each sees the effects of the ones before it. The per-currency clearing account
+fronts credits until the source is settled; it is never locked and may go negative in flight.
+
+The rules are pure (`decide_entry`), the I/O is in `LedgerParticipant.apply`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from schemas import Direction, StepCommand, format_amount
+from steps.registry import ledger
+from steps.runtime import StepResult
+
+
+def clearing_account(currency: str) -> str:
+    return f"clearing.{currency}"
+
+
+@dataclass(frozen=True)
+class AccountView:
+    account_id: str
+    currency: str
+    closed: bool
+    balance: Decimal
+    held: Decimal
+    daily_outflow_limit: Decimal | None
+    settled_today: Decimal
+
+    @property
+    def available(self) -> Decimal:
+        return self.balance - self.held
+
+
+@dataclass(frozen=True)
+class Entry:
+    step: str
+    direction: Direction
+    currency: str
+    amount: Decimal
+    debit_account: str | None = None
+    credit_account: str | None = None
+    hold_account: str | None = None
+    hold_delta: Decimal = Decimal(0)
+
+
+@dataclass(frozen=True)
+class TransferInput:
+    source: str
+    destination: str
+    amount: Decimal
+    currency: str
+
+    @classmethod
+    def of(cls, command: StepCommand) -> TransferInput:
+        payload: dict[str, Any] = command.payload
+        return cls(str(payload["source_account"]), str(payload["destination_account"]),
+                   Decimal(str(payload["amount"])), str(payload["currency"]))
+
+
+def account_in_question(command: StepCommand) -> str:
+    """The customer account whose balance the command's rule depends on."""
+    transfer = TransferInput.of(command)
+    if command.action in (ledger.CREDIT.name, ledger.REVERSE_CREDIT.name):
+        return transfer.destination
+    return transfer.source
+
+
+def decide_entry(command: StepCommand, account: AccountView | None
+                 ) -> tuple[Entry | None, StepResult]:
+    """The ledger's rules for one command, given the (locked) account it depends on."""
+    t = TransferInput.of(command)
+    action = command.action
+    if account is None:
+        return None, StepResult.refused("UNKNOWN_ACCOUNT",
+                                        f"account {account_in_question(command)} does not exist")
+    base = Entry(step=command.step, direction=command.direction, currency=t.currency,
+                 amount=t.amount)
+    if account.currency != t.currency:
+        return None, StepResult.refused(
+            "CURRENCY_MISMATCH", f"account {account.account_id} holds {account.currency}")
+    if action == ledger.RESERVE.name:
+        if account.closed:
+            return None, StepResult.refused("ACCOUNT_CLOSED", f"{account.account_id} is closed")
+        if account.available < t.amount:
+            return None, StepResult.refused(
+                "INSUFFICIENT_FUNDS",
+                f"{account.account_id} has {format_amount(account.available, t.currency)}"
+                f" available, needs {t.amount}")
+        return replace(base, hold_account=t.source, hold_delta=t.amount), StepResult.ok(
+            held=str(t.amount))
+    if action == ledger.RELEASE.name:
+        return replace(base, hold_account=t.source, hold_delta=-t.amount), StepResult.ok(
+            released=str(t.amount))
+    if action == ledger.CREDIT.name:
+        if account.closed:
+            return None, StepResult.refused("ACCOUNT_CLOSED", f"{account.account_id} is closed")
+        return replace(base, debit_account=clearing_account(t.currency),
+                       credit_account=t.destination), StepResult.ok(credited=str(t.amount))
+    if action == ledger.REVERSE_CREDIT.name:
+        if account.available < t.amount:
+            return None, StepResult.refused(
+                "INSUFFICIENT_FUNDS_FOR_REVERSAL",
+                f"{account.account_id} has only {format_amount(account.available, t.currency)}"
+                f" left to reverse {t.amount}")
+        return replace(base, debit_account=t.destination,
+                       credit_account=clearing_account(t.currency)), StepResult.ok(
+            reversed=str(t.amount))
+    if action == ledger.SETTLE.name:
+        limit = account.daily_outflow_limit
+        if limit is not None and account.settled_today + t.amount > limit:
+            return None, StepResult.refused(
+                "DAILY_LIMIT_EXCEEDED",
+                f"{account.account_id} settled {format_amount(account.settled_today, t.currency)}"
+                f" today; {t.amount} more exceeds its limit of {format_amount(limit, t.currency)}")
+        # Debit the source and consume its hold: the hold guaranteed the funds are there.
+        return replace(base, debit_account=t.source, credit_account=clearing_account(t.currency),
+                       hold_account=t.source, hold_delta=-t.amount), StepResult.ok(
+            settled=str(t.amount))
+    return None, StepResult.refused("UNKNOWN_ACTION", f"ledger has no action {action!r}")
+
+
+def after(account: AccountView, entry: Entry) -> AccountView:
+    """The account as it is once `entry` is applied (for the next command in the batch)."""
+    balance = account.balance
+    if entry.credit_account == account.account_id:
+        balance += entry.amount
+    if entry.debit_account == account.account_id:
+        balance -= entry.amount
+    held = account.held + (entry.hold_delta if entry.hold_account == account.account_id else 0)
+    settled = account.settled_today
+    # Daily limits count settlements per UTC day.
+    if entry.step == "settle" and entry.debit_account == account.account_id:
+        settled += entry.amount
+    return replace(account, balance=balance, held=held, settled_today=settled)
+
+
+_LOCK_AND_VIEW = text("""
+SELECT a.account_id, a.currency, a.closed, a.daily_outflow_limit,
+       a.opening_balance
+         + COALESCE((SELECT sum(amount) FROM ledger_entries WHERE credit_account = a.account_id), 0)
+         - COALESCE((SELECT sum(amount) FROM ledger_entries WHERE debit_account = a.account_id), 0)
+         AS balance,
+       COALESCE((SELECT sum(hold_delta) FROM ledger_entries WHERE hold_account = a.account_id), 0)
+         AS held,
+       COALESCE((SELECT sum(amount) FROM ledger_entries
+                 WHERE debit_account = a.account_id AND step = 'settle'
+                   AND recorded_at >= date_trunc('day', CAST(:now AS timestamptz), 'UTC')), 0)
+         AS settled_today
+FROM accounts a
+WHERE a.account_id = ANY(:ids) AND a.kind = 'customer'
+ORDER BY a.account_id
+FOR UPDATE OF a
+""")
+
+
+class LedgerParticipant:
+    name = "ledger"
+
+    async def apply(self, conn: AsyncConnection, commands: Sequence[StepCommand],
+                    now: datetime) -> list[StepResult]:
+        wanted = sorted({account_in_question(c) for c in commands})
+        rows = await conn.execute(_LOCK_AND_VIEW, {"ids": wanted, "now": now})
+        accounts = {
+            row.account_id: AccountView(row.account_id, row.currency.strip(), row.closed,
+                                        row.balance, row.held, row.daily_outflow_limit,
+                                        row.settled_today)
+            for row in rows
+        }
+        entries: list[Entry] = []
+        results: list[StepResult] = []
+        for command in commands:
+            account_id = account_in_question(command)
+            entry, result = decide_entry(command, accounts.get(account_id))
+            if entry is not None:
+                entries.append(entry)
+                accounts[account_id] = after(accounts[account_id], entry)
+            results.append(result)
+        if entries:
+            await _ensure_clearing_accounts(conn, {e.currency for e in entries})
+            await conn.execute(
+                text(
+                    "INSERT INTO ledger_entries (saga_id, step, direction, currency, amount,"
+                    " debit_account, credit_account, hold_account, hold_delta) VALUES (:saga_id,"
+                    " :step, :direction, :currency, :amount, :debit, :credit, :hold, :hold_delta)"
+                ),
+                [
+                    {"saga_id": c.saga_id, "step": e.step, "direction": e.direction.value,
+                     "currency": e.currency, "amount": e.amount, "debit": e.debit_account,
+                     "credit": e.credit_account, "hold": e.hold_account,
+                     "hold_delta": e.hold_delta}
+                    for c, e in _pair(commands, results, entries)
+                ],
+            )
+        return results
+
+
+def _pair(commands: Sequence[StepCommand], results: Sequence[StepResult],
+          entries: Sequence[Entry]) -> list[tuple[StepCommand, Entry]]:
+    """Match each entry to its command: entries were made in command order, for the commands
+    whose result succeeded and which had an effect."""
+    it = iter(entries)
+    pairs = []
+    for command, result in zip(commands, results, strict=True):
+        if result.outcome.value == "succeeded":
+            pairs.append((command, next(it)))
+    return pairs
+
+
+async def _ensure_clearing_accounts(conn: AsyncConnection, currencies: set[str]) -> None:
+    await conn.execute(
+        text("INSERT INTO accounts (account_id, currency, kind, opening_balance)"
+             " VALUES (:id, :currency, 'clearing', 0) ON CONFLICT (account_id) DO NOTHING"),
+        [{"id": clearing_account(c), "currency": c} for c in sorted(currencies)],
+    )
+
+
+async def open_account(conn: AsyncConnection, account_id: str, currency: str,
+                       opening_balance: Decimal, daily_outflow_limit: Decimal | None = None,
+                       closed: bool = False) -> None:
+    """Open a customer account. Its opening balance is the only money not explained by an
+    entry, which is why it can be set once, here, and never changed."""
+    await conn.execute(
+        text("INSERT INTO accounts (account_id, currency, kind, opening_balance,"
+             " daily_outflow_limit, closed) VALUES (:id, :currency, 'customer', :opening,"
+             " :limit, :closed)"),
+        {"id": account_id, "currency": currency, "opening": opening_balance,
+         "limit": daily_outflow_limit, "closed": closed},
+    )
+    await _ensure_clearing_accounts(conn, {currency})
+
+
+async def balances(conn: AsyncConnection, account_ids: Sequence[str]) -> dict[str, AccountView]:
+    rows = await conn.execute(
+        text(_LOCK_AND_VIEW.text.replace("FOR UPDATE OF a", "").replace(
+            "AND a.kind = 'customer'", "")),
+        {"ids": list(account_ids), "now": datetime.now().astimezone()},
+    )
+    return {
+        row.account_id: AccountView(row.account_id, row.currency.strip(), row.closed,
+                                    row.balance, row.held, row.daily_outflow_limit,
+                                    row.settled_today)
+        for row in rows
+    }

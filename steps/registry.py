@@ -1,0 +1,36 @@
+"""Names of the actions each participant carries out.
+
+A saga definition refers to these objects, not to strings, so that a typo is an import error and
+the test `test_every_action_has_a_handler` can prove every referenced action has a handler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Action:
+    """One effect (or its undoing) that one participant knows how to apply. Persisted names."""
+
+    participant: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.participant}.{self.name}"
+
+
+class risk:  # noqa: N801 - a namespace of constants, read as `risk.SCREEN`
+    SCREEN = Action("risk", "screen")
+
+
+class ledger:  # noqa: N801
+    RESERVE = Action("ledger", "reserve")
+    RELEASE = Action("ledger", "release")
+    CREDIT = Action("ledger", "credit")
+    REVERSE_CREDIT = Action("ledger", "reverse_credit")
+    SETTLE = Action("ledger", "settle")
+
+
+class notify:  # noqa: N801
+    SEND = Action("notify", "send")

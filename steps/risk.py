@@ -1,0 +1,47 @@
+"""The risk/sanctions screening participant: a stand-in for a third-party provider.
+
+It has no money effect. A party on the deny list is refused for good (`SANCTIONS_HIT`); injected
+provider outages (`risk_failure_rate`) are retryable refusals, and `risk_latency_ms` adds the
+provider's response time, so retries and timeouts can be exercised against real traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from orchestrator.settings import Settings
+from schemas import StepCommand
+from steps.runtime import StepResult
+
+
+class RiskParticipant:
+    name = "risk"
+
+    def __init__(self, settings: Settings, rng: random.Random | None = None) -> None:
+        self.latency_s = settings.risk_latency_ms / 1000
+        self.failure_rate = settings.risk_failure_rate
+        self.denied = frozenset(settings.risk_denied_accounts)
+        self.rng = rng or random.Random()
+
+    async def apply(self, conn: AsyncConnection, commands: Sequence[StepCommand],
+                    now: datetime) -> list[StepResult]:
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)  # the provider answers a batch in one call
+        return [self._screen(command) for command in commands]
+
+    def _screen(self, command: StepCommand) -> StepResult:
+        if self.failure_rate and self.rng.random() < self.failure_rate:
+            return StepResult.refused("PROVIDER_UNAVAILABLE",
+                                      "screening provider did not answer (injected)",
+                                      retryable=True)
+        parties = {str(command.payload.get("source_account")),
+                   str(command.payload.get("destination_account"))}
+        hits = sorted(parties & self.denied)
+        if hits:
+            return StepResult.refused("SANCTIONS_HIT", f"party on the deny list: {', '.join(hits)}")
+        return StepResult.ok(screened=True)
