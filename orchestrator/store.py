@@ -266,3 +266,41 @@ async def read_events(conn: AsyncConnection, saga_id: UUID) -> list[dict[str, An
 
 def parse_event(payload: Any) -> SagaEvent:
     return SAGA_EVENT_ADAPTER.validate_python(json_value(payload))
+
+
+async def rebuild_projection(conn: AsyncConnection) -> int:
+    """Rebuild the `sagas` projection from the event log alone, in the caller's transaction.
+
+    Returns the number of sagas rebuilt. Timestamps come from the events (first and last
+    `recorded_at`), everything else from `fold`.
+    """
+    from orchestrator.core import fold
+
+    await conn.execute(text("DELETE FROM sagas"))
+    result = await conn.stream(text(
+        "SELECT saga_id, payload, recorded_at FROM saga_events ORDER BY saga_id, seq"))
+    rebuilt = 0
+    current: Any = None
+    events: list[SagaEvent] = []
+    first_at: datetime | None = None
+    last_at: datetime | None = None
+
+    async def flush() -> None:
+        state = fold(events)
+        assert state is not None and first_at is not None and last_at is not None
+        await upsert_projection(conn, [state], last_at)
+        await conn.execute(text("UPDATE sagas SET created_at = :at WHERE saga_id = :id"),
+                           {"at": first_at, "id": state.saga_id})
+
+    async for row in result:
+        if row.saga_id != current:
+            if current is not None:
+                await flush()
+                rebuilt += 1
+            current, events, first_at = row.saga_id, [], row.recorded_at
+        events.append(parse_event(row.payload))
+        last_at = row.recorded_at
+    if current is not None:
+        await flush()
+        rebuilt += 1
+    return rebuilt

@@ -1,0 +1,213 @@
+"""One embedded stack (real PostgreSQL + real tansu broker) and the five workers, in-process, per
+test session; or an external PostgreSQL and Kafka when SAGA_DATABASE_URL and SAGA_KAFKA_BOOTSTRAP
+are set (then topics get a random prefix so runs do not collide)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from orchestrator.checker import check
+from orchestrator.embedded import EmbeddedStack
+from orchestrator.runner import WORKER_KINDS, prepare, run_worker, workers_ready
+from orchestrator.settings import Settings
+from schemas import TOPIC_DEAD_LETTERS, TOPIC_TRANSFER_COMMANDS
+
+pytestmark = pytest.mark.integration
+DENIED = "it-sanctioned-party"
+
+
+@pytest.fixture(scope="session")
+def stack_settings() -> Iterator[Settings]:
+    external = Settings()
+    prefix = f"it-{uuid.uuid4().hex[:8]}."
+    if not external.embedded:
+        yield external.model_copy(update={"topic_prefix": prefix,
+                                          "risk_denied_accounts": [DENIED]})
+        return
+    with EmbeddedStack() as stack:
+        yield Settings(database_url=stack.postgres.url, kafka_bootstrap=stack.broker.bootstrap,
+                       topic_prefix=prefix, risk_denied_accounts=[DENIED])
+
+
+@pytest.fixture(scope="session")
+async def engine(stack_settings: Settings) -> AsyncIterator[AsyncEngine]:
+    engine = await prepare(stack_settings)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+async def workers(stack_settings: Settings, engine: AsyncEngine) -> AsyncIterator[None]:
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(run_worker(kind, stack_settings.model_copy(
+        update={"worker_name": f"it-{kind}"}), stop), name=kind) for kind in WORKER_KINDS]
+    deadline = time.monotonic() + 60
+    while not await workers_ready(engine, set(WORKER_KINDS)):
+        for task in tasks:
+            if task.done():
+                task.result()  # raises the worker's startup error
+        assert time.monotonic() < deadline, "workers did not get their partitions in 60 s"
+        await asyncio.sleep(0.1)
+    yield
+    stop.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 30)
+
+
+class DeadLetterTap:
+    """Reads the real dead-letter topic in the background, so tests can see what landed there."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.records: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._consumer = Consumer({
+            "bootstrap.servers": settings.kafka_bootstrap, "group.id": f"tap-{uuid.uuid4()}",
+            "auto.offset.reset": "earliest", "fetch.wait.max.ms": 5,
+            "enable.auto.commit": False})
+        # Assigned, not subscribed: a reader of every partition needs no group (and no join).
+        topic = settings.topic(TOPIC_DEAD_LETTERS)
+        partitions = self._consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        self._consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            message = self._consumer.poll(0.1)
+            if message is None or message.error():
+                continue
+            headers = {k: (v or b"").decode(errors="replace") for k, v in message.headers() or []}
+            self.records.append({"value": message.value(), "headers": headers})
+        self._consumer.close()
+
+    def find(self, value: bytes) -> dict[str, Any] | None:
+        return next((r for r in self.records if r["value"] == value), None)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+@pytest.fixture(scope="session")
+def dlq_tap(stack_settings: Settings) -> Iterator[DeadLetterTap]:
+    tap = DeadLetterTap(stack_settings)
+    yield tap
+    tap.close()
+
+
+class Harness:
+    """What a test needs: publish requests, open accounts, wait, read balances, check."""
+
+    def __init__(self, settings: Settings, engine: AsyncEngine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.producer = Producer({"bootstrap.servers": settings.kafka_bootstrap,
+                                  "linger.ms": 0, "enable.idempotence": True})
+        self.run_id = uuid.uuid4().hex[:8]
+
+    def account(self, name: str) -> str:
+        return f"it-{self.run_id}-{name}"
+
+    async def open(self, name: str, balance: str, currency: str = "EUR",
+                   daily_limit: str | None = None, closed: bool = False) -> str:
+        from steps.ledger import open_account
+
+        account_id = self.account(name)
+        async with self.engine.begin() as conn:
+            await open_account(conn, account_id, currency, Decimal(balance),
+                               Decimal(daily_limit) if daily_limit else None, closed)
+        return account_id
+
+    def request(self, source: str, destination: str, amount: str, currency: str = "EUR",
+                **overrides: Any) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "transfer_id": str(uuid.uuid4()), "source_account": source,
+            "destination_account": destination, "amount": amount, "currency": currency,
+            "reference": "integration test", "requested_by": "pytest"}
+        body.update(overrides)
+        return body
+
+    def publish(self, value: bytes | dict[str, Any], key: str | None = None) -> bytes:
+        raw = json.dumps(value).encode() if isinstance(value, dict) else value
+        if key is None and isinstance(value, dict):
+            key = str(value.get("transfer_id"))
+        self.producer.produce(self.settings.topic(TOPIC_TRANSFER_COMMANDS), value=raw,
+                              key=key.encode() if key else None)
+        assert self.producer.flush(10) == 0
+        return raw
+
+    async def saga(self, transfer_id: str) -> Any:
+        async with self.engine.connect() as conn:
+            return (await conn.execute(text(
+                "SELECT saga_id, status, version, state FROM sagas WHERE transfer_id = :t"),
+                {"t": uuid.UUID(transfer_id)})).one_or_none()
+
+    async def wait_terminal(self, transfer_id: str, timeout_s: float = 30) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            row = await self.saga(transfer_id)
+            if row is not None and row.status in ("COMPLETED", "COMPENSATED", "REJECTED",
+                                                   "FAILED"):
+                return row
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"transfer {transfer_id} not terminal after {timeout_s}s: {row}")
+
+    async def wait_dead_letter(self, payload: bytes, timeout_s: float = 30) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            async with self.engine.connect() as conn:
+                row = (await conn.execute(text(
+                    "SELECT * FROM dead_letters WHERE payload = :p"), {"p": payload})).first()
+            if row is not None:
+                return row
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"no dead letter for {payload[:80]!r} after {timeout_s}s")
+
+    async def balances(self, *account_ids: str) -> dict[str, tuple[Decimal, Decimal]]:
+        from steps.ledger import balances
+
+        async with self.engine.connect() as conn:
+            views = await balances(conn, list(account_ids))
+        return {a: (v.balance, v.held) for a, v in views.items()}
+
+    async def events(self, saga_id: Any) -> list[Any]:
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(text(
+                "SELECT seq, type, step, payload FROM saga_events WHERE saga_id = :s"
+                " ORDER BY seq"), {"s": saga_id})).all())
+
+    async def entries(self, saga_id: Any) -> list[Any]:
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(text(
+                "SELECT step, direction, amount, debit_account, credit_account, hold_account,"
+                " hold_delta FROM ledger_entries WHERE saga_id = :s ORDER BY entry_id"),
+                {"s": saga_id})).all())
+
+    async def assert_invariants(self) -> None:
+        report = await check(self.engine)
+        assert report.ok, "\n".join(f"{c.invariant} {c.name}: {c.detail}"
+                                    for c in report.failures())
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.producer.flush(5)
+
+
+@pytest.fixture
+async def harness(stack_settings: Settings, engine: AsyncEngine, workers: None
+                  ) -> AsyncIterator[Harness]:
+    h = Harness(stack_settings, engine)
+    yield h
+    h.close()
