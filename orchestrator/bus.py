@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from faststream import AckPolicy
 from faststream.confluent import KafkaBroker
 from faststream.confluent.annotations import KafkaMessage
@@ -86,15 +86,23 @@ class Consumed:
     @classmethod
     def from_confluent(cls, message: Message) -> Consumed:
         kind, timestamp = message.timestamp()
+        raw_headers = message.headers() or []
+        headers = list(raw_headers.items() if isinstance(raw_headers, dict) else raw_headers)
         return cls(
-            topic=message.topic(),
-            partition=message.partition(),
-            offset=message.offset(),
+            topic=message.topic() or "",
+            partition=message.partition() or 0,
+            offset=message.offset() or 0,
             key=message.key(),
             value=message.value() or b"",
-            headers=tuple((k, v or b"") for k, v in (message.headers() or [])),
+            headers=tuple((k, _as_bytes(v)) for k, v in headers),
             timestamp_ms=timestamp if kind != 0 else None,
         )
+
+
+def _as_bytes(value: str | bytes | None) -> bytes:
+    if value is None:
+        return b""
+    return value.encode() if isinstance(value, str) else value
 
 
 def encode_headers(headers: Sequence[tuple[str, bytes]]) -> list[list[str]]:
@@ -205,7 +213,8 @@ def subscribe_batches(
         title=f"{group_id}:{','.join(topics)}",
     )
     async def _on_batch(body: Any, message: KafkaMessage) -> None:
-        consumed = [Consumed.from_confluent(raw) for raw in message.raw_message]
+        raw_batch: tuple[Message, ...] = message.raw_message  # type: ignore[assignment]
+        consumed = [Consumed.from_confluent(raw) for raw in raw_batch]
         try:
             await handler(consumed)
         except Exception:

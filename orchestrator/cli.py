@@ -13,7 +13,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from orchestrator.errors import ConfigurationError, NotFound, SagaError
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose or args.command == "worker" else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    run: Callable[[argparse.Namespace, Settings], Awaitable[int]] = args.run
+    run: Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]] = args.run
     try:
         settings = Settings()
         return asyncio.run(run(args, settings))

@@ -131,7 +131,9 @@ class SagaState:
             direction=Direction(data["direction"]) if data["direction"] else None,
             attempt=data["attempt"],
             command_id=UUID(data["command_id"]) if data["command_id"] else None,
-            deadline_at=datetime.fromisoformat(data["deadline_at"]) if data["deadline_at"] else None,
+            deadline_at=(
+                datetime.fromisoformat(data["deadline_at"]) if data["deadline_at"] else None
+            ),
             applied=tuple(data["applied"]),
             failed_step=data["failed_step"],
             failure=data["failure"],

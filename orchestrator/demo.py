@@ -84,7 +84,7 @@ def plan_transfers(n: int, prefix: str, rng: random.Random) -> list[Planned]:
                 plans.append(Planned("invalid:malformed", b'{"transfer_id": "' + str(i).encode()
                                      + b'", "amount": ', None))
                 continue
-            overrides: dict[str, Any] = {
+            overrides: dict[str, Any] = {  # type: ignore[assignment]
                 "float_amount": {"amount": 12.5}, "unknown_currency": {"currency": "XTS"},
                 "zero": {"amount": "0.00"}, "negative": {"amount": "-3.00"},
                 "too_precise": {"amount": "1.001"}, "same_account": {"destination_account": a},
@@ -140,7 +140,8 @@ async def _progress(engine: AsyncEngine, transfer_ids: list[str], refused_payloa
             " GROUP BY status"), {"ids": transfer_ids})).all()
         refused_without_saga = (await conn.execute(text(
             "SELECT count(DISTINCT payload) FROM dead_letters WHERE stage = 'intake'"
-            " AND transfer_id IS NULL AND payload = ANY(:p)"), {"p": refused_payloads})).scalar_one()
+            " AND transfer_id IS NULL AND payload = ANY(:p)"),
+            {"p": refused_payloads})).scalar_one()
     counts = {status.lower(): n for status, n in rows}
     counts["rejected"] = counts.get("rejected", 0) + refused_without_saga
     return counts

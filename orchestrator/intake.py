@@ -31,7 +31,9 @@ class Unparseable:
     reason: str
 
 
-def classify(value: bytes, timestamp_ms: int | None) -> StartTransfer | RejectTransfer | Unparseable:
+def classify(
+    value: bytes, timestamp_ms: int | None
+) -> StartTransfer | RejectTransfer | Unparseable:
     try:
         document = json.loads(value)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:

@@ -89,8 +89,12 @@ class OutboxRelay:
                     assert raw is not None
                     await raw.add_listener(OUTBOX_CHANNEL, self._on_notify)
                     self._wake.set()  # anything committed before we listened
-                    while not stop.is_set() and not raw.is_closed():
-                        await asyncio.sleep(1)
+                    while not raw.is_closed():
+                        # Wakes at once on stop, else checks the connection once a second.
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), 1.0)
+                        if stop.is_set():
+                            return
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -50,7 +50,9 @@ async def migrate(engine: AsyncEngine) -> list[str]:
             if name in done:
                 continue
             await raw.execute(sql)  # a multi-statement script: the simple query protocol
-            await conn.execute(text("INSERT INTO schema_migrations (name) VALUES (:n)"), {"n": name})
+            await conn.execute(
+                text("INSERT INTO schema_migrations (name) VALUES (:n)"), {"n": name}
+            )
             applied_now.append(name)
     return applied_now
 

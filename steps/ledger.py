@@ -1,9 +1,9 @@
 """The ledger participant: accounts, append-only journal entries and holds.
 
 Balances are never stored; they are derived:
-    balance(a)   = opening_balance + Σ amount credited to a − Σ amount debited from a
-    held(a)      = Σ hold_delta on a
-    available(a) = balance(a) − held(a)
+    balance(a)   = opening_balance + sum amount credited to a - sum amount debited from a
+    held(a)      = sum hold_delta on a
+    available(a) = balance(a) - held(a)
 A customer account's available balance never goes below zero: every command that could lower it
 first locks the account row (`FOR UPDATE`), so concurrent transfers on one hot account are
 serialised and each sees the effects of the ones before it. The per-currency clearing account

@@ -20,11 +20,11 @@ class Action:
         return f"{self.participant}.{self.name}"
 
 
-class risk:  # noqa: N801 - a namespace of constants, read as `risk.SCREEN`
+class risk:
     SCREEN = Action("risk", "screen")
 
 
-class ledger:  # noqa: N801
+class ledger:
     RESERVE = Action("ledger", "reserve")
     RELEASE = Action("ledger", "release")
     CREDIT = Action("ledger", "credit")
@@ -32,5 +32,5 @@ class ledger:  # noqa: N801
     SETTLE = Action("ledger", "settle")
 
 
-class notify:  # noqa: N801
+class notify:
     SEND = Action("notify", "send")
