@@ -329,7 +329,7 @@ def _forward_reply(
     definition: SagaDefinition, state: SagaState, step: Step, reply: StepReply, now: datetime
 ) -> Decision:
     if reply.outcome is Outcome.SUCCEEDED:
-        succeeded = StepSucceeded(step=step.name, attempt=reply.attempt,
+        succeeded = StepSucceeded(step=step.name, attempt=state.attempt,
                                   command_id=reply.command_id, result=dict(reply.result))
         state = evolve(state, succeeded)
         index = definition.index_of(step.name)
@@ -340,13 +340,14 @@ def _forward_reply(
         )
         return Decision(Verdict.APPLIED, events=(succeeded, *events), commands=commands)
 
-    failed = StepFailed(step=step.name, attempt=reply.attempt, command_id=reply.command_id,
+    failed = StepFailed(step=step.name, attempt=state.attempt, command_id=reply.command_id,
                         code=reply.code or "FAILED", reason=reply.reason or "",
                         retryable=reply.retryable)
     state = evolve(state, failed)
-    if reply.retryable and reply.attempt < step.max_attempts:
+    # The attempt count is the saga's own: a reply only says which command it answers.
+    if reply.retryable and state.attempt < step.max_attempts:
         events, commands = _start_step(definition, state, step, Direction.FORWARD,
-                                       reply.attempt + 1, now)
+                                       state.attempt + 1, now)
         return Decision(Verdict.APPLIED, events=(failed, *events), commands=commands)
     pivot_passed = any(definition.step(name).pivot for name in state.applied)
     if pivot_passed:
@@ -361,18 +362,18 @@ def _compensation_reply(
     definition: SagaDefinition, state: SagaState, step: Step, reply: StepReply, now: datetime
 ) -> Decision:
     if reply.outcome is Outcome.SUCCEEDED:
-        compensated = StepCompensated(step=step.name, attempt=reply.attempt,
+        compensated = StepCompensated(step=step.name, attempt=state.attempt,
                                       command_id=reply.command_id)
         state = evolve(state, compensated)
         events, commands = _next_compensation(definition, state, now)
         return Decision(Verdict.APPLIED, events=(compensated, *events), commands=commands)
-    failed = CompensationFailed(step=step.name, attempt=reply.attempt,
+    failed = CompensationFailed(step=step.name, attempt=state.attempt,
                                 command_id=reply.command_id, code=reply.code or "FAILED",
                                 reason=reply.reason or "", retryable=reply.retryable)
     state = evolve(state, failed)
-    if reply.retryable and reply.attempt < step.max_attempts:
+    if reply.retryable and state.attempt < step.max_attempts:
         events, commands = _start_step(definition, state, step, Direction.COMPENSATE,
-                                       reply.attempt + 1, now)
+                                       state.attempt + 1, now)
         return Decision(Verdict.APPLIED, events=(failed, *events), commands=commands)
     saga_failed = SagaFailed(step=step.name,
                              reason=f"compensation failed: {failed.code}: {failed.reason}")

@@ -97,7 +97,8 @@ class SagaCompensated(_Event):
 
 
 class SagaFailed(_Event):
-    """A compensation could not finish: money may be half-moved; an operator must act."""
+    """The saga cannot finish by itself: a compensation failed for good (money may be
+    half-moved), or a step after the pivot failed. An operator must act."""
 
     type: Literal["SagaFailed"] = "SagaFailed"
     step: str

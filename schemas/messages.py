@@ -54,6 +54,7 @@ DecimalString = Annotated[
     ),
 ]
 _CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
+_AMOUNT_RE = re.compile(r"-?[0-9]+(\.[0-9]+)?", re.ASCII)
 
 
 class WireModel(BaseModel):
@@ -80,9 +81,19 @@ class TransferRequested(WireModel):
     @classmethod
     def _amount_is_a_string(cls, value: Any) -> Any:
         # A JSON number would already have gone through a binary float in most producers.
-        if not isinstance(value, str | Decimal):
+        if isinstance(value, Decimal):
+            return value
+        if not isinstance(value, str):
             raise PydanticCustomError(
                 "invalid_amount", 'amount must be a decimal string such as "10.50", not a number'
+            )
+        # Decimal() also reads "1_000", "+10", " 10", "1E+2" and non-ASCII digits: refuse every
+        # spelling outside the pattern the published JSON Schema promises.
+        if not _AMOUNT_RE.fullmatch(value):
+            raise PydanticCustomError(
+                "invalid_amount",
+                "amount {value!r} is not written as digits with an optional decimal point",
+                {"value": value},
             )
         return value
 

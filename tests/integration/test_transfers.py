@@ -183,8 +183,7 @@ async def test_bad_input_is_dead_lettered_and_never_blocks_the_partition(
     build, expected_code = BAD_INPUTS[case]
     body = build(harness, source, destination)
     key = "same-partition-key"
-    raw = harness.publish(body, key=key) if isinstance(body, bytes) else harness.publish(
-        body, key=key)
+    raw = harness.publish(body, key=key)
 
     letter = await harness.wait_dead_letter(raw)
 

@@ -1,0 +1,429 @@
+"""The saga definition's construction rules, and the ledger's pure rules (`decide_entry`)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from uuid import uuid4
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import steps
+from orchestrator.definition import SagaDefinition, Step
+from orchestrator.errors import SagaDefinitionError, SagaError
+from orchestrator.sagas import SAGAS, TRANSFER
+from schemas import Direction, Outcome, StepCommand
+from steps.ledger import AccountView, Entry, after, clearing_account, decide_entry
+from steps.registry import Action, ledger, notify, risk
+from steps.runtime import StepResult
+
+# Deterministic (a fixed seed per test) and without an example database: unit tests do no I/O.
+PROPERTY = settings(deadline=None, database=None, derandomize=True)
+
+# ---------------------------------------------------------------- definition rules
+
+SIDE_EFFECT = Action("test", "apply")
+UNDO = Action("test", "undo")
+LOOK = Action("test", "look")
+
+
+def test_the_transfer_saga_is_valid_and_ordered() -> None:
+    assert [s.name for s in TRANSFER.steps] == ["screen", "reserve", "credit", "settle", "notify"]
+    assert [s.name for s in TRANSFER.steps if s.pivot] == ["settle"]
+    assert {s.name: s.compensation for s in TRANSFER.steps} == {
+        "screen": None, "reserve": ledger.RELEASE, "credit": ledger.REVERSE_CREDIT,
+        "settle": None, "notify": None}
+    assert TRANSFER.step("credit") is TRANSFER.steps[2]
+    assert TRANSFER.index_of("settle") == 3
+
+
+def test_duplicate_step_names_are_refused() -> None:
+    with pytest.raises(SagaDefinitionError, match="repeats a step name"):
+        SagaDefinition("bad", (Step("a", LOOK, None, has_effect=False),
+                               Step("a", LOOK, None, has_effect=False)))
+
+
+def test_an_effect_before_the_pivot_needs_a_compensation() -> None:
+    with pytest.raises(SagaDefinitionError, match="'apply' has an effect before the pivot"):
+        SagaDefinition("bad", (Step("apply", SIDE_EFFECT, None),
+                               Step("pivot", SIDE_EFFECT, None, pivot=True)))
+
+
+def test_without_a_pivot_every_effect_needs_a_compensation() -> None:
+    with pytest.raises(SagaDefinitionError, match="no compensation"):
+        SagaDefinition("bad", (Step("apply", SIDE_EFFECT, None),))
+
+
+def test_the_pivot_must_not_have_a_compensation() -> None:
+    with pytest.raises(SagaDefinitionError, match="'pivot' is the pivot"):
+        SagaDefinition("bad", (Step("pivot", SIDE_EFFECT, UNDO, pivot=True),))
+
+
+@pytest.mark.parametrize("step", [
+    Step("after", SIDE_EFFECT, UNDO),  # after the pivot: can never run backwards
+    Step("look", LOOK, UNDO, has_effect=False),  # nothing to undo
+])
+def test_a_compensation_that_could_never_run_is_refused(step: Step) -> None:
+    with pytest.raises(SagaDefinitionError, match="must not have a compensation"):
+        SagaDefinition("bad", (Step("pivot", SIDE_EFFECT, None, pivot=True), step))
+
+
+def test_two_pivots_are_refused() -> None:
+    with pytest.raises(SagaDefinitionError, match="more than one pivot"):
+        SagaDefinition("bad", (Step("one", SIDE_EFFECT, None, pivot=True),
+                               Step("two", SIDE_EFFECT, None, pivot=True)))
+
+
+@pytest.mark.parametrize(("attempts", "timeout_s"), [(0, 10.0), (-1, 10.0), (1, 0.0)])
+def test_a_step_needs_attempts_and_time(attempts: int, timeout_s: float) -> None:
+    with pytest.raises(SagaDefinitionError, match="attempts >= 1, timeout > 0"):
+        SagaDefinition("bad", (Step("look", LOOK, None, has_effect=False,
+                                    max_attempts=attempts, timeout_s=timeout_s),))
+
+
+def test_a_saga_needs_steps() -> None:
+    with pytest.raises(SagaDefinitionError, match="no steps"):
+        SagaDefinition("bad", ())
+
+
+def test_definition_errors_are_saga_errors_and_not_retryable() -> None:
+    assert issubclass(SagaDefinitionError, SagaError)
+    assert SagaDefinitionError.retryable is False
+
+
+def test_effects_after_the_pivot_need_no_compensation() -> None:
+    definition = SagaDefinition("ok", (
+        Step("apply", SIDE_EFFECT, UNDO),
+        Step("pivot", SIDE_EFFECT, None, pivot=True),
+        Step("after", SIDE_EFFECT, None),
+    ))
+    assert definition.index_of("after") == 2
+
+
+# ---------------------------------------------------------------- every action has a handler
+
+NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def command(action: Action | str, amount: str = "30.00", *, step: str | None = None,
+            direction: Direction | None = None) -> StepCommand:
+    name = action.name if isinstance(action, Action) else action
+    compensating = name in (ledger.RELEASE.name, ledger.REVERSE_CREDIT.name)
+    default_step = {"release": "reserve", "reverse_credit": "credit", "send": "notify"}
+    return StepCommand(
+        command_id=uuid4(), saga_id=uuid4(), saga_type="transfer",
+        step=step or default_step.get(name, name), action=name,
+        direction=direction or (Direction.COMPENSATE if compensating else Direction.FORWARD),
+        attempt=1, deadline_at=NOW,
+        payload={"transfer_id": str(uuid4()), "source_account": "alice",
+                 "destination_account": "bob", "amount": amount, "currency": "EUR",
+                 "reference": "", "requested_by": "test", "schema_version": 1},
+    )
+
+
+def account(account_id: str = "alice", *, balance: str = "100.00", held: str = "0.00",
+            closed: bool = False, currency: str = "EUR", limit: str | None = None,
+            settled_today: str = "0.00") -> AccountView:
+    return AccountView(account_id, currency, closed, Decimal(balance), Decimal(held),
+                       Decimal(limit) if limit is not None else None, Decimal(settled_today))
+
+
+def _actions_used() -> set[Action]:
+    used = set()
+    for definition in SAGAS.values():
+        for step in definition.steps:
+            used.add(step.action)
+            if step.compensation is not None:
+                used.add(step.compensation)
+    return used
+
+
+def test_every_action_has_a_handler() -> None:
+    used = _actions_used()
+    participants = {"ledger": steps.LedgerParticipant, "risk": steps.RiskParticipant,
+                    "notify": steps.NotifyParticipant}
+    assert {a.participant for a in used} <= set(participants)
+    for participant, cls in participants.items():
+        assert cls.name == participant
+    for action in sorted(used, key=str):
+        if action.participant != "ledger":
+            continue
+        # an account the rule accepts for every action: open, funded, in the transfer's currency
+        entry, result = decide_entry(command(action), account(limit=None))
+        assert result.code != "UNKNOWN_ACTION", f"the ledger does not handle {action}"
+        assert result.outcome is Outcome.SUCCEEDED and entry is not None, action
+    assert {a.name for a in used if a.participant == "ledger"} == {
+        "reserve", "release", "credit", "reverse_credit", "settle"}
+    assert {str(a) for a in used if a.participant != "ledger"} == {"risk.screen", "notify.send"}
+
+
+def test_an_unknown_ledger_action_is_refused() -> None:
+    entry, result = decide_entry(command("teleport"), account())
+
+    assert entry is None
+    assert (result.outcome, result.code) == (Outcome.FAILED, "UNKNOWN_ACTION")
+
+
+def test_actions_are_named_constants_of_their_participant() -> None:
+    assert (risk.SCREEN.participant, notify.SEND.participant) == ("risk", "notify")
+    assert str(ledger.REVERSE_CREDIT) == "ledger.reverse_credit"
+
+
+# ---------------------------------------------------------------- ledger rules
+
+
+def refusal(result: StepResult) -> str | None:
+    assert result.outcome is Outcome.FAILED
+    assert result.retryable is False  # a business refusal: trying again cannot change it
+    return result.code
+
+
+def test_reserve_with_enough_available_holds_the_amount() -> None:
+    cmd = command(ledger.RESERVE, "30.00")
+
+    entry, result = decide_entry(cmd, account(balance="100.00", held="70.00"))
+
+    assert entry == Entry(step="reserve", direction=Direction.FORWARD, currency="EUR",
+                          amount=Decimal("30.00"), hold_account="alice",
+                          hold_delta=Decimal("30.00"))
+    assert result == StepResult.ok(held="30.00")
+
+
+def test_reserve_beyond_the_available_funds_is_refused() -> None:
+    # 100 on the account but 70.01 already held: 29.99 available
+    entry, result = decide_entry(command(ledger.RESERVE, "30.00"),
+                                 account(balance="100.00", held="70.01"))
+
+    assert entry is None
+    assert refusal(result) == "INSUFFICIENT_FUNDS"
+    assert result.reason is not None and "29.99 available" in result.reason
+
+
+def test_reserve_on_a_closed_account_is_refused() -> None:
+    entry, result = decide_entry(command(ledger.RESERVE), account(closed=True))
+
+    assert entry is None
+    assert refusal(result) == "ACCOUNT_CLOSED"
+
+
+@pytest.mark.parametrize("action", [ledger.RESERVE, ledger.CREDIT, ledger.SETTLE,
+                                    ledger.RELEASE, ledger.REVERSE_CREDIT])
+def test_an_account_in_another_currency_is_refused(action: Action) -> None:
+    entry, result = decide_entry(command(action), account(currency="USD"))
+
+    assert entry is None
+    assert refusal(result) == "CURRENCY_MISMATCH"
+
+
+@pytest.mark.parametrize(("action", "missing"), [(ledger.RESERVE, "alice"),
+                                                 (ledger.CREDIT, "bob")])
+def test_an_unknown_account_is_refused(action: Action, missing: str) -> None:
+    entry, result = decide_entry(command(action), None)
+
+    assert entry is None
+    assert refusal(result) == "UNKNOWN_ACCOUNT"
+    assert result.reason == f"account {missing} does not exist"
+
+
+def test_credit_moves_money_from_clearing_to_the_destination() -> None:
+    entry, result = decide_entry(command(ledger.CREDIT, "30.00"), account("bob", balance="0"))
+
+    assert entry == Entry(step="credit", direction=Direction.FORWARD, currency="EUR",
+                          amount=Decimal("30.00"), debit_account="clearing.EUR",
+                          credit_account="bob")
+    assert result == StepResult.ok(credited="30.00")
+
+
+def test_credit_to_a_closed_account_is_refused() -> None:
+    entry, result = decide_entry(command(ledger.CREDIT), account("bob", closed=True))
+
+    assert entry is None
+    assert refusal(result) == "ACCOUNT_CLOSED"
+
+
+def test_reverse_credit_takes_the_money_back_to_clearing() -> None:
+    entry, result = decide_entry(command(ledger.REVERSE_CREDIT, "30.00"),
+                                 account("bob", balance="30.00"))
+
+    assert entry == Entry(step="credit", direction=Direction.COMPENSATE, currency="EUR",
+                          amount=Decimal("30.00"), debit_account="bob",
+                          credit_account="clearing.EUR")
+    assert result == StepResult.ok(reversed="30.00")
+
+
+def test_reverse_credit_is_refused_once_the_destination_spent_the_money() -> None:
+    # bob received 30.00 and has since spent 5.00 of it
+    entry, result = decide_entry(command(ledger.REVERSE_CREDIT, "30.00"),
+                                 account("bob", balance="25.00"))
+
+    assert entry is None
+    assert refusal(result) == "INSUFFICIENT_FUNDS_FOR_REVERSAL"
+
+
+def test_reverse_credit_counts_holds_as_spent() -> None:
+    entry, result = decide_entry(command(ledger.REVERSE_CREDIT, "30.00"),
+                                 account("bob", balance="30.00", held="0.01"))
+
+    assert entry is None
+    assert refusal(result) == "INSUFFICIENT_FUNDS_FOR_REVERSAL"
+
+
+def test_release_gives_the_hold_back() -> None:
+    entry, result = decide_entry(command(ledger.RELEASE, "30.00"), account(held="30.00"))
+
+    assert entry == Entry(step="reserve", direction=Direction.COMPENSATE, currency="EUR",
+                          amount=Decimal("30.00"), hold_account="alice",
+                          hold_delta=Decimal("-30.00"))
+    assert result == StepResult.ok(released="30.00")
+
+
+@pytest.mark.parametrize(("settled_today", "limit"), [("0.00", None), ("20.00", "50.00"),
+                                                      ("0.00", "30.00")])
+def test_settle_within_the_daily_limit_debits_the_source_and_consumes_the_hold(
+    settled_today: str, limit: str | None
+) -> None:
+    entry, result = decide_entry(
+        command(ledger.SETTLE, "30.00"),
+        account(held="30.00", limit=limit, settled_today=settled_today))
+
+    assert entry == Entry(step="settle", direction=Direction.FORWARD, currency="EUR",
+                          amount=Decimal("30.00"), debit_account="alice",
+                          credit_account="clearing.EUR", hold_account="alice",
+                          hold_delta=Decimal("-30.00"))
+    assert result == StepResult.ok(settled="30.00")
+
+
+def test_settle_over_the_daily_limit_is_refused() -> None:
+    entry, result = decide_entry(
+        command(ledger.SETTLE, "30.00"),
+        account(held="30.00", limit="50.00", settled_today="20.01"))
+
+    assert entry is None
+    assert refusal(result) == "DAILY_LIMIT_EXCEEDED"
+    assert result.reason is not None and "limit of 50.00" in result.reason
+
+
+def test_clearing_accounts_are_per_currency() -> None:
+    assert clearing_account("EUR") == "clearing.EUR"
+    assert clearing_account("JPY") != clearing_account("EUR")
+
+
+# ---------------------------------------------------------------- after()
+
+
+def _apply(view: AccountView, action: Action, amount: str) -> AccountView:
+    entry, result = decide_entry(command(action, amount), view)
+    assert entry is not None, result
+    return after(view, entry)
+
+
+def test_after_reserve_and_settle_move_balance_and_hold() -> None:
+    alice = account(balance="100.00", limit="1000.00")
+
+    reserved = _apply(alice, ledger.RESERVE, "30.00")
+    assert (reserved.balance, reserved.held, reserved.available) == (
+        Decimal("100.00"), Decimal("30.00"), Decimal("70.00"))
+
+    settled = _apply(reserved, ledger.SETTLE, "30.00")
+    assert (settled.balance, settled.held, settled.available) == (
+        Decimal("70.00"), Decimal("0.00"), Decimal("70.00"))
+    assert settled.settled_today == Decimal("30.00")
+
+
+def test_after_release_restores_the_available_funds() -> None:
+    alice = account(balance="100.00")
+
+    released = _apply(_apply(alice, ledger.RESERVE, "30.00"), ledger.RELEASE, "30.00")
+
+    assert released == alice
+
+
+def test_after_credit_and_reverse_credit_leave_the_destination_as_it_was() -> None:
+    bob = account("bob", balance="5.00")
+
+    credited = _apply(bob, ledger.CREDIT, "30.00")
+    assert credited.balance == Decimal("35.00") and credited.held == 0
+
+    assert _apply(credited, ledger.REVERSE_CREDIT, "30.00") == bob
+
+
+def test_after_ignores_entries_for_other_accounts() -> None:
+    carol = account("carol", balance="10.00")
+    entry, _ = decide_entry(command(ledger.SETTLE, "30.00"), account(held="30.00"))
+    assert entry is not None
+
+    assert after(carol, entry) == carol
+
+
+def test_settlements_accumulate_towards_the_daily_limit() -> None:
+    alice = account(balance="100.00", limit="50.00")
+    for _ in range(2):
+        alice = _apply(_apply(alice, ledger.RESERVE, "25.00"), ledger.SETTLE, "25.00")
+    alice = _apply(alice, ledger.RESERVE, "0.01")
+
+    _, result = decide_entry(command(ledger.SETTLE, "0.01"), alice)
+
+    assert alice.settled_today == Decimal("50.00")
+    assert refusal(result) == "DAILY_LIMIT_EXCEEDED"
+
+
+# ---------------------------------------------------------------- properties
+
+_CENTS = st.integers(min_value=1, max_value=20_000).map(lambda c: Decimal(c).scaleb(-2))
+
+
+@PROPERTY
+@given(
+    opening=_CENTS,
+    limit=st.none() | _CENTS,
+    operations=st.lists(st.tuples(st.sampled_from([ledger.RESERVE, ledger.SETTLE,
+                                                   ledger.RELEASE]), _CENTS), max_size=40),
+)
+def test_gated_entries_never_make_available_negative(
+    opening: Decimal, limit: Decimal | None, operations: list[tuple[Action, Decimal]]
+) -> None:
+    """Any sequence of reserve/settle/release commands, each applied only if `decide_entry`
+    accepts it: the available funds never go below zero."""
+    alice = account(balance=str(opening), limit=str(limit) if limit is not None else None)
+    for action, amount in operations:
+        entry, result = decide_entry(command(action, str(amount)), alice)
+        assert (entry is None) == (result.outcome is Outcome.FAILED)
+        if entry is not None:
+            alice = after(alice, entry)
+        assert alice.available >= 0, (action, amount, alice)
+
+
+@PROPERTY
+@given(
+    opening=_CENTS,
+    limit=st.none() | _CENTS,
+    transfers=st.lists(st.tuples(_CENTS, st.booleans()), max_size=30),
+)
+def test_transfers_that_follow_the_saga_keep_the_source_whole(
+    opening: Decimal, limit: Decimal | None, transfers: list[tuple[Decimal, bool]]
+) -> None:
+    """Each transfer reserves, then settles (or releases, when it fails elsewhere or settling is
+    refused), as the saga orders them: balance and holds stay non-negative and the money that
+    left is exactly what was settled."""
+    alice = account(balance=str(opening), limit=str(limit) if limit is not None else None)
+    settled = Decimal(0)
+    for amount, goes_through in transfers:
+        entry, _ = decide_entry(command(ledger.RESERVE, str(amount)), alice)
+        if entry is None:
+            assert amount > alice.available
+            continue
+        alice = after(alice, entry)
+        entry, _ = decide_entry(command(ledger.SETTLE, str(amount)), alice)
+        if not goes_through or entry is None:
+            entry, _ = decide_entry(command(ledger.RELEASE, str(amount)), alice)
+            assert entry is not None
+        else:
+            settled += amount
+        alice = after(alice, entry)
+        assert alice.held == 0
+        assert alice.balance == alice.available >= 0
+    assert alice.balance == opening - settled
+    assert alice.settled_today == settled
+    assert limit is None or settled <= limit
