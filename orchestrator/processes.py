@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,16 +54,19 @@ class WorkerProcesses:
     log_dir: Path
     kinds: tuple[str, ...] = WORKER_KINDS
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # Unique per start, so readiness means *these* processes, even on a shared database.
+    names: dict[str, str] = field(default_factory=dict)
 
     def start(self, kind: str | None = None) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = settings_env(self.settings)
         for k in [kind] if kind else list(self.kinds):
             log_path = self.log_dir / f"{k.replace(':', '-')}.log"
+            self.names[k] = f"{k}#{uuid.uuid4().hex[:8]}"
             with open(log_path, "ab") as log_file:
                 self.processes[k] = subprocess.Popen(
-                    worker_argv(k), stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                    start_new_session=True,
+                    worker_argv(k), stdout=log_file, stderr=subprocess.STDOUT,
+                    env={**env, "SAGA_WORKER_NAME": self.names[k]}, start_new_session=True,
                 )
 
     async def wait_ready(self, engine: AsyncEngine, timeout_s: float = 90.0) -> None:
@@ -74,7 +78,7 @@ class WorkerProcesses:
                         f"worker {kind} exited with {process.returncode}; see "
                         f"{self.log_dir / (kind.replace(':', '-') + '.log')}")
             with contextlib.suppress(Exception):
-                if await workers_ready(engine, set(self.processes), since_s=timeout_s + 60):
+                if await workers_ready(engine, set(self.names.values())):
                     return
             await asyncio.sleep(0.2)
         raise EmbeddedStackError(f"workers not ready after {timeout_s}s; logs in {self.log_dir}")

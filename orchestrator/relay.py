@@ -1,28 +1,29 @@
-"""The outbox relay: publishes outbox rows in id order, then marks them published.
+"""The outbox relay: the guarantee that every outbox row is published.
 
-It wakes on the `NOTIFY` sent by each committing batch, and polls every `relay_idle_poll_s` in
-case a notification was missed (for example while it was reconnecting). A crash between publish
-and mark republishes the rows: receivers deduplicate (the orchestrator's inbox, participants'
-stored replies), so at-least-once here is exactly-once in effect.
+The orchestrator publishes its own outbox rows right after its transaction commits and marks them
+published (the fast path: a step command does not wait for a relay). The relay sweeps up whatever
+that left behind: rows of a worker that crashed between commit and publish, rows whose marking was
+lost, and rows written by other writers (participants' dead letters). It takes rows older than
+`relay_grace_s`, oldest first, publishes them with an idempotent producer keyed as written, and
+marks them published after the broker acknowledged them.
 
-Rows are taken `FOR UPDATE SKIP LOCKED`, so several relays can run; one saga has at most one
-command outstanding, so its messages cannot overtake each other across relays.
+A row published twice (the fast path and the relay racing, or a crash between publish and mark)
+is harmless: every receiver deduplicates (the orchestrator's inbox, participants' stored replies).
+Rows are taken `FOR UPDATE SKIP LOCKED`, so several relays can run side by side.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.bus import KafkaProducer, Record, decode_headers
 from orchestrator.settings import Settings
-from orchestrator.store import OUTBOX_CHANNEL
+from orchestrator.store import json_value, mark_published
 
 log = logging.getLogger(__name__)
 
@@ -33,77 +34,77 @@ class OutboxRelay:
         self.engine = engine
         self.producer = producer
         self.published = 0
-        self._wake = asyncio.Event()
 
-    async def publish_once(self) -> int:
-        """Publish up to one batch of pending rows. Returns how many were published."""
+    async def publish_once(self, grace_s: float | None = None) -> int:
+        """Publish up to one batch of rows pending for longer than `grace_s`; returns how many."""
+        grace = self.settings.relay_grace_s if grace_s is None else grace_s
         async with self.engine.begin() as conn:
             rows = (await conn.execute(
                 text(
                     "SELECT id, topic, key, value, headers FROM outbox WHERE published_at IS NULL"
+                    " AND created_at < clock_timestamp() - make_interval(secs => :grace)"
                     " ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED"
                 ),
-                {"n": self.settings.relay_batch_max},
+                {"n": self.settings.relay_batch_max, "grace": grace},
             )).all()
             if not rows:
                 return 0
-            records = [
+            await self.producer.send([
                 Record(topic=row.topic, value=bytes(row.value),
                        key=bytes(row.key) if row.key is not None else None,
-                       headers=decode_headers(_json(row.headers)))
+                       headers=decode_headers(json_value(row.headers)))
                 for row in rows
-            ]
-            await self.producer.send(records)
-            await conn.execute(
-                text("UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY(:ids)"),
-                {"ids": [row.id for row in rows]},
-            )
+            ])
+            await mark_published(conn, [row.id for row in rows])
         self.published += len(rows)
+        log.info("relay published %d rows the fast path had left", len(rows))
         return len(rows)
 
     async def run(self, stop: asyncio.Event) -> None:
-        listener = asyncio.create_task(self._listen(stop))
-        try:
-            while not stop.is_set():
-                try:
-                    published = await self.publish_once()
-                except Exception:
-                    log.exception("relay pass failed; retrying shortly")
-                    await asyncio.sleep(0.5)
-                    continue
-                if published < self.settings.relay_batch_max:
-                    self._wake.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), self.settings.relay_idle_poll_s)
-        finally:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
-
-    async def _listen(self, stop: asyncio.Event) -> None:
-        """Hold one connection that LISTENs; reconnect if it drops."""
         while not stop.is_set():
             try:
-                async with self.engine.connect() as conn:
-                    raw = (await conn.get_raw_connection()).driver_connection
-                    assert raw is not None
-                    await raw.add_listener(OUTBOX_CHANNEL, self._on_notify)
-                    self._wake.set()  # anything committed before we listened
-                    while not raw.is_closed():
-                        # Wakes at once on stop, else checks the connection once a second.
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(stop.wait(), 1.0)
-                        if stop.is_set():
-                            return
-            except asyncio.CancelledError:
-                raise
+                published = await self.publish_once()
             except Exception:
-                log.exception("outbox listener lost its connection; reconnecting")
-                await asyncio.sleep(0.5)
+                log.exception("relay pass failed; retrying shortly")
+                published = 0
+            if published < self.settings.relay_batch_max:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.settings.relay_idle_poll_s)
 
-    def _on_notify(self, *_args: Any) -> None:
-        self._wake.set()
 
+class PublishedMarker:
+    """Marks fast-path outbox rows published, off the critical path: ids are gathered and
+    written in one UPDATE every `interval_s`. Losing a mark only costs a duplicate publish."""
 
-def _json(value: Any) -> Any:
-    return json.loads(value) if isinstance(value, str) else value
+    def __init__(self, engine: AsyncEngine, interval_s: float = 0.05) -> None:
+        self.engine = engine
+        self.interval_s = interval_s
+        self._pending: list[int] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, ids: list[int]) -> None:
+        self._pending.extend(ids)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._flush_soon())
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(self.interval_s)
+        await self.flush()
+
+    async def flush(self) -> None:
+        ids, self._pending = self._pending, []
+        if not ids:
+            return
+        try:
+            async with self.engine.begin() as conn:
+                await mark_published(conn, ids)
+        except Exception:
+            log.exception("could not mark %d outbox rows published; the relay will resend them",
+                          len(ids))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.flush()

@@ -89,14 +89,15 @@ async def run_worker(kind: str, settings: Settings, stop: asyncio.Event) -> None
             await relay.run(stop)
             return
         broker = make_broker(settings)
+        producer = KafkaProducer(settings, name)
+        orchestrator: OrchestratorWorker | None = None
         if kind == "orchestrator":
-            worker = OrchestratorWorker(settings, engine)
-            subscribe_batches(broker, settings, worker.topics, ORCHESTRATOR_GROUP,
-                              worker.handle_batch, on_assign)
+            orchestrator = OrchestratorWorker(settings, engine, producer)
+            subscribe_batches(broker, settings, orchestrator.topics, ORCHESTRATOR_GROUP,
+                              orchestrator.handle_batch, on_assign)
         else:
             from steps.runtime import ParticipantWorker
 
-            producer = KafkaProducer(settings, name)
             participant = ParticipantWorker(
                 settings, engine, make_participant(kind.split(":", 1)[1], settings), producer)
             subscribe_batches(broker, settings, [participant.topic], participant.group_id,
@@ -105,6 +106,8 @@ async def run_worker(kind: str, settings: Settings, stop: asyncio.Event) -> None
         log.info("%s started", name)
         await stop.wait()
         await broker.stop()
+        if orchestrator is not None:
+            await orchestrator.close()
     finally:
         if producer is not None:
             producer.close()
@@ -114,9 +117,10 @@ async def run_worker(kind: str, settings: Settings, stop: asyncio.Event) -> None
             await engine.dispose()
 
 
-async def workers_ready(engine: AsyncEngine, kinds: set[str], since_s: float = 3600) -> bool:
+async def workers_ready(engine: AsyncEngine, names: set[str]) -> bool:
+    """Whether every named worker has its partitions (and has not stopped since)."""
     async with engine.connect() as conn:
         rows = await conn.execute(text(
-            "SELECT DISTINCT kind FROM workers WHERE stopped_at IS NULL"
-            " AND ready_at > now() - make_interval(secs => :since)"), {"since": since_s})
-        return kinds <= set(rows.scalars())
+            "SELECT worker FROM workers WHERE stopped_at IS NULL AND worker = ANY(:names)"),
+            {"names": sorted(names)})
+        return names <= set(rows.scalars())

@@ -25,15 +25,18 @@ class Settings(BaseSettings):
     # The embedded broker answers a fetch only when fetch.wait.max.ms expires, so this wait *is*
     # the per-hop latency; 1 ms costs some idle CPU but keeps a hop at a few milliseconds.
     kafka_fetch_wait_ms: int = 1
-    # How long a batch consumer waits to fill a batch before handling what it has.
-    consume_poll_s: float = 0.002
+    # How long a consumer blocks waiting for a first record before polling again (it then takes
+    # whatever else is queued at once, up to consume_batch_max); bounds shutdown time when idle.
+    consume_poll_s: float = 0.1
     consume_batch_max: int = 500
     kafka_session_timeout_ms: int = 6000
 
     db_pool_size: int = 5
 
     relay_batch_max: int = 1000
-    relay_idle_poll_s: float = 1.0
+    relay_idle_poll_s: float = 0.2
+    # How old an unpublished outbox row must be before the relay takes it over from the fast path.
+    relay_grace_s: float = 0.5
 
     # Risk participant's stand-in for a third-party provider.
     risk_latency_ms: float = 0.0

@@ -23,13 +23,14 @@ from orchestrator.core import SagaState
 from orchestrator.errors import ConcurrencyConflict, StoreError
 from schemas import SAGA_EVENT_ADAPTER, SagaEvent
 
-OUTBOX_CHANNEL = "saga_outbox"
+# Payload: the transfer id of a saga that just reached a terminal state (sent at commit).
+TERMINAL_CHANNEL = "saga_terminal"
 _MIGRATION_LOCK = 0x5A6A0001
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
 def create_engine(url: str, pool_size: int = 5) -> AsyncEngine:
-    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size)
 
 
 async def migrate(engine: AsyncEngine) -> list[str]:
@@ -120,6 +121,23 @@ def _event_step(event: SagaEvent) -> tuple[str | None, int | None]:
     return getattr(event, "step", None), getattr(event, "attempt", None)
 
 
+async def seen_and_states(conn: AsyncConnection, consumer: str, message_ids: Sequence[str],
+                          saga_ids: Sequence[UUID]) -> tuple[set[str], dict[UUID, SagaState]]:
+    """In one round trip: which messages this consumer already recorded, and the cached state
+    of the sagas the batch touches."""
+    rows = (await conn.execute(
+        text(
+            "SELECT message_id, NULL AS state FROM inbox"
+            " WHERE consumer = :c AND message_id = ANY(:ids)"
+            " UNION ALL SELECT NULL, state FROM sagas WHERE saga_id = ANY(:saga_ids)"
+        ),
+        {"c": consumer, "ids": list(message_ids), "saga_ids": list(saga_ids)},
+    )).all()
+    seen = {row.message_id for row in rows if row.message_id is not None}
+    states = [SagaState.from_json(json_value(row.state)) for row in rows if row.state is not None]
+    return seen, {state.saga_id: state for state in states}
+
+
 async def seen_messages(conn: AsyncConnection, consumer: str, ids: Sequence[str]) -> set[str]:
     if not ids:
         return set()
@@ -145,6 +163,51 @@ def json_value(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
 
+_WRITE_BATCH = text("""
+WITH new_inbox AS (
+    INSERT INTO inbox (consumer, message_id, topic, partition, "offset", verdict, saga_id)
+    SELECT CAST(:consumer AS text), * FROM unnest(
+        CAST(:i_id AS text[]), CAST(:i_topic AS text[]), CAST(:i_partition AS int[]),
+        CAST(:i_offset AS bigint[]), CAST(:i_verdict AS text[]), CAST(:i_saga AS uuid[]))
+), new_events AS (
+    INSERT INTO saga_events (saga_id, seq, type, step, attempt, payload, actor, causation_id)
+    SELECT * FROM unnest(
+        CAST(:e_saga AS uuid[]), CAST(:e_seq AS int[]), CAST(:e_type AS text[]),
+        CAST(:e_step AS text[]), CAST(:e_attempt AS int[]), CAST(:e_payload AS jsonb[]),
+        CAST(:e_actor AS text[]), CAST(:e_cause AS text[]))
+), projection AS (
+    INSERT INTO sagas (saga_id, transfer_id, saga_type, status, current_step, direction,
+                       attempt, version, deadline_at, requested_at, created_at, updated_at, state)
+    SELECT saga_id, transfer_id, saga_type, status, step, direction, attempt, version,
+           deadline_at, requested_at, CAST(:now AS timestamptz), CAST(:now AS timestamptz), state
+    FROM unnest(
+        CAST(:s_saga AS uuid[]), CAST(:s_transfer AS uuid[]), CAST(:s_type AS text[]),
+        CAST(:s_status AS text[]), CAST(:s_step AS text[]), CAST(:s_direction AS text[]),
+        CAST(:s_attempt AS int[]), CAST(:s_version AS int[]),
+        CAST(:s_deadline AS timestamptz[]), CAST(:s_requested AS timestamptz[]),
+        CAST(:s_state AS jsonb[]))
+        AS s(saga_id, transfer_id, saga_type, status, step, direction, attempt, version,
+             deadline_at, requested_at, state)
+    ON CONFLICT (saga_id) DO UPDATE SET status = EXCLUDED.status,
+        current_step = EXCLUDED.current_step, direction = EXCLUDED.direction,
+        attempt = EXCLUDED.attempt, version = EXCLUDED.version,
+        deadline_at = EXCLUDED.deadline_at, updated_at = EXCLUDED.updated_at,
+        state = EXCLUDED.state
+), ended AS (
+    SELECT pg_notify(:terminal_channel, t) FROM unnest(CAST(:ended AS text[])) AS t
+), new_outbox AS (
+    INSERT INTO outbox (topic, key, value, headers, saga_id)
+    SELECT * FROM unnest(
+        CAST(:o_topic AS text[]), CAST(:o_key AS bytea[]), CAST(:o_value AS bytea[]),
+        CAST(:o_headers AS jsonb[]), CAST(:o_saga AS uuid[]))
+    RETURNING id
+)
+SELECT id FROM new_outbox
+UNION ALL  -- a row-less select whose condition makes the notifications run
+SELECT NULL WHERE (SELECT count(*) FROM ended) < 0
+""")
+
+
 async def write_batch(
     conn: AsyncConnection,
     consumer: str,
@@ -154,58 +217,51 @@ async def write_batch(
     outbox: Sequence[OutboxRow],
     dead_letters: Sequence[DeadLetterRow],
     now: datetime,
-) -> None:
-    """Write one batch's effects. Raises ConcurrencyConflict if another writer got there first."""
+) -> list[int]:
+    """Write one batch's effects in one round trip; returns the new outbox row ids.
+
+    Raises ConcurrencyConflict if another writer recorded part of it first.
+    """
+    params = {
+        "consumer": consumer, "now": now, "terminal_channel": TERMINAL_CHANNEL,
+        "i_id": [r.message_id for r in inbox], "i_topic": [r.topic for r in inbox],
+        "i_partition": [r.partition for r in inbox], "i_offset": [r.offset for r in inbox],
+        "i_verdict": [r.verdict for r in inbox], "i_saga": [r.saga_id for r in inbox],
+        "e_saga": [e.saga_id for e in events], "e_seq": [e.seq for e in events],
+        "e_type": [e.event.type for e in events],
+        "e_step": [_event_step(e.event)[0] for e in events],
+        "e_attempt": [_event_step(e.event)[1] for e in events],
+        "e_payload": [e.event.model_dump_json() for e in events],
+        "e_actor": [e.actor for e in events], "e_cause": [e.causation_id for e in events],
+        "s_saga": [s.saga_id for s in states], "s_transfer": [s.transfer_id for s in states],
+        "s_type": [s.saga_type for s in states], "s_status": [s.status.value for s in states],
+        "s_step": [s.step for s in states],
+        "s_direction": [s.direction.value if s.direction else None for s in states],
+        "s_attempt": [s.attempt for s in states], "s_version": [s.version for s in states],
+        "s_deadline": [s.deadline_at for s in states],
+        "s_requested": [s.requested_at for s in states],
+        "s_state": [json.dumps(s.to_json()) for s in states],
+        "ended": [str(s.transfer_id) for s in states if s.terminal],
+        "o_topic": [o.topic for o in outbox], "o_key": [o.key for o in outbox],
+        "o_value": [o.value for o in outbox],
+        "o_headers": [json.dumps(o.headers) for o in outbox],
+        "o_saga": [o.saga_id for o in outbox],
+    }
     try:
-        if inbox:
-            await conn.execute(
-                text(
-                    "INSERT INTO inbox (consumer, message_id, topic, partition, \"offset\","
-                    " verdict, saga_id) VALUES (:consumer, :message_id, :topic, :partition,"
-                    " :offset, :verdict, :saga_id)"
-                ),
-                [
-                    {"consumer": consumer, "message_id": r.message_id, "topic": r.topic,
-                     "partition": r.partition, "offset": r.offset, "verdict": r.verdict,
-                     "saga_id": r.saga_id}
-                    for r in inbox
-                ],
-            )
-        if events:
-            await conn.execute(
-                text(
-                    "INSERT INTO saga_events (saga_id, seq, type, step, attempt, payload, actor,"
-                    " causation_id) VALUES (:saga_id, :seq, :type, :step, :attempt,"
-                    " CAST(:payload AS jsonb), :actor, :causation_id)"
-                ),
-                [
-                    {"saga_id": e.saga_id, "seq": e.seq, "type": e.event.type,
-                     "step": _event_step(e.event)[0], "attempt": _event_step(e.event)[1],
-                     "payload": e.event.model_dump_json(), "actor": e.actor,
-                     "causation_id": e.causation_id}
-                    for e in events
-                ],
-            )
-        if states:
-            await upsert_projection(conn, states, now)
-        if outbox:
-            await conn.execute(
-                text(
-                    "INSERT INTO outbox (topic, key, value, headers, saga_id) VALUES"
-                    " (:topic, :key, :value, CAST(:headers AS jsonb), :saga_id)"
-                ),
-                [
-                    {"topic": o.topic, "key": o.key, "value": o.value,
-                     "headers": json.dumps(o.headers), "saga_id": o.saga_id}
-                    for o in outbox
-                ],
-            )
-            # Delivered at commit, so the relay wakes exactly when there is something to send.
-            await conn.execute(text(f"NOTIFY {OUTBOX_CHANNEL}"))
+        rows = (await conn.execute(_WRITE_BATCH, params)).all()
         if dead_letters:
             await insert_dead_letters(conn, dead_letters)
     except DBAPIError as error:
         raise translate(error) from error
+    return [row.id for row in rows]
+
+
+async def mark_published(conn: AsyncConnection, ids: Sequence[int]) -> None:
+    await conn.execute(
+        text("UPDATE outbox SET published_at = clock_timestamp()"
+             " WHERE id = ANY(:ids) AND published_at IS NULL"),
+        {"ids": list(ids)},
+    )
 
 
 async def upsert_projection(conn: AsyncConnection, states: Sequence[SagaState],

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from orchestrator import store
-from orchestrator.bus import Consumed, Record, encode_headers
+from orchestrator.bus import Consumed, KafkaProducer, Record, decode_headers, encode_headers
 from orchestrator.core import (
     Decision,
     RejectTransfer,
@@ -34,6 +34,7 @@ from orchestrator.core import (
 from orchestrator.definition import SagaDefinition
 from orchestrator.errors import SagaError
 from orchestrator.intake import Unparseable, classify
+from orchestrator.relay import PublishedMarker
 from orchestrator.sagas import TRANSFER
 from orchestrator.settings import Settings
 from schemas import (
@@ -135,10 +136,12 @@ class _Parsed:
 
 
 class OrchestratorWorker:
-    def __init__(self, settings: Settings, engine: AsyncEngine,
+    def __init__(self, settings: Settings, engine: AsyncEngine, producer: KafkaProducer,
                  definition: SagaDefinition = TRANSFER) -> None:
         self.settings = settings
         self.engine = engine
+        self.producer = producer
+        self.marker = PublishedMarker(engine)
         self.definition = definition
         self.actor = settings.worker_name or "orchestrator"
         self.commands_topic = settings.topic(TOPIC_TRANSFER_COMMANDS)
@@ -150,9 +153,25 @@ class OrchestratorWorker:
 
     async def handle_batch(self, batch: Sequence[Consumed]) -> None:
         parsed = [self._parse(message) for message in batch]
+        outbox_ids: list[int] = []
+        outbox: list[store.OutboxRow] = []
         async for attempt in retrying():
             with attempt:
-                await self._record(parsed)
+                outbox_ids, outbox = await self._record(parsed)
+        if not outbox:
+            return
+        # The fast path: publish what this batch committed now, rather than waiting for the
+        # relay; if it fails, the rows stay unpublished and the relay sends them after its grace.
+        try:
+            await self.producer.send([
+                Record(o.topic, o.value, o.key, decode_headers(o.headers)) for o in outbox])
+        except SagaError:
+            log.warning("fast-path publish failed; the relay will publish %d rows", len(outbox))
+            return
+        self.marker.add(outbox_ids)
+
+    async def close(self) -> None:
+        await self.marker.close()
 
     def _parse(self, message: Consumed) -> _Parsed:
         if message.topic == self.replies_topic:
@@ -171,13 +190,14 @@ class OrchestratorWorker:
             saga_id = saga_id_for_transfer(intake.transfer_id)
         return _Parsed(message, message_id_of(message), saga_id, intake)
 
-    async def _record(self, parsed: Sequence[_Parsed]) -> None:
+    async def _record(self, parsed: Sequence[_Parsed]
+                      ) -> tuple[list[int], list[store.OutboxRow]]:
         now = datetime.now(UTC)
         writes = _BatchWrites()
         async with self.engine.begin() as conn:
-            seen = await store.seen_messages(conn, CONSUMER, [p.message_id for p in parsed])
-            states = await store.load_states(
-                conn, sorted({p.saga_id for p in parsed if p.saga_id is not None})
+            seen, states = await store.seen_and_states(
+                conn, CONSUMER, [p.message_id for p in parsed],
+                sorted({p.saga_id for p in parsed if p.saga_id is not None}),
             )
             for item in parsed:
                 if item.message_id in seen:
@@ -186,10 +206,11 @@ class OrchestratorWorker:
                 state = states.get(item.saga_id) if item.saga_id else None
                 decision = self._decide(item, state, now)
                 self._apply(item, state, decision, now, writes, states)
-            await store.write_batch(
+            ids = await store.write_batch(
                 conn, CONSUMER, writes.inbox, writes.events, list(writes.touched.values()),
                 writes.outbox, writes.dead_letters, now,
             )
+        return ids, writes.outbox
 
     def _decide(self, item: _Parsed, state: SagaState | None, now: datetime) -> Decision:
         value = item.input

@@ -192,7 +192,8 @@ class LedgerParticipant:
                 accounts[account_id] = after(accounts[account_id], entry)
             results.append(result)
         if entries:
-            await _ensure_clearing_accounts(conn, {e.currency for e in entries})
+            # No need to create clearing accounts here: an entry needs a customer account of its
+            # currency, and `open_account` creates that currency's clearing account with it.
             await conn.execute(
                 text(
                     "INSERT INTO ledger_entries (saga_id, step, direction, currency, amount,"

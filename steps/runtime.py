@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from orchestrator.bus import Consumed, KafkaProducer, Record, encode_headers
 from orchestrator.settings import Settings
-from orchestrator.store import OUTBOX_CHANNEL, DeadLetterRow, insert_dead_letters, translate
+from orchestrator.store import DeadLetterRow, insert_dead_letters, translate
 from orchestrator.worker import dead_letter_for, dead_letter_record, retrying
 from schemas import (
     TOPIC_REPLIES,
@@ -120,6 +120,7 @@ class ParticipantWorker:
         replies: dict[UUID, StepReply] = {}
         to_apply: list[StepCommand] = []
         tombstones: list[StepCommand] = []
+        undone: list[StepCommand] = []  # compensations of forward effects that failed
         claimed: set[tuple[UUID, str, str]] = set()
         for command in commands:
             key = _key(command.saga_id, command.step, command.direction.value)
@@ -130,7 +131,12 @@ class ParticipantWorker:
             elif command.direction is Direction.COMPENSATE:
                 forward = stored.get(_key(command.saga_id, command.step, "forward"))
                 if forward is None or forward["outcome"] != Outcome.SUCCEEDED.value:
-                    tombstones.append(command)
+                    # Nothing to undo. Only a forward effect that never ran needs a tombstone;
+                    # one that failed is already final in its stored reply.
+                    if forward is None:
+                        tombstones.append(command)
+                    else:
+                        undone.append(command)
                     claimed.add(key)
                     replies[command.command_id] = self._reply(
                         command, StepResult.ok(noop="forward effect was never applied"))
@@ -147,6 +153,8 @@ class ParticipantWorker:
             replies[command.command_id] = reply
             if not result.retryable:
                 to_store.append(reply)
+        for command in undone:
+            to_store.append(replies[command.command_id])
         for command in tombstones:
             reply = replies[command.command_id]
             to_store.append(reply)
@@ -266,7 +274,6 @@ class ParticipantWorker:
                  "h": json.dumps(encode_headers(record.headers))},
             )
         await insert_dead_letters(conn, rows)
-        await conn.execute(text(f"NOTIFY {OUTBOX_CHANNEL}"))
 
 
 def _json(value: Any) -> Any:

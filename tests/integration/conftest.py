@@ -55,7 +55,7 @@ async def workers(stack_settings: Settings, engine: AsyncEngine) -> AsyncIterato
     tasks = [asyncio.create_task(run_worker(kind, stack_settings.model_copy(
         update={"worker_name": f"it-{kind}"}), stop), name=kind) for kind in WORKER_KINDS]
     deadline = time.monotonic() + 60
-    while not await workers_ready(engine, set(WORKER_KINDS)):
+    while not await workers_ready(engine, {f"it-{kind}" for kind in WORKER_KINDS}):
         for task in tasks:
             if task.done():
                 task.result()  # raises the worker's startup error
