@@ -28,7 +28,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from orchestrator.checker import check
-from orchestrator.embedded import EmbeddedStack
+from orchestrator.embedded import EmbeddedStack, settings_for
 from orchestrator.processes import WorkerProcesses
 from orchestrator.settings import Settings
 from orchestrator.store import TERMINAL_CHANNEL, create_engine, migrate
@@ -187,8 +187,7 @@ async def main() -> None:
     args = parser.parse_args()
 
     with EmbeddedStack() as stack:
-        settings = Settings(database_url=stack.postgres.url,
-                            kafka_bootstrap=stack.broker.bootstrap, topic_prefix="bench.")
+        settings = settings_for(stack, Settings(topic_prefix="bench."))
         engine = create_engine(stack.postgres.url)
         await migrate(engine)
         workers = WorkerProcesses(settings, stack.root / "logs")

@@ -68,13 +68,12 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
-    from orchestrator.embedded import EmbeddedStack
+    from orchestrator.embedded import EmbeddedStack, settings_for
     from orchestrator.processes import WorkerProcesses
     from orchestrator.store import create_engine, migrate
 
     stack = EmbeddedStack(keep_files=False).start()
-    settings = settings.model_copy(update={
-        "database_url": stack.postgres.url, "kafka_bootstrap": stack.broker.bootstrap})
+    settings = settings_for(stack, settings)
     engine = create_engine(stack.postgres.url)
     workers = WorkerProcesses(settings, stack.root / "logs")
     try:

@@ -25,7 +25,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.checker import check
-from orchestrator.embedded import EmbeddedStack
+from orchestrator.embedded import EmbeddedStack, settings_for
 from orchestrator.processes import WorkerProcesses
 from orchestrator.queries import render_timeline, timeline
 from orchestrator.settings import Settings
@@ -167,6 +167,17 @@ async def _pick_compensated(engine: AsyncEngine, transfer_ids: list[str]) -> str
             {"ids": transfer_ids})).scalar()
 
 
+async def _wait_outbox_settled(engine: AsyncEngine, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        async with engine.connect() as conn:
+            pending = (await conn.execute(text(
+                "SELECT count(*) FROM outbox WHERE published_at IS NULL"))).scalar_one()
+        if pending == 0:
+            return
+        await asyncio.sleep(0.1)
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -183,8 +194,7 @@ async def run_demo(settings: Settings, transfers: int, timeout_s: float, as_json
     if settings.embedded:
         print("starting the embedded stack (PostgreSQL + tansu broker)...", file=out)
         stack = EmbeddedStack(keep_files=keep_files).start()
-        settings = settings.model_copy(update={
-            "database_url": stack.postgres.url, "kafka_bootstrap": stack.broker.bootstrap})
+        settings = settings_for(stack, settings)
     prefix = f"demo-{uuid.uuid4().hex[:6]}-"
     settings = settings.model_copy(update={
         "topic_prefix": settings.topic_prefix or prefix,
@@ -241,8 +251,9 @@ async def run_demo(settings: Settings, transfers: int, timeout_s: float, as_json
                 break
             await asyncio.sleep(0.05)
         elapsed = time.monotonic() - started
-        # Let the relay drain the last dead letters and re-sends before judging the outbox.
-        await asyncio.sleep(0.5)
+        # Published rows are marked in the background and leftovers swept after a grace period:
+        # give the outbox a bounded time to settle before judging it (I6).
+        await _wait_outbox_settled(engine, timeout_s=10.0)
         report = await check(engine, expect_quiescent=terminal >= transfers)
         latencies = await _latencies_ms(engine, transfer_ids)
         finished = counts.get("completed", 0) + counts.get("compensated", 0)

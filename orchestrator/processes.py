@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -22,23 +23,16 @@ from orchestrator.settings import Settings
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that points a child process at the same stack and topics."""
+    """The environment that gives a child process exactly these settings (every field, so a
+    value set in code, not only one read from the environment, reaches the workers)."""
     env = dict(os.environ)
-    env.update({
-        "SAGA_DATABASE_URL": settings.database_url or "",
-        "SAGA_KAFKA_BOOTSTRAP": settings.kafka_bootstrap or "",
-        "SAGA_TOPIC_PREFIX": settings.topic_prefix,
-        "SAGA_RISK_DENIED_ACCOUNTS": _json_list(settings.risk_denied_accounts),
-        "SAGA_RISK_LATENCY_MS": str(settings.risk_latency_ms),
-        "SAGA_RISK_FAILURE_RATE": str(settings.risk_failure_rate),
-    })
+    for name, value in settings.model_dump(exclude={"worker_name"}).items():
+        key = f"SAGA_{name.upper()}"
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = json.dumps(value) if isinstance(value, list) else str(value)
     return env
-
-
-def _json_list(values: list[str]) -> str:
-    import json
-
-    return json.dumps(values)
 
 
 def worker_argv(kind: str) -> list[str]:

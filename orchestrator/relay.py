@@ -76,7 +76,7 @@ class PublishedMarker:
     """Marks fast-path outbox rows published, off the critical path: ids are gathered and
     written in one UPDATE every `interval_s`. Losing a mark only costs a duplicate publish."""
 
-    def __init__(self, engine: AsyncEngine, interval_s: float = 0.05) -> None:
+    def __init__(self, engine: AsyncEngine, interval_s: float = 0.2) -> None:
         self.engine = engine
         self.interval_s = interval_s
         self._pending: list[int] = []

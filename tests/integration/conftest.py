@@ -20,7 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.checker import check
-from orchestrator.embedded import EmbeddedStack
+from orchestrator.embedded import EmbeddedStack, settings_for
 from orchestrator.runner import WORKER_KINDS, prepare, run_worker, workers_ready
 from orchestrator.settings import Settings
 from schemas import TOPIC_DEAD_LETTERS, TOPIC_TRANSFER_COMMANDS
@@ -38,8 +38,7 @@ def stack_settings() -> Iterator[Settings]:
                                           "risk_denied_accounts": [DENIED]})
         return
     with EmbeddedStack() as stack:
-        yield Settings(database_url=stack.postgres.url, kafka_bootstrap=stack.broker.bootstrap,
-                       topic_prefix=prefix, risk_denied_accounts=[DENIED])
+        yield settings_for(stack, Settings(topic_prefix=prefix, risk_denied_accounts=[DENIED]))
 
 
 @pytest.fixture(scope="session")
