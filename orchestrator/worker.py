@@ -101,9 +101,11 @@ def dead_letter_for(
     message_id: str = "",
 ) -> DeadLetter:
     return DeadLetter(
-        # Derived, so reprocessing the same record after a crash does not dead-letter it twice.
+        # Derived from the record's coordinates and content, so reprocessing the same record
+        # after a crash does not dead-letter it twice, while two records never share an id.
         dead_letter_id=uuid5(_DEAD_LETTER_NAMESPACE,
-                             f"{message.topic}:{message_id or message.offset}:{code.value}"),
+                             f"{message.topic}:{message.partition}:{message.offset}:"
+                             f"{message_id}:{code.value}"),
         reason_code=code,
         reason=reason,
         error_class=error_class,

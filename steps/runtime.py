@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from orchestrator.bus import Consumed, KafkaProducer, Record, encode_headers
 from orchestrator.settings import Settings
 from orchestrator.store import DeadLetterRow, insert_dead_letters, translate
-from orchestrator.worker import dead_letter_for, dead_letter_record, retrying
+from orchestrator.worker import dead_letter_for, dead_letter_record, message_id_of, retrying
 from schemas import (
     TOPIC_REPLIES,
     Direction,
@@ -116,66 +116,62 @@ class ParticipantWorker:
 
     async def _apply_in(self, conn: AsyncConnection, commands: Sequence[StepCommand],
                         now: datetime) -> list[StepReply]:
+        """Answer every command, in rounds that hold at most one command per (saga, step):
+        a forward effect and its compensation in one batch must see each other's outcome, so
+        the second waits for a later round of the same transaction."""
         stored = await self._stored_replies(conn, commands)
         replies: dict[UUID, StepReply] = {}
+        pending = list(commands)
+        while pending:
+            this_round: list[StepCommand] = []
+            later: list[StepCommand] = []
+            taken: set[tuple[UUID, str]] = set()
+            for command in pending:
+                pair = (command.saga_id, command.step)
+                (later if pair in taken else this_round).append(command)
+                taken.add(pair)
+            replies.update(await self._round(conn, this_round, stored, now))
+            pending = later
+        return [replies[command.command_id] for command in commands]
+
+    async def _round(self, conn: AsyncConnection, commands: Sequence[StepCommand],
+                     stored: dict[tuple[UUID, str, str], dict[str, Any]], now: datetime
+                     ) -> dict[UUID, StepReply]:
+        answers: dict[UUID, StepReply] = {}
         to_apply: list[StepCommand] = []
-        tombstones: list[StepCommand] = []
-        undone: list[StepCommand] = []  # compensations of forward effects that failed
-        claimed: set[tuple[UUID, str, str]] = set()
+        to_store: list[StepReply] = []
         for command in commands:
             key = _key(command.saga_id, command.step, command.direction.value)
             if key in stored:
-                replies[command.command_id] = self._replay(command, stored[key])
-            elif key in claimed:
-                continue  # the same effect twice in one batch: answered with the first's reply
-            elif command.direction is Direction.COMPENSATE:
+                answers[command.command_id] = self._replay(command, stored[key])
+                continue
+            if command.direction is Direction.COMPENSATE:
                 forward = stored.get(_key(command.saga_id, command.step, "forward"))
                 if forward is None or forward["outcome"] != Outcome.SUCCEEDED.value:
-                    # Nothing to undo. Only a forward effect that never ran needs a tombstone;
-                    # one that failed is already final in its stored reply.
+                    # Nothing to undo: the forward effect failed (its reply is final) or never
+                    # ran, in which case a tombstone refuses it if it ever arrives.
+                    reply = self._reply(command, StepResult.ok(
+                        noop="forward effect was never applied"))
+                    answers[command.command_id] = reply
+                    to_store.append(reply)
                     if forward is None:
-                        tombstones.append(command)
-                    else:
-                        undone.append(command)
-                    claimed.add(key)
-                    replies[command.command_id] = self._reply(
-                        command, StepResult.ok(noop="forward effect was never applied"))
-                else:
-                    to_apply.append(command)
-                    claimed.add(key)
-            else:
-                to_apply.append(command)
-                claimed.add(key)
+                        to_store.append(self._reply(
+                            command.model_copy(update={"direction": Direction.FORWARD}),
+                            StepResult.refused(CANCELLED, "compensated before it was applied"),
+                        ))
+                    continue
+            to_apply.append(command)
         results = await self.participant.apply(conn, to_apply, now) if to_apply else []
-        to_store: list[StepReply] = []
         for command, result in zip(to_apply, results, strict=True):
             reply = self._reply(command, result)
-            replies[command.command_id] = reply
-            if not result.retryable:
+            answers[command.command_id] = reply
+            if not result.retryable:  # nothing happened: a later attempt must be free to try
                 to_store.append(reply)
-        for command in undone:
-            to_store.append(replies[command.command_id])
-        for command in tombstones:
-            reply = replies[command.command_id]
-            to_store.append(reply)
-            # The forward effect may still arrive (a late or re-sent command): refuse it then.
-            to_store.append(self._reply(
-                command.model_copy(update={"direction": Direction.FORWARD}),
-                StepResult.refused(CANCELLED, "compensated before it was applied"),
-            ))
         await self._store(conn, to_store)
-        # Answer duplicates within the batch with their first twin's reply.
-        ordered: list[StepReply] = []
-        first_by_key: dict[tuple[UUID, str, str], StepReply] = {}
-        for reply in replies.values():
-            first_by_key.setdefault(_key(reply.saga_id, reply.step, reply.direction.value), reply)
-        for command in commands:
-            if command.command_id in replies:
-                ordered.append(replies[command.command_id])
-            else:
-                twin = first_by_key[_key(command.saga_id, command.step, command.direction.value)]
-                ordered.append(self._replay(command, twin.model_dump(mode="json")))
-        return ordered
+        for reply in to_store:
+            stored[_key(reply.saga_id, reply.step, reply.direction.value)] = reply.model_dump(
+                mode="json")
+        return answers
 
     async def _stored_replies(self, conn: AsyncConnection, commands: Sequence[StepCommand]
                               ) -> dict[tuple[UUID, str, str], dict[str, Any]]:
@@ -256,7 +252,8 @@ class ParticipantWorker:
         for message, reason in bad:
             letter = dead_letter_for(message, RejectionCode.SCHEMA_VIOLATION,
                                      f"not a StepCommand: {reason}",
-                                     f"participant.{self.participant.name}.SCHEMA_VIOLATION", now)
+                                     f"participant.{self.participant.name}.SCHEMA_VIOLATION", now,
+                                     message_id=message_id_of(message))
             record = dead_letter_record(self.settings, message, letter)
             rows.append(DeadLetterRow(
                 dead_letter_id=letter.dead_letter_id, stage=f"participant:{self.participant.name}",

@@ -1,0 +1,141 @@
+"""`saga` as on-call engineers run it: a real process against the session's database."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import uuid
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import Harness
+
+pytestmark = pytest.mark.integration
+
+
+def _env(harness: Harness | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGA_")}
+    if harness is not None:
+        assert harness.settings.database_url and harness.settings.kafka_bootstrap
+        env["SAGA_DATABASE_URL"] = harness.settings.database_url
+        env["SAGA_KAFKA_BOOTSTRAP"] = harness.settings.kafka_bootstrap
+    return env
+
+
+async def saga_cli(harness: Harness | None, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the CLI in a thread, so the session's in-process workers keep running meanwhile."""
+    return await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "orchestrator.cli", *args], env=_env(harness),
+        capture_output=True, text=True, timeout=60, check=False)
+
+
+def _ok(result: subprocess.CompletedProcess[str]) -> Any:
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+    return json.loads(result.stdout)
+
+
+@pytest.fixture
+async def completed(harness: Harness) -> Any:
+    source = await harness.open("src", "100.00")
+    destination = await harness.open("dst", "0.00")
+    request = harness.request(source, destination, "12.34")
+    harness.publish(request)
+    saga = await harness.wait_terminal(request["transfer_id"])
+    assert saga.status == "COMPLETED"
+    return saga, request["transfer_id"]
+
+
+async def test_timeline_by_transfer_id_as_json(harness: Harness, completed: Any) -> None:
+    saga, transfer_id = completed
+
+    data = _ok(await saga_cli(harness, "timeline", transfer_id, "--json"))
+
+    assert (data["saga_id"], data["transfer_id"]) == (str(saga.saga_id), transfer_id)
+    assert (data["status"], data["saga_type"], data["version"]) == (
+        "COMPLETED", "transfer", saga.version)
+    events = data["events"]
+    assert [e["seq"] for e in events] == list(range(1, saga.version + 1))
+    assert [e["type"] for e in events] == [e.type for e in await harness.events(saga.saga_id)]
+    assert events[0]["type"] == "SagaStarted" and events[-1]["type"] == "SagaCompleted"
+    assert "12.34 EUR" in events[0]["detail"]
+    started = [e for e in events if e["type"] == "StepStarted"]
+    assert [e["step"] for e in started] == ["screen", "reserve", "credit", "settle", "notify"]
+    assert all(e["attempt"] == 1 for e in started)
+    assert all(e["detail"].startswith("forward ") for e in started)
+    succeeded = [e for e in events if e["type"] == "StepSucceeded"]
+    assert [e["step"] for e in succeeded] == [e["step"] for e in started]
+    # A step outcome's duration is measured from its command; it is never negative.
+    assert all(e["duration_ms"] is not None and e["duration_ms"] >= 0 for e in succeeded)
+    assert any(e["detail"] == "held=12.34" for e in succeeded)
+    assert all({"recorded_at", "actor", "payload"} <= set(e) for e in events)
+
+
+async def test_timeline_by_saga_id_as_text(harness: Harness, completed: Any) -> None:
+    saga, transfer_id = completed
+
+    result = await saga_cli(harness, "timeline", str(saga.saga_id))
+
+    assert result.returncode == 0, result.stderr
+    first, *rest = result.stdout.splitlines()
+    assert first == f"saga {saga.saga_id}  transfer {transfer_id}  COMPLETED"
+    assert "SagaCompleted" in result.stdout
+    assert sum("StepStarted" in line for line in rest) == 5
+
+
+@pytest.mark.parametrize("wanted", ["unknown_uuid", "not-a-uuid"])
+async def test_timeline_of_nothing_exits_3(harness: Harness, wanted: str) -> None:
+    any_id = str(uuid.uuid4()) if wanted == "unknown_uuid" else wanted
+
+    result = await saga_cli(harness, "timeline", any_id)
+
+    assert result.returncode == 3, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    assert any_id in result.stderr
+    assert result.stderr.startswith("saga: ")
+    assert "Traceback" not in result.stderr
+
+
+async def test_list_completed_contains_the_saga(harness: Harness, completed: Any) -> None:
+    saga, transfer_id = completed
+
+    rows = _ok(await saga_cli(harness, "list", "--status", "COMPLETED", "--json",
+                              "--limit", "500"))
+
+    assert {r["status"] for r in rows} == {"COMPLETED"}
+    [row] = [r for r in rows if r["saga_id"] == str(saga.saga_id)]
+    assert (row["transfer_id"], row["amount"], row["currency"], row["version"]) == (
+        transfer_id, "12.34", "EUR", saga.version)
+    assert [r["updated_at"] for r in rows] == sorted((r["updated_at"] for r in rows),
+                                                     reverse=True)
+
+
+async def test_list_respects_its_limit(harness: Harness, completed: Any) -> None:
+    rows = _ok(await saga_cli(harness, "list", "--json", "--limit", "1"))
+
+    assert len(rows) == 1
+
+
+async def test_check_passes_on_a_healthy_store(harness: Harness, completed: Any) -> None:
+    report = _ok(await saga_cli(harness, "check", "--json"))
+
+    assert (report["ok"], report["money_conserved"], report["duplicate_effects"]) == (
+        True, True, 0)
+    assert report["counts"]["sagas_completed"] >= 1
+    assert {c["invariant"] for c in report["checks"]} >= {"I1", "I2", "I4", "I5", "I6", "I7"}
+    assert all(c["ok"] for c in report["checks"])
+
+
+async def test_migrate_again_applies_nothing(harness: Harness) -> None:
+    assert _ok(await saga_cli(harness, "migrate", "--json")) == {"applied": []}
+
+
+async def test_without_a_database_url_list_is_a_usage_error() -> None:
+    result = await saga_cli(None, "list")
+
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "SAGA_DATABASE_URL is not set" in result.stderr
+    assert "Traceback" not in result.stderr

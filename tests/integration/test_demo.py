@@ -1,0 +1,68 @@
+"""`saga demo` as a newcomer runs it: no configuration, so it starts its own embedded stack and
+worker processes, and must end clean."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from orchestrator.demo import plan_transfers
+
+pytestmark = pytest.mark.integration
+
+TRANSFERS = 60
+# A seed whose mix of 60 has every kind: completions, each compensation, intake refusals (one of
+# them unparseable, so it has no saga). Seed 7, for one, plans no refusal at all at this size.
+SEED = 0
+OUTCOME_OF_KIND = {"ok": "completed", "insufficient": "compensated",
+                   "closed_destination": "compensated", "over_limit": "compensated",
+                   "sanctioned": "compensated"}
+
+
+def expected_outcomes() -> Counter[str]:
+    kinds = [p.kind for p in plan_transfers(TRANSFERS, "any-", random.Random(SEED))]
+    assert "invalid:malformed" in kinds and len({k for k in kinds if k in OUTCOME_OF_KIND}) == 5
+    return Counter(OUTCOME_OF_KIND.get(kind, "rejected") for kind in kinds)
+
+
+@pytest.mark.timeout(300)
+async def test_demo_on_its_own_embedded_stack_ends_clean() -> None:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("SAGA_DATABASE_URL", "SAGA_KAFKA_BOOTSTRAP")}
+
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "orchestrator.cli", "demo", "-n", str(TRANSFERS), "--json",
+         "--seed", str(SEED), "--timeout", "120"],
+        env=env, capture_output=True, text=True, timeout=280, check=False)
+
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr[-3000:])
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["transfers"] == TRANSFERS
+    assert summary["stuck"] == 0
+    assert summary["money_conserved"] is True
+    assert summary["duplicate_effects"] == 0
+    assert summary["invariants_ok"] is True, summary["violations"]
+    assert summary["violations"] == []
+    assert summary["completed"] > 0
+    assert summary["compensated"] > 0
+    assert summary["rejected"] > 0
+    assert (summary["completed"] + summary["compensated"] + summary["rejected"]
+            + summary["failed"]) == TRANSFERS
+    # Each planned transfer ended the way its kind says it must.
+    expected = expected_outcomes()
+    assert {k: summary[k] for k in ("completed", "compensated", "rejected", "failed")} == {
+        "completed": expected["completed"], "compensated": expected["compensated"],
+        "rejected": expected["rejected"], "failed": 0}
+    assert {"p50_ms", "p99_ms", "elapsed_s", "sagas_per_s"} <= set(summary)
+    assert 0 <= summary["p50_ms"] <= summary["p99_ms"]
+    assert summary["elapsed_s"] > 0 and summary["sagas_per_s"] > 0
+    # --json prints the summary without the bulky example timeline.
+    assert "example_timeline" not in summary
