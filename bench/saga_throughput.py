@@ -26,6 +26,7 @@ from decimal import Decimal
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from sqlalchemy import text
 
 from orchestrator.checker import check
 from orchestrator.embedded import EmbeddedStack, settings_for
@@ -66,7 +67,7 @@ async def run_once(settings: Settings, engine, concurrency: int, transfers: int,
     producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 0,
                          "enable.idempotence": True})
     topic = settings.topic(TOPIC_TRANSFER_COMMANDS)
-    sent_at: dict[str, float] = {}
+    sent_at: dict[str, float] = {}  # wall-clock seconds, comparable with the database's clock
     latencies: list[float] = []
     done = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -82,19 +83,38 @@ async def run_once(settings: Settings, engine, concurrency: int, transfers: int,
         body = {"transfer_id": transfer_id, "source_account": accounts[i % ACCOUNTS],
                 "destination_account": accounts[(i * 7 + 1) % ACCOUNTS], "amount": "1.00",
                 "currency": "EUR", "reference": "bench", "requested_by": "bench"}
-        sent_at[transfer_id] = time.perf_counter()
+        sent_at[transfer_id] = time.time()
         producer.produce(topic, value=json.dumps(body).encode(), key=transfer_id.encode())
         producer.poll(0)
 
-    def on_terminal(_conn, _pid, _channel, transfer_id: str) -> None:
+    def finished(transfer_id: str, at: float) -> None:
         started = sent_at.pop(transfer_id, None)
         if started is None:
             return
-        latencies.append((time.perf_counter() - started) * 1000)
+        latencies.append((at - started) * 1000)
         if len(latencies) == transfers:
             loop.call_soon(done.set)
         else:
             publish_next()
+
+    def on_terminal(_conn, _pid, _channel, transfer_id: str) -> None:
+        finished(transfer_id, time.time())
+
+    async def sweep_missed() -> int:
+        """Sagas that ended without their notification reaching us (counted and reported)."""
+        if not sent_at:
+            return 0
+        async with engine.connect() as conn:
+            rows = (await conn.execute(text(
+                "SELECT s.transfer_id, extract(epoch FROM e.recorded_at) AS at FROM sagas s"
+                " JOIN saga_events e ON e.saga_id = s.saga_id AND e.seq = s.version"
+                " WHERE s.transfer_id = ANY(CAST(:ids AS uuid[]))"
+                " AND s.status IN ('COMPLETED', 'COMPENSATED', 'REJECTED', 'FAILED')"
+                " AND e.recorded_at < now() - interval '1 second'"),
+                {"ids": list(sent_at)})).all()
+        for row in rows:
+            finished(str(row.transfer_id), float(row.at))
+        return len(rows)
 
     async with engine.connect() as conn:
         raw = (await conn.get_raw_connection()).driver_connection
@@ -106,10 +126,14 @@ async def run_once(settings: Settings, engine, concurrency: int, transfers: int,
         # Keep the producer's delivery reports moving while we wait; a run that makes no
         # progress for 30 s is reported with its stuck sagas rather than waited on for ever.
         last_progress, last_count = time.perf_counter(), 0
+        last_sweep, missed = time.perf_counter(), 0
         while not done.is_set():
             producer.poll(0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), 0.005)
+            if time.perf_counter() - last_sweep > 1.0:
+                missed += await sweep_missed()
+                last_sweep = time.perf_counter()
             if len(latencies) != last_count:
                 last_progress, last_count = time.perf_counter(), len(latencies)
             elif time.perf_counter() - last_progress > 30:
@@ -118,8 +142,12 @@ async def run_once(settings: Settings, engine, concurrency: int, transfers: int,
                 break
         elapsed = time.perf_counter() - started
         await raw.remove_listener(TERMINAL_CHANNEL, on_terminal)
+    if missed:
+        print(f"  {missed} saga ends were found by polling, not notification", file=sys.stderr)
     producer.flush(5)
     report = await check(engine)
+    for failure in report.failures():
+        print(f"  VIOLATION {failure.invariant} {failure.name}: {failure.detail}", file=sys.stderr)
     return RunResult(concurrency, transfers, elapsed, len(latencies) / elapsed,
                      percentile(latencies, 50), percentile(latencies, 99), report.ok,
                      stuck=len(sent_at))

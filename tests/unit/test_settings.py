@@ -37,9 +37,8 @@ def test_unset_values_do_not_leak_from_the_parents_environment(
     assert "SAGA_DATABASE_URL" not in env
 
 
-def test_embedded_stack_defaults_to_one_partition_unless_told(tmp_path: Path) -> None:
+def test_settings_for_the_embedded_stack_point_at_it(tmp_path: Path) -> None:
     stack = EmbeddedStack(root=tmp_path)  # not started: only its addresses are read
-    assert settings_for(stack, Settings()).topic_partitions == 1
     assert settings_for(stack, Settings(topic_partitions=8)).topic_partitions == 8
     pointed = settings_for(stack, Settings())
     assert pointed.database_url == stack.postgres.url
