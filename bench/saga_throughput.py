@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import signal
 import statistics
 import sys
 import threading
@@ -262,5 +263,11 @@ async def main() -> None:
           "5 participant transactions")
 
 
+def _interrupt(*_args: object) -> None:
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    # SIGTERM (a timeout, Ctrl-C's cousin) unwinds like Ctrl-C, so the stack and workers stop.
+    signal.signal(signal.SIGTERM, _interrupt)
     asyncio.run(main())

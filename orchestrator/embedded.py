@@ -19,11 +19,34 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from orchestrator.errors import EmbeddedStackError
 from orchestrator.settings import Settings
 
 _PG_SYSTEM_USER = "saga-pg"
+
+
+def _load_prctl() -> Any:
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+# Loaded in the parent: a preexec_fn should do as little as possible in the forked child.
+_PRCTL = _load_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """For `preexec_fn`: the child gets SIGTERM when the process that started it dies, however
+    it dies, so a killed demo or test run leaves no server or worker behind (Linux only)."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -98,7 +121,7 @@ class EmbeddedPostgres:
                  "-c", "fsync=off", "-c", "full_page_writes=off",
                  "-c", "max_connections=200", "-c", "shared_buffers=256MB"],
                 stdout=log_file, stderr=subprocess.STDOUT, user=self._run_as,
-                start_new_session=True,
+                start_new_session=True, preexec_fn=die_with_parent,
             )
         _wait_for_port(self.port, 30, self.process, "postgres", log)
         # Listening is not yet accepting: wait until a real connection is served.
@@ -167,6 +190,7 @@ class EmbeddedBroker:
                 [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
                  "--storage-engine", "memory://tansu/"],
                 stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         _wait_for_port(self.port, 30, self.process, "tansu", log)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from orchestrator.embedded import die_with_parent
 from orchestrator.errors import EmbeddedStackError
 from orchestrator.runner import WORKER_KINDS, workers_ready
 from orchestrator.settings import Settings
@@ -61,6 +62,7 @@ class WorkerProcesses:
                 self.processes[k] = subprocess.Popen(
                     worker_argv(k), stdout=log_file, stderr=subprocess.STDOUT,
                     env={**env, "SAGA_WORKER_NAME": self.names[k]}, start_new_session=True,
+                    preexec_fn=die_with_parent,
                 )
 
     async def wait_ready(self, engine: AsyncEngine, timeout_s: float = 90.0) -> None:
