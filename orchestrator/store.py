@@ -138,26 +138,6 @@ async def seen_and_states(conn: AsyncConnection, consumer: str, message_ids: Seq
     return seen, {state.saga_id: state for state in states}
 
 
-async def seen_messages(conn: AsyncConnection, consumer: str, ids: Sequence[str]) -> set[str]:
-    if not ids:
-        return set()
-    rows = await conn.execute(
-        text("SELECT message_id FROM inbox WHERE consumer = :c AND message_id = ANY(:ids)"),
-        {"c": consumer, "ids": list(ids)},
-    )
-    return set(rows.scalars())
-
-
-async def load_states(conn: AsyncConnection, saga_ids: Sequence[UUID]) -> dict[UUID, SagaState]:
-    if not saga_ids:
-        return {}
-    rows = await conn.execute(
-        text("SELECT state FROM sagas WHERE saga_id = ANY(:ids)"), {"ids": list(saga_ids)}
-    )
-    states = [SagaState.from_json(json_value(row[0])) for row in rows]
-    return {state.saga_id: state for state in states}
-
-
 def json_value(value: Any) -> Any:
     """A jsonb column as Python: asyncpg hands it over as text."""
     return json.loads(value) if isinstance(value, str) else value
@@ -308,18 +288,6 @@ async def insert_dead_letters(conn: AsyncConnection, rows: Sequence[DeadLetterRo
             for d in rows
         ],
     )
-
-
-async def read_events(conn: AsyncConnection, saga_id: UUID) -> list[dict[str, Any]]:
-    """Every event of one saga, in order, with its envelope columns."""
-    rows = await conn.execute(
-        text(
-            "SELECT seq, type, step, attempt, payload, actor, causation_id, recorded_at"
-            " FROM saga_events WHERE saga_id = :id ORDER BY seq"
-        ),
-        {"id": saga_id},
-    )
-    return [dict(row._mapping) for row in rows]
 
 
 def parse_event(payload: Any) -> SagaEvent:
