@@ -30,6 +30,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from sqlalchemy import text
 
 from orchestrator.checker import check
+from orchestrator.demo import percentile
 from orchestrator.embedded import EmbeddedStack, settings_for
 from orchestrator.processes import WorkerProcesses
 from orchestrator.settings import Settings
@@ -49,12 +50,6 @@ class RunResult:
     p99_ms: float
     invariants_ok: bool
     stuck: int = 0
-
-
-def percentile(values: list[float], q: int) -> float:
-    if len(values) < 2:
-        return values[0] if values else 0.0
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 async def run_once(settings: Settings, engine, concurrency: int, transfers: int,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import text
@@ -25,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from orchestrator.core import SagaState, fold
 from orchestrator.store import parse_event
+from steps.ledger import ACCOUNT_VIEW_SQL
 
 
 @dataclass(frozen=True)
@@ -70,17 +72,6 @@ def _sample(rows: list[Any], limit: int = 5) -> str:
         f" (+{len(rows) - limit} more)" if len(rows) > limit else "")
 
 
-_BALANCES = """
-SELECT a.account_id, a.kind, a.currency, a.opening_balance,
-       a.opening_balance
-         + COALESCE((SELECT sum(amount) FROM ledger_entries WHERE credit_account = a.account_id), 0)
-         - COALESCE((SELECT sum(amount) FROM ledger_entries WHERE debit_account = a.account_id), 0)
-         AS balance,
-       COALESCE((SELECT sum(hold_delta) FROM ledger_entries WHERE hold_account = a.account_id), 0)
-         AS held
-FROM accounts a
-"""
-
 # Net movement of each saga per account, from the entries, beside what its status promises.
 _SAGA_NETS = """
 WITH moves AS (
@@ -125,7 +116,7 @@ async def check(engine: AsyncEngine, expect_quiescent: bool = False,
         report.counts["sagas_in_flight"] = in_flight
 
         # I1
-        accounts = await _rows(conn, _BALANCES)
+        accounts = await _rows(conn, ACCOUNT_VIEW_SQL, now=datetime.now(UTC))
         by_currency: dict[str, list[Any]] = {}
         for row in accounts:
             by_currency.setdefault(row.currency.strip(), []).append(row)

@@ -16,6 +16,7 @@ Invariants kept here:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -26,7 +27,6 @@ from uuid import UUID, uuid5
 from orchestrator.definition import SagaDefinition, Step
 from schemas import (
     CompensationFailed,
-    DeadLetter,
     Direction,
     Outcome,
     RejectionCode,
@@ -255,8 +255,6 @@ class RejectTransfer:
 
 def request_hash(request: TransferRequested) -> str:
     """Identity of a request's content, to tell a harmless duplicate from a conflicting one."""
-    import hashlib
-
     return hashlib.sha256(request.model_dump_json().encode()).hexdigest()
 
 
@@ -431,7 +429,6 @@ def participant_of(definition: SagaDefinition, command: StepCommand) -> str:
 __all__ = [
     "IN_FLIGHT_STATUSES",
     "TERMINAL_STATUSES",
-    "DeadLetter",
     "Decision",
     "RejectTransfer",
     "SagaState",

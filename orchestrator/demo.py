@@ -178,12 +178,11 @@ async def _wait_outbox_settled(engine: AsyncEngine, timeout_s: float) -> None:
         await asyncio.sleep(0.1)
 
 
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+def percentile(values: list[float], q: int) -> float:
+    """The q-th percentile (1..99), inclusive method; 0.0 for no values."""
+    if len(values) < 2:
+        return values[0] if values else 0.0
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 async def run_demo(settings: Settings, transfers: int, timeout_s: float, as_json: bool,
@@ -273,8 +272,8 @@ async def run_demo(settings: Settings, transfers: int, timeout_s: float, as_json
             "dead_letters": report.counts.get("dead_letters", 0),
             "elapsed_s": round(elapsed, 3),
             "sagas_per_s": round(finished / elapsed, 1) if elapsed else 0.0,
-            "p50_ms": round(_percentile(latencies, 50), 1),
-            "p99_ms": round(_percentile(latencies, 99), 1),
+            "p50_ms": round(percentile(latencies, 50), 1),
+            "p99_ms": round(percentile(latencies, 99), 1),
         }
         compensated = await _pick_compensated(engine, transfer_ids)
         summary["example_compensated_saga"] = compensated and str(compensated)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -150,8 +150,9 @@ def after(account: AccountView, entry: Entry) -> AccountView:
     return replace(account, balance=balance, held=held, settled_today=settled)
 
 
-_LOCK_AND_VIEW = text("""
-SELECT a.account_id, a.currency, a.closed, a.daily_outflow_limit,
+# The one derivation of balances from entries; every reader of balances composes this.
+ACCOUNT_VIEW_SQL = """
+SELECT a.account_id, a.kind, a.currency, a.closed, a.daily_outflow_limit, a.opening_balance,
        a.opening_balance
          + COALESCE((SELECT sum(amount) FROM ledger_entries WHERE credit_account = a.account_id), 0)
          - COALESCE((SELECT sum(amount) FROM ledger_entries WHERE debit_account = a.account_id), 0)
@@ -163,10 +164,19 @@ SELECT a.account_id, a.currency, a.closed, a.daily_outflow_limit,
                    AND recorded_at >= date_trunc('day', CAST(:now AS timestamptz), 'UTC')), 0)
          AS settled_today
 FROM accounts a
+"""
+
+_LOCK_AND_VIEW = text(ACCOUNT_VIEW_SQL + """
 WHERE a.account_id = ANY(:ids) AND a.kind = 'customer'
 ORDER BY a.account_id
 FOR UPDATE OF a
 """)
+_VIEW = text(ACCOUNT_VIEW_SQL + "WHERE a.account_id = ANY(:ids)")
+
+
+def _view(row: Any) -> AccountView:
+    return AccountView(row.account_id, row.currency.strip(), row.closed, row.balance, row.held,
+                       row.daily_outflow_limit, row.settled_today)
 
 
 class LedgerParticipant:
@@ -176,19 +186,14 @@ class LedgerParticipant:
                     now: datetime) -> list[StepResult]:
         wanted = sorted({account_in_question(c) for c in commands})
         rows = await conn.execute(_LOCK_AND_VIEW, {"ids": wanted, "now": now})
-        accounts = {
-            row.account_id: AccountView(row.account_id, row.currency.strip(), row.closed,
-                                        row.balance, row.held, row.daily_outflow_limit,
-                                        row.settled_today)
-            for row in rows
-        }
-        entries: list[Entry] = []
+        accounts = {row.account_id: _view(row) for row in rows}
+        entries: list[tuple[StepCommand, Entry]] = []
         results: list[StepResult] = []
         for command in commands:
             account_id = account_in_question(command)
             entry, result = decide_entry(command, accounts.get(account_id))
             if entry is not None:
-                entries.append(entry)
+                entries.append((command, entry))
                 accounts[account_id] = after(accounts[account_id], entry)
             results.append(result)
         if entries:
@@ -205,22 +210,10 @@ class LedgerParticipant:
                      "currency": e.currency, "amount": e.amount, "debit": e.debit_account,
                      "credit": e.credit_account, "hold": e.hold_account,
                      "hold_delta": e.hold_delta}
-                    for c, e in _pair(commands, results, entries)
+                    for c, e in entries
                 ],
             )
         return results
-
-
-def _pair(commands: Sequence[StepCommand], results: Sequence[StepResult],
-          entries: Sequence[Entry]) -> list[tuple[StepCommand, Entry]]:
-    """Match each entry to its command: entries were made in command order, for the commands
-    whose result succeeded and which had an effect."""
-    it = iter(entries)
-    pairs = []
-    for command, result in zip(commands, results, strict=True):
-        if result.outcome.value == "succeeded":
-            pairs.append((command, next(it)))
-    return pairs
 
 
 async def _ensure_clearing_accounts(conn: AsyncConnection, currencies: set[str]) -> None:
@@ -247,14 +240,5 @@ async def open_account(conn: AsyncConnection, account_id: str, currency: str,
 
 
 async def balances(conn: AsyncConnection, account_ids: Sequence[str]) -> dict[str, AccountView]:
-    rows = await conn.execute(
-        text(_LOCK_AND_VIEW.text.replace("FOR UPDATE OF a", "").replace(
-            "AND a.kind = 'customer'", "")),
-        {"ids": list(account_ids), "now": datetime.now().astimezone()},
-    )
-    return {
-        row.account_id: AccountView(row.account_id, row.currency.strip(), row.closed,
-                                    row.balance, row.held, row.daily_outflow_limit,
-                                    row.settled_today)
-        for row in rows
-    }
+    rows = await conn.execute(_VIEW, {"ids": list(account_ids), "now": datetime.now(UTC)})
+    return {row.account_id: _view(row) for row in rows}

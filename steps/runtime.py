@@ -222,21 +222,9 @@ class ParticipantWorker:
 
     def _replay(self, command: StepCommand, stored: dict[str, Any]) -> StepReply:
         """The stored outcome, addressed to this attempt's command."""
-        return StepReply(
-            reply_id=uuid5(command.command_id, "reply"),
-            command_id=command.command_id,
-            saga_id=command.saga_id,
-            step=command.step,
-            direction=command.direction,
-            attempt=command.attempt,
-            participant=self.participant.name,
-            outcome=Outcome(stored["outcome"]),
-            retryable=False,
-            code=stored.get("code"),
-            reason=stored.get("reason"),
-            result=stored.get("result") or {},
-            replayed=True,
-        )
+        result = StepResult(Outcome(stored["outcome"]), code=stored.get("code"),
+                            reason=stored.get("reason"), result=stored.get("result") or {})
+        return self._reply(command, result).model_copy(update={"replayed": True})
 
     def _record(self, reply: StepReply) -> Record:
         return Record(
