@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -106,6 +107,8 @@ class EmbeddedPostgres:
         if os.geteuid() == 0:
             self._run_as = _ensure_system_user()
             shutil.chown(self.root, user=self._run_as)
+            _ensure_traversable(bin_dir)
+            _ensure_traversable(self.root)
         if not (data / "PG_VERSION").exists():
             result = subprocess.run(
                 [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
@@ -153,6 +156,16 @@ def _postgres_bin_dir() -> Path:
     if not (bin_dir / "postgres").exists():
         raise EmbeddedStackError(f"no PostgreSQL binaries under {bin_dir}")
     return bin_dir
+
+
+def _ensure_traversable(path: Path) -> None:
+    """Let the PostgreSQL system user reach `path`: every ancestor directory needs the execute
+    (traverse) bit for others. A checkout inside a 0700 folder (`mktemp -d`) lacks it. Only the
+    traverse bit is added, never read, and only where it is missing."""
+    for directory in [path, *path.parents]:
+        mode = directory.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            directory.chmod(mode | stat.S_IXOTH)
 
 
 def _ensure_system_user() -> str:
