@@ -113,7 +113,7 @@ class EmbeddedPostgres:
             result = subprocess.run(
                 [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
                  "-E", "utf8", "--no-sync"],
-                capture_output=True, user=self._run_as, check=False,
+                capture_output=True, check=False, **self._identity(),
             )
             if result.returncode != 0:
                 raise EmbeddedStackError(f"initdb failed: {result.stderr.decode()[-2000:]}")
@@ -123,8 +123,8 @@ class EmbeddedPostgres:
                  "-p", str(self.port), "-k", str(self.root),
                  "-c", "fsync=off", "-c", "full_page_writes=off",
                  "-c", "max_connections=200", "-c", "shared_buffers=256MB"],
-                stdout=log_file, stderr=subprocess.STDOUT, user=self._run_as,
-                start_new_session=True, preexec_fn=die_with_parent,
+                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=die_with_parent, **self._identity(),
             )
         _wait_for_port(self.port, 30, self.process, "postgres", log)
         # Listening is not yet accepting: wait until a real connection is served.
@@ -138,6 +138,16 @@ class EmbeddedPostgres:
                 return
             time.sleep(0.05)
         raise EmbeddedStackError(f"postgres not ready: {_tail(log)}")
+
+    def _identity(self) -> dict[str, Any]:
+        """Popen arguments that run a child as the system user with its own group only: with
+        root's group kept, a 0700 root-owned ancestor would deny it even with o+x."""
+        if self._run_as is None:
+            return {}
+        import pwd
+
+        entry = pwd.getpwnam(self._run_as)
+        return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
 
     def stop(self) -> None:
         # SIGINT is PostgreSQL's "fast shutdown": roll back sessions, checkpoint, exit.
