@@ -40,8 +40,10 @@ from schemas import (
     StepCompensated,
     StepFailed,
     StepReply,
+    StepRetryScheduled,
     StepStarted,
     StepSucceeded,
+    StepTimedOut,
     TransferRequested,
 )
 
@@ -87,7 +89,13 @@ class SagaState:
     attempt: int = 0
     command_id: UUID | None = None
     deadline_at: datetime | None = None
-    # Forward steps whose effects were applied and not yet undone, in the order they happened.
+    # Times a command of the current step (in this direction) was re-sent after its deadline
+    # passed without a reply; with `attempt` it is what the step spent of its budget.
+    resends: int = 0
+    # Set while a retry waits out its backoff (no command is outstanding then).
+    next_attempt_at: datetime | None = None
+    # Forward steps whose effects were applied (or may have been: a step that timed out for
+    # good) and were not yet undone, in the order they happened.
     applied: tuple[str, ...] = ()
     failed_step: str | None = None
     failure: str | None = None
@@ -96,6 +104,13 @@ class SagaState:
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL_STATUSES
+
+    @property
+    def due_at(self) -> datetime | None:
+        """When the recovery worker must look at this saga: a retry's start or a deadline."""
+        if self.terminal:
+            return None
+        return self.next_attempt_at or self.deadline_at
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -111,6 +126,8 @@ class SagaState:
             "attempt": self.attempt,
             "command_id": str(self.command_id) if self.command_id else None,
             "deadline_at": self.deadline_at.isoformat() if self.deadline_at else None,
+            "resends": self.resends,
+            "next_attempt_at": self.next_attempt_at.isoformat() if self.next_attempt_at else None,
             "applied": list(self.applied),
             "failed_step": self.failed_step,
             "failure": self.failure,
@@ -133,6 +150,11 @@ class SagaState:
             command_id=UUID(data["command_id"]) if data["command_id"] else None,
             deadline_at=(
                 datetime.fromisoformat(data["deadline_at"]) if data["deadline_at"] else None
+            ),
+            resends=data.get("resends", 0),
+            next_attempt_at=(
+                datetime.fromisoformat(data["next_attempt_at"])
+                if data.get("next_attempt_at") else None
             ),
             applied=tuple(data["applied"]),
             failed_step=data["failed_step"],
@@ -183,7 +205,26 @@ def evolve(state: SagaState | None, event: SagaEvent) -> SagaState:
             attempt=event.attempt,
             command_id=event.command_id,
             deadline_at=event.deadline_at,
+            # Re-sends spend the step's budget with its attempts: only a new step starts afresh.
+            resends=0 if event.attempt == 1 else state.resends,
+            next_attempt_at=None,
         )
+    if isinstance(event, StepRetryScheduled):
+        status = SagaStatus.RUNNING if event.direction is Direction.FORWARD else (
+            SagaStatus.COMPENSATING
+        )
+        return replace(state, status=status, step=event.step, direction=event.direction,
+                       command_id=None, deadline_at=None, next_attempt_at=event.not_before)
+    if isinstance(event, StepTimedOut):
+        if not event.gave_up:
+            return replace(state, resends=event.resend, deadline_at=event.deadline_at)
+        applied = state.applied
+        if event.direction is Direction.FORWARD and event.step not in applied:
+            applied = (*applied, event.step)  # outcome unknown: compensate it to be sure
+        return replace(state, command_id=None, deadline_at=None, applied=applied,
+                       failed_step=event.step,
+                       failure=f"TIMED_OUT: no reply to attempt {event.attempt} of "
+                               f"{event.step} ({event.direction.value})")
     if isinstance(event, StepSucceeded):
         return replace(state, applied=(*state.applied, event.step), command_id=None,
                        deadline_at=None, failed_step=None, failure=None)
@@ -343,17 +384,11 @@ def _forward_reply(
                         retryable=reply.retryable)
     state = evolve(state, failed)
     # The attempt count is the saga's own: a reply only says which command it answers.
-    if reply.retryable and state.attempt < step.max_attempts:
-        events, commands = _start_step(definition, state, step, Direction.FORWARD,
-                                       state.attempt + 1, now)
-        return Decision(Verdict.APPLIED, events=(failed, *events), commands=commands)
-    pivot_passed = any(definition.step(name).pivot for name in state.applied)
-    if pivot_passed:
-        # Past the pivot nothing can be undone: the transfer stands, an operator finishes it.
-        saga_failed = SagaFailed(step=step.name, reason=f"failed after the pivot: {failed.reason}")
-        return Decision(Verdict.APPLIED, events=(failed, saga_failed), saga_failed=True)
-    events, commands = _next_compensation(definition, state, now)
-    return Decision(Verdict.APPLIED, events=(failed, *events), commands=commands)
+    if reply.retryable and _attempts_left(state, step):
+        return Decision(Verdict.APPLIED, events=(failed, _schedule_retry(state, step, now)))
+    events, commands = _give_up_forward(definition, state, step, now)
+    return Decision(Verdict.APPLIED, events=(failed, *events), commands=commands,
+                    saga_failed=_past_pivot(definition, state))
 
 
 def _compensation_reply(
@@ -369,13 +404,80 @@ def _compensation_reply(
                                 command_id=reply.command_id, code=reply.code or "FAILED",
                                 reason=reply.reason or "", retryable=reply.retryable)
     state = evolve(state, failed)
-    if reply.retryable and state.attempt < step.max_attempts:
-        events, commands = _start_step(definition, state, step, Direction.COMPENSATE,
-                                       state.attempt + 1, now)
-        return Decision(Verdict.APPLIED, events=(failed, *events), commands=commands)
+    if reply.retryable and _attempts_left(state, step):
+        return Decision(Verdict.APPLIED, events=(failed, _schedule_retry(state, step, now)))
     saga_failed = SagaFailed(step=step.name,
                              reason=f"compensation failed: {failed.code}: {failed.reason}")
     return Decision(Verdict.APPLIED, events=(failed, saga_failed), saga_failed=True)
+
+
+def decide_due(definition: SagaDefinition, state: SagaState, now: datetime) -> Decision | None:
+    """What the recovery worker does for a saga whose due time passed; None if it is not due.
+
+    - a retry whose backoff is over starts (a new attempt, a new command id);
+    - a command with no reply past its deadline is sent again under the *same* command id, so a
+      participant that applied it answers with its stored result instead of applying it twice;
+    - when a step's attempts run out on a timeout, a forward step is compensated (its outcome
+      is unknown, so it counts as possibly applied) and a compensation fails the saga.
+    """
+    if state.terminal or state.step is None or state.direction is None:
+        return None
+    step = definition.step(state.step)
+    if state.next_attempt_at is not None:
+        if now < state.next_attempt_at:
+            return None
+        events, commands = _start_step(definition, state, step, state.direction,
+                                       state.attempt + 1, now)
+        return Decision(Verdict.APPLIED, events=tuple(events), commands=commands)
+    if state.command_id is None or state.deadline_at is None or now < state.deadline_at:
+        return None
+    if _attempts_left(state, step):
+        deadline_at = now + timedelta(seconds=step.timeout_s)
+        timed_out = StepTimedOut(step=step.name, direction=state.direction,
+                                 attempt=state.attempt, command_id=state.command_id,
+                                 resend=state.resends + 1, deadline_at=deadline_at)
+        command = _command(definition, state, step, state.direction, state.attempt,
+                           state.command_id, deadline_at)
+        return Decision(Verdict.APPLIED, events=(timed_out,), commands=(command,))
+    gave_up = StepTimedOut(step=step.name, direction=state.direction, attempt=state.attempt,
+                           command_id=state.command_id, resend=state.resends, gave_up=True)
+    state = evolve(state, gave_up)
+    if state.direction is Direction.COMPENSATE:
+        saga_failed = SagaFailed(step=step.name,
+                                 reason=f"compensation timed out: {state.failure}")
+        return Decision(Verdict.APPLIED, events=(gave_up, saga_failed), saga_failed=True)
+    events, commands = _give_up_forward(definition, state, step, now)
+    return Decision(Verdict.APPLIED, events=(gave_up, *events), commands=commands,
+                    saga_failed=_past_pivot(definition, state))
+
+
+def _attempts_left(state: SagaState, step: Step) -> bool:
+    """Attempts and re-sends after a timeout both spend the step's budget."""
+    return state.attempt + state.resends < step.max_attempts
+
+
+def _schedule_retry(state: SagaState, step: Step, now: datetime) -> StepRetryScheduled:
+    assert state.direction is not None and state.command_id is None
+    seed = command_id_for(state.saga_id, step.name, state.direction, state.attempt)
+    delay = step.backoff.delay_s(state.attempt + state.resends, seed)
+    return StepRetryScheduled(step=step.name, direction=state.direction,
+                              attempt=state.attempt + 1,
+                              not_before=now + timedelta(seconds=delay))
+
+
+def _past_pivot(definition: SagaDefinition, state: SagaState) -> bool:
+    return any(definition.step(name).pivot for name in state.applied)
+
+
+def _give_up_forward(
+    definition: SagaDefinition, state: SagaState, step: Step, now: datetime
+) -> tuple[Sequence[SagaEvent], tuple[StepCommand, ...]]:
+    """A forward step failed for good: compensate, unless the pivot was (or may have been)
+    passed, after which nothing can be undone and an operator finishes the transfer."""
+    if _past_pivot(definition, state):
+        return (SagaFailed(step=step.name,
+                           reason=f"failed after the pivot: {state.failure or 'failed'}"),), ()
+    return _next_compensation(definition, state, now)
 
 
 def _next_compensation(
@@ -405,7 +507,15 @@ def _start_step(
     deadline_at = now + timedelta(seconds=step.timeout_s)
     started = StepStarted(step=step.name, action=action.name, direction=direction,
                           attempt=attempt, command_id=command_id, deadline_at=deadline_at)
-    command = StepCommand(
+    return (started,), (_command(definition, state, step, direction, attempt, command_id,
+                                 deadline_at),)
+
+
+def _command(definition: SagaDefinition, state: SagaState, step: Step, direction: Direction,
+             attempt: int, command_id: UUID, deadline_at: datetime) -> StepCommand:
+    action = step.action if direction is Direction.FORWARD else step.compensation
+    assert action is not None, "definition guarantees a compensation for compensable steps"
+    return StepCommand(
         command_id=command_id,
         saga_id=state.saga_id,
         saga_type=definition.name,
@@ -416,7 +526,6 @@ def _start_step(
         deadline_at=deadline_at,
         payload=state.input,
     )
-    return (started,), (command,)
 
 
 def participant_of(definition: SagaDefinition, command: StepCommand) -> str:
@@ -436,6 +545,7 @@ __all__ = [
     "StartTransfer",
     "Verdict",
     "command_id_for",
+    "decide_due",
     "decide_reject",
     "decide_reply",
     "decide_start",

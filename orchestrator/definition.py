@@ -10,19 +10,52 @@ Rules enforced at construction, so a bad definition never reaches a worker:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from uuid import UUID
 
 from orchestrator.errors import SagaDefinitionError
 from steps.registry import Action
 
 
 @dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with jitter between the attempts of one step.
+
+    The jitter is derived from the attempt's command id instead of a random draw, so the pure
+    core stays deterministic (deciding twice gives the same retry time) while sagas that failed
+    together still spread out their retries.
+    """
+
+    initial_s: float = 0.1
+    multiplier: float = 2.0
+    max_s: float = 5.0
+    # Fraction of the delay that is randomised: 0.5 waits between 50% and 100% of it.
+    jitter: float = 0.5
+
+    def delay_s(self, failed_attempt: int, seed: UUID) -> float:
+        """How long to wait after attempt `failed_attempt` (1-based) failed."""
+        base = min(self.max_s, self.initial_s * self.multiplier ** (failed_attempt - 1))
+        unit = int.from_bytes(hashlib.sha256(seed.bytes).digest()[:8], "big") / 2**64
+        return base * (1 - self.jitter * unit)
+
+
+@dataclass(frozen=True)
 class Step:
+    """One step of a saga.
+
+    `timeout_s` bounds one attempt: a command with no reply by then is re-sent (same command id,
+    so a participant that already applied it answers with its stored result). Timeouts and
+    retryable failures both spend the step's `max_attempts`; when they run out, a forward step
+    is treated as possibly applied and the saga compensates.
+    """
+
     name: str
     action: Action
     compensation: Action | None
     timeout_s: float = 10.0
     max_attempts: int = 3
+    backoff: Backoff = Backoff()
     has_effect: bool = True
     pivot: bool = False
 
@@ -46,6 +79,12 @@ class SagaDefinition:
         for index, step in enumerate(self.steps):
             if step.max_attempts < 1 or step.timeout_s <= 0:
                 raise SagaDefinitionError(f"step {step.name!r} needs attempts >= 1, timeout > 0")
+            backoff = step.backoff
+            if (backoff.initial_s < 0 or backoff.max_s < 0 or backoff.multiplier < 1
+                    or not 0 <= backoff.jitter <= 1):
+                raise SagaDefinitionError(
+                    f"step {step.name!r} needs a backoff with initial_s >= 0, max_s >= 0,"
+                    " multiplier >= 1 and 0 <= jitter <= 1")
             needs_compensation = step.has_effect and index < pivot_index
             if needs_compensation and step.compensation is None:
                 raise SagaDefinitionError(

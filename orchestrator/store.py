@@ -29,8 +29,17 @@ _MIGRATION_LOCK = 0x5A6A0001
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
-def create_engine(url: str, pool_size: int = 5) -> AsyncEngine:
-    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size)
+def create_engine(url: str, pool_size: int = 5,
+                  idle_in_transaction_timeout_s: float | None = None) -> AsyncEngine:
+    """The pool. With `idle_in_transaction_timeout_s`, PostgreSQL ends a session that sits in
+    an open transaction that long (a frozen or stopped worker's), so its row locks do not block
+    the workers that took over."""
+    connect_args: dict[str, Any] = {}
+    if idle_in_transaction_timeout_s is not None:
+        timeout_ms = str(int(idle_in_transaction_timeout_s * 1000))
+        connect_args["server_settings"] = {"idle_in_transaction_session_timeout": timeout_ms}
+    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size,
+                               connect_args=connect_args)
 
 
 async def migrate(engine: AsyncEngine) -> list[str]:
@@ -157,22 +166,24 @@ WITH new_inbox AS (
         CAST(:e_actor AS text[]), CAST(:e_cause AS text[]))
 ), projection AS (
     INSERT INTO sagas (saga_id, transfer_id, saga_type, status, current_step, direction,
-                       attempt, version, deadline_at, requested_at, created_at, updated_at, state)
+                       attempt, version, deadline_at, due_at, requested_at, created_at,
+                       updated_at, state)
     SELECT saga_id, transfer_id, saga_type, status, step, direction, attempt, version,
-           deadline_at, requested_at, CAST(:now AS timestamptz), CAST(:now AS timestamptz), state
+           deadline_at, due_at, requested_at, CAST(:now AS timestamptz),
+           CAST(:now AS timestamptz), state
     FROM unnest(
         CAST(:s_saga AS uuid[]), CAST(:s_transfer AS uuid[]), CAST(:s_type AS text[]),
         CAST(:s_status AS text[]), CAST(:s_step AS text[]), CAST(:s_direction AS text[]),
         CAST(:s_attempt AS int[]), CAST(:s_version AS int[]),
-        CAST(:s_deadline AS timestamptz[]), CAST(:s_requested AS timestamptz[]),
-        CAST(:s_state AS jsonb[]))
+        CAST(:s_deadline AS timestamptz[]), CAST(:s_due AS timestamptz[]),
+        CAST(:s_requested AS timestamptz[]), CAST(:s_state AS jsonb[]))
         AS s(saga_id, transfer_id, saga_type, status, step, direction, attempt, version,
-             deadline_at, requested_at, state)
+             deadline_at, due_at, requested_at, state)
     ON CONFLICT (saga_id) DO UPDATE SET status = EXCLUDED.status,
         current_step = EXCLUDED.current_step, direction = EXCLUDED.direction,
         attempt = EXCLUDED.attempt, version = EXCLUDED.version,
-        deadline_at = EXCLUDED.deadline_at, updated_at = EXCLUDED.updated_at,
-        state = EXCLUDED.state
+        deadline_at = EXCLUDED.deadline_at, due_at = EXCLUDED.due_at,
+        updated_at = EXCLUDED.updated_at, state = EXCLUDED.state
 ), ended AS (
     SELECT pg_notify(:terminal_channel, t) FROM unnest(CAST(:ended AS text[])) AS t
 ), new_outbox AS (
@@ -219,6 +230,7 @@ async def write_batch(
         "s_direction": [s.direction.value if s.direction else None for s in states],
         "s_attempt": [s.attempt for s in states], "s_version": [s.version for s in states],
         "s_deadline": [s.deadline_at for s in states],
+        "s_due": [s.due_at for s in states],
         "s_requested": [s.requested_at for s in states],
         "s_state": [json.dumps(s.to_json()) for s in states],
         "ended": [str(s.transfer_id) for s in states if s.terminal],
@@ -249,20 +261,21 @@ async def upsert_projection(conn: AsyncConnection, states: Sequence[SagaState],
     await conn.execute(
         text(
             "INSERT INTO sagas (saga_id, transfer_id, saga_type, status, current_step, direction,"
-            " attempt, version, deadline_at, requested_at, created_at, updated_at, state)"
-            " VALUES (:saga_id, :transfer_id, :saga_type, :status, :step, :direction, :attempt,"
-            " :version, :deadline_at, :requested_at, :now, :now, CAST(:state AS jsonb))"
+            " attempt, version, deadline_at, due_at, requested_at, created_at, updated_at,"
+            " state) VALUES (:saga_id, :transfer_id, :saga_type, :status, :step, :direction,"
+            " :attempt, :version, :deadline_at, :due_at, :requested_at, :now, :now,"
+            " CAST(:state AS jsonb))"
             " ON CONFLICT (saga_id) DO UPDATE SET status = EXCLUDED.status,"
             " current_step = EXCLUDED.current_step, direction = EXCLUDED.direction,"
             " attempt = EXCLUDED.attempt, version = EXCLUDED.version,"
-            " deadline_at = EXCLUDED.deadline_at, updated_at = EXCLUDED.updated_at,"
-            " state = EXCLUDED.state"
+            " deadline_at = EXCLUDED.deadline_at, due_at = EXCLUDED.due_at,"
+            " updated_at = EXCLUDED.updated_at, state = EXCLUDED.state"
         ),
         [
             {"saga_id": s.saga_id, "transfer_id": s.transfer_id, "saga_type": s.saga_type,
              "status": s.status.value, "step": s.step,
              "direction": s.direction.value if s.direction else None, "attempt": s.attempt,
-             "version": s.version, "deadline_at": s.deadline_at,
+             "version": s.version, "deadline_at": s.deadline_at, "due_at": s.due_at,
              "requested_at": s.requested_at, "now": now, "state": json.dumps(s.to_json())}
             for s in states
         ],

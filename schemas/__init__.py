@@ -11,8 +11,10 @@ from schemas.events import (
     SagaStarted,
     StepCompensated,
     StepFailed,
+    StepRetryScheduled,
     StepStarted,
     StepSucceeded,
+    StepTimedOut,
 )
 from schemas.messages import (
     DLQ_HEADER_PREFIX,
@@ -53,8 +55,10 @@ __all__ = [
     "StepCompensated",
     "StepFailed",
     "StepReply",
+    "StepRetryScheduled",
     "StepStarted",
     "StepSucceeded",
+    "StepTimedOut",
     "TransferRequested",
     "format_amount",
     "parse_amount",

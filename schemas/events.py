@@ -84,6 +84,38 @@ class CompensationFailed(_Event):
     retryable: bool
 
 
+class StepRetryScheduled(_Event):
+    """A retryable failure: `attempt` of the same step starts at `not_before`.
+
+    The wait lives in PostgreSQL (the saga's due time), not in a consumer, so a retry never
+    blocks a partition and survives any crash; the recovery worker starts it when it is due."""
+
+    type: Literal["StepRetryScheduled"] = "StepRetryScheduled"
+    step: str
+    direction: Direction
+    attempt: int
+    not_before: datetime
+
+
+class StepTimedOut(_Event):
+    """No reply to `command_id` by its deadline.
+
+    With `gave_up` false the same command (same id, so a participant that already applied it
+    replies with its stored result) was sent again with a new `deadline_at`. With `gave_up`
+    true the step's attempts ran out: its outcome is unknown, so a forward step counts as
+    possibly applied and is compensated (a late command is refused by the participant's
+    tombstone)."""
+
+    type: Literal["StepTimedOut"] = "StepTimedOut"
+    step: str
+    direction: Direction
+    attempt: int
+    command_id: UUID
+    resend: int
+    gave_up: bool = False
+    deadline_at: datetime | None = None
+
+
 class SagaCompleted(_Event):
     type: Literal["SagaCompleted"] = "SagaCompleted"
 
@@ -113,6 +145,8 @@ SagaEvent = Annotated[
     | StepFailed
     | StepCompensated
     | CompensationFailed
+    | StepRetryScheduled
+    | StepTimedOut
     | SagaCompleted
     | SagaCompensated
     | SagaFailed,

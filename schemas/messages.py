@@ -177,6 +177,11 @@ class RejectionCode(StrEnum):
     CONFLICTING_DUPLICATE = "CONFLICTING_DUPLICATE"
     UNKNOWN_SAGA = "UNKNOWN_SAGA"
     COMPENSATION_FAILED = "COMPENSATION_FAILED"
+    # A step's attempts ran out with no reply; the recovery worker failed the saga.
+    STEP_TIMED_OUT = "STEP_TIMED_OUT"
+    # A record that kept failing in processing (not its content's fault as far as we know),
+    # set aside so that it does not block its partition; redrive it once the cause is fixed.
+    PROCESSING_FAILED = "PROCESSING_FAILED"
 
 
 class DeadLetter(WireModel):

@@ -3,14 +3,16 @@
 Run it: `python docs/examples/define_saga.py` (tests/unit/test_docs_examples.py runs it too).
 
 The saga here is a small "payout": screen the parties, hold the funds on a wallet, send them to a
-bank (the pivot: a bank transfer cannot be called back), then notify. It is driven three times:
+bank (the pivot: a bank transfer cannot be called back), then notify. It is driven four times:
 every step succeeds; the bank refuses for good (the hold is released, the saga is compensated);
-the bank is briefly unavailable (the step is retried with a new attempt).
+the bank is briefly unavailable (the step is retried, after a backoff, as a new attempt); the
+wallet never answers (the hold is re-sent under the same command id until the step gives up, and
+then released, since it may have been placed).
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from uuid import UUID, uuid5
 
@@ -20,15 +22,16 @@ from orchestrator.core import (
     SagaStatus,
     StartTransfer,
     Verdict,
+    decide_due,
     decide_reply,
     decide_start,
     evolve,
     participant_of,
     request_hash,
 )
-from orchestrator.definition import SagaDefinition, Step
+from orchestrator.definition import Backoff, SagaDefinition, Step
 from orchestrator.errors import SagaDefinitionError
-from schemas import Direction, Outcome, StepCommand, StepReply, TransferRequested
+from schemas import Direction, Outcome, StepCommand, StepReply, StepTimedOut, TransferRequested
 from steps.registry import Action, notify, risk
 
 # Actions are objects, not strings: a typo in a definition is an import error. Existing ones come
@@ -42,8 +45,16 @@ PAYOUT = SagaDefinition(
     name="payout",
     steps=(
         Step("screen", action=risk.SCREEN, compensation=None, has_effect=False),
+        # An attempt with no reply after timeout_s is re-sent under the same command id (the
+        # participant answers a command it already applied with its stored reply). Re-sends and
+        # retries spend the same max_attempts (default 3).
         Step("hold", action=HOLD, compensation=RELEASE, timeout_s=5),
-        Step("send", action=SEND, compensation=None, pivot=True, max_attempts=3),
+        # A retryable failure waits out an exponential backoff before the next attempt: 2 s,
+        # then 4 s, 8 s ... up to 60 s, less a jitter of up to half that is derived from the
+        # failed command's id, so deciding twice gives the same time while sagas that failed
+        # together spread out.
+        Step("send", action=SEND, compensation=None, pivot=True, max_attempts=3,
+             backoff=Backoff(initial_s=2.0, multiplier=2.0, max_s=60.0, jitter=0.5)),
         Step("notify", action=notify.SEND, compensation=None, has_effect=False),
     ),
 )
@@ -66,7 +77,9 @@ undo_after_pivot = refused((Step("send", action=SEND, compensation=None, pivot=T
 twice = refused((Step("screen", action=risk.SCREEN, compensation=None, has_effect=False),
                  Step("screen", action=risk.SCREEN, compensation=None, has_effect=False)))
 undo_nothing = refused((Step("screen", action=risk.SCREEN, compensation=HOLD, has_effect=False),))
-for reason in (no_compensation, undo_after_pivot, twice, undo_nothing):
+shrinking_wait = refused((Step("screen", action=risk.SCREEN, compensation=None, has_effect=False,
+                               backoff=Backoff(multiplier=0.5)),))
+for reason in (no_compensation, undo_after_pivot, twice, undo_nothing, shrinking_wait):
     print("refused:", reason)
 
 
@@ -100,43 +113,73 @@ def record(state: SagaState | None, decision: Decision, log: list[str]) -> SagaS
         state = evolve(state, event)
         step = getattr(event, "step", None)
         undo = getattr(event, "direction", None) is Direction.COMPENSATE
-        log.append(event.type + (f"({step}{', compensate' if undo else ''})" if step else ""))
+        gave_up = isinstance(event, StepTimedOut) and event.gave_up
+        detail = ", compensate" if undo else ", gave up" if gave_up else ""
+        log.append(event.type + (f"({step}{detail})" if step else ""))
     assert state is not None
     return state
 
 
-# (step, direction, attempt) -> (outcome, failure code, retryable); unlisted commands succeed.
-Answers = dict[tuple[str, str, int], tuple[Outcome, str, bool]]
+# (step, direction, attempt) -> (outcome, failure code, retryable), or None for no reply at all;
+# unlisted commands succeed.
+Answers = dict[tuple[str, str, int], tuple[Outcome, str, bool] | None]
 
 
-def run(n: int, answer: Answers) -> tuple[SagaState, list[str]]:
-    """Start one saga and answer each command it sends, by (step, direction, attempt)."""
+def participant_reply(decision: Decision, answers: Answers) -> StepReply | None:
+    """The reply to the command `decision` sent, if there is one and its participant answers."""
+    if not decision.commands:
+        return None  # no command: a retry is waiting out its backoff
+    (command,) = decision.commands  # at most one step command is outstanding per saga
+    answer = answers.get((command.step, command.direction.value, command.attempt),
+                         (Outcome.SUCCEEDED, "", False))
+    if answer is None:
+        return None  # the participant stays silent: the command's deadline will pass
+    outcome, code, retryable = answer
+    return reply(command, outcome, code or None, retryable)
+
+
+def run(n: int, answers: Answers) -> tuple[SagaState, list[str], timedelta]:
+    """Start one saga and play its participants and the recovery worker until it ends; return
+    its final state, its events, and how long it took on the saga's clock."""
     log: list[str] = []
-    decision = decide_start(PAYOUT, None, request(n), NOW)
+    now = NOW
+    decision = decide_start(PAYOUT, None, request(n), now)
     assert decision.verdict is Verdict.STARTED
     state = record(None, decision, log)
-    while decision.commands:
-        (command,) = decision.commands  # at most one step command is outstanding per saga
-        outcome, code, retryable = answer.get(
-            (command.step, command.direction.value, command.attempt),
-            (Outcome.SUCCEEDED, "", False))
-        message = reply(command, outcome, code or None, retryable)
-        decision = decide_reply(PAYOUT, state, message, NOW)
+    while not state.terminal:
+        message = participant_reply(decision, answers)
+        if message is not None:
+            decision = decide_reply(PAYOUT, state, message, now)
+            state = record(state, decision, log)
+            # The same reply again (a redelivery) changes nothing: the command it answers is done.
+            assert decide_reply(PAYOUT, state, message, now).verdict is Verdict.STALE
+            continue
+        # Nothing to answer. The recovery worker wakes the saga at its `due_at` (a retry's
+        # backoff is over, or the command's deadline passed) and starts the retry (a new command
+        # id), re-sends the command (the same id, a new deadline) or, with the step's attempts
+        # spent, gives up on the step. Before then it leaves the saga alone.
+        assert state.due_at is not None and decide_due(PAYOUT, state, now) is None
+        now = state.due_at
+        due = decide_due(PAYOUT, state, now)
+        assert due is not None
+        decision = due
         state = record(state, decision, log)
-        # The same reply again (a redelivery) changes nothing: the command it answers is done.
-        assert decide_reply(PAYOUT, state, message, NOW).verdict is Verdict.STALE
-    return state, log
+    return state, log, now - NOW
 
 
-happy, happy_log = run(1, {})
+happy, happy_log, _ = run(1, {})
 print("\ncompleted:  ", " ".join(happy_log))
 
-refused_by_bank, refused_log = run(2, {("send", "forward", 1): (Outcome.FAILED, "IBAN_CLOSED",
-                                                                 False)})
+refused_by_bank, refused_log, _ = run(2, {("send", "forward", 1): (Outcome.FAILED, "IBAN_CLOSED",
+                                                                    False)})
 print("compensated:", " ".join(refused_log))
 
-retried, retried_log = run(3, {("send", "forward", 1): (Outcome.FAILED, "BANK_DOWN", True)})
-print("retried:    ", " ".join(retried_log))
+retried, retried_log, retry_took = run(3, {("send", "forward", 1): (Outcome.FAILED, "BANK_DOWN",
+                                                                    True)})
+print("retried:    ", " ".join(retried_log), f"(after {retry_took.total_seconds():.2f} s)")
+
+silent, silent_log, silence_took = run(4, {("hold", "forward", 1): None})
+print("timed out:  ", " ".join(silent_log), f"(after {silence_took.total_seconds():.0f} s)")
 
 # Deciding is deterministic: the same input gives the same events and commands (ids are uuid5),
 # which is what makes re-processing a redelivered message after a crash safe.
@@ -146,6 +189,7 @@ assert decide_start(PAYOUT, happy, request(1), NOW).verdict is Verdict.DUPLICATE
 
 assert "no compensation" in no_compensation and "must not have a compensation" in undo_after_pivot
 assert "repeats a step name" in twice and "must not have a compensation" in undo_nothing
+assert "needs a backoff" in shrinking_wait
 assert happy.status is SagaStatus.COMPLETED and happy.applied == ("screen", "hold", "send",
                                                                   "notify")
 assert happy_log == ["SagaStarted", "StepStarted(screen)", "StepSucceeded(screen)",
@@ -157,4 +201,12 @@ assert refused_by_bank.status is SagaStatus.COMPENSATED
 assert refused_log[-4:] == ["StepFailed(send)", "StepStarted(hold, compensate)",
                             "StepCompensated(hold)", "SagaCompensated"]
 assert retried.status is SagaStatus.COMPLETED and retried.version == len(retried_log)
-assert retried_log.count("StepStarted(send)") == 2 and "StepFailed(send)" in retried_log
+assert retried_log[6:9] == ["StepFailed(send)", "StepRetryScheduled(send)", "StepStarted(send)"]
+# The one wait was the backoff after attempt 1: 2 s, less up to half of it.
+assert timedelta(seconds=1) <= retry_took <= timedelta(seconds=2)
+# The hold went out three times under one command id (at 0, 5 and 10 s); at 15 s the step gave
+# up. It may have been placed, so it is released; the saga never reached the bank.
+assert silent.status is SagaStatus.COMPENSATED and silence_took == timedelta(seconds=15)
+assert silent_log[3:] == ["StepStarted(hold)", "StepTimedOut(hold)", "StepTimedOut(hold)",
+                          "StepTimedOut(hold, gave up)", "StepStarted(hold, compensate)",
+                          "StepCompensated(hold)", "SagaCompensated"]

@@ -1,13 +1,15 @@
 """Given/expect tests of the pure decision core, without a broker or a database.
 
-Each test reads: given these events (folded with `fold`), when this message arrives, expect these
-events and commands. Expected events are written out in full, so a changed field is a failure.
+Each test reads: given these events (folded with `fold`), when this message arrives (or the
+recovery worker looks at the saga at this time), expect these events and commands. Expected events
+are written out in full, so a changed field is a failure.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from uuid import UUID, uuid4
@@ -24,6 +26,7 @@ from orchestrator.core import (
     StartTransfer,
     Verdict,
     command_id_for,
+    decide_due,
     decide_reject,
     decide_reply,
     decide_start,
@@ -33,6 +36,7 @@ from orchestrator.core import (
     request_hash,
     saga_id_for_transfer,
 )
+from orchestrator.definition import Step
 from orchestrator.sagas import SAGAS, TRANSFER
 from schemas import (
     SAGA_EVENT_ADAPTER,
@@ -50,8 +54,10 @@ from schemas import (
     StepCompensated,
     StepFailed,
     StepReply,
+    StepRetryScheduled,
     StepStarted,
     StepSucceeded,
+    StepTimedOut,
     TransferRequested,
 )
 
@@ -61,10 +67,8 @@ FORWARD_ACTIONS = {"screen": "screen", "reserve": "reserve", "credit": "credit",
 COMPENSATION_ACTIONS = {"reserve": "release", "credit": "reverse_credit"}
 PARTICIPANTS = {"screen": "risk", "reserve": "ledger", "credit": "ledger", "settle": "ledger",
                 "notify": "notify"}
-# Decisions needed to end any saga: every step may use all its attempts, forward and back.
-MAX_DECISIONS = sum(
-    step.max_attempts * (2 if step.compensation else 1) for step in TRANSFER.steps
-)
+# The smallest step of the clock: "just before" a due time.
+TICK = timedelta(microseconds=1)
 
 
 # ---------------------------------------------------------------- builders
@@ -125,41 +129,95 @@ def refused(state: SagaState, code: str = "REFUSED", reason: str = "no",
     return reply(state, Outcome.FAILED, code=code, reason=reason, retryable=retryable)
 
 
-def expected_start(saga_id: UUID, step: str, direction: Direction, attempt: int,
-                   payload: dict[str, object]) -> tuple[StepStarted, StepCommand]:
-    """Expect: the event and the command that start one attempt of one step."""
-    definition_step = TRANSFER.step(step)
+def expected_command(saga_id: UUID, step: str, direction: Direction, attempt: int,
+                     payload: dict[str, object], deadline_at: datetime) -> StepCommand:
+    """Expect: the command of one attempt of one step (a re-send is the same command)."""
     action = (FORWARD_ACTIONS if direction is Direction.FORWARD else COMPENSATION_ACTIONS)[step]
-    command_id = command_id_for(saga_id, step, direction, attempt)
-    deadline_at = NOW + timedelta(seconds=definition_step.timeout_s)
+    return StepCommand(command_id=command_id_for(saga_id, step, direction, attempt),
+                       saga_id=saga_id, saga_type="transfer", step=step, action=action,
+                       direction=direction, attempt=attempt, deadline_at=deadline_at,
+                       payload=payload)
+
+
+def expected_start(saga_id: UUID, step: str, direction: Direction, attempt: int,
+                   payload: dict[str, object], now: datetime = NOW,
+                   ) -> tuple[StepStarted, StepCommand]:
+    """Expect: the event and the command that start one attempt of one step at `now`."""
+    deadline_at = now + timedelta(seconds=TRANSFER.step(step).timeout_s)
+    command = expected_command(saga_id, step, direction, attempt, payload, deadline_at)
     return (
-        StepStarted(step=step, action=action, direction=direction, attempt=attempt,
-                    command_id=command_id, deadline_at=deadline_at),
-        StepCommand(command_id=command_id, saga_id=saga_id, saga_type="transfer", step=step,
-                    action=action, direction=direction, attempt=attempt,
-                    deadline_at=deadline_at, payload=payload),
+        StepStarted(step=step, action=command.action, direction=direction, attempt=attempt,
+                    command_id=command.command_id, deadline_at=deadline_at),
+        command,
     )
+
+
+def expected_retry(saga_id: UUID, step: str, direction: Direction, failed_attempt: int,
+                   now: datetime, *, spent: int | None = None) -> StepRetryScheduled:
+    """Expect: the next attempt scheduled after the step's backoff, its jitter seeded by the
+    failed attempt's command id. `spent` is the sends the budget counts (attempt + re-sends)."""
+    seed = command_id_for(saga_id, step, direction, failed_attempt)
+    spent = failed_attempt if spent is None else spent
+    delay_s = TRANSFER.step(step).backoff.delay_s(spent, seed)
+    return StepRetryScheduled(step=step, direction=direction, attempt=failed_attempt + 1,
+                              not_before=now + timedelta(seconds=delay_s))
 
 
 @dataclass
 class Saga:
-    """A saga's history, and the decisions that extended it."""
+    """A saga's history, the decisions that extended it, and its clock.
+
+    Replies arrive at `now`; only the recovery worker's `tick` moves the clock forward."""
 
     events: list[SagaEvent] = field(default_factory=list)
+    commands: list[StepCommand] = field(default_factory=list)
+    now: datetime = NOW
 
     @property
     def state(self) -> SagaState:
         return state_of(self.events)
 
     def start(self, request: TransferRequested | None = None) -> Decision:
-        decision = decide_start(TRANSFER, None, start_of(request or a_request()), NOW)
-        self.events.extend(decision.events)
+        decision = decide_start(TRANSFER, None, start_of(request or a_request()), self.now)
+        self._record(decision)
         return decision
 
     def receive(self, message: StepReply) -> Decision:
-        decision = decide_reply(TRANSFER, self.state, message, NOW)
-        self.events.extend(decision.events)
+        decision = decide_reply(TRANSFER, self.state, message, self.now)
+        self._record(decision)
         return decision
+
+    def tick(self, now: datetime) -> Decision | None:
+        """The recovery worker looks at the saga at `now` (the clock never goes back)."""
+        assert now >= self.now, "the clock went backwards"
+        self.now = now
+        decision = decide_due(TRANSFER, self.state, now)
+        if decision is not None:
+            self._record(decision)
+        return decision
+
+    def due(self) -> Decision:
+        """Advance the clock to the saga's due time (a retry's start, or the outstanding
+        command's deadline) and let the recovery worker act."""
+        due_at = self.state.due_at
+        assert due_at is not None, "nothing is due: the saga is finished"
+        decision = self.tick(due_at)
+        assert decision is not None, f"nothing happened at the due time {due_at}"
+        return decision
+
+    def sends(self, step: str, direction: Direction = Direction.FORWARD) -> int:
+        """Commands sent for one step in one direction, re-sends included."""
+        return sum((c.step, c.direction) == (step, direction) for c in self.commands)
+
+    def time_out_until_given_up(self) -> Decision:
+        """Let the outstanding command go unanswered until the step gives up."""
+        while True:
+            assert self.state.command_id is not None, "no command is outstanding"
+            decision = self.due()
+            timed_out = decision.events[0]
+            assert isinstance(timed_out, StepTimedOut)
+            if timed_out.gave_up:
+                return decision
 
     def succeed_until(self, step: str, direction: Direction = Direction.FORWARD) -> Saga:
         """Answer every command with success until `step` is the one outstanding."""
@@ -167,6 +225,10 @@ class Saga:
             assert not self.state.terminal, f"saga ended before reaching {step}"
             self.receive(ok(self.state))
         return self
+
+    def _record(self, decision: Decision) -> None:
+        self.events.extend(decision.events)
+        self.commands.extend(decision.commands)
 
 
 def at(step: str, direction: Direction = Direction.FORWARD) -> Saga:
@@ -319,7 +381,8 @@ def test_failure_after_the_pivot_fails_the_saga_for_an_operator() -> None:
         events=(
             StepFailed(step="notify", attempt=1, command_id=failure.command_id,
                        code="SMTP_DOWN", reason="mail relay refused", retryable=False),
-            SagaFailed(step="notify", reason="failed after the pivot: mail relay refused"),
+            SagaFailed(step="notify",
+                       reason="failed after the pivot: SMTP_DOWN: mail relay refused"),
         ),
         saga_failed=True,
     )
@@ -342,40 +405,63 @@ def test_failure_code_defaults_when_the_participant_gives_none() -> None:
 # ---------------------------------------------------------------- retries
 
 
-def test_retryable_failure_with_attempts_left_starts_the_next_attempt() -> None:
+@pytest.mark.parametrize("late_s", [0, 3600], ids=["on_time", "an_hour_late"])
+def test_retryable_failure_with_attempts_left_schedules_the_next_attempt(late_s: int) -> None:
     request = a_request()
     saga = Saga()
     saga.start(request)
     saga.succeed_until("reserve")
+    saga_id, payload = saga.state.saga_id, request.model_dump(mode="json")
     first = refused(saga.state, "DB_BUSY", "lock timeout", retryable=True)
 
     decision = saga.receive(first)
 
-    started, command = expected_start(saga.state.saga_id, "reserve", Direction.FORWARD, 2,
-                                      request.model_dump(mode="json"))
+    retry = expected_retry(saga_id, "reserve", Direction.FORWARD, 1, NOW)
     assert decision == Decision(
         Verdict.APPLIED,
         events=(StepFailed(step="reserve", attempt=1, command_id=first.command_id,
-                           code="DB_BUSY", reason="lock timeout", retryable=True), started),
-        commands=(command,),
+                           code="DB_BUSY", reason="lock timeout", retryable=True), retry),
     )
+    # the first backoff of the default policy: 0.1 s, up to half of it taken off by the jitter
+    assert NOW + timedelta(seconds=0.05) <= retry.not_before <= NOW + timedelta(seconds=0.1)
+    waiting = saga.state
+    assert (waiting.status, waiting.step, waiting.attempt) == (SagaStatus.RUNNING, "reserve", 1)
+    assert (waiting.command_id, waiting.deadline_at) == (None, None)
+    assert waiting.next_attempt_at == waiting.due_at == retry.not_before
+
+    # the recovery worker looks too early: nothing happens, nothing is recorded
+    assert saga.tick(retry.not_before - TICK) is None
+    assert saga.state == waiting
+
+    then = retry.not_before + timedelta(seconds=late_s)
+    second = saga.tick(then)
+
+    started, command = expected_start(saga_id, "reserve", Direction.FORWARD, 2, payload, then)
+    assert second == Decision(Verdict.APPLIED, events=(started,), commands=(command,))
     assert command.command_id != first.command_id
-    assert (saga.state.attempt, saga.state.command_id) == (2, command.command_id)
+    state = saga.state
+    assert (state.attempt, state.command_id, state.next_attempt_at) == (2, command.command_id,
+                                                                        None)
+    assert state.due_at == state.deadline_at == then + timedelta(seconds=10)
 
 
 def test_retryable_failure_on_the_last_attempt_compensates() -> None:
     saga = at("credit")
+    saga_id = saga.state.saga_id
     max_attempts = TRANSFER.step("credit").max_attempts
     for attempt in range(1, max_attempts):
         decision = saga.receive(refused(saga.state, "DB_BUSY", retryable=True))
-        assert decision.commands[0].attempt == attempt + 1
+        assert decision.events[1] == expected_retry(saga_id, "credit", Direction.FORWARD,
+                                                    attempt, saga.now)
+        assert decision.commands == ()
+        assert saga.due().commands[0].attempt == attempt + 1
     last = refused(saga.state, "DB_BUSY", "lock timeout", retryable=True)
     assert last.attempt == max_attempts
 
     decision = saga.receive(last)
 
-    started, command = expected_start(saga.state.saga_id, "reserve", Direction.COMPENSATE, 1,
-                                      saga.state.input)
+    started, command = expected_start(saga_id, "reserve", Direction.COMPENSATE, 1,
+                                      saga.state.input, saga.now)
     assert decision == Decision(
         Verdict.APPLIED,
         events=(StepFailed(step="credit", attempt=max_attempts, command_id=last.command_id,
@@ -387,19 +473,45 @@ def test_retryable_failure_on_the_last_attempt_compensates() -> None:
 def test_retryable_compensation_failure_is_retried() -> None:
     saga = at("settle")
     saga.receive(refused(saga.state, "DAILY_LIMIT_EXCEEDED"))
+    saga_id, payload = saga.state.saga_id, saga.state.input
     first = refused(saga.state, "DB_BUSY", "lock timeout", retryable=True)
 
     decision = saga.receive(first)
 
-    started, command = expected_start(saga.state.saga_id, "credit", Direction.COMPENSATE, 2,
-                                      saga.state.input)
+    retry = expected_retry(saga_id, "credit", Direction.COMPENSATE, 1, NOW)
     assert decision == Decision(
         Verdict.APPLIED,
         events=(CompensationFailed(step="credit", attempt=1, command_id=first.command_id,
                                    code="DB_BUSY", reason="lock timeout", retryable=True),
-                started),
-        commands=(command,),
+                retry),
     )
+    assert saga.state.status is SagaStatus.COMPENSATING
+    assert saga.tick(retry.not_before - TICK) is None
+
+    second = saga.tick(retry.not_before)
+
+    started, command = expected_start(saga_id, "credit", Direction.COMPENSATE, 2, payload,
+                                      retry.not_before)
+    assert second == Decision(Verdict.APPLIED, events=(started,), commands=(command,))
+    assert saga.state.status is SagaStatus.COMPENSATING
+
+
+def test_the_backoff_grows_with_each_failed_attempt() -> None:
+    saga = at("reserve")
+    saga_id = saga.state.saga_id
+    waits = []
+    for attempt in (1, 2):
+        failed_at = saga.now
+        decision = saga.receive(refused(saga.state, "DB_BUSY", retryable=True))
+        retry = decision.events[-1]
+        assert isinstance(retry, StepRetryScheduled)
+        assert retry == expected_retry(saga_id, "reserve", Direction.FORWARD, attempt, failed_at)
+        waits.append(retry.not_before - failed_at)
+        saga.due()
+
+    # default policy: 0.1 s then 0.2 s, each cut by at most half by the jitter
+    assert timedelta(seconds=0.05) <= waits[0] <= timedelta(seconds=0.1)
+    assert timedelta(seconds=0.1) <= waits[1] <= timedelta(seconds=0.2)
 
 
 def test_compensation_failing_for_good_fails_the_saga() -> None:
@@ -435,6 +547,7 @@ def test_retry_budget_counts_the_sagas_attempts_not_the_replys() -> None:
     saga = at("reserve")
     for _ in range(TRANSFER.step("reserve").max_attempts - 1):
         saga.receive(refused(saga.state, "DB_BUSY", retryable=True))
+        saga.due()
     used = {e.command_id for e in saga.events if isinstance(e, StepStarted)}
     lying = refused(saga.state, "DB_BUSY", retryable=True).model_copy(update={"attempt": 1})
 
@@ -442,6 +555,300 @@ def test_retry_budget_counts_the_sagas_attempts_not_the_replys() -> None:
 
     assert not any(c.command_id in used for c in decision.commands)
     assert saga.state.status is SagaStatus.COMPENSATED
+
+
+# ---------------------------------------------------------------- timeouts (decide_due)
+
+
+def test_the_recovery_worker_leaves_a_saga_alone_until_it_is_due() -> None:
+    saga = at("credit")
+    state = saga.state
+    deadline_at = NOW + timedelta(seconds=10)
+    assert state.due_at == state.deadline_at == deadline_at
+
+    assert decide_due(TRANSFER, state, NOW) is None
+    assert decide_due(TRANSFER, state, deadline_at - TICK) is None
+    assert decide_due(TRANSFER, state, deadline_at) is not None  # due at the deadline
+
+
+def test_the_recovery_worker_leaves_a_finished_saga_alone() -> None:
+    completed = at("notify")
+    completed.receive(ok(completed.state))
+    compensated = at("reserve")
+    compensated.receive(refused(compensated.state, "INSUFFICIENT_FUNDS"))
+    failed = at("notify")
+    failed.time_out_until_given_up()
+    rejected = decide_reject(None, RejectTransfer(uuid4(), RejectionCode.SAME_ACCOUNT, "a->a"))
+    a_year_later = NOW + timedelta(days=365)
+
+    for state in (completed.state, compensated.state, failed.state, state_of(rejected.events)):
+        assert state.terminal and state.due_at is None, state.status
+        assert decide_due(TRANSFER, state, a_year_later) is None, state.status
+
+
+def test_a_command_with_no_reply_by_its_deadline_is_sent_again_under_the_same_id() -> None:
+    request = a_request()
+    saga = Saga()
+    saga.start(request)
+    saga.succeed_until("reserve")
+    sent = saga.state
+    assert sent.command_id is not None and sent.deadline_at is not None
+    late = sent.deadline_at + timedelta(seconds=3)  # the recovery worker scans now and then
+
+    decision = saga.tick(late)
+
+    deadline_at = late + timedelta(seconds=10)
+    assert decision == Decision(
+        Verdict.APPLIED,
+        events=(StepTimedOut(step="reserve", direction=Direction.FORWARD, attempt=1,
+                             command_id=sent.command_id, resend=1, deadline_at=deadline_at),),
+        commands=(expected_command(sent.saga_id, "reserve", Direction.FORWARD, 1,
+                                   request.model_dump(mode="json"), deadline_at),),
+    )
+    assert decision.commands[0].command_id == sent.command_id
+    state = saga.state
+    assert (state.attempt, state.command_id, state.resends) == (1, sent.command_id, 1)
+    assert state.due_at == state.deadline_at == deadline_at
+    assert saga.tick(deadline_at - TICK) is None  # the new deadline holds
+
+
+def test_a_late_reply_to_a_re_sent_command_is_applied() -> None:
+    request = a_request()
+    saga = Saga()
+    saga.start(request)
+    saga.succeed_until("reserve")
+    first_send = saga.state
+    saga.due()  # no reply in time: re-sent under the same command id
+    # the participant answers: to the first send or the re-send, the reply is the same
+    answer = ok(first_send)
+
+    decision = saga.receive(answer)
+
+    started, command = expected_start(first_send.saga_id, "credit", Direction.FORWARD, 1,
+                                      request.model_dump(mode="json"), saga.now)
+    assert decision == Decision(
+        Verdict.APPLIED,
+        events=(StepSucceeded(step="reserve", attempt=1, command_id=first_send.command_id,
+                              result={"ok": True}), started),
+        commands=(command,),
+    )
+    # the participant's answer to the other send (a stored reply, the same id) changes nothing
+    assert saga.receive(answer) == Decision(Verdict.STALE)
+
+
+def test_timeouts_spend_the_attempts_budget() -> None:
+    request = a_request()
+    saga = Saga()
+    saga.start(request)
+    saga.succeed_until("reserve")
+    saga_id, payload = saga.state.saga_id, request.model_dump(mode="json")
+    command_id = command_id_for(saga_id, "reserve", Direction.FORWARD, 1)
+    # reserve started at NOW with a 10 s timeout; each re-send is due 10 s after the last
+    second, third = NOW + timedelta(seconds=20), NOW + timedelta(seconds=30)
+
+    decisions = [saga.due() for _ in range(TRANSFER.step("reserve").max_attempts)]
+
+    assert decisions[:2] == [
+        Decision(Verdict.APPLIED,
+                 events=(StepTimedOut(step="reserve", direction=Direction.FORWARD, attempt=1,
+                                      command_id=command_id, resend=n, deadline_at=deadline),),
+                 commands=(expected_command(saga_id, "reserve", Direction.FORWARD, 1, payload,
+                                            deadline),))
+        for n, deadline in ((1, second), (2, third))
+    ]
+    # the third send went unanswered too: the budget is spent, and reserve may have placed its
+    # hold, so it is released (the timed-out step itself is compensated)
+    started, release = expected_start(saga_id, "reserve", Direction.COMPENSATE, 1, payload,
+                                      third)
+    assert decisions[2] == Decision(
+        Verdict.APPLIED,
+        events=(StepTimedOut(step="reserve", direction=Direction.FORWARD, attempt=1,
+                             command_id=command_id, resend=2, gave_up=True), started),
+        commands=(release,),
+    )
+    assert (release.action, participant_of(TRANSFER, release)) == ("release", "ledger")
+    assert saga.sends("reserve") == 3
+    state = saga.state
+    assert state.applied == ("screen", "reserve")
+    assert state.failure == "TIMED_OUT: no reply to attempt 1 of reserve (forward)"
+
+
+def test_a_retry_gets_only_the_budget_the_earlier_attempts_left() -> None:
+    saga = at("reserve")
+    saga.receive(refused(saga.state, "DB_BUSY", retryable=True))
+    saga.due()  # attempt 2: the second of three sends
+    attempt_2 = saga.state
+    assert attempt_2.command_id is not None
+
+    assert attempt_2.deadline_at is not None
+
+    resent = saga.due()
+    gave_up = saga.due()
+
+    assert resent.events == (
+        StepTimedOut(step="reserve", direction=Direction.FORWARD, attempt=2,
+                     command_id=attempt_2.command_id, resend=1,
+                     deadline_at=attempt_2.deadline_at + timedelta(seconds=10)),
+    )
+    assert gave_up.events[0] == StepTimedOut(step="reserve", direction=Direction.FORWARD,
+                                             attempt=2, command_id=attempt_2.command_id,
+                                             resend=1, gave_up=True)
+    assert saga.sends("reserve") == TRANSFER.step("reserve").max_attempts == 3
+
+
+def test_a_retryable_failure_after_re_sends_spent_the_budget_gives_up() -> None:
+    saga = at("credit")
+    saga.due()
+    saga.due()  # attempt 1 sent three times: the budget is spent
+    failure = refused(saga.state, "DB_BUSY", "lock timeout", retryable=True)
+
+    decision = saga.receive(failure)
+
+    started, command = expected_start(saga.state.saga_id, "reserve", Direction.COMPENSATE, 1,
+                                      saga.state.input, saga.now)
+    assert decision == Decision(
+        Verdict.APPLIED,
+        events=(StepFailed(step="credit", attempt=1, command_id=failure.command_id,
+                           code="DB_BUSY", reason="lock timeout", retryable=True), started),
+        commands=(command,),
+    )
+    assert saga.sends("credit") == 3
+
+
+def test_a_retryable_failure_after_a_re_send_retries_with_the_budget_left() -> None:
+    saga = at("reserve")
+    saga.due()  # attempt 1 re-sent: two of three sends spent
+    failure = refused(saga.state, "DB_BUSY", "lock timeout", retryable=True)
+
+    decision = saga.receive(failure)
+
+    # the backoff is the one after the second send
+    assert decision == Decision(
+        Verdict.APPLIED,
+        events=(StepFailed(step="reserve", attempt=1, command_id=failure.command_id,
+                           code="DB_BUSY", reason="lock timeout", retryable=True),
+                expected_retry(saga.state.saga_id, "reserve", Direction.FORWARD, 1, saga.now,
+                               spent=2)),
+    )
+
+
+def test_re_sends_of_an_earlier_attempt_still_spend_the_budget() -> None:
+    saga = at("reserve")
+    saga.due()  # attempt 1 re-sent: two of three sends
+    saga.receive(refused(saga.state, "DB_BUSY", retryable=True))  # one send left: retried
+    saga.due()  # attempt 2 is the third send
+    attempt_2 = saga.state
+    assert attempt_2.command_id is not None
+
+    decision = saga.due()  # and it goes unanswered
+
+    assert decision.events[0] == StepTimedOut(step="reserve", direction=Direction.FORWARD,
+                                              attempt=2, command_id=attempt_2.command_id,
+                                              resend=1, gave_up=True)  # re-sends of the step
+    assert saga.sends("reserve") == TRANSFER.step("reserve").max_attempts
+
+
+# failed step -> the compensations expected after it timed out for good, in order
+COMPENSATIONS_AFTER_TIMEOUT = {
+    "screen": [],  # possibly applied, but it has no effect: nothing to undo
+    "reserve": ["reserve"],
+    "credit": ["credit", "reserve"],
+}
+
+
+@pytest.mark.parametrize("timed_out_step", list(COMPENSATIONS_AFTER_TIMEOUT))
+def test_a_step_that_times_out_for_good_is_compensated_with_the_ones_before_it(
+    timed_out_step: str,
+) -> None:
+    request = a_request()
+    saga = Saga()
+    saga.start(request)
+    saga.succeed_until(timed_out_step)
+    saga_id, payload = saga.state.saga_id, request.model_dump(mode="json")
+    command_id = saga.state.command_id
+    assert command_id is not None
+
+    decision = saga.time_out_until_given_up()
+
+    gave_up = StepTimedOut(step=timed_out_step, direction=Direction.FORWARD, attempt=1,
+                           command_id=command_id, resend=2, gave_up=True)
+    reason = f"TIMED_OUT: no reply to attempt 1 of {timed_out_step} (forward)"
+    done = SagaCompensated(failed_step=timed_out_step, reason=reason)
+    pending = COMPENSATIONS_AFTER_TIMEOUT[timed_out_step]
+    if not pending:
+        assert decision == Decision(Verdict.APPLIED, events=(gave_up, done))
+    else:
+        started, command = expected_start(saga_id, pending[0], Direction.COMPENSATE, 1,
+                                          payload, saga.now)
+        assert decision == Decision(Verdict.APPLIED, events=(gave_up, started),
+                                    commands=(command,))
+    for step in pending:
+        assert (saga.state.step, saga.state.direction) == (step, Direction.COMPENSATE)
+        saga.receive(ok(saga.state))
+    assert saga.events[-1] == done
+    compensations = [e.step for e in saga.events
+                     if isinstance(e, StepStarted) and e.direction is Direction.COMPENSATE]
+    assert compensations == pending
+    state = saga.state
+    assert state.status is SagaStatus.COMPENSATED
+    assert state.applied == ("screen",)  # effect-free: nothing to undo
+    assert (state.failed_step, state.failure) == (timed_out_step, reason)
+
+
+@pytest.mark.parametrize("timed_out_step", ["settle", "notify"])
+def test_a_step_at_or_after_the_pivot_that_times_out_for_good_fails_the_saga(
+    timed_out_step: str,
+) -> None:
+    """A settle with no reply may have moved the money: its outcome is unknown, and after the
+    pivot nothing is undone, so an operator must find out and finish the transfer."""
+    saga = at(timed_out_step)
+    command_id = saga.state.command_id
+    assert command_id is not None
+
+    decision = saga.time_out_until_given_up()
+
+    assert decision == Decision(
+        Verdict.APPLIED,
+        events=(
+            StepTimedOut(step=timed_out_step, direction=Direction.FORWARD, attempt=1,
+                         command_id=command_id, resend=2, gave_up=True),
+            SagaFailed(step=timed_out_step,
+                       reason=f"failed after the pivot: TIMED_OUT: no reply to attempt 1 of "
+                              f"{timed_out_step} (forward)"),
+        ),
+        saga_failed=True,
+    )
+    state = saga.state
+    assert state.status is SagaStatus.FAILED
+    assert state.applied[:4] == ("screen", "reserve", "credit", "settle")
+    assert not any(c.direction is Direction.COMPENSATE for c in saga.commands)
+
+
+def test_a_compensation_that_times_out_for_good_fails_the_saga() -> None:
+    saga = at("settle")
+    saga.receive(refused(saga.state, "DAILY_LIMIT_EXCEEDED", "over the limit"))
+    command_id = saga.state.command_id
+    assert (saga.state.step, saga.state.direction) == ("credit", Direction.COMPENSATE)
+    assert command_id is not None
+
+    decision = saga.time_out_until_given_up()
+
+    assert decision == Decision(
+        Verdict.APPLIED,
+        events=(
+            StepTimedOut(step="credit", direction=Direction.COMPENSATE, attempt=1,
+                         command_id=command_id, resend=2, gave_up=True),
+            SagaFailed(step="credit", reason="compensation timed out: TIMED_OUT: no reply to "
+                                             "attempt 1 of credit (compensate)"),
+        ),
+        saga_failed=True,
+    )
+    state = saga.state
+    assert state.status is SagaStatus.FAILED
+    # the reversal may or may not have happened; reserve's hold was not touched
+    assert state.applied == ("screen", "reserve", "credit")
+    assert saga.sends("credit", Direction.COMPENSATE) == 3
+    assert saga.sends("reserve", Direction.COMPENSATE) == 0
 
 
 # ---------------------------------------------------------------- duplicates and late replies
@@ -462,12 +869,18 @@ def test_a_late_reply_for_a_superseded_attempt_is_stale() -> None:
     saga = at("reserve")
     attempt_1 = saga.state
     saga.receive(refused(attempt_1, "DB_BUSY", retryable=True))
+    waiting = saga.state
+
+    # attempt 1 answering "succeeded" after all, while the retry waits out its backoff ...
+    assert saga.receive(ok(attempt_1)) == Decision(Verdict.STALE)
+    assert saga.state == waiting
+
+    saga.due()
     assert saga.state.attempt == 2
     before = saga.state
 
-    decision = saga.receive(ok(attempt_1))  # attempt 1 answering "succeeded" after all
-
-    assert decision == Decision(Verdict.STALE)
+    # ... and again once attempt 2 is outstanding
+    assert saga.receive(ok(attempt_1)) == Decision(Verdict.STALE)
     assert saga.state == before
 
 
@@ -594,6 +1007,10 @@ def test_state_json_round_trip_at_every_point_of_a_saga() -> None:
     saga = at("settle")
     saga.receive(refused(saga.state, "DAILY_LIMIT_EXCEEDED"))
     saga.receive(refused(saga.state, "DB_BUSY", retryable=True))
+    assert saga.state.next_attempt_at is not None  # a retry waiting out its backoff
+    saga.due()
+    saga.due()  # the retry's deadline passed: the same command is re-sent
+    assert saga.state.resends == 1
     while not saga.state.terminal:
         saga.receive(ok(saga.state))
     rejected = decide_reject(None, RejectTransfer(uuid4(), RejectionCode.SAME_ACCOUNT, "a->a"))
@@ -603,6 +1020,15 @@ def test_state_json_round_trip_at_every_point_of_a_saga() -> None:
     for history in histories:
         _assert_json_round_trip(state_of(history))
     assert saga.state.status is SagaStatus.COMPENSATED
+    assert {type(e) for e in saga.events} >= {StepRetryScheduled, StepTimedOut}
+
+
+def test_a_state_cached_before_retries_were_scheduled_still_loads() -> None:
+    state = at("reserve").state
+    cached = state.to_json()
+    del cached["resends"], cached["next_attempt_at"]  # a `sagas` row written before they were
+
+    assert SagaState.from_json(cached) == state
 
 
 def test_a_history_cannot_begin_with_a_step_event() -> None:
@@ -616,23 +1042,46 @@ def test_the_transfer_saga_is_registered_by_name() -> None:
 
 # ---------------------------------------------------------------- properties
 
-_OUTCOMES = st.sampled_from(["succeed", "refuse", "retry"])
+REPLIES = ("succeed", "refuse", "retry")
+# "timeout": the participant stays silent and the recovery worker acts at the command's deadline
+REPLIES_AND_TIMEOUTS = (*REPLIES, "timeout")
 # Deterministic (a fixed seed per test) and without an example database: unit tests do no I/O.
 PROPERTY = settings(deadline=None, database=None, derandomize=True)
+
+
+def _decisions_with_replies(step: Step) -> int:
+    """Decisions one step takes at most in one direction when every command is answered: a
+    reply to each of its `max_attempts` attempts, and a tick to start each retry."""
+    return 2 * step.max_attempts - 1
+
+
+def _decisions_with_timeouts(step: Step) -> int:
+    """The same when commands may also time out: the step sends at most `max_attempts` times in
+    all (re-sends and new attempts share the budget), every send ends in one decision (a reply
+    or a timeout), and each retry adds the tick that starts it."""
+    return 2 * step.max_attempts - 1
+
+
+def _most_decisions(per_step: Callable[[Step], int]) -> int:
+    """Decisions needed to end any saga: every step may use all it may, forward and back."""
+    return sum(per_step(step) * (2 if step.compensation else 1) for step in TRANSFER.steps)
 
 
 @dataclass
 class Run:
     saga: Saga
     decisions: int
-    forward_succeeded: list[str]
+    # forward steps that succeeded or timed out for good (their outcome unknown), in order
+    possibly_applied: list[str]
+    timed_out_for_good: list[str]
     compensations: list[str]
     states: list[SagaState]  # after each decision
     lengths: list[int]  # how many events the history had then
 
 
-def _drive(data: st.DataObject) -> Run:
-    """Run one saga to its end, each participant answering as Hypothesis draws."""
+def _drive(data: st.DataObject, outcomes: Sequence[str], max_decisions: int) -> Run:
+    """Run one saga to its end: each participant answers as Hypothesis draws (or stays silent
+    past the deadline), and the recovery worker starts each scheduled retry when it is due."""
     saga = Saga()
     decision = saga.start()
     # evolved event by event, as the worker does, never re-folded from the start
@@ -641,72 +1090,120 @@ def _drive(data: st.DataObject) -> Run:
         current = evolve(current, fact)
     assert current is not None
     states, lengths = [current], [len(saga.events)]
-    forward_succeeded: list[str] = []
+    possibly_applied: list[str] = []
+    timed_out_for_good: list[str] = []
     compensations: list[str] = []
-    command_ids: set[UUID] = set()
+    started: set[UUID] = set()
     decisions = 0
     while not saga.state.terminal:
-        assert decisions < MAX_DECISIONS + 1, f"no end after {decisions} replies"
-        assert len(decision.commands) == 1, "a running saga always waits on one command"
-        (command,) = decision.commands
-        assert command.command_id not in command_ids, "a command id was reissued"
-        command_ids.add(command.command_id)
-        if command.direction is Direction.COMPENSATE and command.attempt == 1:
-            compensations.append(command.step)
+        assert decisions < max_decisions, f"no end after {decisions} decisions"
         state = saga.state
-        outcome = data.draw(_OUTCOMES, label=f"{state.step}/{state.direction}#{state.attempt}")
-        answer = (ok(state) if outcome == "succeed"
-                  else refused(state, "X", retryable=outcome == "retry"))
-        decision = saga.receive(answer)
-        assert decision == decide_reply(TRANSFER, state, answer, NOW), "not deterministic"
+        if decision.commands:
+            (command,) = decision.commands  # a running saga waits on one command ...
+            assert (command.command_id, command.deadline_at) == (state.command_id,
+                                                                state.deadline_at)
+            resend = any(isinstance(e, StepTimedOut) and not e.gave_up
+                         for e in decision.events)
+            assert (command.command_id in started) == resend, "a command id was reissued"
+            started.add(command.command_id)
+            assert decide_due(TRANSFER, state, saga.now) is None, "acted within the deadline"
+            outcome = data.draw(st.sampled_from(outcomes),
+                                label=f"{state.step}/{state.direction}#{state.attempt}")
+        else:  # ... or on a retry's backoff
+            assert state.command_id is None and state.next_attempt_at is not None
+            outcome = "retry due"
+        if outcome in ("timeout", "retry due"):
+            due_at = state.due_at
+            assert due_at is not None
+            assert decide_due(TRANSFER, state, due_at - TICK) is None, "acted before it was due"
+            decision = saga.due()
+            assert decision == decide_due(TRANSFER, state, due_at), "not deterministic"
+        else:
+            answer = (ok(state) if outcome == "succeed"
+                      else refused(state, "X", retryable=outcome == "retry"))
+            decision = saga.receive(answer)
+            assert decision == decide_reply(TRANSFER, state, answer, saga.now), (
+                "not deterministic")
+        assert decision.verdict is Verdict.APPLIED and decision.events
         for fact in decision.events:
             current = evolve(current, fact)
-        assert decision.verdict is Verdict.APPLIED and decision.events
-        if outcome == "succeed" and state.direction is Direction.FORWARD:
-            forward_succeeded.append(state.step or "")
+            if isinstance(fact, StepSucceeded):
+                possibly_applied.append(fact.step)
+            elif (isinstance(fact, StepTimedOut) and fact.gave_up
+                  and fact.direction is Direction.FORWARD):
+                possibly_applied.append(fact.step)
+                timed_out_for_good.append(fact.step)
+            elif (isinstance(fact, StepStarted) and fact.direction is Direction.COMPENSATE
+                  and fact.attempt == 1):
+                compensations.append(fact.step)
         decisions += 1
         states.append(current)
         lengths.append(len(saga.events))
     assert decision.commands == ()
-    return Run(saga, decisions, forward_succeeded, compensations, states, lengths)
+    return Run(saga, decisions, possibly_applied, timed_out_for_good, compensations, states,
+               lengths)
 
 
-@settings(PROPERTY, max_examples=300)
-@given(st.data())
-def test_any_run_ends_and_compensates_exactly_what_was_applied(data: st.DataObject) -> None:
-    run = _drive(data)
+def _assert_ends_and_compensates_exactly_what_was_applied(run: Run) -> None:
     state = run.saga.state
-    undo = [s for s in reversed(run.forward_succeeded) if TRANSFER.step(s).compensation]
+    steps = [s.name for s in TRANSFER.steps]
+    undo = [s for s in reversed(run.possibly_applied) if TRANSFER.step(s).compensation]
 
     event(f"{state.status.value} after {state.failed_step or 'no failure'}")
-    assert run.decisions <= MAX_DECISIONS
     assert state.status in {SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED}
-    assert run.forward_succeeded == [s.name for s in TRANSFER.steps][:len(run.forward_succeeded)]
+    assert run.possibly_applied == steps[:len(run.possibly_applied)]
     if state.status is SagaStatus.COMPLETED:
-        assert run.forward_succeeded == [s.name for s in TRANSFER.steps]
-        assert run.compensations == []
+        assert run.possibly_applied == steps
+        assert run.compensations == run.timed_out_for_good == []
     elif state.status is SagaStatus.COMPENSATED:
-        assert "settle" not in run.forward_succeeded
+        assert "settle" not in run.possibly_applied
         assert run.compensations == undo
         assert not any(TRANSFER.step(s).compensation for s in state.applied)
     else:
         final = run.saga.events[-1]
         assert isinstance(final, SagaFailed)
-        if "settle" in run.forward_succeeded:  # failed after the pivot: nothing undone
+        if "settle" in run.possibly_applied:  # failed after the pivot: nothing undone
             assert run.compensations == []
-            assert final.step == "notify"
+            assert final.step == ("settle" if "settle" in run.timed_out_for_good else "notify")
         else:  # a compensation failed for good: the ones before it ran, none after
             assert run.compensations == undo[:len(run.compensations)]
             assert final.step == run.compensations[-1]
-    # a finished saga ignores any further reply
+    # a finished saga ignores any further reply, and the recovery worker never picks it up
     last = run.states[-2]
     assert decide_reply(TRANSFER, state, ok(last), NOW) == Decision(Verdict.STALE)
+    assert state.due_at is None
+    assert decide_due(TRANSFER, state, run.saga.now + timedelta(days=1)) is None
+
+
+@settings(PROPERTY, max_examples=300)
+@given(st.data())
+def test_any_run_ends_and_compensates_exactly_what_was_applied(data: st.DataObject) -> None:
+    run = _drive(data, REPLIES, _most_decisions(_decisions_with_replies))
+
+    _assert_ends_and_compensates_exactly_what_was_applied(run)
+    # without timeouts, every command is a new attempt: a step sends at most max_attempts
+    for (step, direction), sends in Counter((c.step, c.direction)
+                                            for c in run.saga.commands).items():
+        assert sends <= TRANSFER.step(step).max_attempts, (step, direction)
+
+
+@settings(PROPERTY, max_examples=300)
+@given(st.data())
+def test_any_run_with_timeouts_ends_and_compensates_what_may_have_been_applied(
+    data: st.DataObject,
+) -> None:
+    """Replies, timeouts (re-sends, then giving up) and retries in any mix: every run ends, and
+    a step that timed out for good is compensated as if it had been applied."""
+    run = _drive(data, REPLIES_AND_TIMEOUTS, _most_decisions(_decisions_with_timeouts))
+
+    _assert_ends_and_compensates_exactly_what_was_applied(run)
+    event(f"{len(run.timed_out_for_good)} timed out for good")
 
 
 @settings(PROPERTY, max_examples=200)
 @given(st.data())
 def test_replaying_the_events_rebuilds_the_state(data: st.DataObject) -> None:
-    run = _drive(data)
+    run = _drive(data, REPLIES_AND_TIMEOUTS, _most_decisions(_decisions_with_timeouts))
     events = run.saga.events
 
     # the state evolved decision by decision equals the fold of all events, also after the

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import steps
-from orchestrator.definition import SagaDefinition, Step
+from orchestrator.definition import Backoff, SagaDefinition, Step
 from orchestrator.errors import SagaDefinitionError, SagaError
 from orchestrator.sagas import SAGAS, TRANSFER
 from schemas import Direction, Outcome, StepCommand
@@ -83,6 +83,31 @@ def test_a_step_needs_attempts_and_time(attempts: int, timeout_s: float) -> None
                                     max_attempts=attempts, timeout_s=timeout_s),))
 
 
+@pytest.mark.parametrize("backoff", [
+    Backoff(initial_s=-0.1),
+    Backoff(multiplier=0.5),  # a shrinking wait
+    Backoff(jitter=-0.1),
+    Backoff(jitter=1.5),  # would wait a negative time
+    Backoff(max_s=-1.0),  # every retry's not_before would lie in the past
+], ids=["negative_initial", "shrinking", "negative_jitter", "jitter_over_1", "negative_cap"])
+def test_a_bad_backoff_is_refused(backoff: Backoff) -> None:
+    with pytest.raises(SagaDefinitionError, match="'look' needs a backoff with initial_s >= 0"):
+        SagaDefinition("bad", (Step("look", LOOK, None, has_effect=False, backoff=backoff),))
+
+
+@pytest.mark.parametrize("backoff", [
+    Backoff(initial_s=0.0),  # retry at once
+    Backoff(multiplier=1.0),  # a constant wait
+    Backoff(jitter=0.0),
+    Backoff(jitter=1.0),
+], ids=["no_wait", "constant", "no_jitter", "full_jitter"])
+def test_the_edges_of_a_valid_backoff_are_accepted(backoff: Backoff) -> None:
+    definition = SagaDefinition("ok", (Step("look", LOOK, None, has_effect=False,
+                                            backoff=backoff),))
+
+    assert definition.step("look").backoff == backoff
+
+
 def test_a_saga_needs_steps() -> None:
     with pytest.raises(SagaDefinitionError, match="no steps"):
         SagaDefinition("bad", ())
@@ -100,6 +125,63 @@ def test_effects_after_the_pivot_need_no_compensation() -> None:
         Step("after", SIDE_EFFECT, None),
     ))
     assert definition.index_of("after") == 2
+
+
+# ---------------------------------------------------------------- backoff
+
+SEED = UUID("0b2a3c4d-5e6f-4a1b-8c2d-3e4f5a6b7c8d")
+
+
+def test_the_backoff_grows_exponentially_up_to_its_cap() -> None:
+    backoff = Backoff(initial_s=0.5, multiplier=3.0, max_s=10.0, jitter=0.0)
+
+    delays = [backoff.delay_s(attempt, SEED) for attempt in range(1, 7)]
+
+    assert delays == [0.5, 1.5, 4.5, 10.0, 10.0, 10.0]
+
+
+def test_the_default_backoff() -> None:
+    backoff = Backoff(jitter=0.0)
+
+    assert [backoff.delay_s(attempt, SEED) for attempt in range(1, 9)] == [
+        0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
+
+
+# what Backoff(initial_s=1, multiplier=2, max_s=60) waits after each failed attempt, before jitter
+_BASE_DELAYS_S = [1, 2, 4, 8, 16, 32, 60, 60, 60]
+
+
+@PROPERTY
+@given(seed=st.uuids(), jitter=st.sampled_from([0.0, 0.1, 0.25, 0.5, 1.0]))
+def test_the_jitter_takes_at_most_its_fraction_off(seed: UUID, jitter: float) -> None:
+    backoff = Backoff(initial_s=1.0, multiplier=2.0, max_s=60.0, jitter=jitter)
+
+    for attempt, base in enumerate(_BASE_DELAYS_S, start=1):
+        delay = backoff.delay_s(attempt, seed)
+        assert base * (1 - jitter) <= delay <= base, (attempt, delay)
+        assert delay > 0
+
+
+def test_the_jitter_is_the_same_for_the_same_seed() -> None:
+    """The core decides twice on a redelivered message and must get the same retry time."""
+    seed = uuid4()
+
+    first = [Backoff().delay_s(attempt, seed) for attempt in range(1, 6)]
+
+    assert first == [Backoff().delay_s(attempt, seed) for attempt in range(1, 6)]
+
+
+def test_the_jitter_spreads_different_seeds_over_its_range() -> None:
+    """Sagas that failed together (a participant outage) do not all retry at the same moment."""
+    backoff = Backoff(initial_s=1.0, jitter=0.5)
+
+    delays = [backoff.delay_s(1, UUID(int=n)) for n in range(200)]
+
+    assert len(set(delays)) == len(delays)
+    assert all(0.5 <= d <= 1.0 for d in delays)
+    assert min(delays) < 0.55 and max(delays) > 0.95
+    # both halves of the range get a fair share
+    assert 60 <= sum(d < 0.75 for d in delays) <= 140
 
 
 # ---------------------------------------------------------------- every action has a handler

@@ -56,7 +56,7 @@ def test_every_event_and_message_forbids_extra_fields() -> None:
 
     models = [obj for schema in SCHEMAS.values() for obj in objects(schema)
               if obj.get("type") == "object"]
-    assert len(models) >= 14  # 4 messages and 10 events
+    assert len(models) >= 16  # 4 messages and 12 events
     assert all(obj.get("additionalProperties") is False for obj in models), [
         obj.get("title") for obj in models if obj.get("additionalProperties") is not False]
 
@@ -68,6 +68,7 @@ def test_the_event_union_is_discriminated_by_type() -> None:
     assert schema["discriminator"]["propertyName"] == "type"
     assert set(mapping) == {"SagaStarted", "SagaRejected", "StepStarted", "StepSucceeded",
                             "StepFailed", "StepCompensated", "CompensationFailed",
+                            "StepRetryScheduled", "StepTimedOut",
                             "SagaCompleted", "SagaCompensated", "SagaFailed"}
 
 
