@@ -18,14 +18,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from faststream import AckPolicy
 from faststream.confluent import KafkaBroker
 from faststream.confluent.annotations import KafkaMessage
 from faststream.confluent.helpers.client import AsyncConfluentConsumer, check_msg_error
 
-from orchestrator.errors import BusError
+from orchestrator.errors import BusError, ConfigurationError
+from orchestrator.leases import Partition, PartitionLeases
 from orchestrator.settings import Settings
 from schemas import TOPIC_DEAD_LETTERS, TOPIC_REPLIES, TOPIC_TRANSFER_COMMANDS, step_topic
 
@@ -191,6 +192,61 @@ class DrainingConsumer(AsyncConfluentConsumer):
     stall_after_s = 3.0
     max_fetch_wait_ms = 256
 
+    # Set (by `make_broker`) when partitions are owned through PostgreSQL leases rather than
+    # consumer-group membership (see `orchestrator.leases`).
+    lease_settings: Settings | None = None
+    leases: PartitionLeases | None = None
+
+    async def start(self) -> None:
+        if self.lease_settings is None:
+            await super().start()
+            return
+        loop = asyncio.get_running_loop()
+        names = [t.name for t in self.topics]
+
+        def describe() -> list[Partition]:
+            metadata = self.consumer.list_topics(timeout=10)
+            found: list[Partition] = []
+            for name in names:
+                topic = metadata.topics.get(name)
+                if topic is None or topic.error is not None:
+                    raise BusError(f"topic {name} is missing: create it first (ensure_topics)")
+                found += [Partition(name, p) for p in sorted(topic.partitions)]
+            return found
+
+        partitions = await loop.run_in_executor(self._thread_pool, describe)
+        self.leases = PartitionLeases(self.lease_settings, str(self.config["group.id"]),
+                                      partitions, self._reassign)
+        await self.leases.start()
+        await self.leases.wait_first_pass()
+        if self._on_assign is not None:
+            self._on_assign(self.consumer, [])
+
+    async def _reassign(self, acquired: Sequence[Partition], released: Sequence[Partition]
+                        ) -> None:
+        """Apply lease changes to the librdkafka consumer, on its own thread."""
+
+        def apply() -> None:
+            if released:
+                self.consumer.incremental_unassign(
+                    [TopicPartition(p.topic, p.partition) for p in released])
+            if acquired:
+                # No offset given: each partition resumes from the group's committed offset.
+                self.consumer.incremental_assign(
+                    [TopicPartition(p.topic, p.partition) for p in acquired])
+
+        await asyncio.get_running_loop().run_in_executor(self._thread_pool, apply)
+
+    async def stop(self) -> None:
+        leases, self.leases = self.leases, None
+        if leases is not None:
+            leases.on_change = _ignore_changes  # the consumer is closing with its assignment
+        try:
+            await super().stop()
+        finally:
+            if leases is not None:
+                await leases.stop()
+
     async def getmany(self, timeout: float = 0.1, max_records: int | None = 10  # noqa: ASYNC109
                       ) -> tuple[Message, ...]:
         limit = max(1, max_records or 10)
@@ -241,6 +297,10 @@ class DrainingConsumer(AsyncConfluentConsumer):
         old, self.consumer = self.consumer, Consumer(self.config, logger=log)
         with contextlib.suppress(Exception):
             old.close()
+        if self.leases is not None:
+            self.consumer.assign([TopicPartition(p.topic, p.partition)
+                                  for p in sorted(self.leases.owned)])
+            return
         subscribe: dict[str, Any] = {"topics": [t.name for t in self.topics]}
         for name, callback in (("on_assign", self._on_assign), ("on_revoke", self._on_revoke),
                                ("on_lost", self._on_lost)):
@@ -260,6 +320,11 @@ class DrainingConsumer(AsyncConfluentConsumer):
         return False
 
 
+async def _ignore_changes(_acquired: Sequence[Partition], _released: Sequence[Partition]
+                          ) -> None:
+    return None
+
+
 def make_broker(settings: Settings) -> KafkaBroker:
     assert settings.kafka_bootstrap
     broker = KafkaBroker(
@@ -272,9 +337,15 @@ def make_broker(settings: Settings) -> KafkaBroker:
     default_builder: Any = config.builder  # faststream's ConsumerBuilder: config, admin, logger
 
     def build(*topics: Any, **kwargs: Any) -> DrainingConsumer:
-        return DrainingConsumer(*topics, config=default_builder.config,
-                                admin_service=default_builder.admin,
-                                logger=default_builder.logger, **kwargs)
+        consumer = DrainingConsumer(*topics, config=default_builder.config,
+                                    admin_service=default_builder.admin,
+                                    logger=default_builder.logger, **kwargs)
+        if settings.partition_ownership == "lease":
+            if not settings.database_url:
+                raise ConfigurationError("partition_ownership=lease needs SAGA_DATABASE_URL "
+                                         "(or set SAGA_PARTITION_OWNERSHIP=group)")
+            consumer.lease_settings = settings
+        return consumer
 
     config.builder = build
     return broker

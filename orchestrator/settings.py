@@ -5,6 +5,8 @@ With neither `SAGA_DATABASE_URL` nor `SAGA_KAFKA_BOOTSTRAP` set, the CLI starts 
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -31,7 +33,21 @@ class Settings(BaseSettings):
     consume_batch_max: int = 500
     kafka_session_timeout_ms: int = 6000
 
+    # How consumers get their partitions: "lease" (PostgreSQL advisory-lock leases, handed on
+    # at once when a worker dies; ADR 0004) or "group" (Kafka consumer-group membership).
+    partition_ownership: Literal["lease", "group"] = "lease"
+    # A lease is proven alive this often; a worker frozen this long loses its partitions.
+    lease_heartbeat_s: float = Field(default=0.5, gt=0)
+    lease_timeout_s: float = Field(default=5.0, gt=0)
+
     db_pool_size: int = 5
+    # PostgreSQL ends a session idle inside a transaction this long (a frozen worker's), which
+    # releases its row locks instead of blocking every other writer behind them.
+    db_idle_in_transaction_timeout_s: float = Field(default=10.0, gt=0)
+
+    # The recovery worker: how often it scans for due sagas, and how many per transaction.
+    recovery_poll_s: float = Field(default=0.2, gt=0)
+    recovery_batch_max: int = Field(default=200, gt=0)
 
     relay_batch_max: int = 1000
     relay_idle_poll_s: float = 0.2
