@@ -22,6 +22,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.bus import KafkaProducer, Record, decode_headers
+from orchestrator.crash import crash_point
 from orchestrator.settings import Settings
 from orchestrator.store import json_value, mark_published
 
@@ -55,6 +56,7 @@ class OutboxRelay:
                        headers=decode_headers(json_value(row.headers)))
                 for row in rows
             ])
+            crash_point("relay.after_publish")
             await mark_published(conn, [row.id for row in rows])
         self.published += len(rows)
         log.info("relay published %d rows the fast path had left", len(rows))

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.bus import KafkaProducer, ensure_topics, make_broker, subscribe_batches
 from orchestrator.errors import ConfigurationError
+from orchestrator.recovery import RecoveryWorker
 from orchestrator.relay import OutboxRelay
 from orchestrator.settings import Settings
 from orchestrator.store import create_engine, migrate
@@ -26,7 +27,7 @@ from orchestrator.worker import ORCHESTRATOR_GROUP, OrchestratorWorker
 
 log = logging.getLogger(__name__)
 
-WORKER_KINDS = ("orchestrator", "relay", "participant:risk", "participant:ledger",
+WORKER_KINDS = ("orchestrator", "relay", "recovery", "participant:risk", "participant:ledger",
                 "participant:notify")
 
 
@@ -46,7 +47,8 @@ def make_participant(name: str, settings: Settings) -> Any:
 async def prepare(settings: Settings) -> AsyncEngine:
     if not settings.database_url or not settings.kafka_bootstrap:
         raise ConfigurationError("SAGA_DATABASE_URL and SAGA_KAFKA_BOOTSTRAP must both be set")
-    engine = create_engine(settings.database_url, settings.db_pool_size)
+    engine = create_engine(settings.database_url, settings.db_pool_size,
+                           settings.db_idle_in_transaction_timeout_s)
     await migrate(engine)
     await asyncio.to_thread(ensure_topics, settings)
     return engine
@@ -82,11 +84,12 @@ async def run_worker(kind: str, settings: Settings, stop: asyncio.Event) -> None
         loop.call_soon_threadsafe(lambda: asyncio.ensure_future(_mark_ready(engine, name, kind)))
 
     try:
-        if kind == "relay":
+        if kind in ("relay", "recovery"):  # database pollers: no consumer, no partitions
             producer = KafkaProducer(settings, name)
-            relay = OutboxRelay(settings, engine, producer)
+            poller = (OutboxRelay if kind == "relay" else RecoveryWorker)(settings, engine,
+                                                                         producer)
             await _mark_ready(engine, name, kind)
-            await relay.run(stop)
+            await poller.run(stop)
             return
         broker = make_broker(settings)
         producer = KafkaProducer(settings, name)

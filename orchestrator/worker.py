@@ -22,6 +22,7 @@ from orchestrator.core import (
     Decision,
     RejectTransfer,
     SagaState,
+    SagaStatus,
     StartTransfer,
     Verdict,
     decide_reject,
@@ -31,9 +32,11 @@ from orchestrator.core import (
     participant_of,
     saga_id_for_transfer,
 )
+from orchestrator.crash import crash_point, step_tags
 from orchestrator.definition import SagaDefinition
 from orchestrator.errors import SagaError
 from orchestrator.intake import Unparseable, classify
+from orchestrator.metrics import SAGAS_FAILED
 from orchestrator.relay import PublishedMarker
 from orchestrator.sagas import TRANSFER
 from orchestrator.settings import Settings
@@ -155,12 +158,17 @@ class OrchestratorWorker:
 
     async def handle_batch(self, batch: Sequence[Consumed]) -> None:
         parsed = [self._parse(message) for message in batch]
+        tags = step_tags((p.input.step, p.input.direction.value) if isinstance(p.input, StepReply)
+                         else ("intake", "forward") for p in parsed)
+        crash_point("orchestrator.after_consume", tags)
         outbox_ids: list[int] = []
         outbox: list[store.OutboxRow] = []
         async for attempt in retrying():
             with attempt:
-                outbox_ids, outbox = await self._record(parsed)
+                outbox_ids, outbox = await self._record(parsed, tags)
+        crash_point("orchestrator.after_commit", tags)
         if not outbox:
+            crash_point("orchestrator.after_produce", tags)
             return
         # The fast path: publish what this batch committed now, rather than waiting for the
         # relay; if it fails, the rows stay unpublished and the relay sends them after its grace.
@@ -171,6 +179,7 @@ class OrchestratorWorker:
             log.warning("fast-path publish failed; the relay will publish %d rows", len(outbox))
             return
         self.marker.add(outbox_ids)
+        crash_point("orchestrator.after_produce", tags)
 
     async def close(self) -> None:
         await self.marker.close()
@@ -192,7 +201,7 @@ class OrchestratorWorker:
             saga_id = saga_id_for_transfer(intake.transfer_id)
         return _Parsed(message, message_id_of(message), saga_id, intake)
 
-    async def _record(self, parsed: Sequence[_Parsed]
+    async def _record(self, parsed: Sequence[_Parsed], tags: Sequence[str] = ()
                       ) -> tuple[list[int], list[store.OutboxRow]]:
         now = datetime.now(UTC)
         writes = _BatchWrites()
@@ -212,6 +221,10 @@ class OrchestratorWorker:
                 conn, CONSUMER, writes.inbox, writes.events, list(writes.touched.values()),
                 writes.outbox, writes.dead_letters, now,
             )
+            crash_point("orchestrator.before_commit", tags)
+        for state in writes.touched.values():
+            if state.status is SagaStatus.FAILED:
+                SAGAS_FAILED.add(1, {"stage": "orchestrator"})
         return ids, writes.outbox
 
     def _decide(self, item: _Parsed, state: SagaState | None, now: datetime) -> Decision:

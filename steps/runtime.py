@@ -29,6 +29,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from orchestrator.bus import Consumed, KafkaProducer, Record, encode_headers
+from orchestrator.crash import crash_point, step_tags
 from orchestrator.settings import Settings
 from orchestrator.store import DeadLetterRow, insert_dead_letters, translate
 from orchestrator.worker import dead_letter_for, dead_letter_record, message_id_of, retrying
@@ -95,20 +96,27 @@ class ParticipantWorker:
                 commands.append(StepCommand.model_validate_json(message.value))
             except ValidationError as error:
                 bad.append((message, error.errors()[0]["msg"]))
+        tags = step_tags((c.step, c.direction.value) for c in commands)
+        crash_point("participant.after_consume", tags)
         replies: list[StepReply] = []
         async for attempt in retrying():
             with attempt:
-                replies = await self._apply(commands, bad)
+                replies = await self._apply(commands, bad, tags)
+        crash_point("participant.after_effect", tags)
         await self.producer.send([self._record(reply) for reply in replies])
+        crash_point("participant.after_produce", tags)
 
     async def _apply(self, commands: Sequence[StepCommand],
-                     bad: Sequence[tuple[Consumed, str]]) -> list[StepReply]:
+                     bad: Sequence[tuple[Consumed, str]], tags: Sequence[str] = ()
+                     ) -> list[StepReply]:
         now = datetime.now(UTC)
         try:
             async with self.engine.begin() as conn:
                 if bad:
                     await self._dead_letter(conn, bad, now)
-                return await self._apply_in(conn, commands, now)
+                replies = await self._apply_in(conn, commands, now)
+                crash_point("participant.before_commit", tags)
+                return replies
         except DBAPIError as error:
             # A unique-key collision: another instance applied one of these effects first;
             # the retry finds its stored reply.

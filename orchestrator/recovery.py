@@ -1,0 +1,221 @@
+"""The recovery worker: brings home sagas that nothing else would move.
+
+Nothing in a consumer waits: a retry's backoff and a command's deadline are the saga's `due_at`
+in PostgreSQL. This worker scans the in-flight sagas that are due (through the partial index
+`sagas_due`), asks the pure core what to do (`decide_due`: start the scheduled retry, re-send an
+unanswered command under the same command id, or give up and compensate / fail), and records
+the result like the orchestrator does: events, projection and outbox in one transaction, then
+publishes the commands at once.
+
+Several recovery workers may run side by side: rows are taken `FOR UPDATE SKIP LOCKED`, so each
+due saga is leased to exactly one of them for the length of its transaction, and the event
+store's `(saga_id, seq)` key fences everything else: a write decided on a state that another
+writer (an orchestrator folding a reply, a zombie) has moved on from is refused.
+
+It also runs the outbox relay's sweep, so an outbox row left unpublished is recovered even when
+no relay runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from uuid import UUID, uuid5
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from orchestrator import store
+from orchestrator.bus import KafkaProducer, Record, decode_headers, encode_headers
+from orchestrator.core import SagaState, decide_due, evolve, participant_of
+from orchestrator.crash import crash_point
+from orchestrator.definition import SagaDefinition
+from orchestrator.errors import SagaError
+from orchestrator.metrics import RECOVERY_ACTIONS, SAGAS_FAILED
+from orchestrator.relay import OutboxRelay, PublishedMarker
+from orchestrator.sagas import SAGAS
+from orchestrator.settings import Settings
+from schemas import (
+    TOPIC_DEAD_LETTERS,
+    DeadLetter,
+    RejectionCode,
+    StepRetryScheduled,
+    StepStarted,
+    StepTimedOut,
+    step_topic,
+)
+
+log = logging.getLogger(__name__)
+
+_RECOVERY_DEAD_LETTER = UUID("4d2b8f0e-7c1a-4e9b-8f3d-2a6c5e0b9d71")
+# The `original_topic` of a FAILED saga's dead letter: no Kafka record caused it, so there is
+# nothing to redrive; an operator resolves the saga (see docs/operations/runbook.md).
+RECOVERY_SOURCE = "saga.recovery"
+
+
+@dataclass
+class RecoveryPass:
+    """What one pass did, for logs and tests."""
+
+    scanned: int = 0
+    retried: int = 0
+    resent: int = 0
+    gave_up: int = 0
+    failed: list[UUID] = field(default_factory=list)
+
+    @property
+    def acted(self) -> int:
+        return self.retried + self.resent + self.gave_up
+
+
+class RecoveryWorker:
+    def __init__(self, settings: Settings, engine: AsyncEngine, producer: KafkaProducer,
+                 definitions: dict[str, SagaDefinition] | None = None) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.producer = producer
+        self.definitions = definitions or SAGAS
+        self.actor = settings.worker_name or "recovery"
+        self.marker = PublishedMarker(engine)
+        self.relay = OutboxRelay(settings, engine, producer)
+
+    async def recover_once(self, now: datetime | None = None) -> RecoveryPass:
+        """One pass over the sagas due at `now` (default: the clock), at most
+        `recovery_batch_max` of them."""
+        now = now or datetime.now(UTC)
+        done = RecoveryPass()
+        events: list[store.NewEvent] = []
+        states: list[SagaState] = []
+        outbox: list[store.OutboxRow] = []
+        dead_letters: list[store.DeadLetterRow] = []
+        async with self.engine.begin() as conn:
+            rows = (await conn.execute(
+                text(
+                    "SELECT state FROM sagas WHERE status IN ('RUNNING', 'COMPENSATING')"
+                    " AND due_at <= :now ORDER BY due_at LIMIT :n FOR UPDATE SKIP LOCKED"
+                ),
+                {"now": now, "n": self.settings.recovery_batch_max},
+            )).all()
+            done.scanned = len(rows)
+            for row in rows:
+                state = SagaState.from_json(store.json_value(row.state))
+                definition = self.definitions[state.saga_type]
+                decision = decide_due(definition, state, now)
+                if decision is None:
+                    continue  # not due after all: the row's due_at was older than its state
+                cause = f"recovery:{now.isoformat()}"
+                for event in decision.events:
+                    state = evolve(state, event)
+                    events.append(store.NewEvent(state.saga_id, state.version, event,
+                                                 self.actor, cause))
+                    self._count(event, done)
+                states.append(state)
+                for command in decision.commands:
+                    outbox.append(store.OutboxRow(
+                        topic=self.settings.topic(step_topic(participant_of(definition,
+                                                                            command))),
+                        key=str(command.saga_id).encode(),
+                        value=command.model_dump_json().encode(),
+                        headers=encode_headers([("message-id", str(command.command_id).encode()),
+                                                ("type", b"StepCommand")]),
+                        saga_id=command.saga_id,
+                    ))
+                if decision.saga_failed:
+                    done.failed.append(state.saga_id)
+                    letter, row_ = self._dead_letter(state, now)
+                    dead_letters.append(row_)
+                    outbox.append(store.OutboxRow(
+                        topic=self.settings.topic(TOPIC_DEAD_LETTERS), key=letter[0],
+                        value=letter[1], headers=encode_headers(letter[2]),
+                        saga_id=state.saga_id))
+            if not events:
+                return done
+            crash_point("recovery.before_commit")
+            ids = await store.write_batch(conn, "recovery", [], events, states, outbox,
+                                          dead_letters, now)
+        crash_point("recovery.after_commit")
+        for saga_id in done.failed:
+            SAGAS_FAILED.add(1, {"stage": "recovery"})
+            log.error("saga %s FAILED in recovery and was dead-lettered", saga_id)
+        try:
+            await self.producer.send([
+                Record(o.topic, o.value, o.key, decode_headers(o.headers)) for o in outbox])
+        except SagaError:
+            log.warning("recovery publish failed; the relay sweep will publish %d rows",
+                        len(outbox))
+            return done
+        self.marker.add(ids)
+        return done
+
+    @staticmethod
+    def _count(event: object, done: RecoveryPass) -> None:
+        if isinstance(event, StepStarted):
+            done.retried += 1
+            RECOVERY_ACTIONS.add(1, {"action": "retry"})
+        elif isinstance(event, StepTimedOut):
+            if event.gave_up:
+                done.gave_up += 1
+                RECOVERY_ACTIONS.add(1, {"action": "gave_up"})
+            else:
+                done.resent += 1
+                RECOVERY_ACTIONS.add(1, {"action": "resend"})
+        elif isinstance(event, StepRetryScheduled):  # pragma: no cover - decide_due never does
+            pass
+
+    def _dead_letter(self, state: SagaState, now: datetime
+                     ) -> tuple[tuple[bytes, bytes, list[tuple[str, bytes]]],
+                                store.DeadLetterRow]:
+        """A FAILED saga has no consumed message to set aside: its dead letter carries the
+        saga's state, so the operator has the transfer and where it stopped in one record."""
+        assert state.step is not None
+        topic = RECOVERY_SOURCE
+        payload = json.dumps(state.to_json()).encode()
+        letter = DeadLetter(
+            dead_letter_id=uuid5(_RECOVERY_DEAD_LETTER, f"{state.saga_id}:{state.version}"),
+            reason_code=RejectionCode.STEP_TIMED_OUT,
+            reason=state.failure or "timed out",
+            error_class=f"recovery.{RejectionCode.STEP_TIMED_OUT.value}",
+            original_topic=topic, original_partition=None, original_offset=None,
+            original_key=str(state.saga_id),
+            attempts=state.attempt + state.resends,
+            first_failed_at=state.requested_at or now, last_failed_at=now,
+            saga_id=state.saga_id, transfer_id=state.transfer_id,
+        )
+        headers = [("type", b"SagaState"), *letter.to_headers()]
+        row = store.DeadLetterRow(
+            dead_letter_id=letter.dead_letter_id, stage="recovery",
+            reason_code=letter.reason_code.value, reason=letter.reason,
+            error_class=letter.error_class, original_topic=topic, original_partition=None,
+            original_offset=None, original_key=letter.original_key, payload=payload,
+            headers=encode_headers([("type", b"SagaState")]), failed_at=now,
+            saga_id=state.saga_id, transfer_id=state.transfer_id,
+        )
+        return (str(state.saga_id).encode(), payload, headers), row
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Scan for due sagas every `recovery_poll_s` (at once again after a full batch), and
+        sweep the outbox beside it, until `stop` is set."""
+        relay = asyncio.create_task(self.relay.run(stop), name="recovery-outbox-sweep")
+        try:
+            while not stop.is_set():
+                try:
+                    done = await self.recover_once()
+                except SagaError as error:
+                    log.warning("recovery pass failed (%s); retrying shortly", error)
+                    done = RecoveryPass()
+                except Exception:
+                    log.exception("recovery pass failed; retrying shortly")
+                    done = RecoveryPass()
+                if done.acted:
+                    log.info("recovery: %d retried, %d re-sent, %d gave up, %d failed",
+                             done.retried, done.resent, done.gave_up, len(done.failed))
+                if done.scanned < self.settings.recovery_batch_max:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), self.settings.recovery_poll_s)
+        finally:
+            await relay
+            await self.marker.close()
