@@ -58,6 +58,14 @@ def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> None:
                 raise BusError(f"cannot create topic {name}: {error}") from error
 
 
+def missing_topics(settings: Settings, timeout_s: float = 10.0) -> list[str]:
+    """The topics of `all_topics` the broker does not have."""
+    assert settings.kafka_bootstrap
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    present = set(admin.list_topics(timeout=timeout_s).topics)
+    return [name for name in all_topics(settings) if name not in present]
+
+
 @dataclass(frozen=True)
 class Record:
     """One message to produce. Headers are bytes, as Kafka carries them."""
@@ -132,6 +140,9 @@ class KafkaProducer:
                 # Latency over batching: a saga's next step waits on this record.
                 "linger.ms": 0,
                 "message.timeout.ms": 30000,
+                # Topics are created with their partition count by `ensure_topics` (workers at
+                # start, the recovery worker after a broker restart), never by a produce.
+                "allow.auto.create.topics": False,
             }
         )
 

@@ -45,6 +45,9 @@ def worker_argv(kind: str) -> list[str]:
 
 @dataclass
 class WorkerProcesses:
+    """Worker processes by label: the kind (`orchestrator`, `participant:ledger`, ...), or
+    `kind#n` for a further instance of the same kind."""
+
     settings: Settings
     log_dir: Path
     kinds: tuple[str, ...] = WORKER_KINDS
@@ -52,37 +55,66 @@ class WorkerProcesses:
     # Unique per start, so readiness means *these* processes, even on a shared database.
     names: dict[str, str] = field(default_factory=dict)
 
-    def start(self, kind: str | None = None) -> None:
+    def start(self, kind: str | None = None, env: dict[str, str] | None = None) -> None:
+        """Start every kind, or the one labelled `kind`, with `env` added (for example a
+        `SAGA_CRASH_AT` for the chaos tests)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        env = settings_env(self.settings)
-        for k in [kind] if kind else list(self.kinds):
-            log_path = self.log_dir / f"{k.replace(':', '-')}.log"
-            self.names[k] = f"{k}#{uuid.uuid4().hex[:8]}"
+        base = settings_env(self.settings)
+        for label in [kind] if kind else list(self.kinds):
+            log_path = self.log_path(label)
+            self.names[label] = f"{label}#{uuid.uuid4().hex[:8]}"
             with open(log_path, "ab") as log_file:
-                self.processes[k] = subprocess.Popen(
-                    worker_argv(k), stdout=log_file, stderr=subprocess.STDOUT,
-                    env={**env, "SAGA_WORKER_NAME": self.names[k]}, start_new_session=True,
-                    preexec_fn=die_with_parent,
+                self.processes[label] = subprocess.Popen(
+                    worker_argv(label.split("#", 1)[0]), stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    env={**base, **(env or {}), "SAGA_WORKER_NAME": self.names[label]},
+                    start_new_session=True, preexec_fn=die_with_parent,
                 )
 
-    async def wait_ready(self, engine: AsyncEngine, timeout_s: float = 90.0) -> None:
+    def signal(self, label: str, sig: int = signal.SIGKILL) -> None:
+        """Send `sig` to one worker (SIGKILL: no cleanup at all, as a crash)."""
+        process = self.processes[label]
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, sig)
+        if sig == signal.SIGKILL:
+            process.wait(10)
+
+    def restart(self, label: str, env: dict[str, str] | None = None) -> None:
+        """SIGKILL the worker if it still runs, then start it again."""
+        self.signal(label, signal.SIGKILL)
+        self.start(label, env)
+
+    def alive(self, label: str) -> bool:
+        return self.processes[label].poll() is None
+
+    async def wait_ready(self, engine: AsyncEngine, timeout_s: float = 90.0,
+                         labels: list[str] | None = None) -> None:
+        """Until every worker (or those labelled) owns its partitions; a worker that exits
+        meanwhile is an error, with the path of its log."""
+        wanted = labels if labels is not None else list(self.processes)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            for kind, process in self.processes.items():
+            for label in wanted:
+                process = self.processes[label]
                 if process.poll() is not None:
                     raise EmbeddedStackError(
-                        f"worker {kind} exited with {process.returncode}; see "
-                        f"{self.log_dir / (kind.replace(':', '-') + '.log')}")
+                        f"worker {label} exited with {process.returncode}; see "
+                        f"{self.log_path(label)}")
             with contextlib.suppress(Exception):
-                if await workers_ready(engine, set(self.names.values())):
+                if await workers_ready(engine, {self.names[label] for label in wanted}):
                     return
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.05)
         raise EmbeddedStackError(f"workers not ready after {timeout_s}s; logs in {self.log_dir}")
+
+    def log_path(self, label: str) -> Path:
+        return self.log_dir / f"{label.replace(':', '-').replace('#', '-')}.log"
 
     def stop(self, timeout_s: float = 15.0) -> None:
         for process in self.processes.values():
             if process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGCONT)  # a frozen worker must hear SIGTERM
                     os.kill(process.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         for process in self.processes.values():

@@ -30,7 +30,14 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator import store
-from orchestrator.bus import KafkaProducer, Record, decode_headers, encode_headers
+from orchestrator.bus import (
+    KafkaProducer,
+    Record,
+    decode_headers,
+    encode_headers,
+    ensure_topics,
+    missing_topics,
+)
 from orchestrator.core import SagaState, decide_due, evolve, participant_of
 from orchestrator.crash import crash_point
 from orchestrator.definition import SagaDefinition
@@ -196,10 +203,27 @@ class RecoveryWorker:
         )
         return (str(state.saga_id).encode(), payload, headers), row
 
+    async def keep_topics(self, stop: asyncio.Event, every_s: float = 2.0) -> None:
+        """Re-create missing topics. A broker that keeps nothing (the embedded one) comes back
+        from a restart empty; producers do not auto-create topics (it would pick its own
+        partition count), so this is what lets every worker resume."""
+        while not stop.is_set():
+            try:
+                missing = await asyncio.to_thread(missing_topics, self.settings)
+                if missing:
+                    log.warning("topics missing on the broker (restarted?): %s; creating them",
+                                ", ".join(missing))
+                    await asyncio.to_thread(ensure_topics, self.settings)
+            except Exception as error:
+                log.warning("cannot check the broker's topics: %s", error)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), every_s)
+
     async def run(self, stop: asyncio.Event) -> None:
         """Scan for due sagas every `recovery_poll_s` (at once again after a full batch), and
-        sweep the outbox beside it, until `stop` is set."""
+        sweep the outbox and keep the topics beside it, until `stop` is set."""
         relay = asyncio.create_task(self.relay.run(stop), name="recovery-outbox-sweep")
+        topics = asyncio.create_task(self.keep_topics(stop), name="recovery-topics")
         try:
             while not stop.is_set():
                 try:
@@ -218,4 +242,5 @@ class RecoveryWorker:
                         await asyncio.wait_for(stop.wait(), self.settings.recovery_poll_s)
         finally:
             await relay
+            await topics
             await self.marker.close()
