@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import asyncpg
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from orchestrator.core import SagaState
-from orchestrator.errors import ConcurrencyConflict, StoreError
+from orchestrator.errors import ConcurrencyConflict, StoreError, StoreUnavailable
 from schemas import SAGA_EVENT_ADAPTER, SagaEvent
 
 # Payload: the transfer id of a saga that just reached a terminal state (sent at commit).
@@ -68,16 +69,46 @@ async def migrate(engine: AsyncEngine) -> list[str]:
 
 
 _UNIQUE_VIOLATION = "23505"
+# Server states that say nothing about the batch: connection trouble (class 08), shutdown or
+# restart (57P01-57P03), too many connections, a deadlock or serialization victim, a lock or
+# idle-session timeout.
+_TRANSIENT_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300", "40001", "40P01", "55P03",
+                                  "25P03", "57P05"})
+
+
+def _sqlstate(error: DBAPIError) -> str | None:
+    state = getattr(error.orig, "sqlstate", None) or getattr(
+        getattr(error.orig, "__cause__", None), "sqlstate", None)
+    return str(state) if state else None
 
 
 def translate(error: DBAPIError) -> StoreError:
-    """A driver error as ours: a unique-key collision means another writer won a race (retry);
-    anything else is a refusal that retrying will not cure."""
-    sqlstate = getattr(error.orig, "sqlstate", None) or getattr(
-        getattr(error.orig, "__cause__", None), "sqlstate", None)
+    """A driver error as ours: a unique-key collision means another writer won a race, a lost
+    or refused connection means the database is away (both retryable); anything else is a
+    refusal that retrying will not cure."""
+    sqlstate = _sqlstate(error)
     if isinstance(error, IntegrityError) and sqlstate == _UNIQUE_VIOLATION:
         return ConcurrencyConflict(f"another writer recorded part of this batch first: {error}")
+    if is_transient_db_error(error):
+        return StoreUnavailable(f"the database is unavailable: {error}")
     return StoreError(f"the database refused the batch: {error}")
+
+
+def is_transient_db_error(error: BaseException) -> bool:
+    """Whether a database error is about the connection or the server's state, not the data."""
+    if isinstance(error, DBAPIError):
+        if error.connection_invalidated:
+            return True
+        sqlstate = _sqlstate(error)
+        if sqlstate is not None:
+            return sqlstate.startswith("08") or sqlstate in _TRANSIENT_SQLSTATES
+        # No SQLSTATE: transient only if the driver says the connection is gone.
+        cause = getattr(error.orig, "__cause__", None) or error.orig
+        return isinstance(error, InterfaceError) or isinstance(
+            cause, (OSError, asyncpg.exceptions.ConnectionDoesNotExistError,
+                    asyncpg.exceptions.InterfaceError))
+    return isinstance(error, (OSError, ConnectionError, TimeoutError,
+                              asyncpg.exceptions.ConnectionDoesNotExistError))
 
 
 @dataclass(frozen=True)
@@ -124,6 +155,9 @@ class DeadLetterRow:
     failed_at: datetime
     saga_id: UUID | None
     transfer_id: UUID | None
+    # A record set aside after repeated failures: how many tries, and when the first one failed.
+    attempts: int = 1
+    first_failed_at: datetime | None = None
 
 
 def _event_step(event: SagaEvent) -> tuple[str | None, int | None]:
@@ -287,9 +321,10 @@ async def insert_dead_letters(conn: AsyncConnection, rows: Sequence[DeadLetterRo
         text(
             "INSERT INTO dead_letters (dead_letter_id, stage, reason_code, reason, error_class,"
             " original_topic, original_partition, original_offset, original_key, payload, headers,"
-            " first_failed_at, last_failed_at, saga_id, transfer_id) VALUES (:id, :stage,"
-            " :reason_code, :reason, :error_class, :topic, :partition, :offset, :key, :payload,"
-            " CAST(:headers AS jsonb), :at, :at, :saga_id, :transfer_id)"
+            " attempts, first_failed_at, last_failed_at, saga_id, transfer_id) VALUES (:id,"
+            " :stage, :reason_code, :reason, :error_class, :topic, :partition, :offset, :key,"
+            " :payload, CAST(:headers AS jsonb), :attempts, :first, :at, :saga_id,"
+            " :transfer_id)"
             " ON CONFLICT (dead_letter_id) DO NOTHING"
         ),
         [
@@ -297,6 +332,7 @@ async def insert_dead_letters(conn: AsyncConnection, rows: Sequence[DeadLetterRo
              "reason": d.reason, "error_class": d.error_class, "topic": d.original_topic,
              "partition": d.original_partition, "offset": d.original_offset,
              "key": d.original_key, "payload": d.payload, "headers": json.dumps(d.headers),
+             "attempts": d.attempts, "first": d.first_failed_at or d.failed_at,
              "at": d.failed_at, "saga_id": d.saga_id, "transfer_id": d.transfer_id}
             for d in rows
         ],

@@ -5,9 +5,10 @@ committed by the bus only after that transaction committed (see `orchestrator.bu
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from uuid import UUID, uuid5
@@ -36,7 +37,7 @@ from orchestrator.crash import crash_point, step_tags
 from orchestrator.definition import SagaDefinition
 from orchestrator.errors import SagaError
 from orchestrator.intake import Unparseable, classify
-from orchestrator.metrics import SAGAS_FAILED
+from orchestrator.metrics import DEAD_LETTERS, SAGAS_FAILED
 from orchestrator.relay import PublishedMarker
 from orchestrator.sagas import TRANSFER
 from orchestrator.settings import Settings
@@ -60,6 +61,83 @@ REDRIVE_HEADER = "saga-redrive-id"
 
 def is_retryable(error: BaseException) -> bool:
     return isinstance(error, SagaError) and error.retryable
+
+
+def is_transient(error: BaseException) -> bool:
+    """Infrastructure trouble (database or broker away, a lost race) that says nothing about
+    the messages: the batch is redelivered until it passes, never set aside."""
+    return is_retryable(error) or store.is_transient_db_error(error)
+
+
+# Sets one record aside: (record, the error, tries, time of the first failure).
+SetAside = Callable[[Consumed, BaseException, int, datetime], Awaitable[None]]
+
+
+async def handle_isolating_poison(
+    batch: Sequence[Consumed],
+    handle: Callable[[Sequence[Consumed]], Awaitable[None]],
+    set_aside: SetAside,
+    attempts: int = 3,
+) -> None:
+    """Handle `batch`; if it fails for a reason that is not transient, find the record(s) that
+    make it fail and set them aside (dead-letter them) so that the rest of the partition goes
+    on. A poison record would otherwise be redelivered forever and block its partition.
+
+    The batch's transaction was rolled back, so each record is handled again on its own; one
+    that fails `attempts` times in a row is set aside. Transient errors propagate: the batch is
+    redelivered and nothing is dead-lettered for an outage."""
+    try:
+        await handle(batch)
+        return
+    except Exception as error:
+        if is_transient(error):
+            raise
+        log.warning("a batch of %d failed (%s: %s); handling its records one by one to find "
+                    "the poison", len(batch), type(error).__name__, error)
+    for message in batch:
+        first_failed_at: datetime | None = None
+        for attempt in range(1, attempts + 1):
+            try:
+                await handle([message])
+                break
+            except Exception as error:
+                if is_transient(error):
+                    raise
+                first_failed_at = first_failed_at or datetime.now(UTC)
+                if attempt < attempts:
+                    await asyncio.sleep(0.05 * attempt)
+                    continue
+                log.error("setting aside the record at %s/%s/%s after %d failures: %s: %s",
+                          message.topic, message.partition, message.offset, attempts,
+                          type(error).__name__, error)
+                await set_aside(message, error, attempts, first_failed_at)
+                DEAD_LETTERS.add(1, {"stage": "poison",
+                                     "reason": RejectionCode.PROCESSING_FAILED.value})
+
+
+def poison_dead_letter(settings: Settings, stage: str, message: Consumed, error: BaseException,
+                       attempts: int, first_failed_at: datetime
+                       ) -> tuple[store.DeadLetterRow, store.OutboxRow, str]:
+    """The dead letter of a record that kept failing: its row, its DLQ record, its message id."""
+    now = datetime.now(UTC)
+    message_id = message_id_of(message)
+    letter = dead_letter_for(message, RejectionCode.PROCESSING_FAILED,
+                             f"{type(error).__name__}: {error}"[:2000],
+                             f"{stage}.{type(error).__qualname__}", now,
+                             message_id=message_id).model_copy(
+        update={"attempts": attempts, "first_failed_at": first_failed_at})
+    record = dead_letter_record(settings, message, letter)
+    row = store.DeadLetterRow(
+        dead_letter_id=letter.dead_letter_id, stage=stage,
+        reason_code=letter.reason_code.value, reason=letter.reason,
+        error_class=letter.error_class, original_topic=message.topic,
+        original_partition=message.partition, original_offset=message.offset,
+        original_key=letter.original_key, payload=message.value,
+        headers=encode_headers(message.headers), failed_at=now, saga_id=None,
+        transfer_id=None, attempts=attempts, first_failed_at=first_failed_at)
+    outbox = store.OutboxRow(record.topic, record.key, record.value,
+                             encode_headers(record.headers), None)
+    return row, outbox, message_id
 
 
 def retrying(attempts: int = 5) -> AsyncRetrying:
@@ -157,6 +235,21 @@ class OrchestratorWorker:
         return [self.commands_topic, self.replies_topic]
 
     async def handle_batch(self, batch: Sequence[Consumed]) -> None:
+        """The subscriber's entry point: process the batch, setting aside poison records."""
+        await handle_isolating_poison(batch, self.process_batch, self._set_aside)
+
+    async def _set_aside(self, message: Consumed, error: BaseException, attempts: int,
+                         first_failed_at: datetime) -> None:
+        row, outbox, message_id = poison_dead_letter(self.settings, "orchestrator", message,
+                                                     error, attempts, first_failed_at)
+        inbox = store.InboxRow(message_id=message_id, topic=message.topic,
+                               partition=message.partition, offset=message.offset,
+                               verdict="dead_lettered", saga_id=None)
+        async with self.engine.begin() as conn:
+            await store.write_batch(conn, CONSUMER, [inbox], [], [], [outbox], [row],
+                                    datetime.now(UTC))
+
+    async def process_batch(self, batch: Sequence[Consumed]) -> None:
         parsed = [self._parse(message) for message in batch]
         tags = step_tags((p.input.step, p.input.direction.value) if isinstance(p.input, StepReply)
                          else ("intake", "forward") for p in parsed)

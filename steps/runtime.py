@@ -28,11 +28,19 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from orchestrator import store
 from orchestrator.bus import Consumed, KafkaProducer, Record, encode_headers
 from orchestrator.crash import crash_point, step_tags
 from orchestrator.settings import Settings
 from orchestrator.store import DeadLetterRow, insert_dead_letters, translate
-from orchestrator.worker import dead_letter_for, dead_letter_record, message_id_of, retrying
+from orchestrator.worker import (
+    dead_letter_for,
+    dead_letter_record,
+    handle_isolating_poison,
+    message_id_of,
+    poison_dead_letter,
+    retrying,
+)
 from schemas import (
     TOPIC_REPLIES,
     Direction,
@@ -89,6 +97,18 @@ class ParticipantWorker:
         self.group_id = f"saga-participant-{participant.name}"
 
     async def handle_batch(self, batch: Sequence[Consumed]) -> None:
+        """The subscriber's entry point: process the batch, setting aside poison records."""
+        await handle_isolating_poison(batch, self.process_batch, self._set_aside)
+
+    async def _set_aside(self, message: Consumed, error: BaseException, attempts: int,
+                         first_failed_at: datetime) -> None:
+        row, outbox, _ = poison_dead_letter(self.settings, f"participant:{self.participant.name}",
+                                            message, error, attempts, first_failed_at)
+        async with self.engine.begin() as conn:
+            await store.write_batch(conn, self.group_id, [], [], [], [outbox], [row],
+                                    datetime.now(UTC))
+
+    async def process_batch(self, batch: Sequence[Consumed]) -> None:
         commands: list[StepCommand] = []
         bad: list[tuple[Consumed, str]] = []
         for message in batch:

@@ -345,6 +345,42 @@ async def test_malformed_command_is_dead_lettered_and_the_batch_goes_on(
     await harness.assert_invariants()
 
 
+async def test_a_poison_command_is_set_aside_and_the_partition_goes_on(
+        harness: Harness, ledger_worker: ParticipantWorker, dlq_tap: DeadLetterTap) -> None:
+    """A command that parses but makes the participant raise (its payload lacks the transfer's
+    fields) would be redelivered forever and block its partition; it is set aside after three
+    tries with PROCESSING_FAILED, and the good command in the same batch is answered."""
+    saga, source, destination = await finished_transfer(harness, "40.00", "15.00", "COMPLETED")
+    good = (await ledger_commands(harness, saga.saga_id))[0]
+    poison = step_command(uuid.uuid4(), "reserve", "reserve", FORWARD, {"note": "no fields"})
+    poison_bytes = poison.model_dump_json().encode()
+    offset = unused_offset()
+    reader = await asyncio.to_thread(ReplyReader, harness)
+
+    await ledger_worker.handle_batch([
+        consumed(ledger_worker, poison_bytes, 1, offset, key=str(poison.saga_id).encode()),
+        consumed(ledger_worker, good.model_dump_json().encode(), 1, offset + 1,
+                 key=str(saga.saga_id).encode()),
+    ])
+
+    letter = await harness.wait_dead_letter(poison_bytes)
+    assert (letter.stage, letter.reason_code, letter.attempts) == (
+        "participant:ledger", "PROCESSING_FAILED", 3)
+    assert letter.error_class.startswith("participant:ledger.")
+    assert letter.first_failed_at <= letter.last_failed_at
+    assert (letter.original_partition, letter.original_offset) == (1, offset)
+    reply = await asyncio.to_thread(reader.wait_for, good.command_id)
+    assert (reply.saga_id, reply.outcome, reply.replayed) == (saga.saga_id, Outcome.SUCCEEDED,
+                                                              True)
+    record = await wait_tapped(dlq_tap, poison_bytes)
+    assert record["headers"]["dlq-reason-code"] == "PROCESSING_FAILED"
+    assert record["headers"]["dlq-attempts"] == "3"
+    # Nothing of the poison touched money: no entry, no stored reply for its saga.
+    assert await harness.entries(poison.saga_id) == []
+    assert await stored_replies(harness, poison.saga_id) == {}
+    await harness.assert_invariants()
+
+
 # ----------------------------------------------------------- regressions of bugs these found
 
 @pytest.mark.parametrize("order", ["forward_first", "compensation_first"])
