@@ -31,6 +31,7 @@ ENV_EXAMPLE = COMPOSE_DIR / ".env.example"
 WORKERS = {
     "orchestrator": ["orchestrator"],
     "relay": ["relay"],
+    "recovery": ["recovery"],
     "participant-risk": ["participant", "risk"],
     "participant-ledger": ["participant", "ledger"],
     "participant-notify": ["participant", "notify"],
