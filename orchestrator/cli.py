@@ -1,7 +1,7 @@
 """`saga`: the command line on-call engineers live in. Every printing command takes `--json`.
 
 Exit codes: 0 ok; 1 an invariant violated or the demo did not finish clean; 2 bad usage or
-configuration; 3 not found.
+configuration; 3 not found (for `dlq redrive`: some id was not found; the others were redriven).
 """
 
 from __future__ import annotations
@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import getpass
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -57,7 +59,7 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from orchestrator.demo import render_summary, run_demo
 
     summary = await run_demo(settings, args.transfers, args.timeout, args.json, args.seed,
-                             args.keep)
+                             args.keep, chaos=args.chaos, chaos_s=args.chaos_seconds)
     if args.json:
         compact = {k: v for k, v in summary.items() if k != "example_timeline"}
         print(json.dumps(compact, default=str))
@@ -165,6 +167,112 @@ async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestrator.dlq import list_dead_letters, render_list
+
+    engine = _engine(settings)
+    try:
+        async with engine.connect() as conn:
+            letters = await list_dead_letters(conn, limit=args.limit, include_redriven=args.all,
+                                              reason=args.reason)
+    finally:
+        await engine.dispose()
+    if args.json:
+        _print([letter.to_json() for letter in letters], True, str)
+    else:
+        print(render_list(letters))
+    return 0
+
+
+async def cmd_dlq_show(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestrator.dlq import render_detail, show_dead_letter
+
+    engine = _engine(settings)
+    try:
+        async with engine.connect() as conn:
+            detail = await show_dead_letter(conn, args.id)
+    finally:
+        await engine.dispose()
+    print(json.dumps(detail.to_json(), indent=2) if args.json else render_detail(detail))
+    return 0
+
+
+def _default_actor() -> str:
+    """Who runs the command, for the record a redrive leaves: $USER, else the login name."""
+    actor = os.environ.get("USER")
+    if not actor:
+        with contextlib.suppress(Exception):  # no such variable and no passwd entry
+            actor = getpass.getuser()
+    return actor or ""
+
+
+async def cmd_dlq_redrive(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestrator.dlq import ALL_PENDING, redrive
+
+    if bool(args.ids) == args.all:
+        raise ConfigurationError("usage: saga dlq redrive (ID... | --all): give dead letter ids"
+                                 " or --all, not both")
+    actor = (args.actor if args.actor is not None else _default_actor()).strip()
+    if not actor:
+        raise ConfigurationError("who is redriving? $USER is not set: pass --actor NAME")
+    engine = _engine(settings)
+    try:
+        # One transaction: the dead letters are marked redriven exactly when their outbox rows
+        # are written; the relay publishes those rows after this commits.
+        async with engine.begin() as conn:
+            result = await redrive(conn, ALL_PENDING if args.all else args.ids, actor=actor)
+    finally:
+        await engine.dispose()
+
+    def render(_: Any) -> str:
+        lines = [result.describe()]
+        lines += [f"  redriven          {i}" for i in result.redriven]
+        lines += [f"  already redriven  {i}" for i in result.already_redriven]
+        lines += [f"  not found         {i}" for i in result.not_found]
+        return "\n".join(lines)
+
+    _print(result.to_json(), args.json, render)
+    if result.not_found:
+        print(f"saga: no dead letter with id {', '.join(result.not_found)}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
+
+
+def _add_dlq_parser(sub: Any) -> None:
+    dlq = sub.add_parser("dlq", help="dead letters: list, show, redrive exactly once")
+    commands = dlq.add_subparsers(dest="dlq_command", required=True)
+
+    ls = commands.add_parser("list", help="dead letters, most recently failed first")
+    ls.add_argument("--all", action="store_true", help="include those already redriven")
+    ls.add_argument("--reason", type=str.upper, metavar="CODE",
+                    help="only this reason code, e.g. UNKNOWN_CURRENCY")
+    ls.add_argument("--limit", type=_positive_int, default=50)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(run=cmd_dlq_list)
+
+    show = commands.add_parser("show", help="every field of one dead letter, headers, payload")
+    show.add_argument("id", help="a dead letter id or a unique prefix of one (4+ hex digits)")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(run=cmd_dlq_show)
+
+    rd = commands.add_parser(
+        "redrive", help="republish dead letters to their original topic, each at most once")
+    rd.add_argument("ids", nargs="*", metavar="ID",
+                    help="dead letter ids or unique prefixes of them")
+    rd.add_argument("--all", action="store_true", help="every dead letter not redriven yet")
+    rd.add_argument("--actor", metavar="NAME",
+                    help="who asks for it, recorded on the republished record (default: $USER)")
+    rd.add_argument("--json", action="store_true")
+    rd.set_defaults(run=cmd_dlq_redrive)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saga", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -176,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=None, help="random seed of the transfer mix")
     demo.add_argument("--keep", action="store_true",
                       help="keep the embedded stack's data and worker logs afterwards")
+    demo.add_argument("--chaos", action="store_true",
+                      help="SIGKILL and restart random workers while the demo runs")
+    demo.add_argument("--chaos-seconds", type=float, default=20.0,
+                      help="with --chaos: how long to publish and kill for")
     demo.add_argument("--json", action="store_true")
     demo.set_defaults(run=cmd_demo)
 
@@ -184,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev.set_defaults(run=cmd_dev)
 
     worker = sub.add_parser("worker", help="run one worker against the configured stack")
-    worker.add_argument("kind", choices=["orchestrator", "relay", "participant"])
+    worker.add_argument("kind", choices=["orchestrator", "relay", "recovery", "participant"])
     worker.add_argument("name", nargs="?", help="participant name: risk, ledger or notify")
     worker.set_defaults(run=cmd_worker)
 
@@ -209,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     mg = sub.add_parser("migrate", help="apply the schema migrations")
     mg.add_argument("--json", action="store_true")
     mg.set_defaults(run=cmd_migrate)
+
+    _add_dlq_parser(sub)
     return parser
 
 

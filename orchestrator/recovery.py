@@ -62,6 +62,7 @@ _RECOVERY_DEAD_LETTER = UUID("4d2b8f0e-7c1a-4e9b-8f3d-2a6c5e0b9d71")
 # The `original_topic` of a FAILED saga's dead letter: no Kafka record caused it, so there is
 # nothing to redrive; an operator resolves the saga (see docs/operations/runbook.md).
 RECOVERY_SOURCE = "saga.recovery"
+RECOVERY_STAGE = "recovery"
 
 
 @dataclass
@@ -194,7 +195,7 @@ class RecoveryWorker:
         )
         headers = [("type", b"SagaState"), *letter.to_headers()]
         row = store.DeadLetterRow(
-            dead_letter_id=letter.dead_letter_id, stage="recovery",
+            dead_letter_id=letter.dead_letter_id, stage=RECOVERY_STAGE,
             reason_code=letter.reason_code.value, reason=letter.reason,
             error_class=letter.error_class, original_topic=topic, original_partition=None,
             original_offset=None, original_key=letter.original_key, payload=payload,

@@ -285,7 +285,11 @@ class OrchestratorWorker:
                 return _Parsed(message, message_id_of(message), None,
                                Unparseable(RejectionCode.SCHEMA_VIOLATION,
                                            f"not a StepReply: {error.errors()[0]['msg']}"))
-            return _Parsed(message, f"reply:{reply.reply_id}", reply.saga_id, reply)
+            message_id = f"reply:{reply.reply_id}"
+            redrive = message.header(REDRIVE_HEADER)
+            if redrive:  # an operator redrove it: a new message, decided once more
+                message_id += f":redrive:{redrive}"
+            return _Parsed(message, message_id, reply.saga_id, reply)
         intake = classify(message.value, message.timestamp_ms)
         saga_id = None
         if isinstance(intake, StartTransfer):
