@@ -9,13 +9,15 @@ transfer is terminal, checks the invariants, and prints a summary and one compen
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import statistics
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,8 @@ from orchestrator.store import create_engine, migrate
 from schemas import TOPIC_TRANSFER_COMMANDS
 
 SANCTIONED = "demo-sanctioned"
+# How long `--chaos` publishes (and kills) for, by default.
+CHAOS_SECONDS = 20.0
 
 
 @dataclass(frozen=True)
@@ -185,8 +189,41 @@ def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
+@dataclass
+class ChaosMonkey:
+    """`saga demo --chaos`: SIGKILL a random worker every 0.5-2 s and restart it at once, as
+    long as transfers are being published, so sagas are in flight at every kill."""
+
+    workers: WorkerProcesses
+    rng: random.Random
+    kills: list[str] = field(default_factory=list)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.rng.uniform(0.5, 2.0))
+            if stop.is_set():
+                return
+            label = self.rng.choice(sorted(self.workers.processes))
+            await asyncio.to_thread(self.workers.restart, label)
+            self.kills.append(label)
+            print(f"  chaos: SIGKILLed {label} and restarted it", file=sys.stderr, flush=True)
+
+
+async def _publish_paced(settings: Settings, payloads: list[tuple[bytes, bytes | None]],
+                         duration_s: float) -> None:
+    """Publish in waves over `duration_s`, so that the chaos monkey always hits sagas in
+    flight (a burst would be over before the first kill)."""
+    waves = max(1, int(duration_s / 0.5))
+    size = -(-len(payloads) // waves)
+    for start in range(0, len(payloads), size):
+        await asyncio.to_thread(publish, settings, payloads[start:start + size])
+        await asyncio.sleep(0.5)
+
+
 async def run_demo(settings: Settings, transfers: int, timeout_s: float, as_json: bool,
-                   seed_value: int | None = None, keep_files: bool = False) -> dict[str, Any]:
+                   seed_value: int | None = None, keep_files: bool = False,
+                   chaos: bool = False, chaos_s: float = CHAOS_SECONDS) -> dict[str, Any]:
     out = sys.stderr
     rng = random.Random(seed_value)
     stack: EmbeddedStack | None = None
@@ -224,11 +261,27 @@ async def run_demo(settings: Settings, transfers: int, timeout_s: float, as_json
         print(f"publishing {transfers} transfer requests (+{len(duplicates)} exact re-sends, "
               f"+{len(conflicts)} conflicting re-sends)...", file=out)
         started = time.monotonic()
-        await asyncio.to_thread(publish, settings, [
-            (p.payload, p.transfer_id.encode() if p.transfer_id else None) for p in plans])
-        await asyncio.to_thread(publish, settings, [
-            (p.payload, p.transfer_id.encode() if p.transfer_id else None) for p in duplicates]
-            + [(c, None) for c in conflict_payloads])
+        requests = [(p.payload, p.transfer_id.encode() if p.transfer_id else None)
+                    for p in plans]
+        resends = [(p.payload, p.transfer_id.encode() if p.transfer_id else None)
+                   for p in duplicates] + [(c, None) for c in conflict_payloads]
+        monkey: ChaosMonkey | None = None
+        if chaos:
+            monkey = ChaosMonkey(workers, rng)
+            calm = asyncio.Event()
+            chaos_task = asyncio.create_task(monkey.run(calm))
+            print("chaos: killing and restarting a random worker every 0.5-2 s while "
+                  "publishing", file=out)
+            try:
+                await _publish_paced(settings, requests + resends, duration_s=chaos_s)
+            finally:
+                calm.set()
+                await chaos_task
+            print(f"chaos over after {len(monkey.kills)} kills; waiting for every transfer",
+                  file=out)
+        else:
+            await asyncio.to_thread(publish, settings, requests)
+            await asyncio.to_thread(publish, settings, resends)
         counts: dict[str, int] = {}
         terminal = 0
         last_line = 0.0
@@ -275,6 +328,9 @@ async def run_demo(settings: Settings, transfers: int, timeout_s: float, as_json
             "p50_ms": round(percentile(latencies, 50), 1),
             "p99_ms": round(percentile(latencies, 99), 1),
         }
+        if monkey is not None:
+            summary["chaos_kills"] = len(monkey.kills)
+            summary["chaos_killed"] = dict(sorted(Counter(monkey.kills).items()))
         compensated = await _pick_compensated(engine, transfer_ids)
         summary["example_compensated_saga"] = compensated and str(compensated)
         if compensated:
@@ -294,8 +350,9 @@ def render_summary(summary: dict[str, Any]) -> str:
     lines = ["", "demo summary"]
     keys = ["transfers", "completed", "compensated", "rejected", "failed", "stuck",
             "money_conserved", "duplicate_effects", "exact_resends", "conflicting_resends",
-            "dead_letters", "elapsed_s", "sagas_per_s", "p50_ms", "p99_ms"]
-    lines += [f"  {key:<20} {summary[key]}" for key in keys]
+            "dead_letters", "elapsed_s", "sagas_per_s", "p50_ms", "p99_ms", "chaos_kills",
+            "chaos_killed"]
+    lines += [f"  {key:<20} {summary[key]}" for key in keys if key in summary]
     for violation in summary["violations"]:
         lines.append(f"  VIOLATION {violation}")
     if summary.get("example_timeline"):

@@ -66,3 +66,30 @@ async def test_demo_on_its_own_embedded_stack_ends_clean() -> None:
     assert summary["elapsed_s"] > 0 and summary["sagas_per_s"] > 0
     # --json prints the summary without the bulky example timeline.
     assert "example_timeline" not in summary
+
+
+@pytest.mark.timeout(300)
+async def test_chaos_demo_kills_workers_and_still_ends_clean() -> None:
+    """`saga demo --chaos`: workers are SIGKILLed and restarted while transfers run; the
+    outcome must be exactly the one a calm run gives."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("SAGA_DATABASE_URL", "SAGA_KAFKA_BOOTSTRAP")}
+
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "orchestrator.cli", "demo", "-n", str(TRANSFERS), "--json",
+         "--seed", str(SEED), "--timeout", "120", "--chaos", "--chaos-seconds", "8"],
+        env=env, capture_output=True, text=True, timeout=280, check=False)
+
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr[-3000:])
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["chaos_kills"] >= 3, summary
+    assert sum(summary["chaos_killed"].values()) == summary["chaos_kills"]
+    assert result.stderr.count("chaos: SIGKILLed") == summary["chaos_kills"]
+    assert (summary["money_conserved"], summary["duplicate_effects"], summary["stuck"]) == (
+        True, 0, 0)
+    assert summary["invariants_ok"] is True, summary["violations"]
+    expected = expected_outcomes()
+    assert {k: summary[k] for k in ("completed", "compensated", "rejected", "failed")} == {
+        "completed": expected["completed"], "compensated": expected["compensated"],
+        "rejected": expected["rejected"], "failed": 0}
