@@ -134,6 +134,31 @@ async def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def cmd_stuck(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestrator.queries import stuck_sagas
+
+    engine = _engine(settings)
+    try:
+        rows = await stuck_sagas(engine, args.grace, args.limit)
+    finally:
+        await engine.dispose()
+
+    def render(rows: list[dict[str, Any]]) -> str:
+        if not rows:
+            return f"no saga is more than {args.grace:g} s past its due time"
+        lines = [f"{'saga id':<36}  {'status':<12} {'step':<8} {'dir':<10} {'att':>3} "
+                 f"{'overdue s':>9}"]
+        lines += [f"{r['saga_id']:<36}  {r['status']:<12} {r['current_step'] or '':<8} "
+                  f"{r['direction'] or '':<10} {r['attempt']:>3} {r['overdue_s']:>9}"
+                  for r in rows]
+        lines.append("is `saga worker recovery` running and reaching the broker? "
+                     "see docs/operations/runbook.md")
+        return "\n".join(lines)
+
+    _print(rows, args.json, render)
+    return 1 if rows else 0
+
+
 async def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     from orchestrator.checker import check
 
@@ -311,6 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--limit", type=int, default=50)
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(run=cmd_list)
+
+    st = sub.add_parser("stuck", help="in-flight sagas past their due time; exit 1 if any")
+    st.add_argument("--grace", type=float, default=30.0,
+                    help="seconds past the due time before a saga counts as stuck")
+    st.add_argument("--limit", type=int, default=100)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(run=cmd_stuck)
 
     ck = sub.add_parser("check", help="check the invariants I1-I7; exit 1 on a violation")
     ck.add_argument("--quiescent", action="store_true",

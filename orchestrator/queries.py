@@ -114,3 +114,25 @@ async def list_sagas(engine: AsyncEngine, status: str | None, limit: int) -> lis
          "updated_at": r.updated_at.isoformat()}
         for r in rows
     ]
+
+
+async def stuck_sagas(engine: AsyncEngine, grace_s: float, limit: int) -> list[dict[str, Any]]:
+    """In-flight sagas more than `grace_s` past their due time: the recovery worker should have
+    moved them by then (it polls every fraction of a second), so either no recovery worker runs
+    or it cannot reach the broker or this saga. Oldest first."""
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text(
+            "SELECT saga_id, transfer_id, status, current_step, direction, attempt, due_at,"
+            " updated_at, extract(epoch FROM clock_timestamp() - due_at) AS overdue_s,"
+            " state->>'failure' AS failure"
+            " FROM sagas WHERE status IN ('RUNNING', 'COMPENSATING')"
+            " AND due_at < clock_timestamp() - make_interval(secs => :grace)"
+            " ORDER BY due_at LIMIT :limit"),
+            {"grace": grace_s, "limit": limit})).all()
+    return [
+        {"saga_id": str(r.saga_id), "transfer_id": str(r.transfer_id), "status": r.status,
+         "current_step": r.current_step, "direction": r.direction, "attempt": r.attempt,
+         "due_at": r.due_at.isoformat(), "overdue_s": round(float(r.overdue_s), 1),
+         "updated_at": r.updated_at.isoformat(), "failure": r.failure}
+        for r in rows
+    ]

@@ -11,18 +11,21 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
-from sqlalchemy import text
+from sqlalchemy import make_url, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.checker import check
 from orchestrator.embedded import EmbeddedStack, settings_for
 from orchestrator.runner import WORKER_KINDS, prepare, run_worker, workers_ready
 from orchestrator.settings import Settings
+from orchestrator.store import create_engine, migrate
 from schemas import TOPIC_DEAD_LETTERS, TOPIC_TRANSFER_COMMANDS
 
 pytestmark = pytest.mark.integration
@@ -210,3 +213,36 @@ async def harness(stack_settings: Settings, engine: AsyncEngine, workers: None
     h = Harness(stack_settings, engine)
     yield h
     h.close()
+
+
+# A database of its own, for what must see every dead letter there is.
+
+@dataclass(frozen=True)
+class Isolated:
+    engine: AsyncEngine
+    harness: Harness  # its settings point at the isolated database, for `saga_cli`
+
+
+@pytest.fixture
+async def isolated(stack_settings: Settings, engine: AsyncEngine) -> AsyncIterator[Isolated]:
+    name = f"dlq_it_{uuid.uuid4().hex[:12]}"
+    async with engine.connect() as conn:
+        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            await conn.execute(text(f'CREATE DATABASE "{name}"'))
+        except DBAPIError as error:
+            pytest.skip(f"cannot create a database of its own on this server: {error}")
+    assert stack_settings.database_url
+    url = make_url(stack_settings.database_url).set(database=name).render_as_string(
+        hide_password=False)
+    own = create_engine(url, pool_size=2)
+    harness = Harness(stack_settings.model_copy(update={"database_url": url}), own)
+    try:
+        await migrate(own)
+        yield Isolated(own, harness)
+    finally:
+        harness.close()
+        await own.dispose()
+        async with engine.connect() as conn:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))

@@ -8,11 +8,16 @@ import os
 import subprocess
 import sys
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
-from tests.integration.conftest import Harness
+from orchestrator import store
+from orchestrator.core import StartTransfer, decide_start, evolve, request_hash
+from orchestrator.sagas import TRANSFER
+from schemas import TransferRequested
+from tests.integration.conftest import Harness, Isolated
 
 pytestmark = pytest.mark.integration
 
@@ -139,3 +144,40 @@ async def test_without_a_database_url_list_is_a_usage_error() -> None:
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert "SAGA_DATABASE_URL is not set" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def _start_saga_at(isolated: Isolated, at: datetime) -> uuid.UUID:
+    """Record a saga's start as the orchestrator would have at `at` (so its first step's
+    deadline is `at` + the step's timeout), in the isolated database, where no worker runs."""
+    request = TransferRequested(transfer_id=uuid.uuid4(), source_account="a",
+                                destination_account="b", amount="1.00", currency="EUR",
+                                requested_by="it")
+    decision = decide_start(TRANSFER, None, StartTransfer(request, request_hash(request)), at)
+    state = None
+    events = []
+    for event in decision.events:
+        state = evolve(state, event)
+        events.append(store.NewEvent(state.saga_id, state.version, event, "it", None))
+    assert state is not None
+    async with isolated.engine.begin() as conn:
+        await store.write_batch(conn, "it", [], events, [state], [], [], at)
+    return state.saga_id
+
+
+async def test_stuck_lists_sagas_past_their_due_time_and_exits_1(isolated: Isolated) -> None:
+    assert _ok(await saga_cli(isolated.harness, "stuck", "--json")) == []
+    timeout_s = TRANSFER.steps[0].timeout_s
+    overdue = await _start_saga_at(isolated, datetime.now(UTC) - timedelta(seconds=timeout_s + 90))
+    await _start_saga_at(isolated, datetime.now(UTC))  # due in timeout_s: not stuck
+
+    result = await saga_cli(isolated.harness, "stuck", "--json", "--grace", "30")
+
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    [row] = json.loads(result.stdout)
+    assert (row["saga_id"], row["status"], row["current_step"], row["direction"]) == (
+        str(overdue), "RUNNING", "screen", "forward")
+    assert 89 <= row["overdue_s"] < 200
+    text_result = await saga_cli(isolated.harness, "stuck", "--grace", "30")
+    assert str(overdue) in text_result.stdout and "saga worker recovery" in text_result.stdout
+    # With a grace longer than it is overdue, nothing counts as stuck.
+    assert _ok(await saga_cli(isolated.harness, "stuck", "--json", "--grace", "3600")) == []

@@ -14,7 +14,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -22,16 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import make_url, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.bus import Consumed, decode_headers, encode_headers
-from orchestrator.settings import Settings
-from orchestrator.store import create_engine, json_value, migrate
+from orchestrator.store import json_value
 from orchestrator.worker import CONSUMER, REDRIVE_HEADER, message_id_of
 from schemas import TOPIC_TRANSFER_COMMANDS
-from tests.integration.conftest import DeadLetterTap, Harness
+from tests.integration.conftest import DeadLetterTap, Harness, Isolated
 from tests.integration.test_cli import saga_cli
 
 pytestmark = pytest.mark.integration
@@ -308,39 +306,6 @@ async def test_redrive_needs_ids_or_all_but_not_both(args: tuple[str, ...]) -> N
 
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert result.stderr.startswith("saga: usage: saga dlq redrive (ID... | --all)")
-
-
-# A database of its own, for what must see every dead letter there is.
-
-@dataclass(frozen=True)
-class Isolated:
-    engine: AsyncEngine
-    harness: Harness  # its settings point at the isolated database, for `saga_cli`
-
-
-@pytest.fixture
-async def isolated(stack_settings: Settings, engine: AsyncEngine) -> AsyncIterator[Isolated]:
-    name = f"dlq_it_{uuid.uuid4().hex[:12]}"
-    async with engine.connect() as conn:
-        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        try:
-            await conn.execute(text(f'CREATE DATABASE "{name}"'))
-        except DBAPIError as error:
-            pytest.skip(f"cannot create a database of its own on this server: {error}")
-    assert stack_settings.database_url
-    url = make_url(stack_settings.database_url).set(database=name).render_as_string(
-        hide_password=False)
-    own = create_engine(url, pool_size=2)
-    harness = Harness(stack_settings.model_copy(update={"database_url": url}), own)
-    try:
-        await migrate(own)
-        yield Isolated(own, harness)
-    finally:
-        harness.close()
-        await own.dispose()
-        async with engine.connect() as conn:
-            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
 
 
 async def _redriven_at(engine: AsyncEngine) -> dict[uuid.UUID, datetime | None]:

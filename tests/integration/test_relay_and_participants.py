@@ -350,7 +350,7 @@ async def test_a_poison_command_is_set_aside_and_the_partition_goes_on(
     """A command that parses but makes the participant raise (its payload lacks the transfer's
     fields) would be redelivered forever and block its partition; it is set aside after three
     tries with PROCESSING_FAILED, and the good command in the same batch is answered."""
-    saga, source, destination = await finished_transfer(harness, "40.00", "15.00", "COMPLETED")
+    saga, _source, _destination = await finished_transfer(harness, "40.00", "15.00", "COMPLETED")
     good = (await ledger_commands(harness, saga.saga_id))[0]
     poison = step_command(uuid.uuid4(), "reserve", "reserve", FORWARD, {"note": "no fields"})
     poison_bytes = poison.model_dump_json().encode()
