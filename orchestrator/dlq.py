@@ -12,8 +12,8 @@ outbox relay publishes it. Two facts make that exactly once:
 - The orchestrator's inbox id of an intake record covers the `saga-redrive-id` header
   (`orchestrator.worker.message_id_of`), so the republished copy is a new message, processed once
   (a second delivery of it by the relay or the broker is a duplicate of that one message). A
-  reply that parsed is deduplicated by its `reply_id` instead, so its copy is skipped: redriving
-  a `reply` dead letter does nothing at the orchestrator (docs/operations/dlq.md says so).
+  reply's inbox id is its `reply_id` plus the redrive id when there is one, so a redriven reply
+  is decided once more too; the saga's command id decides whether it still applies.
 
 There is no column for who redrove a dead letter (this module adds no migration): the actor
 travels as the `saga-redriven-by` header of the outbox row and of the republished record.

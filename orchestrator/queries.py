@@ -47,6 +47,17 @@ def _detail(event_type: str, payload: dict[str, Any]) -> str:
         return f"{payload['reason_code']}: {payload['reason']}"
     if event_type == "SagaFailed":
         return f"at {payload['step']}: {payload['reason']}"
+    if event_type == "StepRetryScheduled":
+        return (f"{payload['direction']} attempt {payload['attempt']} not before "
+                f"{payload['not_before']}")
+    if event_type == "StepTimedOut":
+        if payload.get("gave_up"):
+            return (f"{payload['direction']} attempt {payload['attempt']}: no reply, attempts "
+                    "spent: gave up (outcome unknown)")
+        return (f"{payload['direction']} attempt {payload['attempt']}: no reply, re-sent "
+                f"(re-send {payload['resend']}, deadline {payload['deadline_at']})")
+    if event_type == "StepCompensated":
+        return f"undone (attempt {payload['attempt']})"
     return ""
 
 

@@ -39,7 +39,7 @@ from orchestrator.bus import (
     missing_topics,
 )
 from orchestrator.core import SagaState, decide_due, evolve, participant_of
-from orchestrator.crash import crash_point
+from orchestrator.crash import crash_point, step_tags
 from orchestrator.definition import SagaDefinition
 from orchestrator.errors import SagaError
 from orchestrator.metrics import RECOVERY_ACTIONS, SAGAS_FAILED
@@ -70,6 +70,7 @@ class RecoveryPass:
     """What one pass did, for logs and tests."""
 
     scanned: int = 0
+    unreadable: int = 0
     retried: int = 0
     resent: int = 0
     gave_up: int = 0
@@ -90,6 +91,8 @@ class RecoveryWorker:
         self.actor = settings.worker_name or "recovery"
         self.marker = PublishedMarker(engine)
         self.relay = OutboxRelay(settings, engine, producer)
+        # Kept by `keep_topics`; recovery pauses while the broker does not answer.
+        self.broker_reachable = True
 
     async def recover_once(self, now: datetime | None = None) -> RecoveryPass:
         """One pass over the sagas due at `now` (default: the clock), at most
@@ -100,6 +103,7 @@ class RecoveryWorker:
         states: list[SagaState] = []
         outbox: list[store.OutboxRow] = []
         dead_letters: list[store.DeadLetterRow] = []
+        touched: list[SagaState] = []
         async with self.engine.begin() as conn:
             rows = (await conn.execute(
                 text(
@@ -110,18 +114,28 @@ class RecoveryWorker:
             )).all()
             done.scanned = len(rows)
             for row in rows:
-                state = SagaState.from_json(store.json_value(row.state))
-                definition = self.definitions[state.saga_type]
-                decision = decide_due(definition, state, now)
+                try:
+                    state = SagaState.from_json(store.json_value(row.state))
+                    definition = self.definitions[state.saga_type]
+                    decision = decide_due(definition, state, now)
+                except Exception:
+                    # One saga this worker cannot read (an unknown saga type from a newer
+                    # deployment, a state it cannot parse) must not stop recovery of the rest.
+                    done.unreadable += 1
+                    log.exception("cannot decide on a due saga (row skipped): %s",
+                                  str(row.state)[:200])
+                    continue
                 if decision is None:
                     continue  # not due after all: the row's due_at was older than its state
+                self._count(decision.events[0], done)  # the first event says what it did
+                touched.append(state)
                 cause = f"recovery:{now.isoformat()}"
                 for event in decision.events:
                     state = evolve(state, event)
                     events.append(store.NewEvent(state.saga_id, state.version, event,
                                                  self.actor, cause))
-                    self._count(event, done)
                 states.append(state)
+                touched.append(state)
                 for command in decision.commands:
                     outbox.append(store.OutboxRow(
                         topic=self.settings.topic(step_topic(participant_of(definition,
@@ -142,10 +156,13 @@ class RecoveryWorker:
                         saga_id=state.saga_id))
             if not events:
                 return done
-            crash_point("recovery.before_commit")
+            # The step filter of a crash plan sees each saga's step as found and as left.
+            tags = step_tags({(s.step, s.direction.value) for s in touched
+                              if s.step is not None and s.direction is not None})
+            crash_point("recovery.before_commit", tags)
             ids = await store.write_batch(conn, "recovery", [], events, states, outbox,
                                           dead_letters, now)
-        crash_point("recovery.after_commit")
+        crash_point("recovery.after_commit", tags)
         for saga_id in done.failed:
             SAGAS_FAILED.add(1, {"stage": "recovery"})
             log.error("saga %s FAILED in recovery and was dead-lettered", saga_id)
@@ -201,22 +218,31 @@ class RecoveryWorker:
             original_offset=None, original_key=letter.original_key, payload=payload,
             headers=encode_headers([("type", b"SagaState")]), failed_at=now,
             saga_id=state.saga_id, transfer_id=state.transfer_id,
+            attempts=letter.attempts, first_failed_at=letter.first_failed_at,
         )
         return (str(state.saga_id).encode(), payload, headers), row
 
-    async def keep_topics(self, stop: asyncio.Event, every_s: float = 2.0) -> None:
-        """Re-create missing topics. A broker that keeps nothing (the embedded one) comes back
-        from a restart empty; producers do not auto-create topics (it would pick its own
-        partition count), so this is what lets every worker resume."""
+    async def keep_topics(self, stop: asyncio.Event, every_s: float = 1.0) -> None:
+        """Re-create missing topics, and tell whether the broker answers at all.
+
+        A broker that keeps nothing (the embedded one) comes back from a restart empty;
+        producers do not auto-create topics (they would pick the broker's partition count), so
+        this is what lets every worker resume. While the broker does not answer, recovery
+        pauses: an outage of the transport must not spend the sagas' attempts."""
         while not stop.is_set():
             try:
-                missing = await asyncio.to_thread(missing_topics, self.settings)
+                missing = await asyncio.to_thread(missing_topics, self.settings, 2.0)
                 if missing:
                     log.warning("topics missing on the broker (restarted?): %s; creating them",
                                 ", ".join(missing))
                     await asyncio.to_thread(ensure_topics, self.settings)
+                if not self.broker_reachable:
+                    log.warning("the broker answers again: recovery resumes")
+                self.broker_reachable = True
             except Exception as error:
-                log.warning("cannot check the broker's topics: %s", error)
+                if self.broker_reachable:
+                    log.warning("cannot reach the broker (%s): recovery pauses", error)
+                self.broker_reachable = False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), every_s)
 
@@ -227,6 +253,10 @@ class RecoveryWorker:
         topics = asyncio.create_task(self.keep_topics(stop), name="recovery-topics")
         try:
             while not stop.is_set():
+                if not self.broker_reachable:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), self.settings.recovery_poll_s)
+                    continue
                 try:
                     done = await self.recover_once()
                 except SagaError as error:

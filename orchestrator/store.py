@@ -18,6 +18,7 @@ from uuid import UUID
 import asyncpg
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from orchestrator.core import SagaState
@@ -73,7 +74,10 @@ _UNIQUE_VIOLATION = "23505"
 # restart (57P01-57P03), too many connections, a deadlock or serialization victim, a lock or
 # idle-session timeout.
 _TRANSIENT_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300", "40001", "40P01", "55P03",
-                                  "25P03", "57P05"})
+                                  "25P03", "57P05",
+                                  # disk full, out of memory, a read-only server after a
+                                  # failover, a statement cancelled by a timeout or an admin
+                                  "53100", "53200", "25006", "57014"})
 
 
 def _sqlstate(error: DBAPIError) -> str | None:
@@ -107,7 +111,8 @@ def is_transient_db_error(error: BaseException) -> bool:
         return isinstance(error, InterfaceError) or isinstance(
             cause, (OSError, asyncpg.exceptions.ConnectionDoesNotExistError,
                     asyncpg.exceptions.InterfaceError))
-    return isinstance(error, (OSError, ConnectionError, TimeoutError,
+    # SQLAlchemy's pool timeout: every connection is busy, nothing to do with the record.
+    return isinstance(error, (OSError, ConnectionError, TimeoutError, PoolTimeout,
                               asyncpg.exceptions.ConnectionDoesNotExistError))
 
 

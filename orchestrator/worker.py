@@ -46,6 +46,7 @@ from schemas import (
     TOPIC_REPLIES,
     TOPIC_TRANSFER_COMMANDS,
     DeadLetter,
+    Direction,
     RejectionCode,
     StepReply,
     step_topic,
@@ -355,7 +356,9 @@ class OrchestratorWorker:
             ))
         rejection = decision.rejection
         if decision.saga_failed and state is not None:
-            rejection = (RejectionCode.COMPENSATION_FAILED, state.failure or "saga failed")
+            code = (RejectionCode.COMPENSATION_FAILED if state.direction is Direction.COMPENSATE
+                    else RejectionCode.FAILED_AFTER_PIVOT)
+            rejection = (code, state.failure or "saga failed")
         if rejection is not None:
             self._dead_letter(item, state, rejection, now, writes)
         writes.inbox.append(store.InboxRow(

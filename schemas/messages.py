@@ -177,6 +177,9 @@ class RejectionCode(StrEnum):
     CONFLICTING_DUPLICATE = "CONFLICTING_DUPLICATE"
     UNKNOWN_SAGA = "UNKNOWN_SAGA"
     COMPENSATION_FAILED = "COMPENSATION_FAILED"
+    # A step after the pivot (or the pivot itself, refused after its outcome was in doubt)
+    # failed for good: nothing can be undone, an operator finishes the transfer.
+    FAILED_AFTER_PIVOT = "FAILED_AFTER_PIVOT"
     # A step's attempts ran out with no reply; the recovery worker failed the saga.
     STEP_TIMED_OUT = "STEP_TIMED_OUT"
     # A record that kept failing in processing (not its content's fault as far as we know),
