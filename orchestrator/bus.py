@@ -131,27 +131,55 @@ class KafkaProducer:
 
     def __init__(self, settings: Settings, client_id: str) -> None:
         assert settings.kafka_bootstrap
-        self._producer = Producer(
-            {
-                "bootstrap.servers": settings.kafka_bootstrap,
-                "client.id": client_id,
-                "enable.idempotence": True,
-                "acks": "all",
-                # Latency over batching: a saga's next step waits on this record.
-                "linger.ms": 0,
-                "message.timeout.ms": 30000,
-                # Topics are created with their partition count by `ensure_topics` (workers at
-                # start, the recovery worker after a broker restart), never by a produce.
-                "allow.auto.create.topics": False,
-            }
-        )
+        self._config: dict[str, Any] = {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "client.id": client_id,
+            "enable.idempotence": True,
+            "acks": "all",
+            # Latency over batching: a saga's next step waits on this record.
+            "linger.ms": 0,
+            "message.timeout.ms": 30000,
+            # Topics are created with their partition count by `ensure_topics` (workers at
+            # start, the recovery worker after a broker restart), never by a produce.
+            "allow.auto.create.topics": False,
+            "error_cb": self._on_error,
+        }
+        self._producer = Producer(self._config)
+        self._brokers_lost = False
+
+    def _on_error(self, error: KafkaError) -> None:
+        # Every broker went away, as in a restart. An idempotent producer's id does not survive
+        # a broker that keeps no state (the embedded one): it would be refused with
+        # UNKNOWN_PRODUCER_ID on every record for ever, each record failing only at
+        # message.timeout.ms. So the producer is replaced (a new id) before it sends again.
+        if error.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._brokers_lost = True
+
+    def _renew_if_brokers_lost(self) -> None:
+        """Replace the producer if every broker was lost since it last sent. The records it
+        still held are reported to their senders as purged (failed); they send them again, and
+        receivers deduplicate."""
+        self._producer.poll(0)  # serve pending error callbacks
+        if not self._brokers_lost:
+            return
+        self._brokers_lost = False
+        old, self._producer = self._producer, Producer(self._config)
+        old.purge()
+        old.flush(0)  # serves the purged records' delivery reports
+        log.warning("every broker was lost: replaced the Kafka producer (a new producer id)")
 
     async def send(self, records: Sequence[Record]) -> None:
+        """Produce `records`; return once the broker acknowledged every one of them. Raises
+        BusError if one was refused, not acknowledged in 30 s, or dropped with a lost broker."""
         if not records:
             return
+        self._renew_if_brokers_lost()
         errors: list[str] = []
+        reported = 0
 
         def on_delivery(error: KafkaError | None, _message: Message) -> None:
+            nonlocal reported
+            reported += 1
             if error is not None:
                 errors.append(str(error))
 
@@ -169,9 +197,20 @@ class KafkaProducer:
                 except BufferError:
                     # The local queue is full: let deliveries drain, then go on.
                     await asyncio.to_thread(self._producer.poll, 0.05)
-        remaining = await asyncio.to_thread(self._producer.flush, 30)
-        if remaining:
-            raise BusError(f"{remaining} records were not acknowledged by the broker in 30 s")
+        # Done when every record has its delivery report, whichever producer served it: a
+        # concurrent send (the recovery worker's relay shares this object) may have replaced
+        # the producer, which reports the records it held as purged.
+        deadline = time.monotonic() + 30
+        while reported < len(records):
+            if self._brokers_lost:
+                # Not worth waiting for: these records may never be acknowledged. Replacing
+                # the producer reports them as purged.
+                self._renew_if_brokers_lost()
+            elif time.monotonic() > deadline:
+                raise BusError(f"{len(records) - reported} records were not acknowledged by the"
+                               " broker in 30 s")
+            else:
+                await asyncio.to_thread(self._producer.flush, 0.5)
         if errors:
             raise BusError(f"the broker refused records: {errors[:3]}")
 
@@ -343,6 +382,11 @@ def make_broker(settings: Settings) -> KafkaBroker:
         client_id=settings.worker_name or "saga",
         logger=None,
         config={"linger.ms": 0},
+        # Topics are created only by `ensure_topics`, with `topic_partitions`. A consumer that
+        # may auto-create them re-creates its topics on its first metadata request after a
+        # broker restart, with the broker's default partition count (4 on the embedded one):
+        # the recovery worker then finds them existing, and partitions above it never return.
+        allow_auto_create_topics=False,
     )
     config = broker.config.broker_config
     default_builder: Any = config.builder  # faststream's ConsumerBuilder: config, admin, logger

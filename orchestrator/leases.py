@@ -136,8 +136,11 @@ class PartitionLeases:
         if self._conn is None:
             self._conn = await self._connect()
         conn = self._conn
+        # Advisory locks belong to a database: members of the same group in another database
+        # on this server (another deployment) are not ours to share partitions with.
         members = await conn.fetchval(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
             " AND classid = $1::bigint::oid AND objid = 0 AND objsubid = 2", self.group_key)
         share = math.ceil(len(self.partitions) / max(1, members))
         owned = set(self.owned)

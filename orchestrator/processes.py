@@ -88,6 +88,24 @@ class WorkerProcesses:
     def alive(self, label: str) -> bool:
         return self.processes[label].poll() is None
 
+    def returncode(self, label: str) -> int | None:
+        """None while the worker runs; then its exit status (-N: ended by signal N)."""
+        return self.processes[label].poll()
+
+    async def wait_exit(self, label: str, timeout_s: float) -> int | None:
+        """Until the worker exits (its `returncode`), or None if it still runs after
+        `timeout_s`. Polls, so the event loop stays free meanwhile."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            code = self.returncode(label)
+            if code is not None or time.monotonic() >= deadline:
+                return code
+            await asyncio.sleep(0.05)
+
+    def terminate(self, label: str, timeout_s: float = 15.0) -> None:
+        """Stop one worker cleanly (SIGTERM; SIGKILL if it is not gone after `timeout_s`)."""
+        self._stop([self.processes[label]], timeout_s)
+
     async def wait_ready(self, engine: AsyncEngine, timeout_s: float = 90.0,
                          labels: list[str] | None = None) -> None:
         """Until every worker (or those labelled) owns its partitions; a worker that exits
@@ -111,13 +129,17 @@ class WorkerProcesses:
         return self.log_dir / f"{label.replace(':', '-').replace('#', '-')}.log"
 
     def stop(self, timeout_s: float = 15.0) -> None:
-        for process in self.processes.values():
+        self._stop(list(self.processes.values()), timeout_s)
+
+    @staticmethod
+    def _stop(processes: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
+        for process in processes:
             if process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(process.pid, signal.SIGCONT)  # a frozen worker must hear SIGTERM
                     os.kill(process.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        for process in self.processes.values():
+        for process in processes:
             try:
                 process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

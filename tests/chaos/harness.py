@@ -1,0 +1,303 @@
+"""What every chaos scenario needs: a world (its own database on a shared embedded stack, its own
+topics, worker subprocesses), transfers that complete or compensate (made by the demo's own
+helpers), fault helpers, and the verdict: every accepted saga terminal within a stated bound after
+the faults stopped, and the invariant checker (I1-I7) clean over the whole database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Producer
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from orchestrator.checker import check
+from orchestrator.demo import Planned, plan_transfers, publish, seed
+from orchestrator.embedded import EmbeddedStack, settings_for
+from orchestrator.processes import WorkerProcesses
+from orchestrator.queries import render_timeline, timeline
+from orchestrator.settings import Settings
+from orchestrator.store import create_engine, migrate
+from schemas import TOPIC_TRANSFER_COMMANDS
+
+LOG_ROOT = Path(tempfile.gettempdir()) / "saga-chaos-logs"
+# A scenario slower than this to finish prints the timeline of its last saga, to show why.
+SLOW_S = 5.0
+TERMINAL = ("COMPLETED", "COMPENSATED", "REJECTED", "FAILED")
+
+# What each kind of transfer planned by `orchestrator.demo.plan_transfers` must end as, when no
+# step runs out of attempts. `over_limit` is the deepest compensation: the source's daily outflow
+# limit refuses `settle` (the pivot), so `credit` is reversed and the `reserve` hold released.
+EXPECTED: dict[str, frozenset[str]] = {
+    "ok": frozenset({"COMPLETED"}),
+    "over_limit": frozenset({"COMPENSATED"}),         # settle refused: undo credit, reserve
+    "closed_destination": frozenset({"COMPENSATED"}),  # credit refused: undo reserve
+    "insufficient": frozenset({"COMPENSATED"}),        # reserve refused: nothing to undo
+}
+
+# A handful per crash-point case: a few complete, most compensate at some depth.
+SMALL_MIX = {"ok": 8, "over_limit": 6, "closed_destination": 3, "insufficient": 3}
+
+# Every scenario's one-line summary, printed again by conftest at the end of the run.
+SUMMARIES: list[str] = []
+
+
+def report(line: str) -> None:
+    SUMMARIES.append(line)
+    print(line)
+
+
+def plan(prefix: str, rng: random.Random, counts: Mapping[str, int]) -> list[Planned]:
+    """`counts` transfers of each kind, interleaved at random, for accounts opened by
+    `orchestrator.demo.seed(engine, prefix)`."""
+    pool = plan_transfers(40 * sum(counts.values()) + 400, prefix, rng)
+    chosen: list[Planned] = []
+    for kind, n in counts.items():
+        of_kind = [p for p in pool if p.kind == kind]
+        assert len(of_kind) >= n, f"the demo planner made only {len(of_kind)} {kind} transfers"
+        chosen += of_kind[:n]
+    rng.shuffle(chosen)
+    return chosen
+
+
+def transfer_ids(plans: Iterable[Planned]) -> list[str]:
+    return [p.transfer_id for p in plans if p.transfer_id]
+
+
+async def create_database(stack: EmbeddedStack, name: str) -> str:
+    """A fresh database on the stack's server: the checker then judges this world alone."""
+    admin = create_async_engine(stack.postgres.url, isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as conn:
+            await conn.execute(text(f'CREATE DATABASE "{name}"'))
+    finally:
+        await admin.dispose()
+    return make_url(stack.postgres.url).set(database=name).render_as_string(hide_password=False)
+
+
+@dataclass
+class World:
+    """One scenario's database, topics and workers on a shared embedded stack."""
+
+    stack: EmbeddedStack
+    settings: Settings
+    engine: AsyncEngine
+    workers: WorkerProcesses
+    name: str
+    _log_marks: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    async def create(cls, stack: EmbeddedStack, name: str, **overrides: Any) -> World:
+        url = await create_database(stack, name)
+        settings = settings_for(stack, Settings(topic_prefix=f"{name}.", **overrides))
+        settings = settings.model_copy(update={"database_url": url})
+        engine = create_engine(url)
+        await migrate(engine)
+        # Outside the stack's folder, which goes when the stack stops: a failed scenario's logs
+        # stay for reading (see `close`).
+        workers = WorkerProcesses(settings, LOG_ROOT / name)
+        return cls(stack, settings, engine, workers, name)
+
+    async def start(self, envs: Mapping[str, dict[str, str]] | None = None,
+                    labels: Iterable[str] | None = None) -> None:
+        """Start the workers (every kind, or `labels`), each with its env from `envs`, and wait
+        until they own their partitions."""
+        envs = envs or {}
+        wanted = list(labels) if labels is not None else list(self.workers.kinds)
+        for label in wanted:
+            self.mark_log(label)
+            self.workers.start(label, envs.get(label))
+        await self.workers.wait_ready(self.engine, labels=wanted)
+
+    async def restart(self, label: str, env: dict[str, str] | None = None,
+                      wait: bool = True) -> None:
+        """SIGKILL `label` if it still runs and start it again (with `env`, else plain)."""
+        self.mark_log(label)
+        self.workers.restart(label, env)
+        if wait:
+            await self.workers.wait_ready(self.engine, labels=[label])
+
+    async def heal(self) -> list[str]:
+        """Start again every worker that is not running (one a failed case left down), so one
+        failure does not cascade into the next case; returns their labels."""
+        down = [label for label in self.workers.processes if not self.workers.alive(label)]
+        for label in down:
+            await self.restart(label, wait=False)
+        return down
+
+    def mark_log(self, label: str) -> None:
+        path = self.workers.log_path(label)
+        self._log_marks[label] = path.stat().st_size if path.exists() else 0
+
+    def log_since_mark(self, label: str) -> str:
+        """What `label` wrote since it was last (re)started through this world."""
+        path = self.workers.log_path(label)
+        if not path.exists():
+            return ""
+        with open(path, "rb") as log:
+            log.seek(self._log_marks.get(label, 0))
+            return log.read().decode(errors="replace")
+
+    async def expect_crash(self, label: str, point: str, timeout_s: float,
+                           signal_number: int = 9) -> None:
+        """`label` must end by `signal_number` (SIGKILL) and say at which crash point."""
+        code = await self.workers.wait_exit(label, timeout_s)
+        tail = self.log_since_mark(label)[-3000:]
+        assert code is not None, f"{label} did not reach {point} in {timeout_s}s; log:\n{tail}"
+        assert code == -signal_number, f"{label} exited with {code}, not by SIGKILL:\n{tail}"
+        assert f"crash point {point}" in tail, f"{label} died elsewhere than {point}:\n{tail}"
+
+    async def seed(self, prefix: str) -> None:
+        await seed(self.engine, prefix)
+
+    async def publish(self, plans: Iterable[Planned]) -> None:
+        payloads = [(p.payload, p.transfer_id.encode() if p.transfer_id else None)
+                    for p in plans]
+        await asyncio.to_thread(publish, self.settings, payloads)
+
+    def publish_paced(self, plans: list[Planned], duration_s: float) -> threading.Thread:
+        """Publish `plans` evenly over `duration_s` from a thread of its own (started here; join
+        it), so traffic goes on while the test's event loop is blocked restarting a server."""
+        def run() -> None:
+            producer = Producer({"bootstrap.servers": self.settings.kafka_bootstrap,
+                                 "linger.ms": 0, "enable.idempotence": True})
+            topic = self.settings.topic(TOPIC_TRANSFER_COMMANDS)
+            started = time.monotonic()
+            for i, p in enumerate(plans):
+                time.sleep(max(0.0, started + duration_s * i / len(plans) - time.monotonic()))
+                producer.produce(topic, value=p.payload,
+                                 key=p.transfer_id.encode() if p.transfer_id else None)
+                producer.poll(0)
+            assert producer.flush(30) == 0, "transfer requests not acknowledged by the broker"
+
+        thread = threading.Thread(target=run, name="paced-publisher")
+        thread.start()
+        return thread
+
+    async def statuses(self, ids: list[str]) -> dict[str, str]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(text(
+                "SELECT transfer_id::text AS transfer_id, status FROM sagas"
+                " WHERE transfer_id = ANY(CAST(:ids AS uuid[]))"), {"ids": ids})
+            return {row.transfer_id: row.status for row in rows}
+
+    async def wait_accepted(self, ids: list[str], timeout_s: float) -> None:
+        """Until every transfer has a saga (the orchestrator took the request)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with contextlib.suppress(Exception):
+                if len(await self.statuses(ids)) == len(ids):
+                    return
+            assert time.monotonic() < deadline, f"requests not all accepted in {timeout_s}s"
+            await asyncio.sleep(0.05)
+
+    async def wait_terminal(self, ids: list[str], bound_s: float) -> float:
+        """Seconds until every transfer's saga is terminal; fails past `bound_s` with the
+        sagas still in flight. Database errors (a restarting server) count as not yet."""
+        started = time.monotonic()
+        statuses: dict[str, str] = {}
+        while time.monotonic() - started < bound_s:
+            with contextlib.suppress(Exception):
+                statuses = await self.statuses(ids)
+                if len(statuses) == len(ids) and all(s in TERMINAL for s in statuses.values()):
+                    return time.monotonic() - started
+            await asyncio.sleep(0.05)
+        missing = [t for t in ids if t not in statuses]
+        in_flight = await self._in_flight_sample()
+        raise AssertionError(
+            f"{self.name}: not every saga terminal {bound_s}s after the faults stopped: "
+            f"{Counter(statuses.values())}, {len(missing)} without a saga (lost), in flight: "
+            f"{in_flight}; worker logs in {self.workers.log_dir}")
+
+    async def _in_flight_sample(self) -> list[Any]:
+        with contextlib.suppress(Exception):
+            async with self.engine.connect() as conn:
+                return list((await conn.execute(text(
+                    "SELECT saga_id, status, current_step, direction, attempt, due_at FROM sagas"
+                    " WHERE status IN ('RUNNING', 'COMPENSATING') LIMIT 5"))).all())
+        return []
+
+    async def last_to_end(self, ids: list[str]) -> str:
+        async with self.engine.connect() as conn:
+            last = (await conn.execute(text(
+                "SELECT s.transfer_id::text FROM sagas s JOIN saga_events e"
+                " ON e.saga_id = s.saga_id AND e.seq = s.version"
+                " WHERE s.transfer_id = ANY(CAST(:ids AS uuid[]))"
+                " ORDER BY e.recorded_at DESC LIMIT 1"), {"ids": ids})).scalar_one()
+        return (f"{self.name}: the saga that ended last:\n"
+                + render_timeline(await timeline(self.engine, last)))
+
+    async def wait_outbox_published(self, timeout_s: float = 15.0) -> bool:
+        """Whether every outbox row got marked published within `timeout_s`. Published rows are
+        marked in the background and stragglers swept after a grace period, so the quiescent
+        check (I6) is judged only after this."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            async with self.engine.connect() as conn:
+                pending = (await conn.execute(text(
+                    "SELECT count(*) FROM outbox WHERE published_at IS NULL"))).scalar_one()
+            if pending == 0:
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+    async def verdict(self, scenario: str, plans: list[Planned], faults_stopped_at: float,
+                      bound_s: float, expected: Mapping[str, frozenset[str]] = EXPECTED,
+                      details: Callable[[], Awaitable[str]] | None = None) -> None:
+        """The end of every scenario: all accepted sagas terminal within `bound_s` of the faults
+        stopping (measured from `faults_stopped_at`, a `time.monotonic()`), none lost, each kind
+        in its expected status, every worker still up, and the checker clean (quiescent).
+        `details` adds the scenario's own figures to its summary line."""
+        ids = transfer_ids(plans)
+        waited = await self.wait_terminal(ids, bound_s - (time.monotonic() - faults_stopped_at))
+        to_terminal_s = time.monotonic() - faults_stopped_at
+        statuses = await self.statuses(ids)
+        assert len(statuses) == len(ids), f"lost: {len(ids) - len(statuses)} transfers"
+        wrong = [(p.kind, p.transfer_id, statuses[p.transfer_id]) for p in plans
+                 if p.transfer_id and statuses[p.transfer_id] not in expected[p.kind]]
+        assert not wrong, f"unexpected outcomes (kind, transfer, status): {wrong[:5]}"
+        down = {label: self.workers.returncode(label) for label in self.workers.processes
+                if not self.workers.alive(label)}
+        assert not down, f"workers died outside the plan: {down}; logs in {self.workers.log_dir}"
+        await self.wait_outbox_published()
+        result = await check(self.engine, expect_quiescent=True)
+        assert result.ok, "\n".join(f"{c.invariant} {c.name}: {c.detail}"
+                                    for c in result.failures())
+        assert result.duplicate_effects == 0
+        extra = await details() if details is not None else ""
+        if to_terminal_s > SLOW_S:
+            # Why it took this long: the on-call view of the saga that ended last.
+            print(await self.last_to_end(ids))
+        counts = Counter(statuses.values())
+        report(f"chaos {scenario}: {len(ids)} sagas, 0 lost, "
+               + " ".join(f"{s.lower()}={n}" for s, n in sorted(counts.items()))
+               + f", all terminal {to_terminal_s:.1f}s after the faults stopped"
+               f" (bound {bound_s:.0f}s, waited {waited:.1f}s), checker ok (I1-I7),"
+               f" duplicate effects 0{extra}")
+
+    async def close(self, keep_logs: bool) -> None:
+        """Stop every worker; the logs are deleted unless `keep_logs` (a failed scenario)."""
+        self.workers.stop()
+        await self.engine.dispose()
+        if keep_logs:
+            print(f"worker logs of {self.name} kept in {self.workers.log_dir}")
+        else:
+            shutil.rmtree(self.workers.log_dir, ignore_errors=True)
+
+
+def unique(name: str) -> str:
+    return f"{name}_{uuid.uuid4().hex[:6]}"
