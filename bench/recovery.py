@@ -1,8 +1,8 @@
 """Recovery after a worker is SIGKILLed and restarted at once, per worker kind.
 
     python bench/recovery.py [--runs 3] [--transfers 1000] [--concurrency 50] [--kill-after 300]
-                             [--kinds orchestrator participant:ledger ...] [--no-compare-group]
-                             [--json]
+                             [--kinds orchestrator participant:ledger ...]
+                             [--no-compare-standby] [--no-compare-group] [--json]
 
 A closed-loop driver keeps C transfers in flight until K have ended (as bench/saga_throughput.py
 does: it learns of a saga's end from the `saga_terminal` notification, with a database sweep for a
@@ -14,12 +14,15 @@ clean wall time; the killed run's extra wall time is measured against it.
 
 Every measured run gets a fresh embedded stack, because the embedded broker's fetch cost grows
 with its logs (ADR 0003) and a restarted consumer starts again from the 1 ms fetch wait. For each
-killed run the restarted worker's start is broken into stages: its first PostgreSQL connection
-(interpreter and imports done), its lease connection (migrations, topics, partition metadata
-done), the log line saying it owns its partitions, its readiness row, its first write. Default
-settings (`partition_ownership=lease`); `--compare-group` (on by default) repeats the orchestrator
-kind with `partition_ownership=group`. Figures are medians of `--runs`; the invariants are checked
-after every run.
+killed run the restarted worker's start is broken into moments (see STAGES): its first PostgreSQL
+connection (interpreter and imports done), its lease connection (migrations, topics, partition
+metadata done), the log line saying it owns its partitions, its readiness row, its first write,
+and the first message it sent handled downstream. Setups: `lease` (default settings, every kind);
+`lease+standby` (`--compare-standby`, on by default: the orchestrator and the ledger each run a
+second instance, which takes the killed one's partitions on its next lease pass); `group`
+(`--compare-group`, on by default: `partition_ownership=group`, the orchestrator). Figures are
+medians of `--runs`; the invariants are checked after every run. The machine's load average and
+any other embedded broker running are reported: the figures only compare within one invocation.
 """
 
 from __future__ import annotations
@@ -86,8 +89,8 @@ class Drive:
 
 @dataclass(frozen=True)
 class Setup:
-    """How the workers run: who owns partitions, and whether the killed kind has a second
-    instance running beside it (which takes its partitions over on its next lease pass)."""
+    """How the workers run: who owns partitions, and whether each of `kinds` runs a second
+    instance beside the first (which takes a killed one's partitions on its next lease pass)."""
 
     name: str
     mode: Mode
@@ -109,13 +112,11 @@ class Run:
     violations: list[str] = field(default_factory=list)
 
 
-async def drive(settings: Settings, engine: AsyncEngine, accounts: list[str], transfers: int,
-                concurrency: int, kill_after: int | None = None,
-                kill: Callable[[], None] | None = None) -> Drive:
+async def drive(settings: Settings, engine: AsyncEngine, producer: Producer,
+                accounts: list[str], transfers: int, concurrency: int,
+                kill_after: int | None = None, kill: Callable[[], None] | None = None) -> Drive:
     """A closed loop of `transfers` transfers, `concurrency` in flight; `kill` is called once,
     when `kill_after` have ended."""
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 0,
-                         "enable.idempotence": True})
     topic = settings.topic(TOPIC_TRANSFER_COMMANDS)
     sent: set[str] = set()
     ended: set[str] = set()
@@ -334,8 +335,12 @@ async def one_run(setup: Setup, kind: str | None, args: argparse.Namespace, inde
             async with engine.begin() as conn:
                 for account in accounts:
                     await open_account(conn, account, "EUR", Decimal("1000000.00"))
+            # The driver's producer is shared with the warm-up, so the measured run does not wait
+            # for a fresh idempotent producer's id (librdkafka: ~0.5 s).
+            producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 0,
+                                 "enable.idempotence": True})
             # Unmeasured: connection pools, plan caches, the consumers' first fetches.
-            await drive(settings, engine, accounts, WARM_UP, args.concurrency)
+            await drive(settings, engine, producer, accounts, WARM_UP, args.concurrency)
             spawned_at = 0.0
 
             def kill() -> None:
@@ -344,8 +349,8 @@ async def one_run(setup: Setup, kind: str | None, args: argparse.Namespace, inde
                 workers.restart(kind)
                 spawned_at = time.time()
 
-            result = await drive(settings, engine, accounts, args.transfers, args.concurrency,
-                                 args.kill_after, kill if kind else None)
+            result = await drive(settings, engine, producer, accounts, args.transfers,
+                                 args.concurrency, args.kill_after, kill if kind else None)
             run = Run(setup.name, kind, result.elapsed_s, stuck=result.stuck)
             if kind is not None and result.kill_at is not None:
                 run.in_flight_at_kill = len(result.in_flight_at_kill)
