@@ -219,9 +219,10 @@ class KafkaProducer:
             self._producer.flush(5)
 
 
-async def _raw_decoder(message: Any) -> None:
-    # The handlers parse bytes themselves (bad input must be dead-lettered, not crash decoding).
-    return None
+async def _raw_decoder(message: KafkaMessage) -> tuple[Message, ...]:
+    # The handlers parse bytes themselves (bad input must be dead-lettered, not crash decoding):
+    # the "decoded" body is the raw batch.
+    return message.raw_message  # type: ignore[return-value]
 
 
 BatchHandler = Callable[[list[Consumed]], Awaitable[None]]
@@ -381,6 +382,9 @@ def make_broker(settings: Settings) -> KafkaBroker:
         settings.kafka_bootstrap,
         client_id=settings.worker_name or "saga",
         logger=None,
+        # No dependency injection on the handlers: they take the raw batch. FastDepends'
+        # argument validation cost ~0.5 ms per consumed batch, on every hop of every saga.
+        apply_types=False,
         config={"linger.ms": 0},
         # Topics are created only by `ensure_topics`, with `topic_partitions`. A consumer that
         # may auto-create them re-creates its topics on its first metadata request after a
@@ -434,8 +438,7 @@ def subscribe_batches(
         on_assign=on_assign,
         title=f"{group_id}:{','.join(topics)}",
     )
-    async def _on_batch(body: Any, message: KafkaMessage) -> None:
-        raw_batch: tuple[Message, ...] = message.raw_message  # type: ignore[assignment]
+    async def _on_batch(raw_batch: tuple[Message, ...]) -> None:
         consumed = [Consumed.from_confluent(raw) for raw in raw_batch]
         try:
             await handler(consumed)
