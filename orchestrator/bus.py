@@ -1,4 +1,5 @@
-"""The Kafka edge: topic setup, an idempotent producer, and faststream batch subscribers.
+"""The Kafka edge: topic setup and faststream batch subscribers (the producer is in
+`orchestrator.producer`).
 
 Consumers are faststream batch subscribers on confluent-kafka with manual acknowledgement: a batch
 is acknowledged (its offsets committed) only after the handler returned, that is after the
@@ -18,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from faststream import AckPolicy
 from faststream.confluent import KafkaBroker
@@ -64,16 +65,6 @@ def missing_topics(settings: Settings, timeout_s: float = 10.0) -> list[str]:
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
     present = set(admin.list_topics(timeout=timeout_s).topics)
     return [name for name in all_topics(settings) if name not in present]
-
-
-@dataclass(frozen=True)
-class Record:
-    """One message to produce. Headers are bytes, as Kafka carries them."""
-
-    topic: str
-    value: bytes
-    key: bytes | None = None
-    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -123,100 +114,6 @@ def encode_headers(headers: Sequence[tuple[str, bytes]]) -> list[list[str]]:
 
 def decode_headers(stored: Sequence[Sequence[str]]) -> tuple[tuple[str, bytes], ...]:
     return tuple((name, base64.b64decode(value)) for name, value in stored)
-
-
-class KafkaProducer:
-    """An idempotent producer (no duplicates or reordering from its own retries) that sends a
-    batch and waits until the broker acknowledged every record."""
-
-    def __init__(self, settings: Settings, client_id: str) -> None:
-        assert settings.kafka_bootstrap
-        self._config: dict[str, Any] = {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "client.id": client_id,
-            "enable.idempotence": True,
-            "acks": "all",
-            # Latency over batching: a saga's next step waits on this record.
-            "linger.ms": 0,
-            "message.timeout.ms": 30000,
-            # Topics are created with their partition count by `ensure_topics` (workers at
-            # start, the recovery worker after a broker restart), never by a produce.
-            "allow.auto.create.topics": False,
-            "error_cb": self._on_error,
-        }
-        self._producer = Producer(self._config)
-        self._brokers_lost = False
-
-    def _on_error(self, error: KafkaError) -> None:
-        # Every broker went away, as in a restart. An idempotent producer's id does not survive
-        # a broker that keeps no state (the embedded one): it would be refused with
-        # UNKNOWN_PRODUCER_ID on every record for ever, each record failing only at
-        # message.timeout.ms. So the producer is replaced (a new id) before it sends again.
-        if error.code() == KafkaError._ALL_BROKERS_DOWN:
-            self._brokers_lost = True
-
-    def _renew_if_brokers_lost(self) -> None:
-        """Replace the producer if every broker was lost since it last sent. The records it
-        still held are reported to their senders as purged (failed); they send them again, and
-        receivers deduplicate."""
-        self._producer.poll(0)  # serve pending error callbacks
-        if not self._brokers_lost:
-            return
-        self._brokers_lost = False
-        old, self._producer = self._producer, Producer(self._config)
-        old.purge()
-        old.flush(0)  # serves the purged records' delivery reports
-        log.warning("every broker was lost: replaced the Kafka producer (a new producer id)")
-
-    async def send(self, records: Sequence[Record]) -> None:
-        """Produce `records`; return once the broker acknowledged every one of them. Raises
-        BusError if one was refused, not acknowledged in 30 s, or dropped with a lost broker."""
-        if not records:
-            return
-        self._renew_if_brokers_lost()
-        errors: list[str] = []
-        reported = 0
-
-        def on_delivery(error: KafkaError | None, _message: Message) -> None:
-            nonlocal reported
-            reported += 1
-            if error is not None:
-                errors.append(str(error))
-
-        for record in records:
-            while True:
-                try:
-                    self._producer.produce(
-                        record.topic,
-                        value=record.value,
-                        key=record.key,
-                        headers=list(record.headers),
-                        on_delivery=on_delivery,
-                    )
-                    break
-                except BufferError:
-                    # The local queue is full: let deliveries drain, then go on.
-                    await asyncio.to_thread(self._producer.poll, 0.05)
-        # Done when every record has its delivery report, whichever producer served it: a
-        # concurrent send (the recovery worker's relay shares this object) may have replaced
-        # the producer, which reports the records it held as purged.
-        deadline = time.monotonic() + 30
-        while reported < len(records):
-            if self._brokers_lost:
-                # Not worth waiting for: these records may never be acknowledged. Replacing
-                # the producer reports them as purged.
-                self._renew_if_brokers_lost()
-            elif time.monotonic() > deadline:
-                raise BusError(f"{len(records) - reported} records were not acknowledged by the"
-                               " broker in 30 s")
-            else:
-                await asyncio.to_thread(self._producer.flush, 0.5)
-        if errors:
-            raise BusError(f"the broker refused records: {errors[:3]}")
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._producer.flush(5)
 
 
 async def _raw_decoder(message: KafkaMessage) -> tuple[Message, ...]:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from orchestrator.errors import ConfigurationError, NotFound, SagaError
-from orchestrator.settings import Settings
+from orchestrator.settings import Settings, worker_name
 
 
 def _engine(settings: Settings) -> Any:
@@ -45,13 +45,22 @@ async def _stop_on_signals() -> asyncio.Event:
 
 
 async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from orchestrator.runner import run_worker
-
     kind = args.kind if args.kind != "participant" else f"participant:{args.name}"
     if args.kind == "participant" and not args.name:
         raise ConfigurationError("usage: saga worker participant NAME (risk, ledger, notify)")
+    settings = settings.model_copy(update={"worker_name": worker_name(kind, settings)})
+    # The producer first, before the heavy imports of `orchestrator.runner`: it gets its
+    # producer id while they run (see `orchestrator.producer`), so a restarted worker's first
+    # publish does not wait for it. `run_worker` takes it over and closes it.
+    producer = None
+    if settings.kafka_bootstrap:
+        from orchestrator.producer import KafkaProducer
+
+        producer = KafkaProducer(settings, settings.worker_name or kind)
+    from orchestrator.runner import run_worker
+
     stop = await _stop_on_signals()
-    await run_worker(kind, settings, stop)
+    await run_worker(kind, settings, stop, producer)
     return 0
 
 

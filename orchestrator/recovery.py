@@ -30,19 +30,13 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator import store
-from orchestrator.bus import (
-    KafkaProducer,
-    Record,
-    decode_headers,
-    encode_headers,
-    ensure_topics,
-    missing_topics,
-)
+from orchestrator.bus import decode_headers, encode_headers, ensure_topics, missing_topics
 from orchestrator.core import SagaState, decide_due, evolve, participant_of
 from orchestrator.crash import crash_point, step_tags
 from orchestrator.definition import SagaDefinition
 from orchestrator.errors import SagaError
 from orchestrator.metrics import RECOVERY_ACTIONS, SAGAS_FAILED
+from orchestrator.producer import KafkaProducer, Record
 from orchestrator.relay import OutboxRelay, PublishedMarker
 from orchestrator.sagas import SAGAS
 from orchestrator.settings import Settings

@@ -21,8 +21,9 @@ import logging
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orchestrator.bus import KafkaProducer, Record, decode_headers
+from orchestrator.bus import decode_headers
 from orchestrator.crash import crash_point
+from orchestrator.producer import KafkaProducer, Record
 from orchestrator.settings import Settings
 from orchestrator.store import json_value, mark_published
 

@@ -10,18 +10,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orchestrator.bus import KafkaProducer, ensure_topics, make_broker, subscribe_batches
+from orchestrator.bus import ensure_topics, make_broker, subscribe_batches
 from orchestrator.errors import ConfigurationError
+from orchestrator.producer import KafkaProducer
 from orchestrator.recovery import RecoveryWorker
 from orchestrator.relay import OutboxRelay
-from orchestrator.settings import Settings
+from orchestrator.settings import Settings, worker_name
 from orchestrator.store import create_engine, migrate
 from orchestrator.worker import ORCHESTRATOR_GROUP, OrchestratorWorker
 
@@ -70,14 +70,25 @@ async def _mark_stopped(engine: AsyncEngine, worker: str) -> None:
                            {"w": worker})
 
 
-async def run_worker(kind: str, settings: Settings, stop: asyncio.Event) -> None:
-    """Run the worker `kind` (one of WORKER_KINDS) until `stop` is set."""
-    if kind not in WORKER_KINDS:
-        raise ConfigurationError(f"unknown worker {kind!r}; known: {', '.join(WORKER_KINDS)}")
-    name = settings.worker_name or f"{kind}@{socket.gethostname()}:{os.getpid()}"
-    settings = settings.model_copy(update={"worker_name": name})
-    engine = await prepare(settings)
-    producer: KafkaProducer | None = None
+async def run_worker(kind: str, settings: Settings, stop: asyncio.Event,
+                     producer: KafkaProducer | None = None) -> None:
+    """Run the worker `kind` (one of WORKER_KINDS) until `stop` is set. It takes over
+    `producer` (created early by the CLI, see `orchestrator.producer`) or creates its own."""
+    try:
+        if kind not in WORKER_KINDS:
+            raise ConfigurationError(
+                f"unknown worker {kind!r}; known: {', '.join(WORKER_KINDS)}")
+        name = worker_name(kind, settings)
+        settings = settings.model_copy(update={"worker_name": name})
+        if producer is None and settings.kafka_bootstrap:
+            # Before `prepare`, so its producer id arrives during the migrations and topic setup.
+            producer = KafkaProducer(settings, name)
+        engine = await prepare(settings)
+    except BaseException:
+        if producer is not None:
+            producer.close()
+        raise
+    assert producer is not None  # prepare() refused a missing bootstrap
     loop = asyncio.get_running_loop()
 
     def on_assign(*_args: Any) -> None:
@@ -85,14 +96,12 @@ async def run_worker(kind: str, settings: Settings, stop: asyncio.Event) -> None
 
     try:
         if kind in ("relay", "recovery"):  # database pollers: no consumer, no partitions
-            producer = KafkaProducer(settings, name)
             poller = (OutboxRelay if kind == "relay" else RecoveryWorker)(settings, engine,
                                                                          producer)
             await _mark_ready(engine, name, kind)
             await poller.run(stop)
             return
         broker = make_broker(settings)
-        producer = KafkaProducer(settings, name)
         orchestrator: OrchestratorWorker | None = None
         if kind == "orchestrator":
             orchestrator = OrchestratorWorker(settings, engine, producer)
@@ -112,8 +121,7 @@ async def run_worker(kind: str, settings: Settings, stop: asyncio.Event) -> None
         if orchestrator is not None:
             await orchestrator.close()
     finally:
-        if producer is not None:
-            producer.close()
+        producer.close()
         try:
             await _mark_stopped(engine, name)
         finally:

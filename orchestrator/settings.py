@@ -5,6 +5,8 @@ With neither `SAGA_DATABASE_URL` nor `SAGA_KAFKA_BOOTSTRAP` set, the CLI starts 
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Literal
 
 from pydantic import Field
@@ -67,3 +69,8 @@ class Settings(BaseSettings):
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
+
+
+def worker_name(kind: str, settings: Settings) -> str:
+    """A worker's name: `SAGA_WORKER_NAME`, or `kind@host:pid`."""
+    return settings.worker_name or f"{kind}@{socket.gethostname()}:{os.getpid()}"

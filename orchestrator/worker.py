@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from orchestrator import store
-from orchestrator.bus import Consumed, KafkaProducer, Record, decode_headers, encode_headers
+from orchestrator.bus import Consumed, decode_headers, encode_headers
 from orchestrator.core import (
     Decision,
     RejectTransfer,
@@ -38,6 +38,7 @@ from orchestrator.definition import SagaDefinition
 from orchestrator.errors import SagaError
 from orchestrator.intake import Unparseable, classify
 from orchestrator.metrics import DEAD_LETTERS, SAGAS_FAILED
+from orchestrator.producer import KafkaProducer, Record
 from orchestrator.relay import PublishedMarker
 from orchestrator.sagas import TRANSFER
 from orchestrator.settings import Settings

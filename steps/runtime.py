@@ -29,8 +29,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from orchestrator import store
-from orchestrator.bus import Consumed, KafkaProducer, Record, encode_headers
+from orchestrator.bus import Consumed, encode_headers
 from orchestrator.crash import crash_point, step_tags
+from orchestrator.producer import KafkaProducer, Record
 from orchestrator.settings import Settings
 from orchestrator.store import DeadLetterRow, insert_dead_letters, translate
 from orchestrator.worker import (

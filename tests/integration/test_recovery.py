@@ -32,7 +32,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orchestrator.bus import Consumed, KafkaProducer, ensure_topics
+from orchestrator.bus import Consumed, ensure_topics
 from orchestrator.core import (
     SagaState,
     SagaStatus,
@@ -42,6 +42,7 @@ from orchestrator.core import (
 )
 from orchestrator.errors import ConcurrencyConflict
 from orchestrator.processes import WorkerProcesses
+from orchestrator.producer import KafkaProducer
 from orchestrator.recovery import RecoveryPass, RecoveryWorker
 from orchestrator.sagas import TRANSFER
 from orchestrator.settings import Settings

@@ -26,8 +26,9 @@ from confluent_kafka import Consumer, TopicPartition
 from sqlalchemy import text
 
 import schemas
-from orchestrator.bus import Consumed, KafkaProducer, encode_headers
+from orchestrator.bus import Consumed, encode_headers
 from orchestrator.core import command_id_for
+from orchestrator.producer import KafkaProducer
 from orchestrator.sagas import TRANSFER
 from orchestrator.store import json_value
 from schemas import Direction, Outcome, StepCommand, StepReply
