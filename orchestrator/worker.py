@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,7 +36,7 @@ from orchestrator.core import (
 )
 from orchestrator.crash import crash_point, step_tags
 from orchestrator.definition import SagaDefinition
-from orchestrator.errors import SagaError
+from orchestrator.errors import ConcurrencyConflict, SagaError
 from orchestrator.intake import Unparseable, classify
 from orchestrator.metrics import DEAD_LETTERS, SAGAS_FAILED
 from orchestrator.producer import KafkaProducer, Record
@@ -59,6 +60,8 @@ ORCHESTRATOR_GROUP = "saga-orchestrator"
 CONSUMER = "orchestrator"
 _DEAD_LETTER_NAMESPACE = UUID("0b5e9b1e-2a7c-4c55-9e4f-6d0f3a8c1b22")
 REDRIVE_HEADER = "saga-redrive-id"
+# How many sagas' states the orchestrator keeps for its fast path (a few KiB each).
+KNOWN_SAGAS_MAX = 20_000
 
 
 def is_retryable(error: BaseException) -> bool:
@@ -227,6 +230,10 @@ class OrchestratorWorker:
         self.engine = engine
         self.producer = producer
         self.marker = PublishedMarker(engine)
+        # The state of each saga as this worker last committed it (see `_record`), and the same
+        # engine in autocommit mode for the one-statement writes of the fast path.
+        self.known: OrderedDict[UUID, SagaState] = OrderedDict()
+        self.autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.definition = definition
         self.actor = settings.worker_name or "orchestrator"
         self.commands_topic = settings.topic(TOPIC_TRANSFER_COMMANDS)
@@ -302,7 +309,35 @@ class OrchestratorWorker:
 
     async def _record(self, parsed: Sequence[_Parsed], tags: Sequence[str] = ()
                       ) -> tuple[list[int], list[store.OutboxRow]]:
+        """Decide the batch and record everything it caused at once; returns the new outbox
+        rows and their ids.
+
+        The fast path skips the read: the states come from what this worker last committed
+        (`known`; a new saga has none) and the writes go in one autocommitted statement, one
+        round trip instead of four (BEGIN, read, write, COMMIT) on every hop of a saga. It is
+        safe because the database fences every write anyway: an event takes the next `seq`
+        under the key (saga_id, seq) and a message its inbox key, so if anyone else moved a
+        saga on (the recovery worker, another instance, a redrive) or the batch was recorded
+        before (a redelivery), the statement fails whole on a unique key and the batch is
+        decided again on the careful path, from what the database holds."""
         now = datetime.now(UTC)
+        writes = self._fast_path(parsed, now)
+        if writes is not None:
+            crash_point("orchestrator.before_commit", tags)  # as in a transaction: nothing written
+            try:
+                async with self.autocommit.connect() as conn:
+                    ids = await store.write_batch(
+                        conn, CONSUMER, writes.inbox, writes.events,
+                        list(writes.touched.values()), writes.outbox, [], now)
+            except ConcurrencyConflict:
+                for item in parsed:
+                    if item.saga_id is not None:
+                        self.known.pop(item.saga_id, None)
+                log.info("fast path lost a race on a batch of %d; deciding it again from the "
+                         "database", len(parsed))
+            else:
+                self._committed(writes)
+                return ids, writes.outbox
         writes = _BatchWrites()
         async with self.engine.begin() as conn:
             seen, states = await store.seen_and_states(
@@ -321,10 +356,52 @@ class OrchestratorWorker:
                 writes.outbox, writes.dead_letters, now,
             )
             crash_point("orchestrator.before_commit", tags)
+        self._committed(writes)
+        return ids, writes.outbox
+
+    def _fast_path(self, parsed: Sequence[_Parsed], now: datetime) -> _BatchWrites | None:
+        """The batch's writes decided from `known` states, or None when the careful path must
+        decide it: a reply for a saga this worker has not written, a message that changes no
+        saga (its decision would have no event, whose key fences it), or anything that is
+        dead-lettered (a second statement). Every message on the fast path appends an event
+        whose `seq` is one past the known version, so the write fails on that key if the saga
+        moved on since; a new saga's first event is `seq` 1, so a start for a saga that exists
+        fails the same way."""
+        states: dict[UUID, SagaState] = {}
+        for item in parsed:
+            if isinstance(item.input, StepReply):
+                if item.saga_id is None or item.saga_id not in self.known:
+                    return None
+            elif not isinstance(item.input, StartTransfer):
+                return None
+            if item.saga_id is not None and item.saga_id in self.known:
+                states[item.saga_id] = self.known[item.saga_id]
+        writes = _BatchWrites()
+        seen: set[str] = set()
+        for item in parsed:
+            if item.message_id in seen:
+                continue
+            seen.add(item.message_id)
+            state = states.get(item.saga_id) if item.saga_id else None
+            decision = self._decide(item, state, now)
+            if not decision.events:
+                # A stale or duplicate reply: without an event to write there is no key to
+                # fence a stale decision with, so the database decides it.
+                return None
+            self._apply(item, state, decision, now, writes, states)
+        return None if writes.dead_letters else writes
+
+    def _committed(self, writes: _BatchWrites) -> None:
         for state in writes.touched.values():
             if state.status is SagaStatus.FAILED:
                 SAGAS_FAILED.add(1, {"stage": "orchestrator"})
-        return ids, writes.outbox
+            if state.terminal:
+                self.known.pop(state.saga_id, None)  # a late reply takes the careful path
+                continue
+            self.known[state.saga_id] = state
+            self.known.move_to_end(state.saga_id)
+        while len(self.known) > KNOWN_SAGAS_MAX:
+            self.known.popitem(last=False)
 
     def _decide(self, item: _Parsed, state: SagaState | None, now: datetime) -> Decision:
         value = item.input

@@ -654,3 +654,38 @@ async def test_saga_worker_recovery_runs_as_a_process_and_starts_a_due_retry(
         stopped = (await conn.execute(text("SELECT stopped_at FROM workers WHERE worker = :w"),
                                       {"w": processes.names["recovery"]})).scalar_one()
     assert stopped is not None, "the worker did not record a clean stop on SIGTERM"
+
+
+async def test_the_orchestrators_fast_path_decides_again_when_another_writer_moved_the_saga(
+        rig: Rig) -> None:
+    """The orchestrator decides from the state it last wrote, without reading it back
+    (`OrchestratorWorker._record`). Here a second instance (as after partitions moved) moves
+    the saga on behind the first one's back; the first one's stale decision loses on the event
+    key and the batch is decided again from the database, once."""
+    first = rig.orchestrator
+    second = OrchestratorWorker(rig.settings.model_copy(update={"worker_name": "it-second"}),
+                                rig.engine, rig.producer)
+    try:
+        [saga_id] = await rig.start()
+        assert first.known[saga_id].version == 2  # started and screen sent: kept, not re-read
+        [screen] = await rig.commands(saga_id, "risk")
+        await second.handle_batch([rig.reply(screen)])  # the first instance does not know
+        [reserve] = await rig.commands(saga_id, "ledger")
+        assert first.known[saga_id].version == 2
+
+        await first.handle_batch([rig.reply(reserve)])
+        assert await rig.types(saga_id) == ["SagaStarted", "StepStarted", "StepSucceeded",
+                                            "StepStarted", "StepSucceeded", "StepStarted"]
+        state = await rig.assert_consistent(saga_id)
+        assert first.known[saga_id] == state
+        assert (state.step, state.attempt) == ("credit", 1)
+
+        # A byte-identical redelivery while the saga is known: the inbox key turns the fast
+        # path away as well, and the careful path skips the message.
+        await first.handle_batch([rig.reply(reserve)])
+        assert await rig.verdicts(f"reply:{uuid.uuid5(reserve.command_id, 'reply')}") == [
+            "applied"]
+        assert await rig.assert_consistent(saga_id) == state
+        assert len(await rig.commands(saga_id, "ledger")) == 2  # reserve, credit: no extra
+    finally:
+        await second.close()
