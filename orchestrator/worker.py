@@ -60,7 +60,7 @@ ORCHESTRATOR_GROUP = "saga-orchestrator"
 CONSUMER = "orchestrator"
 _DEAD_LETTER_NAMESPACE = UUID("0b5e9b1e-2a7c-4c55-9e4f-6d0f3a8c1b22")
 REDRIVE_HEADER = "saga-redrive-id"
-# How many sagas' states the orchestrator keeps for its fast path (a few KiB each).
+# How many sagas' states the orchestrator keeps for its known-state path (a few KiB each).
 KNOWN_SAGAS_MAX = 20_000
 
 
@@ -231,7 +231,7 @@ class OrchestratorWorker:
         self.producer = producer
         self.marker = PublishedMarker(engine)
         # The state of each saga as this worker last committed it (see `_record`), and the same
-        # engine in autocommit mode for the one-statement writes of the fast path.
+        # engine in autocommit mode for the one-statement writes of the known-state path.
         self.known: OrderedDict[UUID, SagaState] = OrderedDict()
         self.autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.definition = definition
@@ -312,7 +312,7 @@ class OrchestratorWorker:
         """Decide the batch and record everything it caused at once; returns the new outbox
         rows and their ids.
 
-        The fast path skips the read: the states come from what this worker last committed
+        The known-state path skips the read: the states come from what this worker last committed
         (`known`; a new saga has none) and the writes go in one autocommitted statement, one
         round trip instead of four (BEGIN, read, write, COMMIT) on every hop of a saga. It is
         safe because the database fences every write anyway: an event takes the next `seq`
@@ -321,7 +321,7 @@ class OrchestratorWorker:
         before (a redelivery), the statement fails whole on a unique key and the batch is
         decided again on the careful path, from what the database holds."""
         now = datetime.now(UTC)
-        writes = self._fast_path(parsed, now)
+        writes = self._decide_from_known(parsed, now)
         if writes is not None:
             crash_point("orchestrator.before_commit", tags)  # as in a transaction: nothing written
             try:
@@ -333,7 +333,7 @@ class OrchestratorWorker:
                 for item in parsed:
                     if item.saga_id is not None:
                         self.known.pop(item.saga_id, None)
-                log.info("fast path lost a race on a batch of %d; deciding it again from the "
+                log.info("the known-state path lost a race on a batch of %d; deciding it again from the "
                          "database", len(parsed))
             else:
                 self._committed(writes)
@@ -359,11 +359,11 @@ class OrchestratorWorker:
         self._committed(writes)
         return ids, writes.outbox
 
-    def _fast_path(self, parsed: Sequence[_Parsed], now: datetime) -> _BatchWrites | None:
+    def _decide_from_known(self, parsed: Sequence[_Parsed], now: datetime) -> _BatchWrites | None:
         """The batch's writes decided from `known` states, or None when the careful path must
         decide it: a reply for a saga this worker has not written, a message that changes no
         saga (its decision would have no event, whose key fences it), or anything that is
-        dead-lettered (a second statement). Every message on the fast path appends an event
+        dead-lettered (a second statement). Every message on this path appends an event
         whose `seq` is one past the known version, so the write fails on that key if the saga
         moved on since; a new saga's first event is `seq` 1, so a start for a saga that exists
         fails the same way."""

@@ -656,7 +656,7 @@ async def test_saga_worker_recovery_runs_as_a_process_and_starts_a_due_retry(
     assert stopped is not None, "the worker did not record a clean stop on SIGTERM"
 
 
-async def test_the_orchestrators_fast_path_decides_again_when_another_writer_moved_the_saga(
+async def test_the_orchestrators_known_state_path_decides_again_when_another_writer_moved_the_saga(
         rig: Rig) -> None:
     """The orchestrator decides from the state it last wrote, without reading it back
     (`OrchestratorWorker._record`). Here a second instance (as after partitions moved) moves
@@ -680,8 +680,8 @@ async def test_the_orchestrators_fast_path_decides_again_when_another_writer_mov
         assert first.known[saga_id] == state
         assert (state.step, state.attempt) == ("credit", 1)
 
-        # A byte-identical redelivery while the saga is known: the inbox key turns the fast
-        # path away as well, and the careful path skips the message.
+        # A byte-identical redelivery while the saga is known: the inbox key turns the
+        # known-state path away as well, and the careful path skips the message.
         await first.handle_batch([rig.reply(reserve)])
         assert await rig.verdicts(f"reply:{uuid.uuid5(reserve.command_id, 'reply')}") == [
             "applied"]
