@@ -333,8 +333,8 @@ class OrchestratorWorker:
                 for item in parsed:
                     if item.saga_id is not None:
                         self.known.pop(item.saga_id, None)
-                log.info("the known-state path lost a race on a batch of %d; deciding it again from the "
-                         "database", len(parsed))
+                log.info("the known-state path lost a race on a batch of %d; deciding it "
+                         "again from the database", len(parsed))
             else:
                 self._committed(writes)
                 return ids, writes.outbox
