@@ -31,8 +31,9 @@ from orchestrator.core import command_id_for
 from orchestrator.producer import KafkaProducer
 from orchestrator.sagas import TRANSFER
 from orchestrator.store import json_value
-from schemas import Direction, Outcome, StepCommand, StepReply
+from schemas import Direction, Outcome, StepCommand, StepReply, step_topic
 from steps.ledger import LedgerParticipant
+from steps.risk import RiskParticipant
 from steps.runtime import CANCELLED, ParticipantWorker
 from tests.integration.conftest import DeadLetterTap, Harness
 
@@ -426,3 +427,32 @@ async def test_malformed_commands_on_two_partitions_are_two_dead_letters(
             {"t": ledger_worker.topic, "o": offset})).scalars().all()
     assert sorted(bytes(p) for p in recorded) == sorted(bad)
     await harness.assert_invariants()
+
+
+async def test_a_redelivered_screen_replays_its_stored_reply_even_while_the_provider_is_down(
+        harness: Harness) -> None:
+    """A command answered before gets its stored reply, even when answering it afresh would be
+    a retryable refusal (which is never stored: a later attempt must be free to try again)."""
+    saga, _, _ = await finished_transfer(harness, "10.00", "1.00", "COMPLETED")
+    async with harness.engine.connect() as conn:
+        [screen_value] = (await conn.execute(text(
+            "SELECT value FROM outbox WHERE saga_id = :s AND topic = :t"),
+            {"s": saga.saga_id, "t": harness.settings.topic(step_topic("risk"))})).scalars()
+    screen = StepCommand.model_validate_json(bytes(screen_value))
+    producer = KafkaProducer(harness.settings, f"it-direct-risk-{uuid.uuid4().hex[:6]}")
+    down = harness.settings.model_copy(update={"risk_failure_rate": 1.0})
+    risk = ParticipantWorker(down, harness.engine, RiskParticipant(down), producer)
+    try:
+        [replayed] = await risk._apply([screen], [])
+        fresh = step_command(uuid.uuid4(), "screen", "screen", FORWARD, screen.payload)
+        [refused] = await risk._apply([fresh], [])
+    finally:
+        producer.close()
+    assert (replayed.outcome, replayed.replayed, replayed.retryable) == (
+        Outcome.SUCCEEDED, True, False)
+    assert (refused.outcome, refused.retryable, refused.code) == (
+        Outcome.FAILED, True, "PROVIDER_UNAVAILABLE")
+    async with harness.engine.connect() as conn:
+        assert (await conn.execute(text(
+            "SELECT count(*) FROM participant_replies WHERE saga_id = :s"),
+            {"s": fresh.saga_id})).scalar() == 0  # a retryable refusal leaves no reply
