@@ -57,10 +57,22 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         from orchestrator.producer import KafkaProducer
 
         producer = KafkaProducer(settings, settings.worker_name or kind)
+    from orchestrator.metrics import configure_metrics
+
+    try:
+        meters = configure_metrics(settings.worker_name or kind)
+    except ConfigurationError:
+        if producer is not None:
+            producer.close()
+        raise
     from orchestrator.runner import run_worker
 
     stop = await _stop_on_signals()
-    await run_worker(kind, settings, stop, producer)
+    try:
+        await run_worker(kind, settings, stop, producer)
+    finally:
+        if meters is not None:
+            meters.shutdown()  # exports what was counted since the last export
     return 0
 
 

@@ -35,7 +35,7 @@ from orchestrator.core import SagaState, decide_due, evolve, participant_of
 from orchestrator.crash import crash_point, step_tags
 from orchestrator.definition import SagaDefinition
 from orchestrator.errors import SagaError
-from orchestrator.metrics import RECOVERY_ACTIONS, SAGAS_FAILED
+from orchestrator.metrics import DEAD_LETTERS, RECOVERY_ACTIONS, SAGAS_FAILED
 from orchestrator.producer import KafkaProducer, Record
 from orchestrator.relay import OutboxRelay, PublishedMarker
 from orchestrator.sagas import SAGAS
@@ -157,6 +157,8 @@ class RecoveryWorker:
             ids = await store.write_batch(conn, "recovery", [], events, states, outbox,
                                           dead_letters, now)
         crash_point("recovery.after_commit", tags)
+        for dead in dead_letters:
+            DEAD_LETTERS.add(1, {"stage": dead.stage, "reason": dead.reason_code})
         for saga_id in done.failed:
             SAGAS_FAILED.add(1, {"stage": "recovery"})
             log.error("saga %s FAILED in recovery and was dead-lettered", saga_id)

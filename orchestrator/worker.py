@@ -392,6 +392,8 @@ class OrchestratorWorker:
         return None if writes.dead_letters else writes
 
     def _committed(self, writes: _BatchWrites) -> None:
+        for row in writes.dead_letters:
+            DEAD_LETTERS.add(1, {"stage": row.stage, "reason": row.reason_code})
         for state in writes.touched.values():
             if state.status is SagaStatus.FAILED:
                 SAGAS_FAILED.add(1, {"stage": "orchestrator"})

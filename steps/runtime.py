@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from orchestrator import store
 from orchestrator.bus import Consumed, encode_headers
 from orchestrator.crash import crash_point, step_tags
+from orchestrator.metrics import DEAD_LETTERS
 from orchestrator.producer import KafkaProducer, Record
 from orchestrator.settings import Settings
 from orchestrator.store import DeadLetterRow, insert_dead_letters, translate
@@ -123,6 +124,9 @@ class ParticipantWorker:
         async for attempt in retrying():
             with attempt:
                 replies = await self._apply(commands, bad, tags)
+        if bad:
+            DEAD_LETTERS.add(len(bad), {"stage": f"participant:{self.participant.name}",
+                                        "reason": RejectionCode.SCHEMA_VIOLATION.value})
         crash_point("participant.after_effect", tags)
         await self.producer.send([self._record(reply) for reply in replies])
         crash_point("participant.after_produce", tags)

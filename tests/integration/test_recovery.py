@@ -14,8 +14,11 @@ times. What was sent is read back from the outbox and from the topics themselves
 from __future__ import annotations
 
 import asyncio
+import gzip
+import http.server
 import itertools
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -689,3 +692,90 @@ async def test_the_orchestrators_known_state_path_decides_again_when_another_wri
         assert len(await rig.commands(saga_id, "ledger")) == 2  # reserve, credit: no extra
     finally:
         await second.close()
+
+
+class OtlpReceiver:
+    """The metrics half of an OpenTelemetry collector's OTLP/HTTP receiver, on loopback: it
+    keeps every export request it is sent and answers as a collector does."""
+
+    def __init__(self) -> None:
+        from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+            ExportMetricsServiceRequest,
+            ExportMetricsServiceResponse,
+        )
+
+        self.requests: list[Any] = []
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                request = ExportMetricsServiceRequest()
+                request.ParseFromString(body)
+                receiver.requests.append(request)
+                answer = ExportMetricsServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/metrics"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def counter(self, name: str, **attributes: str) -> tuple[int, dict[str, str]]:
+        """The latest value of the counter `name` for `attributes` (cumulative), with the
+        resource attributes of the process that sent it."""
+        value, resource = 0, {}
+        for request in self.requests:
+            for resource_metrics in request.resource_metrics:
+                for scope in resource_metrics.scope_metrics:
+                    for metric in scope.metrics:
+                        if metric.name != name:
+                            continue
+                        for point in metric.sum.data_points:
+                            found = {a.key: a.value.string_value for a in point.attributes}
+                            if found == attributes:
+                                value = point.as_int
+                                resource = {a.key: a.value.string_value
+                                            for a in resource_metrics.resource.attributes}
+        return value, resource
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+async def test_a_recovery_worker_process_exports_its_actions_to_an_otlp_collector(
+        rig: Rig, tmp_path: Path) -> None:
+    receiver = OtlpReceiver()
+    processes = WorkerProcesses(rig.settings, tmp_path, kinds=("recovery",))
+    processes.start(env={"OTEL_METRICS_EXPORTER": "otlp",
+                         "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": receiver.url,
+                         "OTEL_METRIC_EXPORT_INTERVAL": "200",
+                         "OTEL_SERVICE_NAME": "saga-recovery-it"})
+    try:
+        await processes.wait_ready(rig.engine, timeout_s=60)
+        [saga_id] = await rig.start()
+        [screen] = await rig.commands(saga_id, "risk")
+        await rig.orchestrator.handle_batch([rig.reply(screen, Outcome.FAILED, retryable=True)])
+        deadline = time.monotonic() + 20
+        while (found := receiver.counter("saga.recovery.actions", action="retry"))[0] < 1:
+            assert time.monotonic() < deadline, (
+                f"no retry counted: {len(receiver.requests)} exports received; see "
+                f"{processes.log_path('recovery')}")
+            await asyncio.sleep(0.1)
+        retried, resource = found
+        assert retried == 1
+        assert resource["service.name"] == "saga-recovery-it"
+        assert resource["service.instance.id"] == processes.names["recovery"]
+        assert only(await rig.events(saga_id), StepStarted)[-1].attempt == 2
+    finally:
+        processes.stop()
+        receiver.close()
