@@ -1,8 +1,10 @@
 """Chaos tests: workers run as subprocesses and are killed, frozen and restarted, and the
 servers under them are restarted; every scenario ends with the invariant checker.
 
-Each test module shares one embedded stack (PostgreSQL + tansu); every scenario gets its own
+The chaos package shares one embedded stack (PostgreSQL + tansu); every scenario gets its own
 database and topic prefix on it (see `harness.World`), so the checker judges one scenario's data.
+The scenarios that restart a server (tests/chaos/test_restarts.py) restart this one: the worlds
+of the modules before them are closed by then, and those after them only need it running.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from tests.chaos.harness import SUMMARIES, World, unique
 NewWorld = Callable[..., Awaitable[World]]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")  # stopped after the last chaos test, not left idle after it
 def stack() -> Iterator[EmbeddedStack]:
     with EmbeddedStack() as started:
         yield started

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import random
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -20,19 +21,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from orchestrator.checker import check
-from orchestrator.demo import Planned, plan_transfers, publish, seed
+from orchestrator.demo import Planned, plan_transfers, seed
 from orchestrator.embedded import EmbeddedStack, settings_for
 from orchestrator.processes import WorkerProcesses
 from orchestrator.queries import render_timeline, timeline
 from orchestrator.settings import Settings
 from orchestrator.store import create_engine, migrate
-from schemas import TOPIC_TRANSFER_COMMANDS
+from orchestrator.worker import ORCHESTRATOR_GROUP
+from schemas import TOPIC_REPLIES, TOPIC_TRANSFER_COMMANDS, step_topic
 
 LOG_ROOT = Path(tempfile.gettempdir()) / "saga-chaos-logs"
 # A scenario slower than this to finish prints the timeline of its last saga, to show why.
@@ -49,8 +51,9 @@ EXPECTED: dict[str, frozenset[str]] = {
     "insufficient": frozenset({"COMPENSATED"}),        # reserve refused: nothing to undo
 }
 
-# A handful per crash-point case: a few complete, most compensate at some depth.
-SMALL_MIX = {"ok": 8, "over_limit": 6, "closed_destination": 3, "insufficient": 3}
+# A handful per crash-point case: every kind, so every step is crossed in both directions (the
+# deepest compensation, of `credit` and then `reserve`, only by `over_limit`).
+SMALL_MIX = {"ok": 4, "over_limit": 4, "closed_destination": 2, "insufficient": 2}
 
 # Every scenario's one-line summary, printed again by conftest at the end of the run.
 SUMMARIES: list[str] = []
@@ -99,6 +102,9 @@ class World:
     workers: WorkerProcesses
     name: str
     _log_marks: dict[str, int] = field(default_factory=dict)
+    # One producer for the world's transfer requests: a fresh idempotent producer waits ~0.5 s
+    # for its producer id before its first record is sent.
+    _producer: Producer | None = None
 
     @classmethod
     async def create(cls, stack: EmbeddedStack, name: str, **overrides: Any) -> World:
@@ -159,22 +165,118 @@ class World:
         tail = self.log_since_mark(label)[-3000:]
         assert code is not None, f"{label} did not reach {point} in {timeout_s}s; log:\n{tail}"
         assert code == -signal_number, f"{label} exited with {code}, not by SIGKILL:\n{tail}"
-        assert f"crash point {point}" in tail, f"{label} died elsewhere than {point}:\n{tail}"
+        assert f"crash point {point}" in tail, (
+            f"{label} died elsewhere than {point} ({self._crash_lines(label)}):\n{tail}")
+
+    def _crash_lines(self, label: str) -> str:
+        """Where the log's crash point lines are, against the mark: for a failure message."""
+        path = self.workers.log_path(label)
+        mark = self._log_marks.get(label, 0)
+        data = path.read_bytes() if path.exists() else b""
+        found, at = [], data.find(b"crash point")
+        while at >= 0:
+            line = data[at:data.find(b"\n", at)].decode(errors="replace")
+            found.append(f"{at}: {line}")
+            at = data.find(b"crash point", at + 1)
+        return f"mark {mark}, size {len(data)}, crash lines {found[-3:]}"
+
+    def consumer_groups(self, label: str) -> list[tuple[str, list[str]]]:
+        """The consumer groups (and their topics) the worker `label` consumes in."""
+        kind = label.split("#", 1)[0]
+        if kind == "orchestrator":
+            return [(ORCHESTRATOR_GROUP, [self.settings.topic(TOPIC_TRANSFER_COMMANDS),
+                                          self.settings.topic(TOPIC_REPLIES)])]
+        if kind.startswith("participant:"):
+            name = kind.split(":", 1)[1]
+            return [(f"saga-participant-{name}", [self.settings.topic(step_topic(name))])]
+        return []  # the relay and the recovery worker poll the database
+
+    def positions(self, label: str) -> dict[tuple[str, int], tuple[int, int]]:
+        """For each partition `label` consumes: (the offset its group committed, the log's
+        start if none; the broker's high watermark). Blocking: call it from a thread."""
+        found: dict[tuple[str, int], tuple[int, int]] = {}
+        for group, topics in self.consumer_groups(label):
+            consumer = Consumer({"bootstrap.servers": self.settings.kafka_bootstrap,
+                                 "group.id": group, "enable.auto.commit": False})
+            try:
+                partitions = [TopicPartition(topic, p) for topic in topics
+                              for p in range(self.settings.topic_partitions)]
+                for tp in consumer.committed(partitions, timeout=10):
+                    low, high = consumer.get_watermark_offsets(tp, timeout=10)
+                    # Nothing committed yet counts from the start of the log.
+                    committed = tp.offset if tp.offset >= 0 else low
+                    found[(tp.topic, tp.partition)] = (committed, high)
+            finally:
+                consumer.close()
+        return found
+
+    def _uncommitted(self, label: str, upto: Mapping[tuple[str, int], int] | None = None
+                     ) -> list[str]:
+        """Partitions where `label`'s group has not committed every record the broker holds
+        (or, given `upto`, every record below those offsets)."""
+        return [f"{topic}[{partition}] at {committed} of {high}"
+                for (topic, partition), (committed, high) in self.positions(label).items()
+                if committed < (high if upto is None else upto.get((topic, partition), 0))]
+
+    async def wait_committed(self, label: str, timeout_s: float = 30.0,
+                             upto: Mapping[tuple[str, int], int] | None = None) -> list[str]:
+        """Until `label`'s consumer group has committed its offset past every record the broker
+        holds. A worker's offsets are committed asynchronously after each batch: killed before
+        that commit lands, its successor gets the last batch again. A crash plan must not be
+        tripped by such a redelivered record of an earlier case (that crash would prove nothing
+        about this case's sagas), so a worker is given a plan only once its group is caught up.
+        `upto`: only the records below these offsets. Returns the partitions that were behind
+        at first (for the scenario's summary)."""
+        deadline = time.monotonic() + timeout_s
+        first: list[str] | None = None
+        while True:
+            try:
+                behind = await asyncio.to_thread(self._uncommitted, label, upto)
+            except KafkaException as error:  # no group coordinator yet: ask again
+                behind = [str(error)]
+            first = behind if first is None else first
+            if not behind:
+                return first
+            assert time.monotonic() < deadline, (
+                f"{label} did not commit its offsets in {timeout_s}s: {behind[:4]}")
+            await asyncio.sleep(0.05)
 
     async def seed(self, prefix: str) -> None:
         await seed(self.engine, prefix)
 
     async def publish(self, plans: Iterable[Planned]) -> None:
-        payloads = [(p.payload, p.transfer_id.encode() if p.transfer_id else None)
-                    for p in plans]
-        await asyncio.to_thread(publish, self.settings, payloads)
+        """Publish the transfer requests and wait until the broker acknowledged them."""
+        if self._producer is None:
+            # Never creating a topic: idle, it still refreshes its metadata, and after a broker
+            # restart that would re-create the commands topic with the broker's default
+            # partition count before the recovery worker's `ensure_topics` does.
+            self._producer = Producer({"bootstrap.servers": self.settings.kafka_bootstrap,
+                                       "linger.ms": 2, "enable.idempotence": True,
+                                       "allow.auto.create.topics": False})
+        producer = self._producer
+        topic = self.settings.topic(TOPIC_TRANSFER_COMMANDS)
+
+        def run() -> None:
+            for p in plans:
+                key = p.transfer_id.encode() if p.transfer_id else None
+                while True:
+                    try:
+                        producer.produce(topic, value=p.payload, key=key)
+                        break
+                    except BufferError:
+                        producer.poll(0.05)
+                producer.poll(0)
+            assert producer.flush(30) == 0, "transfer requests not acknowledged by the broker"
+
+        await asyncio.to_thread(run)
 
     def publish_paced(self, plans: list[Planned], duration_s: float) -> threading.Thread:
         """Publish `plans` evenly over `duration_s` from a thread of its own (started here; join
         it), so traffic goes on while the test's event loop is blocked restarting a server."""
         def run() -> None:
             producer = Producer({"bootstrap.servers": self.settings.kafka_bootstrap,
-                                 "linger.ms": 0, "enable.idempotence": True})
+                                 "linger.ms": 0, "enable.idempotence": True,
+                                 "allow.auto.create.topics": False})
             topic = self.settings.topic(TOPIC_TRANSFER_COMMANDS)
             started = time.monotonic()
             for i, p in enumerate(plans):
@@ -292,8 +394,13 @@ class World:
                f" duplicate effects 0{extra}")
 
     async def close(self, keep_logs: bool) -> None:
-        """Stop every worker; the logs are deleted unless `keep_logs` (a failed scenario)."""
-        self.workers.stop()
+        """Kill every worker (nothing of theirs needs a clean stop: the scenario is judged);
+        the logs are deleted unless `keep_logs` (a failed scenario)."""
+        for label in self.workers.processes:
+            self.workers.signal(label, signal.SIGKILL)
+        if self._producer is not None:
+            self._producer.flush(1)
+            self._producer = None  # destroyed now, not left reconnecting to a stopped broker
         await self.engine.dispose()
         if keep_logs:
             print(f"worker logs of {self.name} kept in {self.workers.log_dir}")
