@@ -49,7 +49,6 @@ class KafkaProducer:
             "acks": "all",
             # Latency over batching: a saga's next step waits on this record.
             "linger.ms": 0,
-            "socket.nagle.disable": True,  # see `orchestrator.bus.make_broker`
             "message.timeout.ms": 30000,
             # Topics are created with their partition count by `ensure_topics` (workers at
             # start, the recovery worker after a broker restart), never by a produce.
