@@ -211,7 +211,36 @@ class DrainingConsumer(AsyncConfluentConsumer):
 
         loop = asyncio.get_running_loop()
         raw = await loop.run_in_executor(self._thread_pool, first_then_queued)
-        return tuple(m for m in map(check_msg_error, raw) if m is not None)
+        batch = tuple(m for m in map(check_msg_error, raw) if m is not None)
+        handed_out: dict[tuple[str, int], int] = {}
+        for message in batch:
+            key = (str(message.topic()), int(message.partition() or 0))
+            handed_out[key] = max(handed_out.get(key, -1), int(message.offset() or 0) + 1)
+        self._handed_out = handed_out
+        return batch
+
+    async def commit(self, asynchronous: bool = True) -> None:
+        """Commit exactly the batch last handed out, the one its handler just finished
+        (faststream acknowledges a batch before it asks for the next one).
+
+        Not librdkafka's commit without offsets: that commits the offsets *stored* when its
+        own thread serves the request, and by then the next poll may have stored the offsets
+        of records nobody has handled yet. A worker killed while handling those (say, after
+        storing a step's reply and before sending it) left them committed: the reply was
+        never sent and the command never consumed again, until the step's deadline made the
+        recovery worker re-send it (seen as a rare 10 s recovery in bench/recovery.py)."""
+        offsets = [TopicPartition(topic, partition, offset)
+                   for (topic, partition), offset in getattr(self, "_handed_out", {}).items()]
+        if not offsets:
+            return
+
+        def commit() -> None:
+            if asynchronous:
+                self.consumer.commit(offsets=offsets, asynchronous=True)
+            else:
+                self.consumer.commit(offsets=offsets, asynchronous=False)
+
+        await asyncio.get_running_loop().run_in_executor(self._thread_pool, commit)
 
     def _check_starvation(self) -> None:
         """Runs on the consumer's own thread, between polls.

@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from orchestrator.bus import Consumed, DrainingConsumer, make_broker, subscribe_batches
@@ -70,3 +70,52 @@ async def test_a_starving_consumer_widens_its_fetch_wait_and_gets_every_record(
     assert len(received) == records
     assert any("rebuilding the consumer" in r.getMessage() for r in caplog.records), (
         "the log never outgrew a 1 ms fetch: the test no longer exercises the watchdog")
+
+
+async def test_an_offset_is_committed_only_for_records_whose_handler_finished(
+        own_broker: EmbeddedBroker) -> None:
+    """While a batch is being handled, the group's committed offset must not cover it: a worker
+    killed then must get the batch again. librdkafka's commit without offsets commits what is
+    stored when its own thread serves the request, which can already include the next poll's
+    records; the consumer therefore commits explicit offsets (`DrainingConsumer.commit`)."""
+    topic = f"commit-{uuid.uuid4().hex[:6]}"
+    admin = AdminClient({"bootstrap.servers": own_broker.bootstrap})
+    for future in admin.create_topics([NewTopic(topic, 1, 1)]).values():
+        future.result(10)
+    records = 60
+    producer = Producer({"bootstrap.servers": own_broker.bootstrap, "linger.ms": 0})
+    for i in range(records):
+        producer.produce(topic, str(i).encode())
+    producer.flush(10)
+
+    group = f"commit-test-{uuid.uuid4().hex[:6]}"
+    settings = Settings(kafka_bootstrap=own_broker.bootstrap, kafka_fetch_wait_ms=1,
+                        partition_ownership="group", consume_batch_max=1)
+    observer = Consumer({"bootstrap.servers": own_broker.bootstrap, "group.id": group,
+                         "enable.auto.commit": False})
+    overreaching: list[tuple[int, int]] = []
+    handled = 0
+    done = asyncio.Event()
+
+    async def handler(batch: list[Consumed]) -> None:
+        nonlocal handled
+        await asyncio.sleep(0.01)  # time for a commit requested before this batch to land
+        [position] = await asyncio.to_thread(
+            observer.committed, [TopicPartition(topic, 0)], 10)
+        for message in batch:
+            if position.offset > message.offset:  # committed past a record still in hand
+                overreaching.append((message.offset, position.offset))
+        handled += len(batch)
+        if handled >= records:
+            done.set()
+
+    broker = make_broker(settings)
+    subscribe_batches(broker, settings, [topic], group, handler)
+    await broker.start()
+    try:
+        await asyncio.wait_for(done.wait(), 60)
+    finally:
+        await broker.stop()
+        observer.close()
+    assert handled >= records
+    assert not overreaching, f"(record in hand, committed offset): {overreaching[:5]}"
