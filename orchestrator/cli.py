@@ -56,11 +56,11 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     if settings.kafka_bootstrap:
         from orchestrator.producer import KafkaProducer
 
-        producer = KafkaProducer(settings, settings.worker_name or kind)
+        producer = KafkaProducer(settings, settings.worker_name)
     from orchestrator.metrics import configure_metrics
 
     try:
-        meters = configure_metrics(settings.worker_name or kind)
+        meters = configure_metrics(settings.worker_name)
     except ConfigurationError:
         if producer is not None:
             producer.close()

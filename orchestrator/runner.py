@@ -44,9 +44,14 @@ def make_participant(name: str, settings: Settings) -> Any:
     return factories[name]()
 
 
-async def prepare(settings: Settings) -> AsyncEngine:
+def _require_addresses(settings: Settings) -> None:
     if not settings.database_url or not settings.kafka_bootstrap:
         raise ConfigurationError("SAGA_DATABASE_URL and SAGA_KAFKA_BOOTSTRAP must both be set")
+
+
+async def prepare(settings: Settings) -> AsyncEngine:
+    _require_addresses(settings)
+    assert settings.database_url
     engine = create_engine(settings.database_url, settings.db_pool_size,
                            settings.db_idle_in_transaction_timeout_s)
     await migrate(engine)
@@ -78,17 +83,16 @@ async def run_worker(kind: str, settings: Settings, stop: asyncio.Event,
         if kind not in WORKER_KINDS:
             raise ConfigurationError(
                 f"unknown worker {kind!r}; known: {', '.join(WORKER_KINDS)}")
+        _require_addresses(settings)
         name = worker_name(kind, settings)
         settings = settings.model_copy(update={"worker_name": name})
-        if producer is None and settings.kafka_bootstrap:
-            # Before `prepare`, so its producer id arrives during the migrations and topic setup.
-            producer = KafkaProducer(settings, name)
+        # Before `prepare`, so its producer id arrives during the migrations and topic setup.
+        producer = producer or KafkaProducer(settings, name)
         engine = await prepare(settings)
     except BaseException:
         if producer is not None:
             producer.close()
         raise
-    assert producer is not None  # prepare() refused a missing bootstrap
     loop = asyncio.get_running_loop()
 
     def on_assign(*_args: Any) -> None:

@@ -60,7 +60,8 @@ ORCHESTRATOR_GROUP = "saga-orchestrator"
 CONSUMER = "orchestrator"
 _DEAD_LETTER_NAMESPACE = UUID("0b5e9b1e-2a7c-4c55-9e4f-6d0f3a8c1b22")
 REDRIVE_HEADER = "saga-redrive-id"
-# How many sagas' states the orchestrator keeps for its known-state path (a few KiB each).
+# How many sagas' states the orchestrator keeps for its known-state path (the least recently
+# written go first).
 KNOWN_SAGAS_MAX = 20_000
 
 

@@ -32,14 +32,20 @@ def own_broker(tmp_path: Path):  # type: ignore[no-untyped-def]
     broker.stop()
 
 
+def new_topic(broker: EmbeddedBroker, prefix: str) -> str:
+    """A fresh topic of one partition."""
+    topic = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+    for future in admin.create_topics([NewTopic(topic, 1, 1)]).values():
+        future.result(10)
+    return topic
+
+
 async def test_a_starving_consumer_widens_its_fetch_wait_and_gets_every_record(
         own_broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(DrainingConsumer, "stall_after_s", 1.0)
-    topic = f"long-{uuid.uuid4().hex[:6]}"
-    admin = AdminClient({"bootstrap.servers": own_broker.bootstrap})
-    for future in admin.create_topics([NewTopic(topic, 1, 1)]).values():
-        future.result(10)
+    topic = new_topic(own_broker, "long")
     records = 5000
     producer = Producer({"bootstrap.servers": own_broker.bootstrap, "linger.ms": 0})
     for i in range(records):  # one record per batch: the longest log for the count
@@ -78,10 +84,7 @@ async def test_an_offset_is_committed_only_for_records_whose_handler_finished(
     killed then must get the batch again. librdkafka's commit without offsets commits what is
     stored when its own thread serves the request, which can already include the next poll's
     records; the consumer therefore commits explicit offsets (`DrainingConsumer.commit`)."""
-    topic = f"commit-{uuid.uuid4().hex[:6]}"
-    admin = AdminClient({"bootstrap.servers": own_broker.bootstrap})
-    for future in admin.create_topics([NewTopic(topic, 1, 1)]).values():
-        future.result(10)
+    topic = new_topic(own_broker, "commit")
     records = 60
     producer = Producer({"bootstrap.servers": own_broker.bootstrap, "linger.ms": 0})
     for i in range(records):
