@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from schemas import Direction, StepCommand, format_amount
 from steps.registry import ledger
-from steps.runtime import StepResult
+from steps.runtime import Decided, EffectTable, StepResult
 
 
 def clearing_account(currency: str) -> str:
@@ -179,41 +179,48 @@ def _view(row: Any) -> AccountView:
                        row.daily_outflow_limit, row.settled_today)
 
 
+ENTRIES = EffectTable("ledger_entries", (
+    ("saga_id", "uuid"), ("step", "text"), ("direction", "text"), ("currency", "text"),
+    ("amount", "numeric"), ("debit_account", "text"), ("credit_account", "text"),
+    ("hold_account", "text"), ("hold_delta", "numeric"),
+))
+
+
+def entry_row(command: StepCommand, entry: Entry) -> dict[str, Any]:
+    return {"saga_id": command.saga_id, "step": entry.step, "direction": entry.direction.value,
+            "currency": entry.currency, "amount": entry.amount,
+            "debit_account": entry.debit_account, "credit_account": entry.credit_account,
+            "hold_account": entry.hold_account, "hold_delta": entry.hold_delta}
+
+
 class LedgerParticipant:
     name = "ledger"
+    # No need to create clearing accounts with the entries: an entry needs a customer account
+    # of its currency, and `open_account` creates that currency's clearing account with it.
+    effects = (ENTRIES,)
+    locks = True  # the rules depend on balances: the accounts stay locked until the write
 
-    async def apply(self, conn: AsyncConnection, commands: Sequence[StepCommand],
-                    now: datetime) -> list[StepResult]:
+    async def read(self, conn: AsyncConnection, commands: Sequence[StepCommand],
+                   now: datetime) -> dict[str, AccountView]:
+        """The customer accounts the commands depend on, locked (in sorted order, so two
+        batches cannot deadlock)."""
         wanted = sorted({account_in_question(c) for c in commands})
         rows = await conn.execute(_LOCK_AND_VIEW, {"ids": wanted, "now": now})
-        accounts = {row.account_id: _view(row) for row in rows}
-        entries: list[tuple[StepCommand, Entry]] = []
-        results: list[StepResult] = []
+        return {row.account_id: _view(row) for row in rows}
+
+    def decide(self, commands: Sequence[StepCommand], view: dict[str, AccountView],
+               now: datetime) -> list[Decided]:
+        accounts = dict(view)
+        decided: list[Decided] = []
         for command in commands:
             account_id = account_in_question(command)
             entry, result = decide_entry(command, accounts.get(account_id))
-            if entry is not None:
-                entries.append((command, entry))
-                accounts[account_id] = after(accounts[account_id], entry)
-            results.append(result)
-        if entries:
-            # No need to create clearing accounts here: an entry needs a customer account of its
-            # currency, and `open_account` creates that currency's clearing account with it.
-            await conn.execute(
-                text(
-                    "INSERT INTO ledger_entries (saga_id, step, direction, currency, amount,"
-                    " debit_account, credit_account, hold_account, hold_delta) VALUES (:saga_id,"
-                    " :step, :direction, :currency, :amount, :debit, :credit, :hold, :hold_delta)"
-                ),
-                [
-                    {"saga_id": c.saga_id, "step": e.step, "direction": e.direction.value,
-                     "currency": e.currency, "amount": e.amount, "debit": e.debit_account,
-                     "credit": e.credit_account, "hold": e.hold_account,
-                     "hold_delta": e.hold_delta}
-                    for c, e in entries
-                ],
-            )
-        return results
+            if entry is None:
+                decided.append(Decided(result))
+                continue
+            accounts[account_id] = after(accounts[account_id], entry)
+            decided.append(Decided(result, (("ledger_entries", entry_row(command, entry)),)))
+        return decided
 
 
 async def _ensure_clearing_accounts(conn: AsyncConnection, currencies: set[str]) -> None:

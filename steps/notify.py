@@ -5,26 +5,34 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from schemas import StepCommand
-from steps.runtime import StepResult
+from steps.runtime import Decided, EffectTable, StepResult
+
+NOTIFICATIONS = EffectTable(
+    "notifications", (("saga_id", "uuid"), ("recipient", "text"), ("message", "text")),
+    # One notification per saga, whichever attempt or path wrote it first.
+    on_conflict="ON CONFLICT (saga_id) DO NOTHING",
+)
 
 
 class NotifyParticipant:
     name = "notify"
+    effects = (NOTIFICATIONS,)
+    locks = False  # nothing is read: the row is decided from the command alone
 
-    async def apply(self, conn: AsyncConnection, commands: Sequence[StepCommand],
-                    now: datetime) -> list[StepResult]:
-        await conn.execute(
-            text("INSERT INTO notifications (saga_id, recipient, message) VALUES"
-                 " (:saga_id, :recipient, :message) ON CONFLICT (saga_id) DO NOTHING"),
-            [
-                {"saga_id": c.saga_id, "recipient": str(c.payload.get("destination_account")),
-                 "message": f"received {c.payload.get('amount')} {c.payload.get('currency')}"
-                            f" ({c.payload.get('reference')})"}
-                for c in commands
-            ],
-        )
-        return [StepResult.ok(notified=True) for _ in commands]
+    async def read(self, conn: AsyncConnection, commands: Sequence[StepCommand],
+                   now: datetime) -> None:
+        return None
+
+    def decide(self, commands: Sequence[StepCommand], view: None,
+               now: datetime) -> list[Decided]:
+        return [
+            Decided(StepResult.ok(notified=True), (("notifications", {
+                "saga_id": c.saga_id, "recipient": str(c.payload.get("destination_account")),
+                "message": f"received {c.payload.get('amount')} {c.payload.get('currency')}"
+                           f" ({c.payload.get('reference')})",
+            }),))
+            for c in commands
+        ]

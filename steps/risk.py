@@ -16,11 +16,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from orchestrator.settings import Settings
 from schemas import StepCommand
-from steps.runtime import StepResult
+from steps.runtime import Decided, EffectTable, StepResult
 
 
 class RiskParticipant:
     name = "risk"
+    effects: tuple[EffectTable, ...] = ()  # a screen changes nothing: only its reply is stored
+    locks = False
 
     def __init__(self, settings: Settings, rng: random.Random | None = None) -> None:
         self.latency_s = settings.risk_latency_ms / 1000
@@ -28,14 +30,21 @@ class RiskParticipant:
         self.denied = frozenset(settings.risk_denied_accounts)
         self.rng = rng or random.Random()
 
-    async def apply(self, conn: AsyncConnection, commands: Sequence[StepCommand],
-                    now: datetime) -> list[StepResult]:
+    async def read(self, conn: AsyncConnection, commands: Sequence[StepCommand],
+                   now: datetime) -> list[bool]:
+        """Ask the provider: whether it answered, per command (an outage is injected)."""
         if self.latency_s:
             await asyncio.sleep(self.latency_s)  # the provider answers a batch in one call
-        return [self._screen(command) for command in commands]
+        return [not (self.failure_rate and self.rng.random() < self.failure_rate)
+                for _ in commands]
 
-    def _screen(self, command: StepCommand) -> StepResult:
-        if self.failure_rate and self.rng.random() < self.failure_rate:
+    def decide(self, commands: Sequence[StepCommand], view: list[bool],
+               now: datetime) -> list[Decided]:
+        return [Decided(self._screen(command, answered))
+                for command, answered in zip(commands, view, strict=True)]
+
+    def _screen(self, command: StepCommand, answered: bool) -> StepResult:
+        if not answered:
             return StepResult.refused("PROVIDER_UNAVAILABLE",
                                       "screening provider did not answer (injected)",
                                       retryable=True)

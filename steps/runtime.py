@@ -1,15 +1,22 @@
 """The participant runtime: consume step commands, apply each effect at most once, reply.
 
-For each command, in one transaction per batch:
+For each command:
 - an effect `(saga_id, step, direction)` that already has a stored reply gets that reply again
   (marked `replayed`), never a second effect;
 - a compensation whose forward effect never happened is a no-op success, and it leaves a
   tombstone so that a forward command arriving late is refused instead of applied;
-- otherwise the participant applies the effect and the reply is stored with it, unless the
-  failure is retryable (nothing happened, so a later attempt must be free to try again).
+- otherwise the participant decides the effect, and the runtime writes its rows and the stored
+  reply in one statement, unless the failure is retryable (nothing happened, so a later attempt
+  must be free to try again).
 
-The replies are produced only after that transaction committed, and the offsets are committed
-only after the replies were acknowledged: a crash in between redelivers the commands, which find
+A batch of forward commands takes the fast path first (ADR 0006): the participant reads what its
+rules need, decides, and one statement writes every effect row and stored reply, failing whole
+if any of these effects already has a stored reply (a redelivery, a re-sent command, a
+tombstone). Such a batch, and any batch with a compensation or a bad record, is answered on the
+careful path: one transaction that reads the stored replies first and applies the rules above.
+
+The replies are produced only after the write committed, and the offsets are committed only
+after the replies were acknowledged: a crash in between redelivers the commands, which find
 their stored replies.
 """
 
@@ -24,13 +31,14 @@ from typing import Any, Protocol
 from uuid import UUID, uuid5
 
 from pydantic import JsonValue, ValidationError
-from sqlalchemy import text
+from sqlalchemy import TextClause, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from orchestrator import store
 from orchestrator.bus import Consumed, encode_headers
 from orchestrator.crash import crash_point, step_tags
+from orchestrator.errors import ConcurrencyConflict, SagaError
 from orchestrator.metrics import DEAD_LETTERS
 from orchestrator.producer import KafkaProducer, Record
 from orchestrator.settings import Settings
@@ -39,6 +47,7 @@ from orchestrator.worker import (
     dead_letter_for,
     dead_letter_record,
     handle_isolating_poison,
+    is_retryable,
     message_id_of,
     poison_dead_letter,
     retrying,
@@ -75,12 +84,44 @@ class StepResult:
         return cls(Outcome.FAILED, code=code, reason=reason, retryable=retryable)
 
 
+@dataclass(frozen=True)
+class EffectTable:
+    """A table a participant's effects go to. The runtime inserts the rows from arrays, in the
+    same statement as the stored replies, so an effect and its reply are written together or
+    not at all."""
+
+    table: str
+    columns: tuple[tuple[str, str], ...]  # (column, its PostgreSQL type)
+    on_conflict: str = ""  # for example "ON CONFLICT (saga_id) DO NOTHING"
+
+
+@dataclass(frozen=True)
+class Decided:
+    """A participant's answer to one command: the result, and the rows its effect writes (by
+    table name; none for a refusal or when the effect writes nothing)."""
+
+    result: StepResult
+    rows: tuple[tuple[str, dict[str, Any]], ...] = ()
+
+
 class Participant(Protocol):
     name: str
+    # Where `decide`'s rows go (see EffectTable).
+    effects: tuple[EffectTable, ...]
+    # True if `read` locks rows its rules depend on: reading, deciding and writing then share
+    # one transaction. False if the write itself is safe without it (nothing read, or what was
+    # read is fenced by a unique key the write would collide on).
+    locks: bool
 
-    async def apply(self, conn: AsyncConnection, commands: Sequence[StepCommand],
-                    now: datetime) -> list[StepResult]:
-        """Apply each command's effect inside `conn`'s transaction; one result per command."""
+    async def read(self, conn: AsyncConnection, commands: Sequence[StepCommand],
+                   now: datetime) -> Any:
+        """What the rules need for these commands (rows, a remote verdict); may be None."""
+        ...
+
+    def decide(self, commands: Sequence[StepCommand], view: Any,
+               now: datetime) -> list[Decided]:
+        """The rules, without I/O: one Decided per command, in order; a batch's commands see
+        the effects of the ones before them."""
         ...
 
 
@@ -93,10 +134,13 @@ class ParticipantWorker:
                  producer: KafkaProducer) -> None:
         self.settings = settings
         self.engine = engine
+        # The same pool in autocommit mode, for the fast path's one-statement writes.
+        self.autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.participant = participant
         self.producer = producer
         self.topic = settings.topic(step_topic(participant.name))
         self.group_id = f"saga-participant-{participant.name}"
+        self._write_statement = write_statement(participant.effects)
 
     async def handle_batch(self, batch: Sequence[Consumed]) -> None:
         """The subscriber's entry point: process the batch, setting aside poison records."""
@@ -120,10 +164,14 @@ class ParticipantWorker:
                 bad.append((message, error.errors()[0]["msg"]))
         tags = step_tags((c.step, c.direction.value) for c in commands)
         crash_point("participant.after_consume", tags)
-        replies: list[StepReply] = []
-        async for attempt in retrying():
-            with attempt:
-                replies = await self._apply(commands, bad, tags)
+        replies: list[StepReply] | None = None
+        if not bad:
+            replies = await self._answer_fast(commands, tags)
+        if replies is None:
+            async for attempt in retrying():
+                with attempt:
+                    replies = await self._apply(commands, bad, tags)
+        assert replies is not None
         if bad:
             DEAD_LETTERS.add(len(bad), {"stage": f"participant:{self.participant.name}",
                                         "reason": RejectionCode.SCHEMA_VIOLATION.value})
@@ -131,9 +179,50 @@ class ParticipantWorker:
         await self.producer.send([self._record(reply) for reply in replies])
         crash_point("participant.after_produce", tags)
 
+    async def _answer_fast(self, commands: Sequence[StepCommand], tags: Sequence[str]
+                           ) -> list[StepReply] | None:
+        """The fast path: forward commands, each effect once in the batch, answered with one
+        write that stores every reply under its effect's key. That key is what makes it safe:
+        an effect that has a stored reply (a redelivery, a re-sent command, a tombstone) makes
+        the write fail whole, and the batch goes to the careful path, which replays that reply.
+        None when the batch is not eligible or the write collided."""
+        if not commands or any(c.direction is not Direction.FORWARD for c in commands):
+            return None
+        if len({(c.saga_id, c.step) for c in commands}) != len(commands):
+            return None
+        now = datetime.now(UTC)
+        engine = self.engine if self.participant.locks else self.autocommit
+        try:
+            async with engine.begin() as conn:
+                view = await self.participant.read(conn, commands, now)
+                decided = self.participant.decide(commands, view, now)
+                replies = [self._reply(c, d.result) for c, d in zip(commands, decided,
+                                                                     strict=True)]
+                stored = [(r, d) for r, d in zip(replies, decided, strict=True)
+                          if not d.result.retryable]
+                # As in a transaction: in autocommit mode nothing is written before the write.
+                crash_point("participant.before_commit", tags)
+                await self._write(conn, [r for r, _ in stored],
+                                  [row for _, d in stored for row in d.rows])
+        except ConcurrencyConflict:
+            log.info("%s: an effect of a batch of %d already has a stored reply; answering it "
+                     "on the careful path", self.participant.name, len(commands))
+            return None
+        except DBAPIError as error:
+            translated = translate(error)
+            if not is_retryable(translated):
+                raise translated from error
+            return None  # the database is away: the careful path retries with backoff
+        except SagaError as error:
+            if not error.retryable:
+                raise
+            return None
+        return replies
+
     async def _apply(self, commands: Sequence[StepCommand],
                      bad: Sequence[tuple[Consumed, str]], tags: Sequence[str] = ()
                      ) -> list[StepReply]:
+        """The careful path: the whole batch in one transaction, stored replies read first."""
         now = datetime.now(UTC)
         try:
             async with self.engine.begin() as conn:
@@ -194,13 +283,18 @@ class ParticipantWorker:
                         ))
                     continue
             to_apply.append(command)
-        results = await self.participant.apply(conn, to_apply, now) if to_apply else []
-        for command, result in zip(to_apply, results, strict=True):
-            reply = self._reply(command, result)
+        decided: list[Decided] = []
+        if to_apply:
+            view = await self.participant.read(conn, to_apply, now)
+            decided = self.participant.decide(to_apply, view, now)
+        rows: list[tuple[str, dict[str, Any]]] = []
+        for command, answer in zip(to_apply, decided, strict=True):
+            reply = self._reply(command, answer.result)
             answers[command.command_id] = reply
-            if not result.retryable:  # nothing happened: a later attempt must be free to try
+            if not answer.result.retryable:  # nothing happened: a later attempt must be free
                 to_store.append(reply)
-        await self._store(conn, to_store)
+                rows.extend(answer.rows)
+        await self._write(conn, to_store, rows)
         for reply in to_store:
             stored[_key(reply.saga_id, reply.step, reply.direction.value)] = reply.model_dump(
                 mode="json")
@@ -211,31 +305,31 @@ class ParticipantWorker:
         if not commands:
             return {}
         rows = await conn.execute(
-            text(
-                "SELECT r.saga_id, r.step, r.direction, r.reply FROM participant_replies r"
-                " JOIN unnest(CAST(:saga_ids AS uuid[]), CAST(:steps AS text[]))"
-                " AS k(saga_id, step) ON r.saga_id = k.saga_id AND r.step = k.step"
-            ),
+            _STORED_REPLIES,
             {"saga_ids": [c.saga_id for c in commands], "steps": [c.step for c in commands]},
         )
         return {_key(row.saga_id, row.step, row.direction): _json(row.reply) for row in rows}
 
-    async def _store(self, conn: AsyncConnection, replies: Sequence[StepReply]) -> None:
-        if not replies:
+    async def _write(self, conn: AsyncConnection, replies: Sequence[StepReply],
+                     rows: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Store the replies and write the effect rows, in one statement."""
+        if not replies and not rows:
             return
-        await conn.execute(
-            text(
-                "INSERT INTO participant_replies (saga_id, step, direction, participant, outcome,"
-                " reply) VALUES (:saga_id, :step, :direction, :participant, :outcome,"
-                " CAST(:reply AS jsonb))"
-            ),
-            [
-                {"saga_id": r.saga_id, "step": r.step, "direction": r.direction.value,
-                 "participant": r.participant, "outcome": r.outcome.value,
-                 "reply": r.model_dump_json()}
-                for r in replies
-            ],
-        )
+        params: dict[str, Any] = {
+            "r_saga": [r.saga_id for r in replies], "r_step": [r.step for r in replies],
+            "r_direction": [r.direction.value for r in replies],
+            "r_participant": [r.participant for r in replies],
+            "r_outcome": [r.outcome.value for r in replies],
+            "r_reply": [r.model_dump_json() for r in replies],
+        }
+        for index, effect in enumerate(self.participant.effects):
+            mine = [row for table, row in rows if table == effect.table]
+            for column, _type in effect.columns:
+                params[f"x{index}_{column}"] = [row[column] for row in mine]
+        try:
+            await conn.execute(self._write_statement, params)
+        except DBAPIError as error:
+            raise translate(error) from error
 
     def _reply(self, command: StepCommand, result: StepResult) -> StepReply:
         return StepReply(
@@ -292,6 +386,31 @@ class ParticipantWorker:
                  "h": json.dumps(encode_headers(record.headers))},
             )
         await insert_dead_letters(conn, rows)
+
+
+_STORED_REPLIES = text(
+    "SELECT r.saga_id, r.step, r.direction, r.reply FROM participant_replies r"
+    " JOIN unnest(CAST(:saga_ids AS uuid[]), CAST(:steps AS text[]))"
+    " AS k(saga_id, step) ON r.saga_id = k.saga_id AND r.step = k.step"
+)
+
+
+def write_statement(effects: Sequence[EffectTable]) -> TextClause:
+    """One statement that stores replies and inserts effect rows, all from arrays: a reply whose
+    effect already has one collides on the primary key and the statement writes nothing."""
+    parts = [
+        "WITH replies AS (INSERT INTO participant_replies (saga_id, step, direction, participant,"
+        " outcome, reply) SELECT * FROM unnest(CAST(:r_saga AS uuid[]),"
+        " CAST(:r_step AS text[]), CAST(:r_direction AS text[]), CAST(:r_participant AS text[]),"
+        " CAST(:r_outcome AS text[]), CAST(:r_reply AS jsonb[])))"
+    ]
+    for index, effect in enumerate(effects):
+        columns = ", ".join(column for column, _ in effect.columns)
+        arrays = ", ".join(f"CAST(:x{index}_{column} AS {kind}[])"
+                           for column, kind in effect.columns)
+        parts.append(f"x{index} AS (INSERT INTO {effect.table} ({columns}) SELECT * FROM"
+                     f" unnest({arrays}) {effect.on_conflict})")
+    return text(", ".join(parts) + " SELECT 1")
 
 
 def _json(value: Any) -> Any:

@@ -33,6 +33,7 @@ from orchestrator.sagas import TRANSFER
 from orchestrator.store import json_value
 from schemas import Direction, Outcome, StepCommand, StepReply, step_topic
 from steps.ledger import LedgerParticipant
+from steps.notify import NotifyParticipant
 from steps.risk import RiskParticipant
 from steps.runtime import CANCELLED, ParticipantWorker
 from tests.integration.conftest import DeadLetterTap, Harness
@@ -89,6 +90,15 @@ async def ledger_commands(harness: Harness, saga_id: Any) -> list[StepCommand]:
             "SELECT value FROM outbox WHERE saga_id = :s AND topic LIKE '%saga.steps.ledger%'"
             " ORDER BY id"), {"s": saga_id})).scalars().all()
     return [StepCommand.model_validate_json(bytes(value)) for value in values]
+
+
+async def screen_command(harness: Harness, saga_id: Any) -> StepCommand:
+    """The saga's own screening command, as the orchestrator wrote it to the outbox."""
+    async with harness.engine.connect() as conn:
+        [value] = (await conn.execute(text(
+            "SELECT value FROM outbox WHERE saga_id = :s AND topic = :t"),
+            {"s": saga_id, "t": harness.settings.topic(step_topic("risk"))})).scalars()
+    return StepCommand.model_validate_json(bytes(value))
 
 
 async def stored_replies(harness: Harness, saga_id: Any) -> dict[tuple[str, str], dict[str, Any]]:
@@ -434,11 +444,7 @@ async def test_a_redelivered_screen_replays_its_stored_reply_even_while_the_prov
     """A command answered before gets its stored reply, even when answering it afresh would be
     a retryable refusal (which is never stored: a later attempt must be free to try again)."""
     saga, _, _ = await finished_transfer(harness, "10.00", "1.00", "COMPLETED")
-    async with harness.engine.connect() as conn:
-        [screen_value] = (await conn.execute(text(
-            "SELECT value FROM outbox WHERE saga_id = :s AND topic = :t"),
-            {"s": saga.saga_id, "t": harness.settings.topic(step_topic("risk"))})).scalars()
-    screen = StepCommand.model_validate_json(bytes(screen_value))
+    screen = await screen_command(harness, saga.saga_id)
     producer = KafkaProducer(harness.settings, f"it-direct-risk-{uuid.uuid4().hex[:6]}")
     down = harness.settings.model_copy(update={"risk_failure_rate": 1.0})
     risk = ParticipantWorker(down, harness.engine, RiskParticipant(down), producer)
@@ -456,3 +462,92 @@ async def test_a_redelivered_screen_replays_its_stored_reply_even_while_the_prov
         assert (await conn.execute(text(
             "SELECT count(*) FROM participant_replies WHERE saga_id = :s"),
             {"s": fresh.saga_id})).scalar() == 0  # a retryable refusal leaves no reply
+
+
+# ------------------------------------------------------------ participant fast path (ADR 0006)
+
+async def test_the_fast_path_writes_nothing_for_a_batch_answered_before(
+        harness: Harness, ledger_worker: ParticipantWorker) -> None:
+    """The fast path does not read the stored replies first: an effect that has one makes the
+    single write fail whole, and the batch is left to the careful path."""
+    saga, source, destination = await finished_transfer(harness, "100.00", "20.00", "COMPLETED")
+    commands = await ledger_commands(harness, saga.saga_id)
+    entries_before = await harness.entries(saga.saga_id)
+    stored = await stored_replies(harness, saga.saga_id)
+
+    assert await ledger_worker._answer_fast(commands, []) is None
+
+    assert await harness.entries(saga.saga_id) == entries_before
+    assert await stored_replies(harness, saga.saga_id) == stored
+    assert await harness.balances(source, destination) == {
+        source: (Decimal("80.00"), Decimal("0")), destination: (Decimal("20.00"), Decimal("0"))}
+    await harness.assert_invariants()
+
+
+async def test_a_fast_path_collision_leaves_the_new_effects_of_its_batch_unwritten(
+        harness: Harness) -> None:
+    """One answered effect in a batch: the new one beside it is not written by the failed fast
+    path, and the careful path then answers the new one afresh and replays the old one."""
+    saga, _, _ = await finished_transfer(harness, "10.00", "1.00", "COMPLETED")
+    answered = await screen_command(harness, saga.saga_id)
+    fresh = step_command(uuid.uuid4(), "screen", "screen", FORWARD, answered.payload)
+    producer = KafkaProducer(harness.settings, f"it-fast-risk-{uuid.uuid4().hex[:6]}")
+    risk = ParticipantWorker(harness.settings, harness.engine, RiskParticipant(harness.settings),
+                             producer)
+    try:
+        collided = await risk._answer_fast([fresh, answered], [])
+        async with harness.engine.connect() as conn:
+            fresh_replies_after_collision = (await conn.execute(text(
+                "SELECT count(*) FROM participant_replies WHERE saga_id = :s"),
+                {"s": fresh.saga_id})).scalar()
+        careful = await risk._apply([fresh, answered], [])
+        fast_again = await risk._answer_fast([fresh], [])
+    finally:
+        producer.close()
+
+    assert collided is None
+    assert fresh_replies_after_collision == 0
+    assert [(r.command_id, r.outcome, r.replayed) for r in careful] == [
+        (fresh.command_id, Outcome.SUCCEEDED, False),
+        (answered.command_id, Outcome.SUCCEEDED, True)]
+    assert fast_again is None  # now stored, so the fast path collides on it too
+    await harness.assert_invariants()
+
+
+async def test_the_fast_path_writes_an_effect_and_its_reply_together(harness: Harness) -> None:
+    saga_id = uuid.uuid4()
+    command = step_command(saga_id, "notify", "send", FORWARD,
+                           {**transfer_payload("a", "dst-1", "2.50"), "reference": "rent"})
+    producer = KafkaProducer(harness.settings, f"it-fast-notify-{uuid.uuid4().hex[:6]}")
+    notify = ParticipantWorker(harness.settings, harness.engine, NotifyParticipant(), producer)
+    try:
+        replies = await notify._answer_fast([command], [])
+    finally:
+        producer.close()
+
+    assert replies is not None
+    [reply] = replies
+    assert (reply.command_id, reply.outcome, reply.replayed) == (
+        command.command_id, Outcome.SUCCEEDED, False)
+    async with harness.engine.connect() as conn:
+        notification = (await conn.execute(text(
+            "SELECT recipient, message FROM notifications WHERE saga_id = :s"),
+            {"s": saga_id})).one()
+        stored = (await conn.execute(text(
+            "SELECT direction, outcome FROM participant_replies WHERE saga_id = :s"),
+            {"s": saga_id})).all()
+    assert tuple(notification) == ("dst-1", "received 2.50 EUR (rent)")
+    assert [tuple(row) for row in stored] == [("forward", "succeeded")]
+
+
+async def test_a_compensation_never_takes_the_fast_path(
+        harness: Harness, ledger_worker: ParticipantWorker) -> None:
+    """A compensation depends on its forward effect's stored reply, which the fast path does
+    not read: a batch holding one is answered on the careful path only."""
+    source = await harness.open("src", "50.00")
+    destination = await harness.open("dst", "0.00")
+    reserve = step_command(uuid.uuid4(), "reserve", "reserve", FORWARD,
+                           transfer_payload(source, destination, "5.00"))
+
+    assert await ledger_worker._answer_fast([release_for(reserve)], []) is None
+    assert await stored_replies(harness, reserve.saga_id) == {}
