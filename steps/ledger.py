@@ -4,12 +4,16 @@ Balances are never stored; they are derived:
     balance(a)   = opening_balance + sum amount credited to a - sum amount debited from a
     held(a)      = sum hold_delta on a
     available(a) = balance(a) - held(a)
-A customer account's available balance never goes below zero: every command that could lower it
-first locks the account row (`FOR UPDATE`), so concurrent transfers on one hot account are
-serialised and each sees the effects of the ones before it. The per-currency clearing account
-fronts credits until the source is settled; it is never locked and may go negative in flight.
+A customer account's available balance never goes below zero: every entry is decided against
+the state of its customer account and takes that account's next fence number (unique per
+account), so of two writers that decided from the same state only one can write; the other is
+decided again with the account row locked (`FOR UPDATE`). Concurrent transfers on one hot account
+are thus serialised and each sees the effects of the ones before it. The per-currency clearing
+account fronts credits until the source is settled; it is never fenced and may go negative in
+flight.
 
-The rules are pure (`decide_entry`), the I/O is in `LedgerParticipant.apply`.
+The rules are pure (`decide_entry`, `LedgerParticipant.decide`); the I/O is `read` and the
+runtime's write.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ class AccountView:
     held: Decimal
     daily_outflow_limit: Decimal | None
     settled_today: Decimal
+    # The account's last fence number: the next entry decided against it takes the one after.
+    fence_seq: int = 0
 
     @property
     def available(self) -> Decimal:
@@ -162,7 +168,9 @@ SELECT a.account_id, a.kind, a.currency, a.closed, a.daily_outflow_limit, a.open
        COALESCE((SELECT sum(amount) FROM ledger_entries
                  WHERE debit_account = a.account_id AND step = 'settle'
                    AND recorded_at >= date_trunc('day', CAST(:now AS timestamptz), 'UTC')), 0)
-         AS settled_today
+         AS settled_today,
+       COALESCE((SELECT max(fence_seq) FROM ledger_entries WHERE fence_account = a.account_id), 0)
+         AS fence_seq
 FROM accounts a
 """
 
@@ -171,41 +179,58 @@ WHERE a.account_id = ANY(:ids) AND a.kind = 'customer'
 ORDER BY a.account_id
 FOR UPDATE OF a
 """)
+_CUSTOMER_VIEW = text(ACCOUNT_VIEW_SQL + """
+WHERE a.account_id = ANY(:ids) AND a.kind = 'customer'
+""")
 _VIEW = text(ACCOUNT_VIEW_SQL + "WHERE a.account_id = ANY(:ids)")
 
 
 def _view(row: Any) -> AccountView:
     return AccountView(row.account_id, row.currency.strip(), row.closed, row.balance, row.held,
-                       row.daily_outflow_limit, row.settled_today)
+                       row.daily_outflow_limit, row.settled_today, row.fence_seq)
 
 
 ENTRIES = EffectTable("ledger_entries", (
     ("saga_id", "uuid"), ("step", "text"), ("direction", "text"), ("currency", "text"),
     ("amount", "numeric"), ("debit_account", "text"), ("credit_account", "text"),
-    ("hold_account", "text"), ("hold_delta", "numeric"),
+    ("hold_account", "text"), ("hold_delta", "numeric"), ("fence_account", "text"),
+    ("fence_seq", "bigint"),
 ))
 
 
-def entry_row(command: StepCommand, entry: Entry) -> dict[str, Any]:
+def entry_row(command: StepCommand, entry: Entry, fence: AccountView) -> dict[str, Any]:
+    """The entry as a row, fenced by the account it was decided against, as it is after it."""
     return {"saga_id": command.saga_id, "step": entry.step, "direction": entry.direction.value,
             "currency": entry.currency, "amount": entry.amount,
             "debit_account": entry.debit_account, "credit_account": entry.credit_account,
-            "hold_account": entry.hold_account, "hold_delta": entry.hold_delta}
+            "hold_account": entry.hold_account, "hold_delta": entry.hold_delta,
+            "fence_account": fence.account_id, "fence_seq": fence.fence_seq}
 
 
 class LedgerParticipant:
+    """Decides from the accounts as read, and writes fenced entries (ADR 0006).
+
+    Every entry takes the next fence number of the customer account it was decided against, under
+    the unique key (fence_account, fence_seq): a writer that decided from an account state that
+    another writer has since moved on collides and writes nothing, and its batch is decided again
+    on the careful path, where the accounts stay locked from the read to the commit. So the rules
+    always see every entry before their own, without the fast path holding a lock."""
+
     name = "ledger"
     # No need to create clearing accounts with the entries: an entry needs a customer account
     # of its currency, and `open_account` creates that currency's clearing account with it.
-    effects = (ENTRIES,)
-    locks = True  # the rules depend on balances: the accounts stay locked until the write
+    effects: tuple[EffectTable, ...] = (ENTRIES,)
+    locks = False  # the fence, not a lock held until the write, keeps the fast path right
 
     async def read(self, conn: AsyncConnection, commands: Sequence[StepCommand],
-                   now: datetime) -> dict[str, AccountView]:
-        """The customer accounts the commands depend on, locked (in sorted order, so two
-        batches cannot deadlock)."""
+                   now: datetime, *, lock: bool) -> dict[str, AccountView]:
+        """The customer accounts the commands depend on. Locked on the careful path (in sorted
+        order, so two batches cannot deadlock), until its commit; the fast path's plain read
+        takes no lock (which would also cost a transaction id and a WAL flush per read): the
+        fence catches whatever changed since."""
         wanted = sorted({account_in_question(c) for c in commands})
-        rows = await conn.execute(_LOCK_AND_VIEW, {"ids": wanted, "now": now})
+        rows = await conn.execute(_LOCK_AND_VIEW if lock else _CUSTOMER_VIEW,
+                                  {"ids": wanted, "now": now})
         return {row.account_id: _view(row) for row in rows}
 
     def decide(self, commands: Sequence[StepCommand], view: dict[str, AccountView],
@@ -214,12 +239,14 @@ class LedgerParticipant:
         decided: list[Decided] = []
         for command in commands:
             account_id = account_in_question(command)
-            entry, result = decide_entry(command, accounts.get(account_id))
-            if entry is None:
+            account = accounts.get(account_id)
+            entry, result = decide_entry(command, account)
+            if entry is None or account is None:
                 decided.append(Decided(result))
                 continue
-            accounts[account_id] = after(accounts[account_id], entry)
-            decided.append(Decided(result, (("ledger_entries", entry_row(command, entry)),)))
+            moved = replace(after(account, entry), fence_seq=account.fence_seq + 1)
+            accounts[account_id] = moved
+            decided.append(Decided(result, (("ledger_entries", entry_row(command, entry, moved)),)))
         return decided
 
 

@@ -19,11 +19,11 @@ NOTIFICATIONS = EffectTable(
 
 class NotifyParticipant:
     name = "notify"
-    effects = (NOTIFICATIONS,)
+    effects: tuple[EffectTable, ...] = (NOTIFICATIONS,)
     locks = False  # nothing is read: the row is decided from the command alone
 
     async def read(self, conn: AsyncConnection, commands: Sequence[StepCommand],
-                   now: datetime) -> None:
+                   now: datetime, *, lock: bool) -> None:
         return None
 
     def decide(self, commands: Sequence[StepCommand], view: None,

@@ -31,7 +31,7 @@ class RiskParticipant:
         self.rng = rng or random.Random()
 
     async def read(self, conn: AsyncConnection, commands: Sequence[StepCommand],
-                   now: datetime) -> list[bool]:
+                   now: datetime, *, lock: bool) -> list[bool]:
         """Ask the provider: whether it answered, per command (an outage is injected)."""
         if self.latency_s:
             await asyncio.sleep(self.latency_s)  # the provider answers a batch in one call

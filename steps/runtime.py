@@ -108,14 +108,17 @@ class Participant(Protocol):
     name: str
     # Where `decide`'s rows go (see EffectTable).
     effects: tuple[EffectTable, ...]
-    # True if `read` locks rows its rules depend on: reading, deciding and writing then share
-    # one transaction. False if the write itself is safe without it (nothing read, or what was
-    # read is fenced by a unique key the write would collide on).
+    # Whether the fast path, too, must hold `read`'s locks until its write (and so needs a
+    # transaction). False when the write is safe without them: the rules read nothing another
+    # writer could change, or the rows written are fenced by a unique key that a write decided
+    # from an outdated read collides on (the ledger).
     locks: bool
 
     async def read(self, conn: AsyncConnection, commands: Sequence[StepCommand],
-                   now: datetime) -> Any:
-        """What the rules need for these commands (rows, a remote verdict); may be None."""
+                   now: datetime, *, lock: bool) -> Any:
+        """What the rules need for these commands (rows, a remote verdict); may be None. With
+        `lock` (the careful path, or the fast path of a participant that `locks`), lock the rows
+        the rules depend on: the transaction holds them until the write committed."""
         ...
 
     def decide(self, commands: Sequence[StepCommand], view: Any,
@@ -194,7 +197,8 @@ class ParticipantWorker:
         engine = self.engine if self.participant.locks else self.autocommit
         try:
             async with engine.begin() as conn:
-                view = await self.participant.read(conn, commands, now)
+                view = await self.participant.read(conn, commands, now,
+                                                   lock=self.participant.locks)
                 decided = self.participant.decide(commands, view, now)
                 replies = [self._reply(c, d.result) for c, d in zip(commands, decided,
                                                                      strict=True)]
@@ -285,7 +289,7 @@ class ParticipantWorker:
             to_apply.append(command)
         decided: list[Decided] = []
         if to_apply:
-            view = await self.participant.read(conn, to_apply, now)
+            view = await self.participant.read(conn, to_apply, now, lock=True)
             decided = self.participant.decide(to_apply, view, now)
         rows: list[tuple[str, dict[str, Any]]] = []
         for command, answer in zip(to_apply, decided, strict=True):

@@ -16,7 +16,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 import schemas
 from orchestrator.bus import Consumed, encode_headers
@@ -36,7 +37,7 @@ from steps.ledger import LedgerParticipant
 from steps.notify import NotifyParticipant
 from steps.risk import RiskParticipant
 from steps.runtime import CANCELLED, ParticipantWorker
-from tests.integration.conftest import DeadLetterTap, Harness
+from tests.integration.conftest import DeadLetterTap, Harness, Isolated
 
 pytestmark = pytest.mark.integration
 
@@ -551,3 +552,82 @@ async def test_a_compensation_never_takes_the_fast_path(
 
     assert await ledger_worker._answer_fast([release_for(reserve)], []) is None
     assert await stored_replies(harness, reserve.saga_id) == {}
+
+
+# The ledger's fence is shown in a database of its own: these cases write entries for sagas that
+# do not exist, which the session database's invariant checks (I7) would rightly refuse.
+
+class ReadThenRace(LedgerParticipant):
+    """The real ledger, with another writer's batch run between its read and its write, once."""
+
+    def __init__(self, meanwhile: Callable[[], Awaitable[object]]) -> None:
+        self.meanwhile: Callable[[], Awaitable[object]] | None = meanwhile
+
+    async def read(self, conn: Any, commands: Any, now: datetime, *, lock: bool) -> Any:
+        view = await super().read(conn, commands, now, lock=lock)
+        if self.meanwhile is not None:
+            meanwhile, self.meanwhile = self.meanwhile, None
+            await meanwhile()
+        return view
+
+
+async def test_a_ledger_write_decided_from_an_outdated_balance_collides_on_the_fence(
+        isolated: Isolated) -> None:
+    """Two reserves of 8.00 on an account holding 10.00. The second writer read the account
+    before the first wrote: its fast path collides on the account's fence and writes nothing,
+    and the careful path, reading again under the lock, refuses it. Without the fence both
+    holds would be written and the available balance would be -6.00."""
+    h = isolated.harness
+    source = await h.open("src", "10.00")
+    destination = await h.open("dst", "0.00")
+    first = step_command(uuid.uuid4(), "reserve", "reserve", FORWARD,
+                         transfer_payload(source, destination, "8.00"))
+    second = step_command(uuid.uuid4(), "reserve", "reserve", FORWARD,
+                          transfer_payload(source, destination, "8.00"))
+    producer = KafkaProducer(h.settings, f"it-fence-{uuid.uuid4().hex[:6]}")
+    other = ParticipantWorker(h.settings, isolated.engine, LedgerParticipant(), producer)
+    first_replies: list[StepReply] | None = None
+
+    async def first_writer() -> None:
+        nonlocal first_replies
+        first_replies = await other._answer_fast([first], [])
+
+    racing = ParticipantWorker(h.settings, isolated.engine, ReadThenRace(first_writer), producer)
+    try:
+        collided = await racing._answer_fast([second], [])
+        [refused] = await racing._apply([second], [])
+    finally:
+        producer.close()
+
+    assert first_replies is not None and first_replies[0].outcome is Outcome.SUCCEEDED
+    assert collided is None
+    assert (refused.outcome, refused.code) == (Outcome.FAILED, "INSUFFICIENT_FUNDS")
+    assert await h.balances(source) == {source: (Decimal("10.00"), Decimal("8.00"))}
+    async with isolated.engine.connect() as conn:
+        fences = (await conn.execute(text(
+            "SELECT saga_id, fence_account, fence_seq FROM ledger_entries ORDER BY fence_seq"
+        ))).all()
+    assert [tuple(row) for row in fences] == [(first.saga_id, source, 1)]
+
+
+async def test_the_database_refuses_an_unfenced_entry_and_a_reused_fence(
+        isolated: Isolated) -> None:
+    h = isolated.harness
+    source = await h.open("src", "10.00")
+    insert = text(
+        "INSERT INTO ledger_entries (saga_id, step, direction, currency, amount, hold_account,"
+        " hold_delta, fence_account, fence_seq) VALUES (:saga, 'reserve', 'forward', 'EUR', 1,"
+        " :account, 1, :fence, :seq)")
+    async with isolated.engine.begin() as conn:
+        await conn.execute(insert, {"saga": uuid.uuid4(), "account": source, "fence": source,
+                                    "seq": 1})
+    refused = {}
+    for case, fence, seq in (("reused", source, 1), ("unfenced", None, None),
+                             ("foreign account", "someone-else", 2)):
+        with pytest.raises(DBAPIError) as error:
+            async with isolated.engine.begin() as conn:
+                await conn.execute(insert, {"saga": uuid.uuid4(), "account": source,
+                                            "fence": fence, "seq": seq})
+        refused[case] = type(error.value.orig).__name__
+    assert refused == {"reused": "UniqueViolationError", "unfenced": "CheckViolationError",
+                       "foreign account": "CheckViolationError"}
