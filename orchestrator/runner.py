@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -24,6 +24,9 @@ from orchestrator.relay import OutboxRelay
 from orchestrator.settings import Settings, worker_name
 from orchestrator.store import create_engine, migrate
 from orchestrator.worker import ORCHESTRATOR_GROUP, OrchestratorWorker
+
+if TYPE_CHECKING:
+    from steps.runtime import ParticipantWorker
 
 log = logging.getLogger(__name__)
 
@@ -106,24 +109,23 @@ async def run_worker(kind: str, settings: Settings, stop: asyncio.Event,
             await poller.run(stop)
             return
         broker = make_broker(settings)
-        orchestrator: OrchestratorWorker | None = None
+        worker: OrchestratorWorker | ParticipantWorker
         if kind == "orchestrator":
-            orchestrator = OrchestratorWorker(settings, engine, producer)
-            subscribe_batches(broker, settings, orchestrator.topics, ORCHESTRATOR_GROUP,
-                              orchestrator.handle_batch, on_assign)
+            worker = OrchestratorWorker(settings, engine, producer)
+            subscribe_batches(broker, settings, worker.topics, ORCHESTRATOR_GROUP,
+                              worker.handle_batch, on_assign)
         else:
             from steps.runtime import ParticipantWorker
 
-            participant = ParticipantWorker(
+            worker = ParticipantWorker(
                 settings, engine, make_participant(kind.split(":", 1)[1], settings), producer)
-            subscribe_batches(broker, settings, [participant.topic], participant.group_id,
-                              participant.handle_batch, on_assign)
+            subscribe_batches(broker, settings, [worker.topic], worker.group_id,
+                              worker.handle_batch, on_assign)
         await broker.start()
         log.info("%s started", name)
         await stop.wait()
         await broker.stop()
-        if orchestrator is not None:
-            await orchestrator.close()
+        await worker.close()
     finally:
         producer.close()
         try:

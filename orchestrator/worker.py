@@ -231,10 +231,10 @@ class OrchestratorWorker:
         self.engine = engine
         self.producer = producer
         self.marker = PublishedMarker(engine)
-        # The state of each saga as this worker last committed it (see `_record`), and the same
-        # engine in autocommit mode for the one-statement writes of the known-state path.
+        # The state of each saga as this worker last committed it (see `_record`), and the
+        # connection for the one-statement writes of the known-state path.
         self.known: OrderedDict[UUID, SagaState] = OrderedDict()
-        self.autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.held = store.HeldConnection(engine)
         self.definition = definition
         self.actor = settings.worker_name or "orchestrator"
         self.commands_topic = settings.topic(TOPIC_TRANSFER_COMMANDS)
@@ -286,6 +286,7 @@ class OrchestratorWorker:
 
     async def close(self) -> None:
         await self.marker.close()
+        await self.held.close()
 
     def _parse(self, message: Consumed) -> _Parsed:
         if message.topic == self.replies_topic:
@@ -326,7 +327,7 @@ class OrchestratorWorker:
         if writes is not None:
             crash_point("orchestrator.before_commit", tags)  # as in a transaction: nothing written
             try:
-                async with self.autocommit.connect() as conn:
+                async with self.held.use() as conn:
                     ids = await store.write_batch(
                         conn, CONSUMER, writes.inbox, writes.events,
                         list(writes.touched.values()), writes.outbox, [], now)

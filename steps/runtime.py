@@ -137,8 +137,8 @@ class ParticipantWorker:
                  producer: KafkaProducer) -> None:
         self.settings = settings
         self.engine = engine
-        # The same pool in autocommit mode, for the fast path's one-statement writes.
-        self.autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        # The connection for the fast path's autocommitted statements.
+        self.held = store.HeldConnection(engine)
         self.participant = participant
         self.producer = producer
         self.topic = settings.topic(step_topic(participant.name))
@@ -148,6 +148,9 @@ class ParticipantWorker:
     async def handle_batch(self, batch: Sequence[Consumed]) -> None:
         """The subscriber's entry point: process the batch, setting aside poison records."""
         await handle_isolating_poison(batch, self.process_batch, self._set_aside)
+
+    async def close(self) -> None:
+        await self.held.close()
 
     async def _set_aside(self, message: Consumed, error: BaseException, attempts: int,
                          first_failed_at: datetime) -> None:
@@ -194,9 +197,8 @@ class ParticipantWorker:
         if len({(c.saga_id, c.step) for c in commands}) != len(commands):
             return None
         now = datetime.now(UTC)
-        engine = self.engine if self.participant.locks else self.autocommit
         try:
-            async with engine.begin() as conn:
+            async with self.engine.begin() if self.participant.locks else self.held.use() as conn:
                 view = await self.participant.read(conn, commands, now,
                                                    lock=self.participant.locks)
                 decided = self.participant.decide(commands, view, now)

@@ -7,7 +7,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from orchestrator.checker import replay_mismatches
-from orchestrator.store import rebuild_projection
+from orchestrator.store import HeldConnection, rebuild_projection
 from tests.integration.conftest import Harness
 
 pytestmark = pytest.mark.integration
@@ -57,3 +57,36 @@ async def test_projection_rebuilt_from_events_equals_the_live_one(harness: Harne
 
     assert rebuilt_count == len(live) >= 2
     assert rebuilt == live
+
+
+async def test_a_held_connection_is_kept_and_replaced_once_its_session_is_gone(
+        harness: Harness) -> None:
+    """The one-statement writes keep one autocommit connection (`HeldConnection`): the same
+    server session batch after batch, and after an error a new one, so a session the server
+    ended (a restart, a terminated backend) costs one failed batch and no more."""
+    held = HeldConnection(harness.engine)
+    pid_of = text("SELECT pg_backend_pid()")
+    try:
+        async with held.use() as conn:
+            first = (await conn.execute(pid_of)).scalar_one()
+        async with held.use() as conn:
+            assert (await conn.execute(pid_of)).scalar_one() == first
+            # Autocommit: nothing is left open between statements.
+            assert (await conn.execute(text(
+                "SELECT state FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+            ))).scalar_one() == "active"
+        async with harness.engine.connect() as admin:
+            await admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": first})
+        with pytest.raises(DBAPIError):
+            async with held.use() as conn:
+                await conn.execute(pid_of)
+        async with held.use() as conn:
+            second = (await conn.execute(pid_of)).scalar_one()
+    finally:
+        await held.close()
+    assert second != first
+    async with harness.engine.connect() as admin:
+        # Given back to the pool when the worker closes it, with no transaction left open.
+        assert (await admin.execute(text(
+            "SELECT state FROM pg_stat_activity WHERE pid = :pid"), {"pid": second}
+        )).scalar_one() == "idle"

@@ -49,7 +49,9 @@ FORWARD, COMPENSATE = Direction.FORWARD, Direction.COMPENSATE
 @pytest.fixture
 async def ledger_worker(harness: Harness) -> AsyncIterator[ParticipantWorker]:
     producer = KafkaProducer(harness.settings, f"it-direct-ledger-{uuid.uuid4().hex[:6]}")
-    yield ParticipantWorker(harness.settings, harness.engine, LedgerParticipant(), producer)
+    worker = ParticipantWorker(harness.settings, harness.engine, LedgerParticipant(), producer)
+    yield worker
+    await worker.close()
     producer.close()
 
 
@@ -454,6 +456,7 @@ async def test_a_redelivered_screen_replays_its_stored_reply_even_while_the_prov
         fresh = step_command(uuid.uuid4(), "screen", "screen", FORWARD, screen.payload)
         [refused] = await risk._apply([fresh], [])
     finally:
+        await risk.close()
         producer.close()
     assert (replayed.outcome, replayed.replayed, replayed.retryable) == (
         Outcome.SUCCEEDED, True, False)
@@ -504,6 +507,7 @@ async def test_a_fast_path_collision_leaves_the_new_effects_of_its_batch_unwritt
         careful = await risk._apply([fresh, answered], [])
         fast_again = await risk._answer_fast([fresh], [])
     finally:
+        await risk.close()
         producer.close()
 
     assert collided is None
@@ -524,6 +528,7 @@ async def test_the_fast_path_writes_an_effect_and_its_reply_together(harness: Ha
     try:
         replies = await notify._answer_fast([command], [])
     finally:
+        await notify.close()
         producer.close()
 
     assert replies is not None
@@ -597,6 +602,8 @@ async def test_a_ledger_write_decided_from_an_outdated_balance_collides_on_the_f
         collided = await racing._answer_fast([second], [])
         [refused] = await racing._apply([second], [])
     finally:
+        await racing.close()
+        await other.close()
         producer.close()
 
     assert first_replies is not None and first_replies[0].outcome is Outcome.SUCCEEDED
