@@ -174,14 +174,9 @@ SELECT a.account_id, a.kind, a.currency, a.closed, a.daily_outflow_limit, a.open
 FROM accounts a
 """
 
-_LOCK_AND_VIEW = text(ACCOUNT_VIEW_SQL + """
-WHERE a.account_id = ANY(:ids) AND a.kind = 'customer'
-ORDER BY a.account_id
-FOR UPDATE OF a
-""")
-_CUSTOMER_VIEW = text(ACCOUNT_VIEW_SQL + """
-WHERE a.account_id = ANY(:ids) AND a.kind = 'customer'
-""")
+_CUSTOMER_VIEW_SQL = ACCOUNT_VIEW_SQL + "WHERE a.account_id = ANY(:ids) AND a.kind = 'customer'\n"
+_CUSTOMER_VIEW = text(_CUSTOMER_VIEW_SQL)
+_LOCK_AND_VIEW = text(_CUSTOMER_VIEW_SQL + "ORDER BY a.account_id\nFOR UPDATE OF a\n")
 _VIEW = text(ACCOUNT_VIEW_SQL + "WHERE a.account_id = ANY(:ids)")
 
 

@@ -201,15 +201,11 @@ class ParticipantWorker:
             async with self.engine.begin() if self.participant.locks else self.held.use() as conn:
                 view = await self.participant.read(conn, commands, now,
                                                    lock=self.participant.locks)
-                decided = self.participant.decide(commands, view, now)
-                replies = [self._reply(c, d.result) for c, d in zip(commands, decided,
-                                                                     strict=True)]
-                stored = [(r, d) for r, d in zip(replies, decided, strict=True)
-                          if not d.result.retryable]
+                replies, to_store, rows = self._answers(
+                    commands, self.participant.decide(commands, view, now))
                 # As in a transaction: in autocommit mode nothing is written before the write.
                 crash_point("participant.before_commit", tags)
-                await self._write(conn, [r for r, _ in stored],
-                                  [row for _, d in stored for row in d.rows])
+                await self._write(conn, to_store, rows)
         except ConcurrencyConflict:
             log.info("%s: an effect of a batch of %d already has a stored reply; answering it "
                      "on the careful path", self.participant.name, len(commands))
@@ -289,22 +285,34 @@ class ParticipantWorker:
                         ))
                     continue
             to_apply.append(command)
-        decided: list[Decided] = []
+        rows: list[tuple[str, dict[str, Any]]] = []
         if to_apply:
             view = await self.participant.read(conn, to_apply, now, lock=True)
-            decided = self.participant.decide(to_apply, view, now)
-        rows: list[tuple[str, dict[str, Any]]] = []
-        for command, answer in zip(to_apply, decided, strict=True):
-            reply = self._reply(command, answer.result)
-            answers[command.command_id] = reply
-            if not answer.result.retryable:  # nothing happened: a later attempt must be free
-                to_store.append(reply)
-                rows.extend(answer.rows)
+            replies, decided_to_store, rows = self._answers(
+                to_apply, self.participant.decide(to_apply, view, now))
+            answers.update((reply.command_id, reply) for reply in replies)
+            to_store.extend(decided_to_store)
         await self._write(conn, to_store, rows)
         for reply in to_store:
             stored[_key(reply.saga_id, reply.step, reply.direction.value)] = reply.model_dump(
                 mode="json")
         return answers
+
+    def _answers(self, commands: Sequence[StepCommand], decided: Sequence[Decided]
+                 ) -> tuple[list[StepReply], list[StepReply], list[tuple[str, dict[str, Any]]]]:
+        """Each command's reply, and what to write: the replies to store and their effects'
+        rows. A retryable answer is neither stored nor written: nothing happened, so a later
+        attempt must be free to try again."""
+        replies: list[StepReply] = []
+        to_store: list[StepReply] = []
+        rows: list[tuple[str, dict[str, Any]]] = []
+        for command, answer in zip(commands, decided, strict=True):
+            reply = self._reply(command, answer.result)
+            replies.append(reply)
+            if not answer.result.retryable:
+                to_store.append(reply)
+                rows.extend(answer.rows)
+        return replies, to_store, rows
 
     async def _stored_replies(self, conn: AsyncConnection, commands: Sequence[StepCommand]
                               ) -> dict[tuple[UUID, str, str], dict[str, Any]]:
