@@ -121,7 +121,7 @@ class RecoveryWorker:
                     continue
                 if decision is None:
                     continue  # not due after all: the row's due_at was older than its state
-                self._count(decision.events[0], done)  # the first event says what it did
+                self._tally(decision.events[0], done)  # the first event says what it did
                 touched.append(state)
                 cause = f"recovery:{now.isoformat()}"
                 for event in decision.events:
@@ -157,6 +157,12 @@ class RecoveryWorker:
             ids = await store.write_batch(conn, "recovery", [], events, states, outbox,
                                           dead_letters, now)
         crash_point("recovery.after_commit", tags)
+        # Counted only now: a pass that rolls back (a crash, a cancelled or refused write)
+        # did nothing, and an exported retry must already be visible in the event store.
+        for action, count in (("retry", done.retried), ("resend", done.resent),
+                              ("gave_up", done.gave_up)):
+            if count:
+                RECOVERY_ACTIONS.add(count, {"action": action})
         for dead in dead_letters:
             DEAD_LETTERS.add(1, {"stage": dead.stage, "reason": dead.reason_code})
         for saga_id in done.failed:
@@ -173,17 +179,14 @@ class RecoveryWorker:
         return done
 
     @staticmethod
-    def _count(event: object, done: RecoveryPass) -> None:
+    def _tally(event: object, done: RecoveryPass) -> None:
         if isinstance(event, StepStarted):
             done.retried += 1
-            RECOVERY_ACTIONS.add(1, {"action": "retry"})
         elif isinstance(event, StepTimedOut):
             if event.gave_up:
                 done.gave_up += 1
-                RECOVERY_ACTIONS.add(1, {"action": "gave_up"})
             else:
                 done.resent += 1
-                RECOVERY_ACTIONS.add(1, {"action": "resend"})
         elif isinstance(event, StepRetryScheduled):  # pragma: no cover - decide_due never does
             pass
 

@@ -496,6 +496,30 @@ async def test_a_give_up_that_starts_a_compensation_is_not_counted_as_a_retry(
     assert counter_total(metric_reader, "saga.recovery.actions", action="retry") == retries
 
 
+async def test_a_pass_that_does_not_commit_counts_no_action(
+        rig: Rig, metric_reader: InMemoryMetricReader) -> None:
+    """The action counters move only with a committed pass: an exporter must never report a
+    retry that a rollback undid, or one that is not in the event store yet."""
+    saga_id, reserve = await reserve_running(rig)
+    await rig.orchestrator.handle_batch([rig.reply(reserve, Outcome.FAILED, retryable=True)])
+    [scheduled] = only(await rig.events(saga_id), StepRetryScheduled)
+    retries = counter_total(metric_reader, "saga.recovery.actions", action="retry")
+    async with rig.engine.connect() as blocker:
+        # The pass decides, then waits on the event insert until it is cancelled.
+        await blocker.execute(text("LOCK TABLE saga_events IN SHARE MODE"))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(rig.recovery.recover_once(now=scheduled.not_before), 1.0)
+        assert counter_total(metric_reader, "saga.recovery.actions", action="retry") == retries
+        await blocker.rollback()
+    assert only(await rig.events(saga_id), StepStarted)[-1].attempt == 1
+
+    done = await rig.recovery.recover_once(now=scheduled.not_before)
+    assert done.retried == 1
+    assert counter_total(metric_reader, "saga.recovery.actions", action="retry") - retries == 1
+    assert only(await rig.events(saga_id), StepStarted)[-1].attempt == 2
+    await rig.assert_consistent(saga_id)
+
+
 async def test_a_retryable_failure_waits_in_the_database_and_retries_with_a_new_command_id(
         rig: Rig, metric_reader: InMemoryMetricReader) -> None:
     saga_id, reserve = await reserve_running(rig)
