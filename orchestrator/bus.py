@@ -235,6 +235,8 @@ class DrainingConsumer(AsyncConfluentConsumer):
             return
 
         def commit() -> None:
+            # Two calls, not `asynchronous=asynchronous`: the library's stubs type `commit`
+            # by the literal value (the synchronous one returns the committed offsets).
             if asynchronous:
                 self.consumer.commit(offsets=offsets, asynchronous=True)
             else:

@@ -617,6 +617,43 @@ async def test_a_ledger_write_decided_from_an_outdated_balance_collides_on_the_f
     assert [tuple(row) for row in fences] == [(first.saga_id, source, 1)]
 
 
+class LockingLedger(ReadThenRace):
+    """The ledger as a participant that declares `locks`: its fast path must hold what `read`
+    locked until its write, in one transaction."""
+
+    locks = True
+
+
+async def test_a_participant_that_locks_holds_its_read_locks_until_its_fast_write(
+        isolated: Isolated) -> None:
+    h = isolated.harness
+    source = await h.open("src", "10.00")
+    destination = await h.open("dst", "0.00")
+    command = step_command(uuid.uuid4(), "reserve", "reserve", FORWARD,
+                           transfer_payload(source, destination, "4.00"))
+    refused: list[str] = []
+
+    async def another_writer_tries_the_account() -> None:
+        with pytest.raises(DBAPIError) as error:
+            async with isolated.engine.begin() as conn:
+                await conn.execute(text("SELECT 1 FROM accounts WHERE account_id = :a"
+                                        " FOR UPDATE NOWAIT"), {"a": source})
+        refused.append(str(getattr(error.value.orig, "sqlstate", None)))
+
+    producer = KafkaProducer(h.settings, f"it-locks-{uuid.uuid4().hex[:6]}")
+    worker = ParticipantWorker(h.settings, isolated.engine,
+                               LockingLedger(another_writer_tries_the_account), producer)
+    try:
+        replies = await worker._answer_fast([command], [])
+    finally:
+        await worker.close()
+        producer.close()
+
+    assert replies is not None and replies[0].outcome is Outcome.SUCCEEDED
+    assert refused == ["55P03"]  # lock_not_available: the fast path's transaction held it
+    assert await h.balances(source) == {source: (Decimal("10.00"), Decimal("4.00"))}
+
+
 async def test_the_database_refuses_an_unfenced_entry_and_a_reused_fence(
         isolated: Isolated) -> None:
     h = isolated.harness
