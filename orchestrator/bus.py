@@ -19,7 +19,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from faststream import AckPolicy
 from faststream.confluent import KafkaBroker
@@ -28,6 +35,7 @@ from faststream.confluent.helpers.client import AsyncConfluentConsumer, check_ms
 
 from orchestrator.errors import BusError, ConfigurationError
 from orchestrator.leases import Partition, PartitionLeases
+from orchestrator.metrics import CONSUMER_REWINDS
 from orchestrator.settings import Settings
 from schemas import TOPIC_DEAD_LETTERS, TOPIC_REPLIES, TOPIC_TRANSFER_COMMANDS, step_topic
 
@@ -144,6 +152,31 @@ class DrainingConsumer(AsyncConfluentConsumer):
     # consumer-group membership (see `orchestrator.leases`).
     lease_settings: Settings | None = None
     leases: PartitionLeases | None = None
+    # Set by `make_broker` from `kafka_trust_watermarks` (see `_rewind_shortened_logs`).
+    trust_watermarks = True
+    # How often the positions are compared with the ends of the logs, in seconds.
+    log_check_every_s = 2.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The same consumer, with an error callback: it is how a lost broker is noticed (see
+        # `_resume_after_broker_loss`). faststream builds its config and client in one go.
+        self.config = {**self.config, "error_cb": self._on_error}
+        old, self.consumer = self.consumer, Consumer(self.config, logger=log)
+        old.close()
+        self._brokers_lost = False
+        self._positions_at_loss: dict[tuple[str, int], int] | None = None
+        # Bumped whenever positions are moved back: a batch handed out before is not
+        # committed (its offsets may belong to a log the broker no longer has).
+        self._generation = 0
+        self._handed_out_generation = 0
+        self._next_log_check = time.monotonic() + self.log_check_every_s
+        self.rewinds = 0
+
+    def _on_error(self, error: KafkaError) -> None:
+        # Called by librdkafka on the consumer's own thread, inside poll().
+        if error.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._brokers_lost = True
 
     async def start(self) -> None:
         if self.lease_settings is None:
@@ -201,6 +234,14 @@ class DrainingConsumer(AsyncConfluentConsumer):
 
         def first_then_queued() -> list[Message | None]:
             first = self.consumer.poll(timeout)
+            if self._brokers_lost:
+                # Whatever this poll returned is read again from the resumed positions.
+                self._resume_after_broker_loss()
+                return []
+            if time.monotonic() >= self._next_log_check:
+                self._next_log_check = time.monotonic() + self.log_check_every_s
+                if self._rewind_shortened_logs():
+                    return []
             if first is None:
                 self._check_starvation()
                 return [first]
@@ -217,7 +258,108 @@ class DrainingConsumer(AsyncConfluentConsumer):
             key = (str(message.topic()), int(message.partition() or 0))
             handed_out[key] = max(handed_out.get(key, -1), int(message.offset() or 0) + 1)
         self._handed_out = handed_out
+        self._handed_out_generation = self._generation
         return batch
+
+    def _resume_after_broker_loss(self) -> None:
+        """Every broker was lost (a restart, a crash, a network cut): read every owned
+        partition again from what the broker now says was committed, never from where this
+        consumer was. A broker that lost its logs, or their last seconds, has new records at
+        offsets this consumer already passed; reading from its own position would skip them
+        for ever (issue 9: 367 acknowledged requests never became sagas). A broker that kept
+        everything costs a second reading of the uncommitted tail, which the inbox and the
+        participants' stored replies make harmless. Runs on the consumer's own thread; while
+        the broker is still away, it is tried again at the next poll."""
+        self._brokers_lost = False
+        assignment = self.consumer.assignment()
+        if not assignment:
+            return
+        if self._positions_at_loss is None:  # where it was, for the log and the count
+            self._positions_at_loss = {(tp.topic, tp.partition): tp.offset
+                                       for tp in self.consumer.position(assignment)}
+        try:
+            committed = self.consumer.committed(assignment, timeout=2)
+            targets = [self._resume_target(tp) for tp in committed]
+            self._reposition(targets)
+        except KafkaException as error:
+            self._brokers_lost = True  # still away: again at the next poll
+            log.warning("cannot resume %s yet: %s", self.config.get("group.id"), error)
+            return
+        self._generation += 1
+        positions, self._positions_at_loss = self._positions_at_loss, None
+        moved = [t for t in targets
+                 if positions.get((t.topic, t.partition), -1) != t.offset]
+        self._count_rewinds(moved, "every broker was lost")
+
+    def _reposition(self, targets: Sequence[TopicPartition]) -> None:
+        for target in targets:
+            try:
+                self.consumer.seek(target)
+            except KafkaException:
+                # A partition that has not started fetching cannot be sought; assigned again
+                # with an offset, it starts there.
+                bare = TopicPartition(target.topic, target.partition)
+                self.consumer.incremental_unassign([bare])
+                self.consumer.incremental_assign([target])
+
+    def _resume_target(self, committed: TopicPartition) -> TopicPartition:
+        """Where to read a partition again: its committed offset if the log still reaches it,
+        else its start (a committed offset past the end belongs to a log that is gone)."""
+        if committed.error is not None:
+            raise KafkaException(committed.error)
+        offset = committed.offset
+        if offset >= 0 and self.trust_watermarks:
+            low, high = self.consumer.get_watermark_offsets(
+                TopicPartition(committed.topic, committed.partition), timeout=2)
+            if not low <= offset <= high:
+                offset = OFFSET_BEGINNING
+        elif offset >= 0:
+            # tansu keeps no committed offsets across a restart, and its watermarks cannot
+            # tell a committed offset of the lost log from one of the new: start over.
+            offset = OFFSET_BEGINNING
+        if offset < 0:
+            offset = OFFSET_BEGINNING
+        return TopicPartition(committed.topic, committed.partition, offset)
+
+    def _rewind_shortened_logs(self) -> bool:
+        """Compare each owned partition's position with the end of its log: a position past
+        the end means the log was shortened or re-created under a running consumer (a topic
+        deleted and created again, retention, an unclean leader election); the partition is
+        read again from its committed offset, or its start. Only where the broker's high
+        watermark can be trusted (tansu's cannot: it reports ends below records it serves)."""
+        if not self.trust_watermarks:
+            return False
+        try:
+            shortened = []
+            for tp in self.consumer.position(self.consumer.assignment()):
+                if tp.offset < 0:
+                    continue  # nothing fetched yet: it starts from the committed offset
+                _low, high = self.consumer.get_watermark_offsets(tp, timeout=2)
+                if tp.offset > high:
+                    shortened.append(tp)
+            if not shortened:
+                return False
+            committed = self.consumer.committed(shortened, timeout=2)
+            targets = [self._resume_target(tp) for tp in committed]
+            self._reposition(targets)
+        except KafkaException as error:
+            log.debug("cannot compare positions with the logs' ends: %s", error)
+            return False
+        self._generation += 1
+        self._count_rewinds(targets, "its log is shorter than its position")
+        return True
+
+    def _count_rewinds(self, targets: Sequence[TopicPartition], why: str) -> None:
+        if not targets:
+            return
+        self.rewinds += len(targets)
+        group = str(self.config.get("group.id"))
+        CONSUMER_REWINDS.add(len(targets), {"group": group})
+        where = ", ".join(
+            f"{t.topic}[{t.partition}]@" + ("start" if t.offset < 0 else str(t.offset))
+            for t in targets)
+        log.warning("consumer %s reads %d partitions again because %s: %s", group,
+                    len(targets), why, where)
 
     async def commit(self, asynchronous: bool = True) -> None:
         """Commit exactly the batch last handed out, the one its handler just finished
@@ -231,7 +373,9 @@ class DrainingConsumer(AsyncConfluentConsumer):
         recovery worker re-send it (seen as a rare 10 s recovery in bench/recovery.py)."""
         offsets = [TopicPartition(topic, partition, offset)
                    for (topic, partition), offset in getattr(self, "_handed_out", {}).items()]
-        if not offsets:
+        if not offsets or self._brokers_lost or self._handed_out_generation != self._generation:
+            # Positions were moved back since this batch was handed out: its offsets may be
+            # past the end of the broker's new log, and committing them would skip records.
             return
 
         def commit() -> None:
@@ -276,6 +420,7 @@ class DrainingConsumer(AsyncConfluentConsumer):
         old, self.consumer = self.consumer, Consumer(self.config, logger=log)
         with contextlib.suppress(Exception):
             old.close()
+        self._generation += 1  # the new consumer starts from the committed offsets
         if self.leases is not None:
             self.consumer.assign([TopicPartition(p.topic, p.partition)
                                   for p in sorted(self.leases.owned)])
@@ -288,11 +433,21 @@ class DrainingConsumer(AsyncConfluentConsumer):
         self.consumer.subscribe(**subscribe)
 
     def _records_waiting(self) -> bool:
+        """Whether the broker holds records past where this consumer reads. A partition with
+        no position yet (nothing fetched since it was assigned) reads from its committed
+        offset; with none committed it is idle, not starved (comparing it with the start of
+        the log took every idle, freshly assigned consumer for a starved one: issue 9)."""
         try:
-            for tp in self.consumer.position(self.consumer.assignment()):
-                low, high = self.consumer.get_watermark_offsets(tp, timeout=2)
-                # No position yet (nothing fetched since assignment): count from the log start.
-                if high > (tp.offset if tp.offset >= 0 else low):
+            assignment = self.consumer.assignment()
+            committed = {(tp.topic, tp.partition): tp.offset
+                         for tp in self.consumer.committed(assignment, timeout=2)}
+            for tp in self.consumer.position(assignment):
+                reads_from = tp.offset if tp.offset >= 0 else committed.get(
+                    (tp.topic, tp.partition), -1)
+                if reads_from < 0:
+                    continue
+                _low, high = self.consumer.get_watermark_offsets(tp, timeout=2)
+                if high > reads_from:
                     return True
         except KafkaException:
             return False
@@ -332,6 +487,7 @@ def make_broker(settings: Settings) -> KafkaBroker:
                 raise ConfigurationError("partition_ownership=lease needs SAGA_DATABASE_URL "
                                          "(or set SAGA_PARTITION_OWNERSHIP=group)")
             consumer.lease_settings = settings
+        consumer.trust_watermarks = settings.kafka_trust_watermarks
         return consumer
 
     config.builder = build

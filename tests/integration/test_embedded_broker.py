@@ -32,6 +32,15 @@ def own_broker(tmp_path: Path):  # type: ignore[no-untyped-def]
     broker.stop()
 
 
+@pytest.fixture
+def tansu(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """The broker whose fetch limit the watchdog is for (ADR 0003)."""
+    broker = EmbeddedBroker(tmp_path, "tansu")
+    broker.start()
+    yield broker
+    broker.stop()
+
+
 def new_topic(broker: EmbeddedBroker, prefix: str) -> str:
     """A fresh topic of one partition."""
     topic = f"{prefix}-{uuid.uuid4().hex[:6]}"
@@ -42,8 +51,9 @@ def new_topic(broker: EmbeddedBroker, prefix: str) -> str:
 
 
 async def test_a_starving_consumer_widens_its_fetch_wait_and_gets_every_record(
-        own_broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch,
+        tansu: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
+    own_broker = tansu
     monkeypatch.setattr(DrainingConsumer, "stall_after_s", 1.0)
     topic = new_topic(own_broker, "long")
     records = 5000
