@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 # The largest record this producer sends (librdkafka's `message.max.bytes`, its default): one
 # constant for the producer's config and for what must fit under it (a dead letter's copy).
 MESSAGE_MAX_BYTES = 1_000_000
+# How long a record may wait for its acknowledgement (librdkafka's `message.timeout.ms`); what
+# `deliver` waits at most.
+DELIVERY_TIMEOUT_S = 30
 
 # librdkafka error codes that refuse a record for what it is: sending the same bytes again is
 # refused again. Everything not listed here or in `_DESTINATION_REFUSALS` (a timeout, a purge
@@ -87,7 +90,7 @@ class KafkaProducer:
             "acks": "all",
             # Latency over batching: a saga's next step waits on this record.
             "linger.ms": 0,
-            "message.timeout.ms": 30000,
+            "message.timeout.ms": DELIVERY_TIMEOUT_S * 1000,
             # Topics are created with their partition count by `ensure_topics` (workers at
             # start, the recovery worker after a broker restart), never by a produce.
             "allow.auto.create.topics": False,
@@ -165,14 +168,15 @@ class KafkaProducer:
         # Done when every record has its delivery report, whichever producer served it: a
         # concurrent send (the recovery worker's relay shares this object) may have replaced
         # the producer, which reports the records it held as purged.
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + DELIVERY_TIMEOUT_S
         while not all(reported):
             if self._brokers_lost:
                 # Not worth waiting for: these records may never be acknowledged. Replacing
                 # the producer reports them as purged.
                 self._renew_if_brokers_lost()
             elif time.monotonic() > deadline:
-                return [result if done else BusError("not acknowledged by the broker in 30 s")
+                late = BusError(f"not acknowledged by the broker in {DELIVERY_TIMEOUT_S} s")
+                return [result if done else late
                         for result, done in zip(results, reported, strict=True)]
             else:
                 await asyncio.to_thread(self._producer.flush, 0.5)

@@ -33,7 +33,7 @@ from orchestrator.bus import decode_headers
 from orchestrator.crash import crash_point
 from orchestrator.errors import RecordRefused, SagaError
 from orchestrator.metrics import OUTBOX_SET_ASIDE
-from orchestrator.producer import KafkaProducer, Record
+from orchestrator.producer import DELIVERY_TIMEOUT_S, KafkaProducer, Record
 from orchestrator.settings import Settings
 from orchestrator.store import (
     Refusal,
@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 # the topics of a restarted broker.
 REFUSAL_BACKOFF_S = 0.5
 REFUSAL_BACKOFF_MAX_S = 30.0
+# A relay pass's transaction may sit idle this long while the broker answers (see publish_once).
+_PASS_MAX_S = DELIVERY_TIMEOUT_S + 15
 
 
 class OutboxRelay:
@@ -68,6 +70,12 @@ class OutboxRelay:
         were acknowledged (and marked published)."""
         grace = self.settings.relay_grace_s if grace_s is None else grace_s
         async with self.engine.begin() as conn:
+            # The rows stay locked while the broker answers, which can take up to the
+            # producer's delivery timeout (10 s for an unknown topic): the session's shorter
+            # idle-in-transaction limit (meant for frozen workers) would end the pass and undo
+            # the marks of the rows that were acknowledged, which would then go out again.
+            await conn.execute(text(
+                f"SET LOCAL idle_in_transaction_session_timeout = '{_PASS_MAX_S}s'"))
             rows = (await conn.execute(
                 text(
                     "SELECT id, topic, key, value, headers FROM outbox WHERE published_at IS NULL"
