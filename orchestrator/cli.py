@@ -216,6 +216,22 @@ async def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if report.ok else 1
 
 
+async def cmd_outbox_retry(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestrator.store import retry_set_aside
+
+    engine = _engine(settings)
+    try:
+        async with engine.begin() as conn:
+            retried = await retry_set_aside(conn, args.ids)
+    finally:
+        await engine.dispose()
+    not_set_aside = sorted(set(args.ids) - set(retried))
+    data = {"retried": sorted(retried), "not_set_aside": not_set_aside}
+    _print(data, args.json, lambda d: f"given back to the relay: {d['retried'] or 'none'}; "
+           f"not set aside (unknown, published or already retried): {d['not_set_aside'] or 'none'}")
+    return 3 if not_set_aside else 0
+
+
 async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     from orchestrator.store import migrate
 
@@ -387,6 +403,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also require every saga terminal and the outbox empty")
     ck.add_argument("--json", action="store_true")
     ck.set_defaults(run=cmd_check)
+
+    ob = sub.add_parser("outbox", help="outbox rows set aside after the broker refused them")
+    ob_commands = ob.add_subparsers(dest="outbox_command", required=True)
+    retry = ob_commands.add_parser(
+        "retry", help="give set-aside rows back to the relay, once their cause is fixed")
+    retry.add_argument("ids", nargs="+", type=int, metavar="ID", help="outbox row ids")
+    retry.add_argument("--json", action="store_true")
+    retry.set_defaults(run=cmd_outbox_retry)
 
     mg = sub.add_parser("migrate", help="apply the schema migrations")
     mg.add_argument("--json", action="store_true")

@@ -401,6 +401,16 @@ async def set_aside_outbox(conn: AsyncConnection, limit: int) -> list[dict[str, 
     ]
 
 
+async def retry_set_aside(conn: AsyncConnection, ids: Sequence[int]) -> list[int]:
+    """Give set-aside outbox rows back to the relay (an operator fixed the cause: created the
+    topic, raised a limit); returns the ids it changed. Only rows set aside and still
+    unpublished are touched, so a second call, or a wrong id, does nothing."""
+    return list((await conn.execute(text(
+        "UPDATE outbox SET set_aside_at = NULL, attempts = 0, next_attempt_at = NULL"
+        " WHERE id = ANY(:ids) AND set_aside_at IS NOT NULL AND published_at IS NULL"
+        " RETURNING id"), {"ids": list(ids)})).scalars())
+
+
 async def upsert_projection(conn: AsyncConnection, states: Sequence[SagaState],
                             now: datetime) -> None:
     await conn.execute(

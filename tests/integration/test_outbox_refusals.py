@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
 from sqlalchemy import text
 
 from orchestrator.worker import DEAD_LETTER_MAX_BYTES
@@ -201,3 +202,26 @@ async def test_a_row_for_an_unknown_topic_is_set_aside_and_the_others_go_out_onc
     [shown] = [r for r in data["outbox_set_aside"] if r["outbox_id"] == unknown_id]
     assert (shown["topic"], shown["attempts"]) == (unknown_topic, row.attempts)
     assert shown["set_aside_at"] is not None
+
+    # Once the topic exists, an operator gives the row back to the relay, which publishes it.
+    admin = AdminClient({"bootstrap.servers": harness.settings.kafka_bootstrap})
+    for future in admin.create_topics([NewTopic(unknown_topic, 1, 1)]).values():
+        await asyncio.to_thread(future.result, 10)
+    retried = await saga_cli(harness, "outbox", "retry", str(unknown_id), "--json")
+    assert retried.returncode == 0, (retried.stdout, retried.stderr)
+    assert json.loads(retried.stdout) == {"retried": [unknown_id], "not_set_aside": []}
+    again = await saga_cli(harness, "outbox", "retry", str(unknown_id), "--json")
+    assert again.returncode == 3
+    assert json.loads(again.stdout) == {"retried": [], "not_set_aside": [unknown_id]}
+    deadline = time.monotonic() + 30
+    while True:
+        async with harness.engine.connect() as conn:
+            published_at = (await conn.execute(text(
+                "SELECT published_at FROM outbox WHERE id = :id"),
+                {"id": unknown_id})).scalar_one()
+        if published_at is not None:
+            break
+        assert time.monotonic() < deadline, "the retried row was never published"
+        await asyncio.sleep(0.1)
+    counted = await asyncio.to_thread(count_on_topic, harness, unknown_topic, {b"nowhere to go"})
+    assert counted == Counter({b"nowhere to go": 1})
