@@ -156,28 +156,39 @@ async def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_stuck(args: argparse.Namespace, settings: Settings) -> int:
-    from orchestrator.queries import stuck_sagas
+    from orchestrator.queries import outbox_set_aside, stuck_sagas
 
     engine = _engine(settings)
     try:
-        rows = await stuck_sagas(engine, args.grace, args.limit)
+        data = {"sagas": await stuck_sagas(engine, args.grace, args.limit),
+                "outbox_set_aside": await outbox_set_aside(engine, args.limit)}
     finally:
         await engine.dispose()
 
-    def render(rows: list[dict[str, Any]]) -> str:
+    def render(data: dict[str, list[dict[str, Any]]]) -> str:
+        rows = data["sagas"]
         if not rows:
-            return f"no saga is more than {args.grace:g} s past its due time"
-        lines = [f"{'saga id':<36}  {'status':<12} {'step':<8} {'dir':<10} {'att':>3} "
-                 f"{'overdue s':>9}"]
-        lines += [f"{r['saga_id']:<36}  {r['status']:<12} {r['current_step'] or '':<8} "
-                  f"{r['direction'] or '':<10} {r['attempt']:>3} {r['overdue_s']:>9}"
-                  for r in rows]
-        lines.append("is `saga worker recovery` running and reaching the broker? "
-                     "see docs/operations/runbook.md")
+            lines = [f"no saga is more than {args.grace:g} s past its due time"]
+        else:
+            lines = [f"{'saga id':<36}  {'status':<12} {'step':<8} {'dir':<10} {'att':>3} "
+                     f"{'overdue s':>9}"]
+            lines += [f"{r['saga_id']:<36}  {r['status']:<12} {r['current_step'] or '':<8} "
+                      f"{r['direction'] or '':<10} {r['attempt']:>3} {r['overdue_s']:>9}"
+                      for r in rows]
+            lines.append("is `saga worker recovery` running and reaching the broker? "
+                         "see docs/operations/runbook.md")
+        if data["outbox_set_aside"]:
+            lines.append("outbox rows set aside unpublished (the broker refused them; see "
+                         "docs/operations/runbook.md):")
+            lines += [f"  outbox {r['outbox_id']} {r['topic']} saga {r['saga_id'] or '-'} "
+                      f"attempts={r['attempts']} set aside {r['set_aside_at'][:19]}: "
+                      f"{r['last_error']}" for r in data["outbox_set_aside"]]
         return "\n".join(lines)
 
-    _print(rows, args.json, render)
-    return 1 if rows else 0
+    _print(data, args.json, render)
+    # Only a stuck saga fails the command: a set-aside row is listed (and counted by the
+    # `saga.outbox.set_aside` metric) but stays until an operator deals with its cause.
+    return 1 if data["sagas"] else 0
 
 
 async def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
@@ -193,11 +204,32 @@ async def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
         lines = [f"{'ok' if c['ok'] else 'VIOLATED':<9} {c['invariant']}  {c['name']}"
                  + (f"\n            {c['detail']}" if c["detail"] and not c["ok"] else "")
                  for c in data["checks"]]
+        for finding in data["findings"]:
+            lines.append(f"{'FINDING':<9} {finding['invariant']}  {finding['name']}: "
+                         f"{finding['count']} (not a violation; see docs/operations/runbook.md)")
+            lines += [f"            outbox {row['outbox_id']} {row['topic']} attempts="
+                      f"{row['attempts']}: {row['last_error']}" for row in finding["items"][:10]]
         lines.append("counts: " + ", ".join(f"{k}={v}" for k, v in sorted(data["counts"].items())))
         return "\n".join(lines)
 
     _print(report.to_json(), args.json, render)
     return 0 if report.ok else 1
+
+
+async def cmd_outbox_retry(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestrator.store import retry_set_aside
+
+    engine = _engine(settings)
+    try:
+        async with engine.begin() as conn:
+            retried = await retry_set_aside(conn, args.ids)
+    finally:
+        await engine.dispose()
+    not_set_aside = sorted(set(args.ids) - set(retried))
+    data = {"retried": sorted(retried), "not_set_aside": not_set_aside}
+    _print(data, args.json, lambda d: f"given back to the relay: {d['retried'] or 'none'}; "
+           f"not set aside (unknown, published or already retried): {d['not_set_aside'] or 'none'}")
+    return 3 if not_set_aside else 0
 
 
 async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -358,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(run=cmd_list)
 
-    st = sub.add_parser("stuck", help="in-flight sagas past their due time; exit 1 if any")
+    st = sub.add_parser("stuck", help="in-flight sagas past their due time (exit 1 if any), "
+                                      "and outbox rows set aside unpublished")
     st.add_argument("--grace", type=float, default=30.0,
                     help="seconds past the due time before a saga counts as stuck")
     st.add_argument("--limit", type=int, default=100)
@@ -370,6 +403,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also require every saga terminal and the outbox empty")
     ck.add_argument("--json", action="store_true")
     ck.set_defaults(run=cmd_check)
+
+    ob = sub.add_parser("outbox", help="outbox rows set aside after the broker refused them")
+    ob_commands = ob.add_subparsers(dest="outbox_command", required=True)
+    retry = ob_commands.add_parser(
+        "retry", help="give set-aside rows back to the relay, once their cause is fixed")
+    retry.add_argument("ids", nargs="+", type=int, metavar="ID", help="outbox row ids")
+    retry.add_argument("--json", action="store_true")
+    retry.set_defaults(run=cmd_outbox_retry)
 
     mg = sub.add_parser("migrate", help="apply the schema migrations")
     mg.add_argument("--json", action="store_true")

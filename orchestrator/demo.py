@@ -176,7 +176,8 @@ async def _wait_outbox_settled(engine: AsyncEngine, timeout_s: float) -> None:
     while time.monotonic() < deadline:
         async with engine.connect() as conn:
             pending = (await conn.execute(text(
-                "SELECT count(*) FROM outbox WHERE published_at IS NULL"))).scalar_one()
+                "SELECT count(*) FROM outbox WHERE published_at IS NULL"
+                " AND set_aside_at IS NULL"))).scalar_one()
         if pending == 0:
             return
         await asyncio.sleep(0.1)

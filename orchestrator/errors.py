@@ -8,6 +8,10 @@
     │   ├── ConcurrencyConflict   another writer appended to the saga first (retryable)
     │   └── StoreUnavailable      the database is unreachable or shedding load (retryable)
     ├── BusError                  the Kafka bus failed to deliver or consume (retryable)
+    │   └── RecordRefused         the client or broker refused one record for what it is (too
+    │       │                     large, invalid): the same bytes are refused again (not retryable)
+    │       └── TopicRefused      refused for where it goes (unknown topic or partition, not
+    │                             authorized): may heal when the topic is created (retryable)
     ├── InvariantViolation        `saga check` found money or history that is not right
     └── NotFound                  no saga, dead letter or account with that id
 
@@ -54,6 +58,30 @@ class StoreUnavailable(StoreError):
 
 
 class BusError(SagaError):
+    """A delivery or consumption that failed for the transport's sake (a timeout, a lost
+    broker): nothing is wrong with the records, send them again."""
+
+    retryable = True
+
+
+class RecordRefused(BusError):
+    """One record refused for good: the same bytes would be refused again. `code` is the
+    librdkafka error name (`MSG_SIZE_TOO_LARGE`, `INVALID_RECORD`, ...), for logs and metrics.
+    The outbox relay sets such a row aside at once (docs/operations/runbook.md)."""
+
+    retryable = False
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class TopicRefused(RecordRefused):
+    """Refused for its destination: the topic or partition does not exist (yet) or may not be
+    written. That can heal (the recovery worker re-creates the topics after a broker restart,
+    an operator creates a new one), so the relay tries the row again with backoff, up to
+    `SAGA_OUTBOX_MAX_ATTEMPTS`, before it sets it aside."""
+
     retryable = True
 
 

@@ -38,6 +38,10 @@ RECOVERY_ACTIONS = _meter.create_counter(
 DEAD_LETTERS = _meter.create_counter(
     "saga.dead_letters", unit="{message}",
     description="Messages set aside on the dead-letter topic, by stage and reason")
+OUTBOX_SET_ASIDE = _meter.create_counter(
+    "saga.outbox.set_aside", unit="{row}",
+    description="Outbox rows the broker refused for good, set aside unpublished for an "
+                "operator, by librdkafka error code (MSG_SIZE_TOO_LARGE, UNKNOWN_TOPIC_OR_PART...)")
 
 CONSUMER_REWINDS = _meter.create_counter(
     "saga.consumer.rewinds", unit="{partition}",

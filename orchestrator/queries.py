@@ -10,7 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.errors import NotFound
-from orchestrator.store import json_value
+from orchestrator.store import json_value, set_aside_outbox
 
 
 async def resolve_saga_id(engine: AsyncEngine, any_id: str) -> UUID:
@@ -147,3 +147,10 @@ async def stuck_sagas(engine: AsyncEngine, grace_s: float, limit: int) -> list[d
          "updated_at": r.updated_at.isoformat(), "failure": r.failure}
         for r in rows
     ]
+
+
+async def outbox_set_aside(engine: AsyncEngine, limit: int) -> list[dict[str, Any]]:
+    """Outbox rows the relay set aside unpublished after the broker refused them (an unknown
+    topic, a record too large): nothing will publish them, so an operator must look."""
+    async with engine.connect() as conn:
+        return await set_aside_outbox(conn, limit)

@@ -40,6 +40,8 @@ from orchestrator.producer import KafkaProducer, Record
 from orchestrator.relay import OutboxRelay, PublishedMarker
 from orchestrator.sagas import SAGAS
 from orchestrator.settings import Settings
+from orchestrator.throttle import LogThrottle
+from orchestrator.worker import fit_dead_letter
 from schemas import (
     TOPIC_DEAD_LETTERS,
     DeadLetter,
@@ -84,6 +86,7 @@ class RecoveryWorker:
         self.definitions = definitions or SAGAS
         self.actor = settings.worker_name or "recovery"
         self.marker = PublishedMarker(engine)
+        self._throttle = LogThrottle()  # for a publish failure that repeats every pass
         self.relay = OutboxRelay(settings, engine, producer)
         # Kept by `keep_topics`; recovery pauses while the broker does not answer.
         self.broker_reachable = True
@@ -142,12 +145,11 @@ class RecoveryWorker:
                     ))
                 if decision.saga_failed:
                     done.failed.append(state.saga_id)
-                    letter, row_ = self._dead_letter(state, now)
+                    record, row_ = self._dead_letter(state, now)
                     dead_letters.append(row_)
                     outbox.append(store.OutboxRow(
-                        topic=self.settings.topic(TOPIC_DEAD_LETTERS), key=letter[0],
-                        value=letter[1], headers=encode_headers(letter[2]),
-                        saga_id=state.saga_id))
+                        topic=record.topic, key=record.key, value=record.value,
+                        headers=encode_headers(record.headers), saga_id=state.saga_id))
             if not events:
                 return done
             # The step filter of a crash plan sees each saga's step as found and as left.
@@ -168,14 +170,19 @@ class RecoveryWorker:
         for saga_id in done.failed:
             SAGAS_FAILED.add(1, {"stage": "recovery"})
             log.error("saga %s FAILED in recovery and was dead-lettered", saga_id)
-        try:
-            await self.producer.send([
-                Record(o.topic, o.value, o.key, decode_headers(o.headers)) for o in outbox])
-        except SagaError:
-            log.warning("recovery publish failed; the relay sweep will publish %d rows",
-                        len(outbox))
-            return done
-        self.marker.add(ids)
+        # Only the acknowledged rows are marked; the relay sweep publishes (or counts the
+        # refusals of) the others.
+        results = await self.producer.deliver([
+            Record(o.topic, o.value, o.key, decode_headers(o.headers)) for o in outbox])
+        acknowledged = [row_id for row_id, error in zip(ids, results, strict=True)
+                        if error is None]
+        self.marker.add(acknowledged)
+        if len(acknowledged) < len(outbox):
+            error = next(error for error in results if error is not None)
+            if (left_out := self._throttle.admit(type(error).__name__)) is not None:
+                log.warning("recovery publish failed for %d of %d rows (%s); the relay sweep "
+                            "will publish them (%d such lines left out)",
+                            len(outbox) - len(acknowledged), len(outbox), error, left_out)
         return done
 
     @staticmethod
@@ -191,8 +198,7 @@ class RecoveryWorker:
             pass
 
     def _dead_letter(self, state: SagaState, now: datetime
-                     ) -> tuple[tuple[bytes, bytes, list[tuple[str, bytes]]],
-                                store.DeadLetterRow]:
+                     ) -> tuple[Record, store.DeadLetterRow]:
         """A FAILED saga has no consumed message to set aside: its dead letter carries the
         saga's state, so the operator has the transfer and where it stopped in one record."""
         assert state.step is not None
@@ -209,7 +215,6 @@ class RecoveryWorker:
             first_failed_at=state.requested_at or now, last_failed_at=now,
             saga_id=state.saga_id, transfer_id=state.transfer_id,
         )
-        headers = [("type", b"SagaState"), *letter.to_headers()]
         row = store.DeadLetterRow(
             dead_letter_id=letter.dead_letter_id, stage=RECOVERY_STAGE,
             reason_code=letter.reason_code.value, reason=letter.reason,
@@ -219,7 +224,9 @@ class RecoveryWorker:
             saga_id=state.saga_id, transfer_id=state.transfer_id,
             attempts=letter.attempts, first_failed_at=letter.first_failed_at,
         )
-        return (str(state.saga_id).encode(), payload, headers), row
+        record = fit_dead_letter(self.settings.topic(TOPIC_DEAD_LETTERS), payload,
+                                 str(state.saga_id).encode(), [("type", b"SagaState")], letter)
+        return record, row
 
     async def keep_topics(self, stop: asyncio.Event, every_s: float = 1.0) -> None:
         """Re-create missing topics, and tell whether the broker answers at all.

@@ -5,7 +5,15 @@ published (the fast path: a step command does not wait for a relay). The relay s
 that left behind: rows of a worker that crashed between commit and publish, rows whose marking was
 lost, and rows written by other writers (participants' dead letters). It takes rows older than
 `relay_grace_s`, oldest first, publishes them with an idempotent producer keyed as written, and
-marks them published after the broker acknowledged them.
+marks each one published for its own acknowledgement: a row that is not acknowledged never makes
+the others go out again.
+
+A row the broker refuses is counted (`attempts`, `last_error`). Refused for what it is (too
+large, invalid: `RecordRefused`), the same bytes would be refused again, so it is set aside at
+once; refused for its topic (unknown, not authorized: `TopicRefused`), which can heal, it is tried
+again with backoff and set aside after `SAGA_OUTBOX_MAX_ATTEMPTS`. A set-aside row is never tried
+again by the relay; `saga check` reports it as a finding and `saga stuck` lists it. A transient
+failure (a timeout, a lost broker) is not counted: an outage never sets a row aside.
 
 A row published twice (the fast path and the relay racing, or a crash between publish and mark)
 is harmless: every receiver deduplicates (the orchestrator's inbox, participants' stored replies).
@@ -23,11 +31,29 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.bus import decode_headers
 from orchestrator.crash import crash_point
-from orchestrator.producer import KafkaProducer, Record
+from orchestrator.errors import RecordRefused, SagaError
+from orchestrator.metrics import OUTBOX_SET_ASIDE
+from orchestrator.producer import DELIVERY_TIMEOUT_S, KafkaProducer, Record
 from orchestrator.settings import Settings
-from orchestrator.store import json_value, mark_published
+from orchestrator.store import (
+    Refusal,
+    RefusalRecorded,
+    json_value,
+    mark_published,
+    record_refusals,
+)
+from orchestrator.throttle import LogThrottle
 
 log = logging.getLogger(__name__)
+
+# The wait after a refusal for the topic: 0.5 s, doubling with each one, at most 30 s. With the
+# default of 5 attempts a row is set aside some 8 s after its first refusal (plus the producer's
+# 10 s wait for an unknown topic to appear), long enough for the recovery worker to re-create
+# the topics of a restarted broker.
+REFUSAL_BACKOFF_S = 0.5
+REFUSAL_BACKOFF_MAX_S = 30.0
+# A relay pass's transaction may sit idle this long while the broker answers (see publish_once).
+_PASS_MAX_S = DELIVERY_TIMEOUT_S + 15
 
 
 class OutboxRelay:
@@ -36,39 +62,99 @@ class OutboxRelay:
         self.engine = engine
         self.producer = producer
         self.published = 0
+        self.set_aside = 0
+        self._throttle = LogThrottle()
 
     async def publish_once(self, grace_s: float | None = None) -> int:
-        """Publish up to one batch of rows pending for longer than `grace_s`; returns how many."""
+        """Publish up to one batch of rows pending for longer than `grace_s`; returns how many
+        were acknowledged (and marked published)."""
         grace = self.settings.relay_grace_s if grace_s is None else grace_s
         async with self.engine.begin() as conn:
+            # The rows stay locked while the broker answers, which can take up to the
+            # producer's delivery timeout (10 s for an unknown topic): the session's shorter
+            # idle-in-transaction limit (meant for frozen workers) would end the pass and undo
+            # the marks of the rows that were acknowledged, which would then go out again.
+            await conn.execute(text(
+                f"SET LOCAL idle_in_transaction_session_timeout = '{_PASS_MAX_S}s'"))
             rows = (await conn.execute(
                 text(
                     "SELECT id, topic, key, value, headers FROM outbox WHERE published_at IS NULL"
+                    " AND set_aside_at IS NULL"
                     " AND created_at < clock_timestamp() - make_interval(secs => :grace)"
+                    " AND (next_attempt_at IS NULL OR next_attempt_at <= clock_timestamp())"
                     " ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED"
                 ),
                 {"n": self.settings.relay_batch_max, "grace": grace},
             )).all()
             if not rows:
                 return 0
-            await self.producer.send([
+            results = await self.producer.deliver([
                 Record(topic=row.topic, value=bytes(row.value),
                        key=bytes(row.key) if row.key is not None else None,
                        headers=decode_headers(json_value(row.headers)))
                 for row in rows
             ])
             crash_point("relay.after_publish")
-            await mark_published(conn, [row.id for row in rows])
-        self.published += len(rows)
-        log.info("relay published %d rows the fast path had left", len(rows))
-        return len(rows)
+            published = [row.id for row, error in zip(rows, results, strict=True)
+                         if error is None]
+            if published:
+                await mark_published(conn, published)
+            refused = {row.id: error for row, error in zip(rows, results, strict=True)
+                       if isinstance(error, RecordRefused)}
+            recorded = await record_refusals(
+                conn, [Refusal(row_id, str(error), final=not error.retryable)
+                       for row_id, error in refused.items()],
+                self.settings.outbox_max_attempts, REFUSAL_BACKOFF_S, REFUSAL_BACKOFF_MAX_S)
+        # Counted and logged only after the commit: a pass that rolled back changed nothing.
+        self.published += len(published)
+        if published:
+            log.info("relay published %d rows the fast path had left", len(published))
+        self._report(refused, recorded)
+        transient = [error for error in results
+                     if error is not None and not isinstance(error, RecordRefused)]
+        if transient:
+            self._warn(("transient",), "relay: %d of %d rows not acknowledged (%s); they are "
+                       "sent again on a later pass", len(transient), len(rows), transient[0])
+        return len(published)
+
+    def _report(self, refused: dict[int, RecordRefused],
+                recorded: list[RefusalRecorded]) -> None:
+        for row in recorded:
+            code = refused[row.outbox_id].code
+            if row.set_aside:
+                self.set_aside += 1
+                OUTBOX_SET_ASIDE.add(1, {"code": code})
+                # Once per row: it is never tried again.
+                log.error("set aside outbox row %d for %s after %d refusal(s): %s; the relay "
+                          "will not publish it (see docs/operations/runbook.md, set-aside "
+                          "outbox rows)", row.outbox_id, row.topic, row.attempts, row.error)
+            else:
+                self._warn(("refused", row.outbox_id, code),
+                           "outbox row %d for %s refused (attempt %d of %d): %s; trying it "
+                           "again with backoff", row.outbox_id, row.topic, row.attempts,
+                           self.settings.outbox_max_attempts, row.error)
+
+    def _warn(self, key: tuple[object, ...], message: str, *args: object) -> None:
+        """A warning that may repeat every pass: at most one line per key per 30 s."""
+        left_out = self._throttle.admit(key)
+        if left_out is None:
+            return
+        if left_out:
+            message += f" ({left_out} more like this since the last such line)"
+        log.warning(message, *args)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
                 published = await self.publish_once()
-            except Exception:
-                log.exception("relay pass failed; retrying shortly")
+            except SagaError as error:
+                # Known kinds (the database or the broker away): one line, no traceback.
+                self._warn(("pass", type(error).__name__), "relay pass failed (%s: %s); "
+                           "retrying shortly", type(error).__name__, error)
+                published = 0
+            except Exception as error:
+                if self._throttle.admit(("pass", type(error).__name__)) is not None:
+                    log.exception("relay pass failed; retrying shortly")
                 published = 0
             if published < self.settings.relay_batch_max:
                 with contextlib.suppress(TimeoutError):

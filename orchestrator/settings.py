@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     relay_idle_poll_s: float = 0.2
     # How old an unpublished outbox row must be before the relay takes it over from the fast path.
     relay_grace_s: float = 0.5
+    # How many times the relay tries an outbox row the broker refuses for its topic (unknown,
+    # not authorized) before it sets the row aside; a record refused for what it is (too large,
+    # invalid) is set aside at its first refusal, since the same bytes are refused again.
+    outbox_max_attempts: int = Field(default=5, gt=0)
 
     # Risk participant's stand-in for a third-party provider.
     risk_latency_ms: float = 0.0

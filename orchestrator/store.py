@@ -286,7 +286,8 @@ async def write_batch(
     dead_letters: Sequence[DeadLetterRow],
     now: datetime,
 ) -> list[int]:
-    """Write one batch's effects in one round trip; returns the new outbox row ids.
+    """Write one batch's effects in one round trip; returns the new outbox row ids, in the
+    order of `outbox`.
 
     Raises ConcurrencyConflict if another writer recorded part of it first.
     """
@@ -322,7 +323,9 @@ async def write_batch(
             await insert_dead_letters(conn, dead_letters)
     except DBAPIError as error:
         raise translate(error) from error
-    return [row.id for row in rows]
+    # In the order of `outbox`: a bigserial is drawn row by row as unnest yields them, so the
+    # ids ascend in that order (RETURNING itself promises no order).
+    return sorted(row.id for row in rows)
 
 
 async def mark_published(conn: AsyncConnection, ids: Sequence[int]) -> None:
@@ -331,6 +334,81 @@ async def mark_published(conn: AsyncConnection, ids: Sequence[int]) -> None:
              " WHERE id = ANY(:ids) AND published_at IS NULL"),
         {"ids": list(ids)},
     )
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The broker refused an outbox row: why, and whether it is final (refused for what it is:
+    set aside now) or may heal (refused for its topic: tried again with backoff)."""
+
+    outbox_id: int
+    error: str
+    final: bool
+
+
+@dataclass(frozen=True)
+class RefusalRecorded:
+    outbox_id: int
+    topic: str
+    attempts: int
+    set_aside: bool
+    error: str
+
+
+_RECORD_REFUSALS = text("""
+UPDATE outbox o SET attempts = o.attempts + 1, last_error = r.error,
+    next_attempt_at = clock_timestamp() + make_interval(
+        secs => least(CAST(:backoff_s AS float8) * power(2, o.attempts),
+                      CAST(:backoff_max_s AS float8))),
+    set_aside_at = CASE WHEN r.final OR o.attempts + 1 >= :max_attempts
+                        THEN clock_timestamp() END
+FROM unnest(CAST(:ids AS bigint[]), CAST(:errors AS text[]), CAST(:final AS boolean[]))
+    AS r(id, error, final)
+WHERE o.id = r.id AND o.published_at IS NULL AND o.set_aside_at IS NULL
+RETURNING o.id, o.topic, o.attempts, o.set_aside_at IS NOT NULL AS set_aside, o.last_error
+""")
+
+
+async def record_refusals(conn: AsyncConnection, refusals: Sequence[Refusal],
+                          max_attempts: int, backoff_s: float, backoff_max_s: float
+                          ) -> list[RefusalRecorded]:
+    """Count a refusal on each row and set aside those refused for good or `max_attempts`
+    times; the others wait `backoff_s` doubling per attempt (at most `backoff_max_s`)."""
+    if not refusals:
+        return []
+    rows = (await conn.execute(_RECORD_REFUSALS, {
+        "ids": [r.outbox_id for r in refusals], "errors": [r.error for r in refusals],
+        "final": [r.final for r in refusals], "max_attempts": max_attempts,
+        "backoff_s": backoff_s, "backoff_max_s": backoff_max_s})).all()
+    return [RefusalRecorded(row.id, row.topic, row.attempts, row.set_aside, row.last_error)
+            for row in rows]
+
+
+async def set_aside_outbox(conn: AsyncConnection, limit: int) -> list[dict[str, Any]]:
+    """Outbox rows set aside after the broker refused them, oldest first: never published, and
+    never tried again by the relay (`outbox_set_aside` index)."""
+    rows = (await conn.execute(text(
+        "SELECT id, topic, saga_id, attempts, last_error, length(value) AS size_bytes,"
+        " created_at, set_aside_at FROM outbox"
+        " WHERE set_aside_at IS NOT NULL AND published_at IS NULL"
+        " ORDER BY set_aside_at, id LIMIT :limit"), {"limit": limit})).all()
+    return [
+        {"outbox_id": r.id, "topic": r.topic,
+         "saga_id": str(r.saga_id) if r.saga_id else None, "attempts": r.attempts,
+         "last_error": r.last_error, "size_bytes": r.size_bytes,
+         "created_at": r.created_at.isoformat(), "set_aside_at": r.set_aside_at.isoformat()}
+        for r in rows
+    ]
+
+
+async def retry_set_aside(conn: AsyncConnection, ids: Sequence[int]) -> list[int]:
+    """Give set-aside outbox rows back to the relay (an operator fixed the cause: created the
+    topic, raised a limit); returns the ids it changed. Only rows set aside and still
+    unpublished are touched, so a second call, or a wrong id, does nothing."""
+    return list((await conn.execute(text(
+        "UPDATE outbox SET set_aside_at = NULL, attempts = 0, next_attempt_at = NULL"
+        " WHERE id = ANY(:ids) AND set_aside_at IS NOT NULL AND published_at IS NULL"
+        " RETURNING id"), {"ids": list(ids)})).scalars())
 
 
 async def upsert_projection(conn: AsyncConnection, states: Sequence[SagaState],

@@ -39,10 +39,11 @@ from orchestrator.definition import SagaDefinition
 from orchestrator.errors import ConcurrencyConflict, SagaError
 from orchestrator.intake import Unparseable, classify
 from orchestrator.metrics import DEAD_LETTERS, SAGAS_FAILED
-from orchestrator.producer import KafkaProducer, Record
+from orchestrator.producer import MESSAGE_MAX_BYTES, KafkaProducer, Record, record_size
 from orchestrator.relay import PublishedMarker
 from orchestrator.sagas import TRANSFER
 from orchestrator.settings import Settings
+from orchestrator.throttle import LogThrottle
 from schemas import (
     TOPIC_DEAD_LETTERS,
     TOPIC_REPLIES,
@@ -168,13 +169,44 @@ def message_id_of(message: Consumed) -> str:
 
 
 def dead_letter_record(settings: Settings, message: Consumed, letter: DeadLetter) -> Record:
-    """The DLQ record: the original bytes and headers, plus `dlq-*` headers saying why."""
-    return Record(
-        topic=settings.topic(TOPIC_DEAD_LETTERS),
-        value=message.value,
-        key=message.key,
-        headers=(*message.headers, *letter.to_headers()),
-    )
+    """The DLQ record: the original bytes and headers, plus `dlq-*` headers saying why;
+    shortened if it would not fit (`fit_dead_letter`)."""
+    return fit_dead_letter(settings.topic(TOPIC_DEAD_LETTERS), message.value, message.key,
+                           message.headers, letter)
+
+
+# What a dead letter's copy may weigh (value, key and headers): a tenth under the producer's
+# `message.max.bytes`, which also counts the record's and its batch's framing.
+DEAD_LETTER_MAX_BYTES = MESSAGE_MAX_BYTES * 9 // 10
+# A `dlq-*` header value is cut to this in a copy that fits no other way (a reason or an
+# original key of hundreds of kilobytes): the full text is in the `dead_letters` row.
+_HEADER_VALUE_MAX_BYTES = 1024
+
+
+def fit_dead_letter(topic: str, value: bytes, key: bytes | None,
+                    headers: Sequence[tuple[str, bytes]], letter: DeadLetter,
+                    limit: int = DEAD_LETTER_MAX_BYTES) -> Record:
+    """The dead letter's record on `topic`: the original value, key and headers plus the
+    letter's `dlq-*` headers, or, if that is over `limit` bytes, a shortened copy that still
+    tells what failed, where and why: the letter's headers with the original's size and SHA-256
+    added, the original key and headers if they fit, and as much of the value's start as fits.
+    A copy larger than the producer's limit would be refused on every relay pass; the whole
+    original stays in the `dead_letters` table, which the redrive reads."""
+    whole = Record(topic, value, key, (*headers, *letter.to_headers()))
+    if record_size(whole) <= limit:
+        return whole
+    described = letter.model_copy(update={
+        "original_size_bytes": len(value),
+        "original_sha256": hashlib.sha256(value).hexdigest()}).to_headers()
+    # The smallest copy first; then what is left of the budget goes to the value.
+    copy = Record(topic, b"", key, (*headers, *described))
+    if record_size(copy) > limit:  # the original headers alone are too large: leave them out
+        copy = Record(topic, b"", key, tuple(described))
+    if record_size(copy) > limit:  # so is the key, or a header of the letter: cut them
+        copy = Record(topic, b"", None, tuple(
+            (name, content[:_HEADER_VALUE_MAX_BYTES]) for name, content in described))
+    room = limit - record_size(copy)
+    return Record(topic, value[:room], copy.key, copy.headers)
 
 
 def dead_letter_for(
@@ -231,6 +263,7 @@ class OrchestratorWorker:
         self.engine = engine
         self.producer = producer
         self.marker = PublishedMarker(engine)
+        self._throttle = LogThrottle()  # for a publish failure that repeats every batch
         # The state of each saga as this worker last committed it (see `_record`), and the
         # connection for the one-statement writes of the known-state path.
         self.known: OrderedDict[UUID, SagaState] = OrderedDict()
@@ -274,14 +307,19 @@ class OrchestratorWorker:
             crash_point("orchestrator.after_produce", tags)
             return
         # The fast path: publish what this batch committed now, rather than waiting for the
-        # relay; if it fails, the rows stay unpublished and the relay sends them after its grace.
-        try:
-            await self.producer.send([
-                Record(o.topic, o.value, o.key, decode_headers(o.headers)) for o in outbox])
-        except SagaError:
-            log.warning("fast-path publish failed; the relay will publish %d rows", len(outbox))
-            return
-        self.marker.add(outbox_ids)
+        # relay. Only the acknowledged rows are marked; any other stays unpublished and the
+        # relay sends it after its grace (and counts it if the broker refuses it).
+        results = await self.producer.deliver([
+            Record(o.topic, o.value, o.key, decode_headers(o.headers)) for o in outbox])
+        acknowledged = [row_id for row_id, error in zip(outbox_ids, results, strict=True)
+                        if error is None]
+        self.marker.add(acknowledged)
+        if len(acknowledged) < len(outbox):
+            error = next(error for error in results if error is not None)
+            if (left_out := self._throttle.admit(type(error).__name__)) is not None:
+                log.warning("fast-path publish failed for %d of %d rows (%s); the relay will "
+                            "publish them (%d such lines left out)", len(outbox) -
+                            len(acknowledged), len(outbox), error, left_out)
         crash_point("orchestrator.after_produce", tags)
 
     async def close(self) -> None:

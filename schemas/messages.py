@@ -193,6 +193,11 @@ class DeadLetter(WireModel):
     The Kafka record's value is the original payload, byte for byte, and its headers are the
     original headers plus these fields as `dlq-*` headers (see `DLQ_HEADER_PREFIX`), so a redrive
     republishes exactly what was received.
+
+    A copy that would not fit in one Kafka record is shortened: its value is the first bytes of
+    the original (or nothing), `original_size_bytes` and `original_sha256` describe the whole
+    original, and the original itself is kept in the `dead_letters` table. Both fields are set
+    only on a shortened copy.
     """
 
     schema_version: Literal[1] = 1
@@ -209,6 +214,9 @@ class DeadLetter(WireModel):
     last_failed_at: datetime
     saga_id: UUID | None = None
     transfer_id: UUID | None = None
+    # Only on a shortened copy: the length of the original value, and its SHA-256 (hex).
+    original_size_bytes: int | None = None
+    original_sha256: str | None = None
 
     def to_headers(self) -> list[tuple[str, bytes]]:
         fields = self.model_dump(mode="json")

@@ -351,7 +351,8 @@ class World:
         while time.monotonic() < deadline:
             async with self.engine.connect() as conn:
                 pending = (await conn.execute(text(
-                    "SELECT count(*) FROM outbox WHERE published_at IS NULL"))).scalar_one()
+                    "SELECT count(*) FROM outbox WHERE published_at IS NULL"
+                    " AND set_aside_at IS NULL"))).scalar_one()
             if pending == 0:
                 return True
             await asyncio.sleep(0.1)

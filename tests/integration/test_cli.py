@@ -165,7 +165,8 @@ async def _start_saga_at(isolated: Isolated, at: datetime) -> uuid.UUID:
 
 
 async def test_stuck_lists_sagas_past_their_due_time_and_exits_1(isolated: Isolated) -> None:
-    assert _ok(await saga_cli(isolated.harness, "stuck", "--json")) == []
+    assert _ok(await saga_cli(isolated.harness, "stuck", "--json")) == {
+        "sagas": [], "outbox_set_aside": []}
     timeout_s = TRANSFER.steps[0].timeout_s
     overdue = await _start_saga_at(isolated, datetime.now(UTC) - timedelta(seconds=timeout_s + 90))
     await _start_saga_at(isolated, datetime.now(UTC))  # due in timeout_s: not stuck
@@ -173,11 +174,12 @@ async def test_stuck_lists_sagas_past_their_due_time_and_exits_1(isolated: Isola
     result = await saga_cli(isolated.harness, "stuck", "--json", "--grace", "30")
 
     assert result.returncode == 1, (result.stdout, result.stderr)
-    [row] = json.loads(result.stdout)
+    [row] = json.loads(result.stdout)["sagas"]
     assert (row["saga_id"], row["status"], row["current_step"], row["direction"]) == (
         str(overdue), "RUNNING", "screen", "forward")
     assert 89 <= row["overdue_s"] < 200
     text_result = await saga_cli(isolated.harness, "stuck", "--grace", "30")
     assert str(overdue) in text_result.stdout and "saga worker recovery" in text_result.stdout
     # With a grace longer than it is overdue, nothing counts as stuck.
-    assert _ok(await saga_cli(isolated.harness, "stuck", "--json", "--grace", "3600")) == []
+    assert _ok(await saga_cli(isolated.harness, "stuck", "--json", "--grace", "3600"))[
+        "sagas"] == []
