@@ -67,12 +67,9 @@ def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> None:
                 raise BusError(f"cannot create topic {name}: {error}") from error
 
 
-def missing_topics(settings: Settings, timeout_s: float = 10.0) -> list[str]:
-    """The topics of `all_topics` the broker does not have."""
-    assert settings.kafka_bootstrap
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
-    present = set(admin.list_topics(timeout=timeout_s).topics)
-    return [name for name in all_topics(settings) if name not in present]
+def listed_topics(admin: AdminClient, timeout_s: float) -> set[str]:
+    """The names of the topics the broker has (raises KafkaException when it does not answer)."""
+    return set(admin.list_topics(timeout=timeout_s).topics)
 
 
 @dataclass(frozen=True)

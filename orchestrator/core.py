@@ -451,6 +451,23 @@ def decide_due(definition: SagaDefinition, state: SagaState, now: datetime) -> D
                     saga_failed=_past_pivot(definition, state))
 
 
+def outstanding_command(definition: SagaDefinition, state: SagaState) -> StepCommand | None:
+    """The command a saga is waiting on a reply to, exactly as it was last sent (same command
+    id, attempt and deadline), or None when it waits for nothing (ended, or a retry whose
+    backoff is still running).
+
+    Sent again after a broker lost its logs: the command, or the participant's reply to it,
+    may be gone with them. It is the same message, not a new decision, so it appends no event
+    and spends none of the step's attempts; a participant that applied it answers with its
+    stored reply."""
+    if (state.terminal or state.step is None or state.direction is None
+            or state.command_id is None or state.deadline_at is None
+            or state.next_attempt_at is not None):
+        return None
+    return _command(definition, state, definition.step(state.step), state.direction,
+                    state.attempt, state.command_id, state.deadline_at)
+
+
 def _attempts_left(state: SagaState, step: Step) -> bool:
     """Attempts and re-sends after a timeout both spend the step's budget."""
     return state.attempt + state.resends < step.max_attempts
@@ -551,6 +568,7 @@ __all__ = [
     "decide_start",
     "evolve",
     "fold",
+    "outstanding_command",
     "participant_of",
     "request_hash",
     "saga_id_for_transfer",

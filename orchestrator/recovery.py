@@ -22,16 +22,33 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 from uuid import UUID, uuid5
 
+from confluent_kafka import KafkaError
+from confluent_kafka.admin import AdminClient
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator import store
-from orchestrator.bus import decode_headers, encode_headers, ensure_topics, missing_topics
-from orchestrator.core import SagaState, decide_due, evolve, participant_of
+from orchestrator.bus import (
+    PARTICIPANTS,
+    all_topics,
+    decode_headers,
+    encode_headers,
+    ensure_topics,
+    listed_topics,
+)
+from orchestrator.core import (
+    SagaState,
+    decide_due,
+    evolve,
+    outstanding_command,
+    participant_of,
+)
 from orchestrator.crash import crash_point, step_tags
 from orchestrator.definition import SagaDefinition
 from orchestrator.errors import SagaError
@@ -228,23 +245,100 @@ class RecoveryWorker:
                                  str(state.saga_id).encode(), [("type", b"SagaState")], letter)
         return record, row
 
-    async def keep_topics(self, stop: asyncio.Event, every_s: float = 1.0) -> None:
-        """Re-create missing topics, and tell whether the broker answers at all.
+    async def restore_after_broker_loss(self, last_answer_at: datetime) -> int:
+        """Give the broker back what only it held, after it was lost (a crash, a restart): it
+        may have lost its logs, or their last seconds, and records it lost were never read.
 
-        A broker that keeps nothing (the embedded one) comes back from a restart empty;
-        producers do not auto-create topics (they would pick the broker's partition count), so
-        this is what lets every worker resume. While the broker does not answer, recovery
-        pauses: an outage of the transport must not spend the sagas' attempts."""
+        - every in-flight saga's outstanding command is sent again at once, as it was (same
+          command id; `outstanding_command`), rather than after its step deadline: the
+          command, or the participant's reply to it, may be gone;
+        - every other outbox row published since `broker_loss_republish_s` before the broker's
+          last answer is published again (dead-letter copies).
+
+        Receivers deduplicate both. The commands go through the outbox, so the relay publishes
+        any this pass cannot. Returns how many commands it re-sent."""
+        since = last_answer_at - timedelta(seconds=self.settings.broker_loss_republish_s)
+        step_topics = [self.settings.topic(step_topic(name)) for name in PARTICIPANTS]
+        outbox: list[store.OutboxRow] = []
+        async with self.engine.begin() as conn:
+            republished = (await conn.execute(text(
+                "UPDATE outbox SET published_at = NULL WHERE published_at >= :since"
+                " AND set_aside_at IS NULL AND NOT topic = ANY(:step_topics)"),
+                {"since": since, "step_topics": step_topics})).rowcount
+            rows = (await conn.execute(text(
+                "SELECT state FROM sagas WHERE status IN ('RUNNING', 'COMPENSATING')"))).all()
+            for row in rows:
+                try:
+                    state = SagaState.from_json(store.json_value(row.state))
+                    command = outstanding_command(self.definitions[state.saga_type], state)
+                    if command is None:
+                        continue
+                    definition = self.definitions[state.saga_type]
+                except Exception:
+                    log.exception("cannot read an in-flight saga (skipped): %s",
+                                  str(row.state)[:200])
+                    continue
+                outbox.append(store.OutboxRow(
+                    topic=self.settings.topic(step_topic(participant_of(definition, command))),
+                    key=str(command.saga_id).encode(),
+                    value=command.model_dump_json().encode(),
+                    headers=encode_headers([("message-id", str(command.command_id).encode()),
+                                            ("type", b"StepCommand")]),
+                    saga_id=command.saga_id,
+                ))
+            ids = (await store.write_batch(conn, "recovery", [], [], [], outbox, [],
+                                           datetime.now(UTC)) if outbox else [])
+        results = await self.producer.deliver([
+            Record(o.topic, o.value, o.key, decode_headers(o.headers)) for o in outbox])
+        self.marker.add([row_id for row_id, error in zip(ids, results, strict=True)
+                         if error is None])
+        RECOVERY_ACTIONS.add(len(outbox), {"action": "broker_restore"})
+        log.warning("the broker was lost: re-sent the outstanding commands of %d in-flight "
+                    "sagas and queued %d outbox rows published since %s to be published again",
+                    len(outbox), republished, since.isoformat())
+        return len(outbox)
+
+    async def keep_topics(self, stop: asyncio.Event, every_s: float = 1.0) -> None:
+        """Re-create missing topics, tell whether the broker answers at all, and restore what
+        a lost broker held (`restore_after_broker_loss`).
+
+        A broker that keeps nothing (tansu) comes back from a restart empty, and noida may come
+        back without its last seconds; producers do not auto-create topics (they would pick
+        the broker's partition count), so this is what lets every worker resume. While the
+        broker does not answer, recovery pauses: an outage of the transport must not spend
+        the sagas' attempts. The broker counts as lost when it did not answer, when every
+        connection to it dropped (its client's error callback: a restart faster than a check
+        is still seen), or when topics are missing."""
+        lost = threading.Event()
+
+        def on_error(error: KafkaError) -> None:
+            if error.code() == KafkaError._ALL_BROKERS_DOWN:
+                lost.set()
+
+        assert self.settings.kafka_bootstrap
+        config: dict[str, Any] = {"bootstrap.servers": self.settings.kafka_bootstrap,
+                                  "error_cb": on_error}
+        admin = AdminClient(config)
+        last_answer_at: datetime | None = None
         while not stop.is_set():
             try:
-                missing = await asyncio.to_thread(missing_topics, self.settings, 2.0)
+                present = await asyncio.to_thread(listed_topics, admin, 2.0)
+                missing = [name for name in all_topics(self.settings) if name not in present]
                 if missing:
                     log.warning("topics missing on the broker (restarted?): %s; creating them",
                                 ", ".join(missing))
                     await asyncio.to_thread(ensure_topics, self.settings)
+                    lost.set()
+                await asyncio.to_thread(admin.poll, 0)  # serves the error callback
                 if not self.broker_reachable:
                     log.warning("the broker answers again: recovery resumes")
+                    lost.set()
                 self.broker_reachable = True
+                if lost.is_set() and last_answer_at is not None:
+                    lost.clear()
+                    await self.restore_after_broker_loss(last_answer_at)
+                lost.clear()
+                last_answer_at = datetime.now(UTC)
             except Exception as error:
                 if self.broker_reachable:
                     log.warning("cannot reach the broker (%s): recovery pauses", error)

@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     recovery_poll_s: float = Field(default=0.2, gt=0)
     recovery_batch_max: int = Field(default=200, gt=0)
 
+    # After the broker was lost, outbox rows published this long before its last answer are
+    # published again: a crashed broker may have lost its last seconds (noida keeps a snapshot
+    # a few seconds old) or everything (tansu). Step commands of in-flight sagas are re-sent
+    # whatever their age.
+    broker_loss_republish_s: float = Field(default=30.0, ge=0)
+
     relay_batch_max: int = 1000
     relay_idle_poll_s: float = 0.2
     # How old an unpublished outbox row must be before the relay takes it over from the fast path.

@@ -32,6 +32,7 @@ from orchestrator.core import (
     decide_start,
     evolve,
     fold,
+    outstanding_command,
     participant_of,
     request_hash,
     saga_id_for_transfer,
@@ -1217,3 +1218,38 @@ def test_replaying_the_events_rebuilds_the_state(data: st.DataObject) -> None:
     for state, length in zip(run.states, run.lengths, strict=True):
         assert fold(events[:length]) == state
         _assert_json_round_trip(state)
+
+
+# ---------------------------------------------------------------- after a broker loss
+
+
+def test_the_outstanding_command_is_the_last_one_sent_to_the_letter() -> None:
+    """After a broker lost its logs the command a saga waits on is sent again as it was: the
+    same message (id, attempt, deadline), no new decision, no attempt spent."""
+    saga = Saga()
+    saga.start()
+    saga.succeed_until("credit")
+    assert outstanding_command(TRANSFER, saga.state) == saga.commands[-1]
+    saga.due()  # a re-send after the deadline: a new deadline, the same command id
+    assert outstanding_command(TRANSFER, saga.state) == saga.commands[-1]
+    assert saga.commands[-1].command_id == saga.commands[-2].command_id
+
+
+def test_a_compensation_in_flight_is_outstanding_too() -> None:
+    saga = at("settle")
+    saga.receive(refused(saga.state))
+    assert saga.state.direction is Direction.COMPENSATE
+    command = outstanding_command(TRANSFER, saga.state)
+    assert command == saga.commands[-1]
+    assert command is not None and command.direction is Direction.COMPENSATE
+
+
+def test_nothing_is_outstanding_while_a_retry_waits_or_after_the_end() -> None:
+    saga = at("reserve")
+    saga.receive(refused(saga.state, retryable=True))
+    assert saga.state.next_attempt_at is not None
+    assert outstanding_command(TRANSFER, saga.state) is None
+    finished = at("notify")
+    finished.receive(ok(finished.state))
+    assert finished.state.terminal
+    assert outstanding_command(TRANSFER, finished.state) is None
