@@ -9,7 +9,9 @@
     I3 termination: no saga in flight (only a violation when `expect_quiescent`).
     I4 the event log is gapless per saga (seq 1..n), protected by its append-only triggers, and
        folding each saga's events reproduces its projection.
-    I5 every consumed message has a verdict; dead letters are counted.
+    I5 every consumed message has a verdict; every transfer request the orchestrator recorded
+       as consumed (its inbox rows for the commands topic) led to a saga or a dead letter;
+       dead letters are counted.
     I6 no outbox row left unpublished (older than `outbox_grace_s`).
     I7 no customer balance or available balance below zero; every entry belongs to a known saga.
 """
@@ -26,6 +28,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from orchestrator.core import SagaState, fold
 from orchestrator.store import parse_event
+from orchestrator.worker import CONSUMER, REDRIVE_HEADER
+from schemas import TOPIC_TRANSFER_COMMANDS
 from steps.ledger import ACCOUNT_VIEW_SQL
 
 
@@ -99,6 +103,36 @@ WHERE s.status IN ('COMPLETED', 'COMPENSATED', 'REJECTED')
          OR (n.account = s.state->'input'->>'destination_account'
                 AND n.delta = (s.state->'input'->>'amount')::numeric)))
   )
+"""
+
+
+# A dead letter's message id, computed in SQL from what the row keeps (the original bytes and
+# headers) exactly as `orchestrator.worker.message_id_of` computes it from the record: sha256 of
+# the value, plus the first redrive header's value when there is a non-empty one. Written out
+# here rather than stored, so that a dead letter is tied to its inbox row by its content, never
+# by broker coordinates (a memory broker that restarts hands out the same offsets again).
+_LETTER_MESSAGE_ID = """
+'sha256:' || encode(sha256(d.payload || coalesce(
+    '\\x00'::bytea || convert_to('redrive:', 'UTF8') || (
+        SELECT nullif(decode(h.value->>1, 'base64'), ''::bytea)
+        FROM jsonb_array_elements(d.headers) WITH ORDINALITY AS h(value, n)
+        WHERE h.value->>0 = :redrive_header ORDER BY h.n LIMIT 1),
+    ''::bytea)), 'hex')
+"""
+
+# The orchestrator's inbox rows for the commands topic (any topic prefix: the name ends with
+# the topic's) that led neither to a saga nor to a dead letter of the same message. Every path
+# of the orchestrator writes the inbox row in the transaction that writes the saga's events or
+# the dead letter, so one of the two must exist whatever the verdict.
+_REQUESTS_WITHOUT_OUTCOME = f"""
+SELECT i.message_id, i.topic, i.partition, i."offset", i.verdict, i.saga_id
+FROM inbox i
+WHERE i.consumer = :consumer AND right(i.topic, length(:commands)) = :commands
+  AND NOT EXISTS (SELECT 1 FROM sagas s WHERE s.saga_id = i.saga_id)
+  AND NOT EXISTS (
+      SELECT 1 FROM dead_letters d
+      WHERE d.original_topic = i.topic AND {_LETTER_MESSAGE_ID} = i.message_id)
+ORDER BY i.received_at
 """
 
 
@@ -185,6 +219,15 @@ async def check(engine: AsyncEngine, expect_quiescent: bool = False,
         unaccounted = await _rows(conn, "SELECT message_id FROM inbox WHERE verdict = ''")
         add(Check("I5", "every consumed message has a verdict", not unaccounted,
                   _sample(unaccounted)))
+        report.counts["requests_consumed"] = (await conn.execute(text(
+            "SELECT count(*) FROM inbox WHERE consumer = :consumer"
+            " AND right(topic, length(:commands)) = :commands"),
+            {"consumer": CONSUMER, "commands": TOPIC_TRANSFER_COMMANDS})).scalar_one()
+        lost = await _rows(conn, _REQUESTS_WITHOUT_OUTCOME, consumer=CONSUMER,
+                           commands=TOPIC_TRANSFER_COMMANDS, redrive_header=REDRIVE_HEADER)
+        report.counts["requests_without_outcome"] = len(lost)
+        add(Check("I5", "every consumed request led to a saga or a dead letter", not lost,
+                  _sample(lost)))
 
         # I6
         unpublished = await _rows(conn, (
@@ -236,3 +279,4 @@ async def replay_mismatches(conn: AsyncConnection) -> list[str]:
     if current is not None:
         compare()
     return mismatched
+

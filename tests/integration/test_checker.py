@@ -1,0 +1,109 @@
+"""The checker trips on a broken database: a consumed request that led to no saga and no dead
+letter is found, by the checker and by `saga check`. Rows are written as the orchestrator
+writes them (`store.write_batch`), into a database of its own where no worker runs."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+
+from sqlalchemy import text
+
+from orchestrator import store
+from orchestrator.bus import Consumed, encode_headers
+from orchestrator.checker import check
+from orchestrator.core import StartTransfer, decide_start, evolve, request_hash
+from orchestrator.sagas import TRANSFER
+from orchestrator.worker import CONSUMER, REDRIVE_HEADER, message_id_of
+from schemas import TOPIC_TRANSFER_COMMANDS, TransferRequested
+from tests.integration.conftest import Isolated
+from tests.integration.test_cli import saga_cli
+
+COMMANDS = f"ck-{uuid.uuid4().hex[:6]}.{TOPIC_TRANSFER_COMMANDS}"
+NEW_CHECK = "every consumed request led to a saga or a dead letter"
+
+
+def record(value: bytes, offset: int, headers: tuple[tuple[str, bytes], ...] = ()) -> Consumed:
+    return Consumed(topic=COMMANDS, partition=0, offset=offset, key=None, value=value,
+                    headers=headers, timestamp_ms=None)
+
+
+async def consume_start(isolated: Isolated, offset: int) -> tuple[Consumed, uuid.UUID]:
+    """A valid request consumed: its inbox row and its saga, in one batch."""
+    now = datetime.now(UTC)
+    request = TransferRequested(transfer_id=uuid.uuid4(), source_account="a",
+                                destination_account="b", amount="1.00", currency="EUR",
+                                requested_by="it")
+    message = record(request.model_dump_json().encode(), offset)
+    decision = decide_start(TRANSFER, None, StartTransfer(request, request_hash(request)), now)
+    state = None
+    events = []
+    for event in decision.events:
+        state = evolve(state, event)
+        events.append(store.NewEvent(state.saga_id, state.version, event, "it", None))
+    assert state is not None
+    inbox = store.InboxRow(message_id_of(message), COMMANDS, 0, offset, "started",
+                           state.saga_id)
+    async with isolated.engine.begin() as conn:
+        await store.write_batch(conn, CONSUMER, [inbox], events, [state], [], [], now)
+    return message, state.saga_id
+
+
+async def consume_refused(isolated: Isolated, message: Consumed, dead_letter: bool) -> None:
+    """An unparseable request consumed: its inbox row and (unless told not to) its dead letter."""
+    now = datetime.now(UTC)
+    inbox = store.InboxRow(message_id_of(message), COMMANDS, 0, message.offset, "rejected", None)
+    letters = [store.DeadLetterRow(
+        dead_letter_id=uuid.uuid4(), stage="intake", reason_code="SCHEMA_VIOLATION",
+        reason="not JSON", error_class="intake.SCHEMA_VIOLATION", original_topic=COMMANDS,
+        original_partition=0, original_offset=message.offset, original_key=None,
+        payload=message.value, headers=encode_headers(message.headers), failed_at=now,
+        saga_id=None, transfer_id=None)] if dead_letter else []
+    async with isolated.engine.begin() as conn:
+        await store.write_batch(conn, CONSUMER, [inbox], [], [], [], letters, now)
+
+
+def failing(report_json: dict[str, object]) -> list[dict[str, object]]:
+    checks = report_json["checks"]
+    assert isinstance(checks, list)
+    return [c for c in checks if not c["ok"]]
+
+
+async def test_a_consumed_request_without_saga_or_dead_letter_is_a_violation(
+        isolated: Isolated) -> None:
+    started, saga_id = await consume_start(isolated, offset=0)
+    await consume_refused(isolated, record(b'{"amount": ', 1), dead_letter=True)
+    # A redriven copy is a message of its own (its id includes the redrive id): its dead
+    # letter must be found under that id, not under the original's.
+    redrive = ((REDRIVE_HEADER, str(uuid.uuid4()).encode()), ("other", b"\x00\xff"))
+    await consume_refused(isolated, record(b'{"amount": ', 2, redrive), dead_letter=True)
+
+    healthy = await check(isolated.engine)
+    assert healthy.ok, healthy.failures()
+    assert healthy.counts["requests_consumed"] == 3
+    assert healthy.counts["requests_without_outcome"] == 0
+
+    # Break it: the saga of a consumed request vanishes (the projection has no trigger), and
+    # a refused request is recorded as consumed without its dead letter.
+    async with isolated.engine.begin() as conn:
+        await conn.execute(text("DELETE FROM sagas WHERE saga_id = :s"), {"s": saga_id})
+    lonely = record(b"not json at all", 3)
+    await consume_refused(isolated, lonely, dead_letter=False)
+
+    broken = await check(isolated.engine)
+    assert [(c.invariant, c.name) for c in broken.failures()] == [("I5", NEW_CHECK)]
+    assert broken.counts["requests_without_outcome"] == 2
+    [violation] = broken.failures()
+    assert message_id_of(started) in violation.detail
+    assert message_id_of(lonely) in violation.detail
+    assert message_id_of(record(b'{"amount": ', 1)) not in violation.detail
+
+    result = await saga_cli(isolated.harness, "check", "--json")
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    report = json.loads(result.stdout)
+    assert report["ok"] is False
+    assert [c["name"] for c in failing(report)] == [NEW_CHECK]
+    text_result = await saga_cli(isolated.harness, "check")
+    assert text_result.returncode == 1
+    assert f"VIOLATED  I5  {NEW_CHECK}" in text_result.stdout
