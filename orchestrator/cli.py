@@ -80,7 +80,8 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from orchestrator.demo import render_summary, run_demo
 
     summary = await run_demo(settings, args.transfers, args.timeout, args.json, args.seed,
-                             args.keep, chaos=args.chaos, chaos_s=args.chaos_seconds)
+                             args.keep, chaos=args.chaos, chaos_s=args.chaos_seconds,
+                             chaos_broker=args.chaos_broker)
     if args.json:
         compact = {k: v for k, v in summary.items() if k != "example_timeline"}
         print(json.dumps(compact, default=str))
@@ -360,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="SIGKILL and restart random workers while the demo runs")
     demo.add_argument("--chaos-seconds", type=float, default=20.0,
                       help="with --chaos: how long to publish and kill for")
+    demo.add_argument("--chaos-broker", action="store_true",
+                      help="with --chaos, on the embedded stack: also SIGKILL the broker once "
+                           "mid-run and restart it on its port 2 s later (memory lost)")
     demo.add_argument("--json", action="store_true")
     demo.set_defaults(run=cmd_demo)
 
