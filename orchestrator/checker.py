@@ -130,18 +130,26 @@ _LETTER_MESSAGE_ID = """
     ''::bytea)), 'hex')
 """
 
-# The orchestrator's inbox rows for the commands topic (any topic prefix: the name ends with
-# the topic's) that led neither to a saga nor to a dead letter of the same message. Every path
-# of the orchestrator writes the inbox row in the transaction that writes the saga's events or
-# the dead letter, so one of the two must exist whatever the verdict.
+# The dead letters of the commands topic (any topic prefix: the name ends with the topic's) by
+# message id, each hashed once (MATERIALIZED: joined by hash, not recomputed per inbox row).
+_COMMAND_LETTERS = f"""
+letters AS MATERIALIZED (
+    SELECT d.original_topic AS topic, {_LETTER_MESSAGE_ID} AS message_id FROM dead_letters d
+    WHERE right(d.original_topic, length(:commands)) = :commands)
+"""
+
+# The orchestrator's inbox rows for the commands topic that led neither to a saga nor to a
+# dead letter of the same message. Every path of the orchestrator writes the inbox row in the
+# transaction that writes the saga's events or the dead letter, so one of the two must exist
+# whatever the verdict.
 _REQUESTS_WITHOUT_OUTCOME = f"""
+WITH {_COMMAND_LETTERS}
 SELECT i.message_id, i.topic, i.partition, i."offset", i.verdict, i.saga_id
 FROM inbox i
 WHERE i.consumer = :consumer AND right(i.topic, length(:commands)) = :commands
   AND NOT EXISTS (SELECT 1 FROM sagas s WHERE s.saga_id = i.saga_id)
-  AND NOT EXISTS (
-      SELECT 1 FROM dead_letters d
-      WHERE d.original_topic = i.topic AND {_LETTER_MESSAGE_ID} = i.message_id)
+  AND NOT EXISTS (SELECT 1 FROM letters l
+                  WHERE l.topic = i.topic AND l.message_id = i.message_id)
 ORDER BY i.received_at
 """
 
@@ -441,13 +449,14 @@ async def _judge(conn: AsyncConnection, records: list[TopicRecord], report: Topi
     """Find which of `records` the orchestrator consumed and what that led to (the same rule
     as I5 above), and, for those it never read, whether their transfer has a saga anyway."""
     outcomes = {row.message_id: row.led for row in await _rows(conn, f"""
+        WITH {_COMMAND_LETTERS}
         SELECT i.message_id,
                EXISTS (SELECT 1 FROM sagas s WHERE s.saga_id = i.saga_id)
-               OR EXISTS (SELECT 1 FROM dead_letters d WHERE d.original_topic = i.topic
-                          AND {_LETTER_MESSAGE_ID} = i.message_id) AS led
+               OR EXISTS (SELECT 1 FROM letters l WHERE l.topic = i.topic
+                          AND l.message_id = i.message_id) AS led
         FROM inbox i WHERE i.consumer = :consumer AND i.message_id = ANY(:ids)""",
         consumer=CONSUMER, ids=sorted({r.message_id for r in records}),
-        redrive_header=REDRIVE_HEADER)}
+        commands=TOPIC_TRANSFER_COMMANDS, redrive_header=REDRIVE_HEADER)}
     unread = [r for r in records if r.message_id not in outcomes]
     known = {str(t) for t in (await conn.execute(text(
         "SELECT transfer_id FROM sagas WHERE transfer_id = ANY(CAST(:ids AS uuid[]))"),
