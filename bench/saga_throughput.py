@@ -1,6 +1,7 @@
 """Saga throughput and latency on the embedded stack, beside a raw Kafka round trip.
 
     python bench/saga_throughput.py [--runs 3] [--transfers 2000] [--concurrency 1 200]
+    python bench/saga_throughput.py --sustain-s 300 --concurrency 32 [--json]
 
 For each concurrency C, a closed-loop driver keeps C transfers in flight until K completed:
 it publishes a request, learns of the saga's end from the orchestrator's `saga_terminal`
@@ -8,6 +9,13 @@ notification, and publishes the next. Latency is end to end as the upstream sees
 publishing the request to the saga's terminal commit. Workers are separate processes, as in
 production. Every figure printed is the median of `--runs` runs; the invariants are checked
 after each run.
+
+With `--sustain-s N` the same driver keeps C in flight for N seconds instead (one run, one
+concurrency) and reports each minute on its own: sagas ended per second, p50 and p99 of the
+sagas that ended in it, and how many of them waited out a step deadline (a `StepTimedOut` in
+their history: a command re-sent because no reply came in time). A last minute shorter than 60
+s is reported as partial, over its own length; the comparison of the last minute with the first
+uses full minutes only. Sagas still in flight at the end are waited for but not counted.
 """
 
 from __future__ import annotations
@@ -22,8 +30,9 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
@@ -50,10 +59,20 @@ class RunResult:
     p99_ms: float
     invariants_ok: bool
     stuck: int = 0
+    # Each saga that ended: (transfer id, wall-clock end, latency ms); and the wall-clock start.
+    ended: list[tuple[str, float, float]] = field(default_factory=list)
+    started_at: float = 0.0
+
+
+def _sustained_status(i: int, minute: list[float], length_s: float) -> str:
+    return (f"  minute {i + 1}: {len(minute) / length_s:.1f} sagas/s, "
+            f"p50 {percentile(minute, 50):.1f} ms, p99 {percentile(minute, 99):.1f} ms")
 
 
 async def run_once(settings: Settings, engine, concurrency: int, transfers: int,
-                   run_id: str) -> RunResult:
+                   run_id: str, duration_s: float | None = None) -> RunResult:
+    """K = `transfers` sagas with C in flight; or, with `duration_s`, C in flight for that long
+    (no new request after it; those in flight then are waited for)."""
     from steps.ledger import open_account
 
     accounts = [f"b{run_id}-{i}" for i in range(ACCOUNTS)]
@@ -65,14 +84,20 @@ async def run_once(settings: Settings, engine, concurrency: int, transfers: int,
     topic = settings.topic(TOPIC_TRANSFER_COMMANDS)
     sent_at: dict[str, float] = {}  # wall-clock seconds, comparable with the database's clock
     latencies: list[float] = []
+    ended: list[tuple[str, float, float]] = []
     done = asyncio.Event()
     loop = asyncio.get_running_loop()
     next_index = 0
+    started_at = time.time()
 
-    def publish_next() -> None:
+    def publish_next() -> bool:
+        """Publish the next request, if the run wants one; whether it did."""
         nonlocal next_index
-        if next_index >= transfers:
-            return
+        if duration_s is not None:
+            if time.time() - started_at >= duration_s:
+                return False
+        elif next_index >= transfers:
+            return False
         i = next_index
         next_index += 1
         transfer_id = str(uuid.uuid4())
@@ -82,16 +107,16 @@ async def run_once(settings: Settings, engine, concurrency: int, transfers: int,
         sent_at[transfer_id] = time.time()
         producer.produce(topic, value=json.dumps(body).encode(), key=transfer_id.encode())
         producer.poll(0)
+        return True
 
     def finished(transfer_id: str, at: float) -> None:
         started = sent_at.pop(transfer_id, None)
         if started is None:
             return
         latencies.append((at - started) * 1000)
-        if len(latencies) == transfers:
+        ended.append((transfer_id, at, latencies[-1]))
+        if not publish_next() and not sent_at:
             loop.call_soon(done.set)
-        else:
-            publish_next()
 
     def on_terminal(_conn, _pid, _channel, transfer_id: str) -> None:
         finished(transfer_id, time.time())
@@ -116,8 +141,10 @@ async def run_once(settings: Settings, engine, concurrency: int, transfers: int,
         raw = (await conn.get_raw_connection()).driver_connection
         await raw.add_listener(TERMINAL_CHANNEL, on_terminal)
         started = time.perf_counter()
+        started_at = time.time()
         for _ in range(concurrency):
             publish_next()
+        reported = 0  # sustained: full minutes already shown on stderr
         producer.flush(5)
         # Keep the producer's delivery reports moving while we wait; a run that makes no
         # progress for 30 s is reported with its stuck sagas rather than waited on for ever.
@@ -130,6 +157,11 @@ async def run_once(settings: Settings, engine, concurrency: int, transfers: int,
             if time.perf_counter() - last_sweep > 1.0:
                 missed += await sweep_missed()
                 last_sweep = time.perf_counter()
+            if duration_s is not None and time.time() - started_at >= 60 * (reported + 1):
+                minute = [ms for _, at, ms in ended
+                          if 60 * reported <= at - started_at < 60 * (reported + 1)]
+                print(_sustained_status(reported, minute, 60.0), file=sys.stderr, flush=True)
+                reported += 1
             if len(latencies) != last_count:
                 last_progress, last_count = time.perf_counter(), len(latencies)
             elif time.perf_counter() - last_progress > 30:
@@ -144,9 +176,83 @@ async def run_once(settings: Settings, engine, concurrency: int, transfers: int,
     report = await check(engine)
     for failure in report.failures():
         print(f"  VIOLATION {failure.invariant} {failure.name}: {failure.detail}", file=sys.stderr)
-    return RunResult(concurrency, transfers, elapsed, len(latencies) / elapsed,
-                     percentile(latencies, 50), percentile(latencies, 99), report.ok,
-                     stuck=len(sent_at))
+    published = transfers if duration_s is None else len(latencies) + len(sent_at)
+    return RunResult(concurrency, published, elapsed,
+                     len(latencies) / elapsed, percentile(latencies, 50),
+                     percentile(latencies, 99), report.ok, stuck=len(sent_at), ended=ended,
+                     started_at=started_at)
+
+
+async def sagas_with_deadline_waits(engine, transfer_ids: list[str]) -> set[str]:
+    """The transfers whose saga waited out a step deadline at least once (re-sent or gave up)."""
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text(
+            "SELECT DISTINCT s.transfer_id FROM sagas s JOIN saga_events e USING (saga_id)"
+            " WHERE e.type = 'StepTimedOut' AND s.transfer_id = ANY(CAST(:ids AS uuid[]))"),
+            {"ids": transfer_ids})).scalars().all()
+    return {str(t) for t in rows}
+
+
+def minutes_of(ended: list[tuple[str, float, float]], started_at: float, duration_s: float,
+               waited: set[str]) -> dict[str, Any]:
+    """The sustained report from each ended saga (transfer id, wall-clock end, latency ms):
+    one entry per minute of the window by end time, the last one partial if the window is not
+    a whole number of minutes; sagas that ended after the window are counted apart."""
+    minutes = []
+    for i in range(int(-(-duration_s // 60))):
+        length = min(60.0, duration_s - 60 * i)
+        mine = [(t, ms) for t, at, ms in ended
+                if 60 * i <= at - started_at < min(60 * (i + 1), duration_s)]
+        latencies = [ms for _, ms in mine]
+        minutes.append({
+            "minute": i + 1, "duration_s": round(length, 1), "partial": length < 60,
+            "sagas": len(mine), "sagas_per_s": round(len(mine) / length, 1),
+            "p50_ms": round(percentile(latencies, 50), 1),
+            "p99_ms": round(percentile(latencies, 99), 1),
+            "deadline_waits": sum(t in waited for t, _ in mine),
+        })
+    full = [m for m in minutes if not m["partial"]]
+    change_pct = None
+    if len(full) >= 2 and full[0]["sagas_per_s"]:
+        change_pct = round(100 * (full[-1]["sagas_per_s"] / full[0]["sagas_per_s"] - 1), 1)
+    return {
+        "sustain_s": duration_s, "minutes": minutes,
+        # The last full minute against the first, in sagas/s (None: fewer than two full minutes).
+        "last_vs_first_pct": change_pct,
+        "last_within_10pct_of_first": None if change_pct is None else abs(change_pct) <= 10,
+        "deadline_waits": sum(m["deadline_waits"] for m in minutes),
+        "drained_after_window": sum(1 for _, at, _ in ended if at - started_at >= duration_s),
+    }
+
+
+async def sustained(settings: Settings, engine, concurrency: int, duration_s: float
+                    ) -> dict[str, Any]:
+    """One run of `duration_s` at `concurrency`, reported minute by minute (see the module)."""
+    result = await run_once(settings, engine, concurrency, 0, f"s{concurrency}",
+                            duration_s=duration_s)
+    waited = await sagas_with_deadline_waits(engine, [t for t, _, _ in result.ended])
+    return {"concurrency": concurrency,
+            **minutes_of(result.ended, result.started_at, duration_s, waited),
+            "invariants_ok": result.invariants_ok, "stuck": result.stuck}
+
+
+def render_sustained(data: dict[str, Any]) -> str:
+    lines = [f"\nsustained: concurrency {data['concurrency']} for {data['sustain_s']:g} s",
+             f"{'minute':>7} {'sagas/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'deadline waits':>15}"]
+    for m in data["minutes"]:
+        partial = f"  (partial: {m['duration_s']:g} s)" if m["partial"] else ""
+        lines.append(f"{m['minute']:>7} {m['sagas_per_s']:>9} {m['p50_ms']:>8} "
+                     f"{m['p99_ms']:>8} {m['deadline_waits']:>15}{partial}")
+    within = data["last_within_10pct_of_first"]
+    if within is None:
+        lines.append("last minute against the first: not judged (fewer than two full minutes)")
+    else:
+        lines.append(f"last full minute within 10% of the first: {'yes' if within else 'NO'} "
+                     f"({data['last_vs_first_pct']:+.1f}% sagas/s)")
+    lines.append(f"invariants {'ok' if data['invariants_ok'] else 'VIOLATED'}, "
+                 f"stuck {data['stuck']}, {data['drained_after_window']} sagas ended after "
+                 "the window (not counted)")
+    return "\n".join(lines)
 
 
 def kafka_round_trip_ms(settings: Settings, samples: int = 200) -> float:
@@ -207,8 +313,16 @@ async def main() -> None:
     parser.add_argument("--low-transfers", type=int, default=100,
                         help="transfers per run at concurrency 1")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 200])
+    parser.add_argument("--sustain-s", type=float, default=None, metavar="N",
+                        help="instead of --runs: keep --concurrency (one value) sagas in flight"
+                             " for N seconds and report each minute")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.sustain_s is not None:
+        if args.sustain_s <= 0:
+            parser.error("--sustain-s must be positive")
+        if "--concurrency" not in sys.argv[1:] or len(args.concurrency) != 1:
+            parser.error("--sustain-s takes exactly one --concurrency value")
 
     with EmbeddedStack() as stack:
         settings = settings_for(stack, Settings(topic_prefix="bench."))
@@ -218,6 +332,13 @@ async def main() -> None:
         workers.start()
         try:
             await workers.wait_ready(engine)
+            if args.sustain_s is not None:
+                [concurrency] = args.concurrency
+                # One unmeasured warm-up run, as for --runs (connection pools, plan caches).
+                await run_once(settings, engine, concurrency, 100, f"warm{concurrency}")
+                data = await sustained(settings, engine, concurrency, args.sustain_s)
+                print(json.dumps(data) if args.json else render_sustained(data))
+                return
             rows = []
             for concurrency in args.concurrency:
                 transfers = args.low_transfers if concurrency == 1 else args.transfers

@@ -9,25 +9,39 @@
     I3 termination: no saga in flight (only a violation when `expect_quiescent`).
     I4 the event log is gapless per saga (seq 1..n), protected by its append-only triggers, and
        folding each saga's events reproduces its projection.
-    I5 every consumed message has a verdict; dead letters are counted.
+    I5 every consumed message has a verdict; every transfer request the orchestrator recorded
+       as consumed (its inbox rows for the commands topic) led to a saga or a dead letter;
+       dead letters are counted.
     I6 no outbox row left unpublished (older than `outbox_grace_s`). A row the broker refused
        for good and the relay set aside is accounted for, not left: it is reported as a
        *finding* (listed, for an operator) instead of a violation.
     I7 no customer balance or available balance below zero; every entry belongs to a known saga.
+    I8 (`check_topic`, from the broker's side) every request on the commands topic led to a saga
+       or a dead letter: nothing the broker acknowledged was skipped.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from uuid import UUID, uuid4
 
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from orchestrator.bus import Consumed
 from orchestrator.core import SagaState, fold
+from orchestrator.errors import BusError, ConfigurationError
 from orchestrator.store import parse_event, set_aside_outbox
+from orchestrator.worker import CONSUMER, REDRIVE_HEADER, message_id_of
+from schemas import TOPIC_TRANSFER_COMMANDS
 from steps.ledger import ACCOUNT_VIEW_SQL
 
 
@@ -117,6 +131,44 @@ WHERE s.status IN ('COMPLETED', 'COMPENSATED', 'REJECTED')
 """
 
 
+# A dead letter's message id, computed in SQL from what the row keeps (the original bytes and
+# headers) exactly as `orchestrator.worker.message_id_of` computes it from the record: sha256 of
+# the value, plus the first redrive header's value when there is a non-empty one. Written out
+# here rather than stored, so that a dead letter is tied to its inbox row by its content, never
+# by broker coordinates (a memory broker that restarts hands out the same offsets again).
+_LETTER_MESSAGE_ID = """
+'sha256:' || encode(sha256(d.payload || coalesce(
+    '\\x00'::bytea || convert_to('redrive:', 'UTF8') || (
+        SELECT nullif(decode(h.value->>1, 'base64'), ''::bytea)
+        FROM jsonb_array_elements(d.headers) WITH ORDINALITY AS h(value, n)
+        WHERE h.value->>0 = :redrive_header ORDER BY h.n LIMIT 1),
+    ''::bytea)), 'hex')
+"""
+
+# The dead letters of the commands topic (any topic prefix: the name ends with the topic's) by
+# message id, each hashed once (MATERIALIZED: joined by hash, not recomputed per inbox row).
+_COMMAND_LETTERS = f"""
+letters AS MATERIALIZED (
+    SELECT d.original_topic AS topic, {_LETTER_MESSAGE_ID} AS message_id FROM dead_letters d
+    WHERE right(d.original_topic, length(:commands)) = :commands)
+"""
+
+# The orchestrator's inbox rows for the commands topic that led neither to a saga nor to a
+# dead letter of the same message. Every path of the orchestrator writes the inbox row in the
+# transaction that writes the saga's events or the dead letter, so one of the two must exist
+# whatever the verdict.
+_REQUESTS_WITHOUT_OUTCOME = f"""
+WITH {_COMMAND_LETTERS}
+SELECT i.message_id, i.topic, i.partition, i."offset", i.verdict, i.saga_id
+FROM inbox i
+WHERE i.consumer = :consumer AND right(i.topic, length(:commands)) = :commands
+  AND NOT EXISTS (SELECT 1 FROM sagas s WHERE s.saga_id = i.saga_id)
+  AND NOT EXISTS (SELECT 1 FROM letters l
+                  WHERE l.topic = i.topic AND l.message_id = i.message_id)
+ORDER BY i.received_at
+"""
+
+
 async def check(engine: AsyncEngine, expect_quiescent: bool = False,
                 outbox_grace_s: float = 5.0) -> Report:
     report = Report()
@@ -200,6 +252,15 @@ async def check(engine: AsyncEngine, expect_quiescent: bool = False,
         unaccounted = await _rows(conn, "SELECT message_id FROM inbox WHERE verdict = ''")
         add(Check("I5", "every consumed message has a verdict", not unaccounted,
                   _sample(unaccounted)))
+        report.counts["requests_consumed"] = (await conn.execute(text(
+            "SELECT count(*) FROM inbox WHERE consumer = :consumer"
+            " AND right(topic, length(:commands)) = :commands"),
+            {"consumer": CONSUMER, "commands": TOPIC_TRANSFER_COMMANDS})).scalar_one()
+        lost = await _rows(conn, _REQUESTS_WITHOUT_OUTCOME, consumer=CONSUMER,
+                           commands=TOPIC_TRANSFER_COMMANDS, redrive_header=REDRIVE_HEADER)
+        report.counts["requests_without_outcome"] = len(lost)
+        add(Check("I5", "every consumed request led to a saga or a dead letter", not lost,
+                  _sample(lost)))
 
         # I6
         unpublished = await _rows(conn, (
@@ -260,3 +321,212 @@ async def replay_mismatches(conn: AsyncConnection) -> list[str]:
     if current is not None:
         compare()
     return mismatched
+
+
+# --- I8 against the broker: `saga check --against-topic` -------------------------------------
+
+# Records per database lookup while reading the commands topic: memory stays flat on any log.
+_TOPIC_CHUNK = 5000
+# How many missing records the report names (the count is always complete).
+_TOPIC_SAMPLE = 20
+# The reader gives up when the broker returns nothing, and not every partition has reached its
+# end, for this long: a broker that stopped answering, not an empty topic.
+_TOPIC_STALL_S = 30.0
+
+
+@dataclass(frozen=True)
+class TopicRecord:
+    """What the topic check keeps of one record of the commands topic."""
+
+    partition: int
+    offset: int
+    timestamp_ms: int | None
+    message_id: str
+    transfer_id: str | None
+
+
+@dataclass(frozen=True)
+class Missing:
+    partition: int
+    offset: int
+    transfer_id: str | None
+    message_id: str
+    # True: the orchestrator recorded it in its inbox, and that led nowhere (a bug: I5 flags it
+    # too). False: the orchestrator never read it (skipped, or published while nothing ran).
+    consumed: bool
+
+
+@dataclass
+class TopicReport:
+    topic: str
+    records: int = 0
+    missing: int = 0
+    # Younger than the grace: the orchestrator may simply not have read them yet.
+    too_recent: int = 0
+    # Never read, but their transfer has a saga from another copy of the request (different
+    # bytes, same transfer id): the transfer is not lost, this record was not read.
+    unread_transfer_known: int = 0
+    sample: list[Missing] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.missing == 0
+
+    def check(self) -> Check:
+        detail = (f"{self.missing} of {self.records} records: " + "; ".join(
+            f"partition {m.partition} offset {m.offset} transfer {m.transfer_id or '-'}"
+            f"{'' if m.consumed else ' (never read)'}" for m in self.sample[:5])
+            + (f" (+{self.missing - 5} more)" if self.missing > 5 else "")) if self.missing else ""
+        return Check("I8", f"every request on {self.topic} led to a saga or a dead letter",
+                     self.ok, detail)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"topic": self.topic, "records": self.records, "missing": self.missing,
+                "too_recent": self.too_recent, "unread_transfer_known": self.unread_transfer_known,
+                "missing_sample": [asdict(m) for m in self.sample]}
+
+
+def _transfer_id_of(value: bytes) -> str | None:
+    """The request's transfer id if it has a well-formed one; None for anything undecodable."""
+    try:
+        body = json.loads(value)
+        return str(UUID(str(body["transfer_id"]))) if isinstance(body, dict) else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class TopicReader:
+    """Reads one topic from its earliest offset to its current end, without a consumer group:
+    partitions are assigned, never subscribed, and no offset is ever committed, so the check
+    moves no worker's position. The end is where the broker says each partition ends (a
+    partition-EOF event), not the high watermark alone: tansu has reported watermarks below
+    records it still served."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.topic = topic
+        self._consumer = Consumer({
+            "bootstrap.servers": bootstrap, "group.id": f"saga-check-{uuid4()}",
+            "enable.auto.commit": False, "enable.auto.offset.store": False,
+            "enable.partition.eof": True, "auto.offset.reset": "earliest",
+            "fetch.wait.max.ms": 100})
+        metadata = self._consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if metadata is None or metadata.error is not None or not metadata.partitions:
+            self._consumer.close()
+            raise ConfigurationError(
+                f"the broker at {bootstrap} has no topic {topic} (is SAGA_TOPIC_PREFIX right?"
+                " a broker that lost its memory has lost the topic too)")
+        self.partitions = sorted(metadata.partitions)
+        self._at_end: set[int] = set()
+        self._consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING)
+                               for p in self.partitions])
+
+    def estimate(self) -> int:
+        """About how many records there are, from the watermarks (for progress only)."""
+        total = 0
+        for partition in self.partitions:
+            with contextlib.suppress(KafkaException):
+                low, high = self._consumer.get_watermark_offsets(
+                    TopicPartition(self.topic, partition), timeout=5)
+                total += max(0, high - low)
+        return total
+
+    @property
+    def done(self) -> bool:
+        return self._at_end >= set(self.partitions)
+
+    def read(self, limit: int) -> list[TopicRecord]:
+        """Up to `limit` records; an empty list once every partition has reached its end."""
+        records: list[TopicRecord] = []
+        quiet_since = time.monotonic()
+        while len(records) < limit:
+            message = self._consumer.poll(0.2 if self.done else 1.0)
+            if message is None:
+                if self.done:
+                    break  # at the end everywhere, and nothing more came: the current end
+                if time.monotonic() - quiet_since > _TOPIC_STALL_S:
+                    behind = sorted(set(self.partitions) - self._at_end)
+                    raise BusError(
+                        f"reading {self.topic}: partitions {behind} returned nothing for"
+                        f" {_TOPIC_STALL_S:g} s without reaching their end")
+                continue
+            quiet_since = time.monotonic()
+            error = message.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    self._at_end.add(message.partition() or 0)
+                    continue
+                raise BusError(f"reading {self.topic}: {error}")
+            self._at_end.discard(message.partition() or 0)
+            consumed = Consumed.from_confluent(message)
+            records.append(TopicRecord(consumed.partition, consumed.offset,
+                                       consumed.timestamp_ms, message_id_of(consumed),
+                                       _transfer_id_of(consumed.value)))
+            if self.done:
+                break
+        return records
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+async def _judge(conn: AsyncConnection, records: list[TopicRecord], report: TopicReport) -> None:
+    """Find which of `records` the orchestrator consumed and what that led to (the same rule
+    as I5 above), and, for those it never read, whether their transfer has a saga anyway."""
+    outcomes = {row.message_id: row.led for row in await _rows(conn, f"""
+        WITH {_COMMAND_LETTERS}
+        SELECT i.message_id,
+               EXISTS (SELECT 1 FROM sagas s WHERE s.saga_id = i.saga_id)
+               OR EXISTS (SELECT 1 FROM letters l WHERE l.topic = i.topic
+                          AND l.message_id = i.message_id) AS led
+        FROM inbox i WHERE i.consumer = :consumer AND i.message_id = ANY(:ids)""",
+        consumer=CONSUMER, ids=sorted({r.message_id for r in records}),
+        commands=TOPIC_TRANSFER_COMMANDS, redrive_header=REDRIVE_HEADER)}
+    unread = [r for r in records if r.message_id not in outcomes]
+    known = {str(t) for t in (await conn.execute(text(
+        "SELECT transfer_id FROM sagas WHERE transfer_id = ANY(CAST(:ids AS uuid[]))"),
+        {"ids": sorted({r.transfer_id for r in unread if r.transfer_id})})).scalars()}
+    for r in records:
+        consumed = r.message_id in outcomes
+        if consumed and outcomes[r.message_id]:
+            continue
+        if not consumed and r.transfer_id in known:
+            report.unread_transfer_known += 1
+            continue
+        report.missing += 1
+        if len(report.sample) < _TOPIC_SAMPLE:
+            report.sample.append(Missing(r.partition, r.offset, r.transfer_id, r.message_id,
+                                         consumed))
+
+
+async def check_topic(engine: AsyncEngine, bootstrap: str, topic: str, grace_s: float = 10.0,
+                      progress: Callable[[int, int], None] | None = None) -> TopicReport:
+    """I8 from the broker's side: every request on the commands topic `topic`, from its earliest
+    offset to its current end, led to a saga or a dead letter.
+
+    A record is identified as the orchestrator identifies it, by its message id (the SHA-256 of
+    its bytes and redrive id, `message_id_of`): that is the only identity an undecodable record
+    has, and it says whether *this* record was read, where a transfer id would take a never-read
+    conflicting re-send for its original. A record never read whose transfer has a saga anyway
+    (another copy was read) is counted apart, not as missing. Records younger than `grace_s`
+    are counted as too recent: the orchestrator may not have reached them yet. `progress` is
+    called with (records read, estimated total) every few seconds."""
+    report = TopicReport(topic)
+    cutoff_ms = (time.time() - grace_s) * 1000
+    reader = await asyncio.to_thread(TopicReader, bootstrap, topic)
+    try:
+        estimate = await asyncio.to_thread(reader.estimate)
+        last_progress = time.monotonic()
+        while records := await asyncio.to_thread(reader.read, _TOPIC_CHUNK):
+            report.records += len(records)
+            judged = [r for r in records
+                      if r.timestamp_ms is None or r.timestamp_ms <= cutoff_ms]
+            report.too_recent += len(records) - len(judged)
+            if judged:
+                async with engine.connect() as conn:
+                    await _judge(conn, judged, report)
+            if progress is not None and time.monotonic() - last_progress >= 2.0:
+                progress(report.records, max(estimate, report.records))
+                last_progress = time.monotonic()
+    finally:
+        await asyncio.to_thread(reader.close)
+    return report

@@ -80,7 +80,8 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from orchestrator.demo import render_summary, run_demo
 
     summary = await run_demo(settings, args.transfers, args.timeout, args.json, args.seed,
-                             args.keep, chaos=args.chaos, chaos_s=args.chaos_seconds)
+                             args.keep, chaos=args.chaos, chaos_s=args.chaos_seconds,
+                             chaos_broker=args.chaos_broker)
     if args.json:
         compact = {k: v for k, v in summary.items() if k != "example_timeline"}
         print(json.dumps(compact, default=str))
@@ -192,11 +193,27 @@ async def cmd_stuck(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
-    from orchestrator.checker import check
+    from orchestrator.checker import check, check_topic
+    from schemas import TOPIC_TRANSFER_COMMANDS
 
+    if args.against_topic and not settings.kafka_bootstrap:
+        raise ConfigurationError("--against-topic reads the commands topic: set "
+                                 "SAGA_KAFKA_BOOTSTRAP (and SAGA_TOPIC_PREFIX, if any)")
     engine = _engine(settings)
     try:
         report = await check(engine, expect_quiescent=args.quiescent)
+        data = report.to_json()
+        if args.against_topic:
+            assert settings.kafka_bootstrap
+
+            def progress(read: int, total: int) -> None:
+                print(f"  read {read} of about {total} records", file=sys.stderr, flush=True)
+
+            topic = await check_topic(engine, settings.kafka_bootstrap,
+                                      settings.topic(TOPIC_TRANSFER_COMMANDS), args.grace,
+                                      progress)
+            report.checks.append(topic.check())
+            data = {**report.to_json(), "topic": topic.to_json()}
     finally:
         await engine.dispose()
 
@@ -210,9 +227,19 @@ async def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
             lines += [f"            outbox {row['outbox_id']} {row['topic']} attempts="
                       f"{row['attempts']}: {row['last_error']}" for row in finding["items"][:10]]
         lines.append("counts: " + ", ".join(f"{k}={v}" for k, v in sorted(data["counts"].items())))
+        if "topic" in data:
+            t = data["topic"]
+            lines.append(f"topic {t['topic']}: {t['records']} records read, {t['missing']} with "
+                         f"neither a saga nor a dead letter, {t['too_recent']} too recent to "
+                         f"judge, {t['unread_transfer_known']} never read but their transfer "
+                         "has a saga")
+            lines += [f"  missing  partition {m['partition']} offset {m['offset']} transfer "
+                      f"{m['transfer_id'] or '- (undecodable)'} "
+                      f"{'consumed, led nowhere' if m['consumed'] else 'never read'}"
+                      for m in t["missing_sample"]]
         return "\n".join(lines)
 
-    _print(report.to_json(), args.json, render)
+    _print(data, args.json, render)
     return 0 if report.ok else 1
 
 
@@ -366,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="SIGKILL and restart random workers while the demo runs")
     demo.add_argument("--chaos-seconds", type=float, default=20.0,
                       help="with --chaos: how long to publish and kill for")
+    demo.add_argument("--chaos-broker", action="store_true",
+                      help="with --chaos, on the embedded stack: also SIGKILL the broker once "
+                           "mid-run and restart it on its port 2 s later (memory lost)")
     demo.add_argument("--json", action="store_true")
     demo.set_defaults(run=cmd_demo)
 
@@ -398,9 +428,16 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.set_defaults(run=cmd_stuck)
 
-    ck = sub.add_parser("check", help="check the invariants I1-I7; exit 1 on a violation")
+    ck = sub.add_parser("check", help="check the invariants I1-I7 (I8 with --against-topic); "
+                                        "exit 1 on a violation")
     ck.add_argument("--quiescent", action="store_true",
                     help="also require every saga terminal and the outbox empty")
+    ck.add_argument("--against-topic", action="store_true",
+                    help="also read the commands topic from its start and report every request "
+                         "there with neither a saga nor a dead letter (I8)")
+    ck.add_argument("--grace", type=float, default=10.0,
+                    help="with --against-topic: records younger than this many seconds are not "
+                         "judged yet (the orchestrator may not have read them)")
     ck.add_argument("--json", action="store_true")
     ck.set_defaults(run=cmd_check)
 

@@ -14,10 +14,11 @@ import json
 import random
 import statistics
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.checker import check
-from orchestrator.embedded import EmbeddedStack, settings_for
+from orchestrator.embedded import EmbeddedBroker, EmbeddedStack, settings_for
+from orchestrator.errors import ConfigurationError
 from orchestrator.processes import WorkerProcesses
 from orchestrator.queries import render_timeline, timeline
 from orchestrator.settings import Settings
@@ -37,6 +39,8 @@ from schemas import TOPIC_TRANSFER_COMMANDS
 SANCTIONED = "demo-sanctioned"
 # How long `--chaos` publishes (and kills) for, by default.
 CHAOS_SECONDS = 20.0
+# `--chaos-broker`: how long the killed broker stays down before it starts again on its port.
+BROKER_DOWN_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,24 @@ def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
+async def sagas_in_flight(engine: AsyncEngine, transfer_ids: list[str]) -> int:
+    """How many of these transfers' sagas are RUNNING or COMPENSATING now."""
+    async with engine.connect() as conn:
+        return int((await conn.execute(text(
+            "SELECT count(*) FROM sagas WHERE status IN ('RUNNING', 'COMPENSATING')"
+            " AND transfer_id = ANY(CAST(:ids AS uuid[]))"), {"ids": transfer_ids})).scalar_one())
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One fault the chaos demo caused, and how many sagas were in flight just before it."""
+
+    fault: str  # "worker" (SIGKILLed and restarted) or "broker" (SIGKILLed, restarted later)
+    target: str  # the worker's label, or the broker's address
+    at_s: float  # seconds since publishing began
+    sagas_in_flight: int
+
+
 @dataclass
 class ChaosMonkey:
     """`saga demo --chaos`: SIGKILL a random worker every 0.5-2 s and restart it at once, as
@@ -197,7 +219,11 @@ class ChaosMonkey:
 
     workers: WorkerProcesses
     rng: random.Random
+    engine: AsyncEngine
+    transfer_ids: list[str]
+    started: float = field(default_factory=time.monotonic)
     kills: list[str] = field(default_factory=list)
+    faults: list[Fault] = field(default_factory=list)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -206,9 +232,65 @@ class ChaosMonkey:
             if stop.is_set():
                 return
             label = self.rng.choice(sorted(self.workers.processes))
+            in_flight = await self._note("worker", label)
             await asyncio.to_thread(self.workers.restart, label)
             self.kills.append(label)
-            print(f"  chaos: SIGKILLed {label} and restarted it", file=sys.stderr, flush=True)
+            print(f"  chaos: SIGKILLed {label} and restarted it ({in_flight} sagas in flight)",
+                  file=sys.stderr, flush=True)
+
+    async def _note(self, fault: str, target: str) -> int:
+        in_flight = await sagas_in_flight(self.engine, self.transfer_ids)
+        self.faults.append(Fault(fault, target, round(time.monotonic() - self.started, 3),
+                                 in_flight))
+        return in_flight
+
+    async def crash_broker(self, crasher: BrokerCrasher, after_s: float) -> None:
+        """SIGKILL the broker `after_s` into the run; it starts again `BROKER_DOWN_S` later."""
+        await asyncio.sleep(after_s)
+        in_flight = await self._note("broker", crasher.broker.bootstrap)
+        print(f"  chaos: broker SIGKILLed ({in_flight} sagas in flight); it restarts on "
+              f"{crasher.broker.bootstrap} in {BROKER_DOWN_S:g} s, with nothing in memory",
+              file=sys.stderr, flush=True)
+        await crasher.crash(BROKER_DOWN_S)
+
+
+class BrokerCrasher:
+    """Kills and restarts the embedded broker from a thread of its own that lives until
+    `release`: the restarted broker gets the parent-death signal when the thread that started
+    it ends (see `EmbeddedBroker.restart`), so that thread must outlive the broker. Release it
+    only after the stack is stopped."""
+
+    def __init__(self, broker: EmbeddedBroker) -> None:
+        self.broker = broker
+        self._release = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    async def crash(self, down_s: float) -> None:
+        """Returns once the broker listens again (or raises why it could not start)."""
+        loop = asyncio.get_running_loop()
+        restarted = asyncio.Event()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.broker.restart(down_s=down_s, kill=True)
+            except BaseException as error:
+                errors.append(error)
+            finally:
+                loop.call_soon_threadsafe(restarted.set)
+            self._release.wait()
+
+        thread = threading.Thread(target=run, name="broker-crash", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+        await restarted.wait()
+        if errors:
+            raise errors[0]
+
+    def release(self) -> None:
+        self._release.set()
+        for thread in self._threads:
+            thread.join(5)
 
 
 async def _publish_paced(settings: Settings, payloads: list[tuple[bytes, bytes | None]],
@@ -224,8 +306,15 @@ async def _publish_paced(settings: Settings, payloads: list[tuple[bytes, bytes |
 
 async def run_demo(settings: Settings, transfers: int, timeout_s: float, as_json: bool,
                    seed_value: int | None = None, keep_files: bool = False,
-                   chaos: bool = False, chaos_s: float = CHAOS_SECONDS) -> dict[str, Any]:
+                   chaos: bool = False, chaos_s: float = CHAOS_SECONDS,
+                   chaos_broker: bool = False) -> dict[str, Any]:
     out = sys.stderr
+    if chaos_broker and not chaos:
+        raise ConfigurationError("--chaos-broker adds a broker crash to --chaos: give both")
+    if chaos_broker and not settings.embedded:
+        raise ConfigurationError(
+            "--chaos-broker kills and restarts the embedded broker, so it needs the embedded "
+            "stack: unset SAGA_DATABASE_URL and SAGA_KAFKA_BOOTSTRAP")
     rng = random.Random(seed_value)
     stack: EmbeddedStack | None = None
     if settings.embedded:
@@ -240,6 +329,7 @@ async def run_demo(settings: Settings, transfers: int, timeout_s: float, as_json
     engine = create_engine(settings.database_url)
     log_dir = (stack.root if stack else Path(".saga")) / "logs"
     workers = WorkerProcesses(settings, log_dir)
+    crasher = BrokerCrasher(stack.broker) if stack is not None and chaos_broker else None
     try:
         await migrate(engine)
         print("starting workers:", ", ".join(workers.kinds), file=out)
@@ -268,17 +358,21 @@ async def run_demo(settings: Settings, transfers: int, timeout_s: float, as_json
                    for p in duplicates] + [(c, None) for c in conflict_payloads]
         monkey: ChaosMonkey | None = None
         if chaos:
-            monkey = ChaosMonkey(workers, rng)
+            monkey = ChaosMonkey(workers, rng, engine, transfer_ids)
             calm = asyncio.Event()
-            chaos_task = asyncio.create_task(monkey.run(calm))
+            chaos_tasks = [asyncio.create_task(monkey.run(calm))]
             print("chaos: killing and restarting a random worker every 0.5-2 s while "
-                  "publishing", file=out)
+                  "publishing" + (", and the broker once" if crasher else ""), file=out)
+            if crasher is not None:
+                # Mid-run, so that requests are published before, during and after the outage.
+                chaos_tasks.append(asyncio.create_task(
+                    monkey.crash_broker(crasher, rng.uniform(0.3, 0.5) * chaos_s)))
             try:
                 await _publish_paced(settings, requests + resends, duration_s=chaos_s)
             finally:
                 calm.set()
-                await chaos_task
-            print(f"chaos over after {len(monkey.kills)} kills; waiting for every transfer",
+                await asyncio.gather(*chaos_tasks)
+            print(f"chaos over after {len(monkey.faults)} faults; waiting for every transfer",
                   file=out)
         else:
             await asyncio.to_thread(publish, settings, requests)
@@ -317,6 +411,8 @@ async def run_demo(settings: Settings, transfers: int, timeout_s: float, as_json
             "rejected": counts.get("rejected", 0),
             "failed": counts.get("failed", 0),
             "stuck": transfers - terminal,
+            # Of those, the sagas still in flight; the rest have no saga or dead letter at all.
+            "stuck_in_flight": await sagas_in_flight(engine, transfer_ids),
             "money_conserved": report.money_conserved,
             "duplicate_effects": report.duplicate_effects,
             "invariants_ok": report.ok,
@@ -332,6 +428,8 @@ async def run_demo(settings: Settings, transfers: int, timeout_s: float, as_json
         if monkey is not None:
             summary["chaos_kills"] = len(monkey.kills)
             summary["chaos_killed"] = dict(sorted(Counter(monkey.kills).items()))
+            summary["chaos_broker_crashes"] = sum(f.fault == "broker" for f in monkey.faults)
+            summary["chaos_faults"] = [asdict(f) for f in monkey.faults]
         compensated = await _pick_compensated(engine, transfer_ids)
         summary["example_compensated_saga"] = compensated and str(compensated)
         if compensated:
@@ -342,6 +440,8 @@ async def run_demo(settings: Settings, transfers: int, timeout_s: float, as_json
         await engine.dispose()
         if stack is not None:
             stack.stop()
+            if crasher is not None:
+                crasher.release()  # only now: the restarted broker is stopped
             if keep_files:
                 print(f"kept the embedded stack's files and worker logs in {stack.root}",
                       file=out)
@@ -350,10 +450,14 @@ async def run_demo(settings: Settings, transfers: int, timeout_s: float, as_json
 def render_summary(summary: dict[str, Any]) -> str:
     lines = ["", "demo summary"]
     keys = ["transfers", "completed", "compensated", "rejected", "failed", "stuck",
-            "money_conserved", "duplicate_effects", "exact_resends", "conflicting_resends",
-            "dead_letters", "elapsed_s", "sagas_per_s", "p50_ms", "p99_ms", "chaos_kills",
-            "chaos_killed"]
+            "stuck_in_flight", "money_conserved", "duplicate_effects", "exact_resends",
+            "conflicting_resends", "dead_letters", "elapsed_s", "sagas_per_s", "p50_ms",
+            "p99_ms", "chaos_kills", "chaos_killed", "chaos_broker_crashes"]
     lines += [f"  {key:<20} {summary[key]}" for key in keys if key in summary]
+    if summary.get("chaos_faults"):
+        lines.append("  faults, and the sagas in flight at each:")
+        lines += [f"    {f['at_s']:>7.2f} s  {f['fault']:<6} {f['target']:<24} "
+                  f"{f['sagas_in_flight']} in flight" for f in summary["chaos_faults"]]
     for violation in summary["violations"]:
         lines.append(f"  VIOLATION {violation}")
     if summary.get("example_timeline"):

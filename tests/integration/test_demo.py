@@ -7,13 +7,19 @@ import asyncio
 import json
 import os
 import random
+import re
 import subprocess
 import sys
+import uuid
 from collections import Counter
+from datetime import UTC, datetime
 
 import pytest
+from sqlalchemy import text
 
-from orchestrator.demo import plan_transfers
+from orchestrator.demo import plan_transfers, sagas_in_flight
+from tests.integration.conftest import Isolated
+from tests.integration.test_cli import _start_saga_at
 
 pytestmark = pytest.mark.integration
 
@@ -86,6 +92,18 @@ async def test_chaos_demo_kills_workers_and_still_ends_clean() -> None:
     assert summary["chaos_kills"] >= 3, summary
     assert sum(summary["chaos_killed"].values()) == summary["chaos_kills"]
     assert result.stderr.count("chaos: SIGKILLed") == summary["chaos_kills"]
+    # Each kill is a fault in the summary, in order, with the sagas in flight at that moment
+    # (the same count the kill's line on stderr gave); no broker crash without --chaos-broker.
+    faults = summary["chaos_faults"]
+    assert summary["chaos_broker_crashes"] == 0
+    assert [f["fault"] for f in faults] == ["worker"] * summary["chaos_kills"]
+    assert Counter(f["target"] for f in faults) == Counter(summary["chaos_killed"])
+    assert [f["at_s"] for f in faults] == sorted(f["at_s"] for f in faults)
+    assert all(0 <= f["sagas_in_flight"] <= TRANSFERS for f in faults)
+    told = [int(n) for n in re.findall(r"chaos: SIGKILLed \S+ and restarted it \((\d+) sagas "
+                                       r"in flight\)", result.stderr)]
+    assert told == [f["sagas_in_flight"] for f in faults]
+    assert summary["stuck_in_flight"] == 0
     assert (summary["money_conserved"], summary["duplicate_effects"], summary["stuck"]) == (
         True, 0, 0)
     assert summary["invariants_ok"] is True, summary["violations"]
@@ -93,3 +111,44 @@ async def test_chaos_demo_kills_workers_and_still_ends_clean() -> None:
     assert {k: summary[k] for k in ("completed", "compensated", "rejected", "failed")} == {
         "completed": expected["completed"], "compensated": expected["compensated"],
         "rejected": expected["rejected"], "failed": 0}
+
+
+def _demo(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", "demo", *args], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.parametrize(("args", "extra_env", "says"), [
+    (["--chaos-broker"], {}, "--chaos-broker adds a broker crash to --chaos"),
+    (["--chaos", "--chaos-broker"], {"SAGA_KAFKA_BOOTSTRAP": "127.0.0.1:1"},
+     "needs the embedded stack"),
+])
+async def test_chaos_broker_is_refused_before_anything_starts(
+        args: list[str], extra_env: dict[str, str], says: str) -> None:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("SAGA_DATABASE_URL", "SAGA_KAFKA_BOOTSTRAP")} | extra_env
+
+    result = await asyncio.to_thread(_demo, "-n", "5", "--json", *args, env=env)
+
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert says in result.stderr
+    assert result.stdout == ""
+    assert "starting" not in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_sagas_in_flight_counts_running_sagas_of_the_given_transfers(
+        isolated: Isolated) -> None:
+    running = await _start_saga_at(isolated, datetime.now(UTC))
+    other = await _start_saga_at(isolated, datetime.now(UTC))
+    async with isolated.engine.connect() as conn:
+        transfers = {row.saga_id: str(row.transfer_id) for row in await conn.execute(text(
+            "SELECT saga_id, transfer_id FROM sagas"))}
+    unknown = str(uuid.uuid4())
+
+    assert await sagas_in_flight(isolated.engine, [transfers[running], unknown]) == 1
+    assert await sagas_in_flight(isolated.engine, list(transfers.values())) == 2
+    async with isolated.engine.begin() as conn:
+        # As if the other one had ended: only the in-flight statuses count.
+        await conn.execute(text("UPDATE sagas SET status = 'COMPLETED' WHERE saga_id = :s"),
+                           {"s": other})
+    assert await sagas_in_flight(isolated.engine, list(transfers.values())) == 1

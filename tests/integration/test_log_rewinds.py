@@ -118,9 +118,10 @@ async def test_after_a_broker_crash_every_record_of_the_new_log_is_read(
         broker: EmbeddedBroker, stack_settings: Settings,
         caplog: pytest.LogCaptureFixture) -> None:
     """The broker is SIGKILLed right after a consumer committed 40 records and comes back 2 s
-    later with a log shorter than the consumer's position (tansu keeps nothing; noida keeps
-    only its last snapshot). Records published after the restart land at offsets the consumer
-    had passed; every one of them must still be read."""
+    later, with a log shorter than the consumer's position when it lost records (tansu keeps
+    nothing; noida keeps only its last snapshot). With no later publish, the consumer must
+    move back by itself; records published after the restart land at offsets it had passed,
+    and every one of them must still be read."""
     assert stack_settings.database_url
     settings = settings_for_broker(broker, stack_settings.database_url)
     topic, group = settings.topic("rewind"), f"rw-{uuid.uuid4().hex[:6]}"
@@ -138,20 +139,45 @@ async def test_after_a_broker_crash_every_record_of_the_new_log_is_read(
         broker.restart(down_s=2, kill=True)
         # What the recovery worker does after a restart: the topic as it was made.
         await asyncio.to_thread(create_topic, broker.bootstrap, topic)
+        kept = await asyncio.to_thread(records_on, broker.bootstrap, topic)
+        for _ in range(150):  # no publish yet: the consumer must notice by itself
+            if consumer_of(kafka).rewinds or kept == len(before):
+                break
+            await asyncio.sleep(0.2)
+        rewinds_before_publishing = consumer_of(kafka).rewinds
         after = [f"after-{i}".encode() for i in range(20)]
         await asyncio.to_thread(publish, broker.bootstrap, topic, after)
         missing = await collector.wait_for(set(after), 60)
-        for _ in range(150):  # the rewind is counted once the broker answers again
-            if consumer_of(kafka).rewinds:
-                break
-            await asyncio.sleep(0.2)
-        rewinds = consumer_of(kafka).rewinds
     finally:
         await kafka.stop()
     assert not missing, f"{len(missing)} records published after the restart were never read"
-    assert rewinds >= 1, "the consumer never noticed the lost broker"
-    assert any("reads" in r.getMessage() and "again" in r.getMessage()
-               for r in caplog.records), "a rewind is logged"
+    if kept < len(before):  # the broker lost records: the consumer had to move back
+        assert rewinds_before_publishing >= 1, (
+            f"the broker kept {kept} of {len(before)} records and the consumer never moved back")
+        assert any("reads" in r.getMessage() and "again" in r.getMessage()
+                   for r in caplog.records), "a rewind is logged"
+
+
+def records_on(bootstrap: str, topic: str) -> int:
+    """How many records the broker holds on `topic` (0 if it has no such topic), read to the
+    end rather than taken from watermarks, which tansu reports wrong."""
+    reader = Consumer({"bootstrap.servers": bootstrap, "group.id": f"n-{uuid.uuid4().hex}",
+                       "enable.auto.commit": False, "enable.partition.eof": True,
+                       "auto.offset.reset": "earliest"})
+    try:
+        reader.assign([TopicPartition(topic, 0), TopicPartition(topic, 1)])
+        count, ended, deadline = 0, set(), time.monotonic() + 10
+        while len(ended) < 2 and time.monotonic() < deadline:
+            message = reader.poll(0.2)
+            if message is None:
+                continue
+            if message.error() is not None:
+                ended.add(message.partition())
+            else:
+                count += 1
+        return count
+    finally:
+        reader.close()
 
 
 async def test_a_topic_created_again_under_a_running_consumer_is_read_from_its_start(
