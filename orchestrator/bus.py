@@ -42,6 +42,23 @@ from schemas import TOPIC_DEAD_LETTERS, TOPIC_REPLIES, TOPIC_TRANSFER_COMMANDS, 
 log = logging.getLogger(__name__)
 
 PARTICIPANTS = ("risk", "ledger", "notify")
+ORCHESTRATOR_GROUP = "saga-orchestrator"
+# Dead-letter records kept on the embedded broker's topic when its logs are trimmed (no worker
+# consumes that topic: every dead letter is in PostgreSQL, `saga dlq`).
+DEAD_LETTERS_KEPT = 10_000
+
+
+def participant_group(name: str) -> str:
+    return f"saga-participant-{name}"
+
+
+def consuming_groups(settings: Settings) -> dict[str, list[str]]:
+    """The consumer groups that read each topic: what they all committed may be trimmed."""
+    groups = {settings.topic(TOPIC_TRANSFER_COMMANDS): [ORCHESTRATOR_GROUP],
+              settings.topic(TOPIC_REPLIES): [ORCHESTRATOR_GROUP]}
+    for name in PARTICIPANTS:
+        groups[settings.topic(step_topic(name))] = [participant_group(name)]
+    return groups
 
 
 def all_topics(settings: Settings) -> list[str]:
@@ -70,6 +87,56 @@ def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> None:
 def listed_topics(admin: AdminClient, timeout_s: float) -> set[str]:
     """The names of the topics the broker has (raises KafkaException when it does not answer)."""
     return set(admin.list_topics(timeout=timeout_s).topics)
+
+
+def trim_committed(settings: Settings, keep_dead_letters: int = DEAD_LETTERS_KEPT,
+                   timeout_s: float = 10.0) -> int:
+    """Delete the records every consuming group has committed (DeleteRecords), and dead-letter
+    records beyond the newest `keep_dead_letters` per partition; returns how many went.
+
+    For a broker that holds its logs in memory or rewrites a snapshot of them (the embedded
+    noida): without it a long-running stack grows without bound. A record is never deleted
+    before every group that reads it committed past it, so nothing unread goes; a consumer
+    that reads a partition again after a broker loss starts from its committed offset, which
+    is at or past the new start of the log (ADR 0007)."""
+    assert settings.kafka_bootstrap
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    present = admin.list_topics(timeout=timeout_s).topics
+    reader = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "saga-trim",
+                       "enable.auto.commit": False})
+    targets: list[TopicPartition] = []
+    deleted = 0
+    try:
+        wanted = dict(consuming_groups(settings))
+        wanted[settings.topic(TOPIC_DEAD_LETTERS)] = []
+        for topic, groups in wanted.items():
+            if topic not in present:
+                continue
+            partitions = [TopicPartition(topic, p) for p in sorted(present[topic].partitions)]
+            upto: dict[int, int] = {}
+            for group in groups:
+                member = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
+                                   "group.id": group, "enable.auto.commit": False})
+                try:
+                    for tp in member.committed(partitions, timeout=timeout_s):
+                        # A group with no offset here holds everything back.
+                        offset = tp.offset if tp.error is None and tp.offset >= 0 else 0
+                        upto[tp.partition] = min(upto.get(tp.partition, offset), offset)
+                finally:
+                    member.close()
+            for tp in partitions:
+                low, high = reader.get_watermark_offsets(tp, timeout=timeout_s)
+                cut = upto.get(tp.partition, 0) if groups else high - keep_dead_letters
+                cut = min(cut, high)
+                if cut > low:
+                    targets.append(TopicPartition(topic, tp.partition, cut))
+                    deleted += cut - low
+    finally:
+        reader.close()
+    if targets:
+        for future in admin.delete_records(targets, request_timeout=timeout_s).values():
+            future.result(timeout_s + 5)
+    return deleted
 
 
 @dataclass(frozen=True)

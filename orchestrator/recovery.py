@@ -41,6 +41,7 @@ from orchestrator.bus import (
     encode_headers,
     ensure_topics,
     listed_topics,
+    trim_committed,
 )
 from orchestrator.core import (
     SagaState,
@@ -346,11 +347,30 @@ class RecoveryWorker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), every_s)
 
+    async def keep_logs_trimmed(self, stop: asyncio.Event, every_s: float = 30.0) -> None:
+        """With `kafka_trim_committed` (the embedded noida), delete what every consumer group
+        committed every `every_s`, so a long-running stack's logs and snapshots stay bounded
+        (`orchestrator.bus.trim_committed`)."""
+        while self.settings.kafka_trim_committed and not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), every_s)
+            if stop.is_set() or not self.broker_reachable:
+                continue
+            try:
+                deleted = await asyncio.to_thread(trim_committed, self.settings)
+                if deleted:
+                    log.info("trimmed %d records every consumer group had committed", deleted)
+            except Exception as error:
+                if (left_out := self._throttle.admit("trim")) is not None:
+                    log.warning("could not trim the broker's logs (%s); %d such lines left out",
+                                error, left_out)
+
     async def run(self, stop: asyncio.Event) -> None:
         """Scan for due sagas every `recovery_poll_s` (at once again after a full batch), and
-        sweep the outbox and keep the topics beside it, until `stop` is set."""
+        sweep the outbox, keep the topics and trim the logs beside it, until `stop` is set."""
         relay = asyncio.create_task(self.relay.run(stop), name="recovery-outbox-sweep")
         topics = asyncio.create_task(self.keep_topics(stop), name="recovery-topics")
+        trim = asyncio.create_task(self.keep_logs_trimmed(stop), name="recovery-trim")
         try:
             while not stop.is_set():
                 if not self.broker_reachable:
@@ -374,4 +394,5 @@ class RecoveryWorker:
         finally:
             await relay
             await topics
+            await trim
             await self.marker.close()

@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orchestrator.bus import ensure_topics, make_broker, subscribe_batches
+from orchestrator.bus import ORCHESTRATOR_GROUP, ensure_topics, make_broker, subscribe_batches
 from orchestrator.errors import ConfigurationError
 from orchestrator.producer import KafkaProducer
 from orchestrator.recovery import RecoveryWorker
 from orchestrator.relay import OutboxRelay
 from orchestrator.settings import Settings, worker_name
 from orchestrator.store import create_engine, migrate
-from orchestrator.worker import ORCHESTRATOR_GROUP, OrchestratorWorker
+from orchestrator.worker import OrchestratorWorker
 
 if TYPE_CHECKING:
     from steps.runtime import ParticipantWorker

@@ -57,7 +57,6 @@ from schemas import (
 
 log = logging.getLogger(__name__)
 
-ORCHESTRATOR_GROUP = "saga-orchestrator"
 CONSUMER = "orchestrator"
 _DEAD_LETTER_NAMESPACE = UUID("0b5e9b1e-2a7c-4c55-9e4f-6d0f3a8c1b22")
 REDRIVE_HEADER = "saga-redrive-id"

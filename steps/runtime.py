@@ -36,7 +36,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from orchestrator import store
-from orchestrator.bus import Consumed, encode_headers
+from orchestrator.bus import Consumed, encode_headers, participant_group
 from orchestrator.crash import crash_point, step_tags
 from orchestrator.errors import ConcurrencyConflict, SagaError
 from orchestrator.metrics import DEAD_LETTERS
@@ -142,7 +142,7 @@ class ParticipantWorker:
         self.participant = participant
         self.producer = producer
         self.topic = settings.topic(step_topic(participant.name))
-        self.group_id = f"saga-participant-{participant.name}"
+        self.group_id = participant_group(participant.name)
         self._write_statement = write_statement(participant.effects)
 
     async def handle_batch(self, batch: Sequence[Consumed]) -> None:

@@ -26,6 +26,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from orchestrator.bus import ORCHESTRATOR_GROUP
 from orchestrator.checker import check
 from orchestrator.demo import Planned, plan_transfers, seed
 from orchestrator.embedded import EmbeddedStack, settings_for
@@ -33,7 +34,6 @@ from orchestrator.processes import WorkerProcesses
 from orchestrator.queries import render_timeline, timeline
 from orchestrator.settings import Settings
 from orchestrator.store import create_engine, migrate
-from orchestrator.worker import ORCHESTRATOR_GROUP
 from schemas import TOPIC_REPLIES, TOPIC_TRANSFER_COMMANDS, step_topic
 
 LOG_ROOT = Path(tempfile.gettempdir()) / "saga-chaos-logs"

@@ -22,9 +22,18 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from faststream.confluent import KafkaBroker
 
-from orchestrator.bus import Consumed, DrainingConsumer, make_broker, subscribe_batches
+from orchestrator.bus import (
+    ORCHESTRATOR_GROUP,
+    Consumed,
+    DrainingConsumer,
+    ensure_topics,
+    make_broker,
+    subscribe_batches,
+    trim_committed,
+)
 from orchestrator.embedded import EmbeddedBroker
 from orchestrator.settings import Settings
+from schemas import TOPIC_DEAD_LETTERS, TOPIC_TRANSFER_COMMANDS
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -254,3 +263,44 @@ async def test_idle_freshly_assigned_consumers_keep_their_fetch_wait(
     assert idle.values == [], "the committed records were read again"
     assert wait_ms == 1, f"an idle consumer's fetch wait was widened to {wait_ms} ms"
     assert not [r for r in caplog.records if "rebuilding the consumer" in r.getMessage()]
+
+
+async def test_trimming_deletes_only_what_every_consuming_group_committed(
+        tmp_path: Path) -> None:
+    """The embedded noida's logs stay bounded: records every consuming group committed are
+    deleted, records not yet committed stay, and the dead-letter topic keeps its newest."""
+    broker = EmbeddedBroker(tmp_path, "noida")
+    broker.start()
+    try:
+        settings = Settings(kafka_bootstrap=broker.bootstrap, topic_partitions=2,
+                            topic_prefix=f"tr-{uuid.uuid4().hex[:6]}.")
+        await asyncio.to_thread(ensure_topics, settings)
+        commands = settings.topic(TOPIC_TRANSFER_COMMANDS)
+        dead_letters = settings.topic(TOPIC_DEAD_LETTERS)
+        await asyncio.to_thread(publish, broker.bootstrap, commands,
+                                [f"c-{i}".encode() for i in range(40)])
+        await asyncio.to_thread(publish, broker.bootstrap, dead_letters,
+                                [f"d-{i}".encode() for i in range(40)])
+        # The orchestrator's group committed 12 of partition 0's 20, nothing of partition 1.
+        member = Consumer({"bootstrap.servers": broker.bootstrap,
+                           "group.id": ORCHESTRATOR_GROUP, "enable.auto.commit": False})
+        member.commit(offsets=[TopicPartition(commands, 0, 12)], asynchronous=False)
+        member.close()
+
+        deleted = await asyncio.to_thread(trim_committed, settings, 5)
+
+        reader = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "tr-reader"})
+        try:
+            marks = {(topic, p): reader.get_watermark_offsets(TopicPartition(topic, p), 10)
+                     for topic in (commands, dead_letters) for p in (0, 1)}
+        finally:
+            reader.close()
+        again = await asyncio.to_thread(trim_committed, settings, 5)
+    finally:
+        broker.stop()
+    assert marks[(commands, 0)] == (12, 20)
+    assert marks[(commands, 1)] == (0, 20)  # nothing committed: nothing deleted
+    assert marks[(dead_letters, 0)] == (15, 20)
+    assert marks[(dead_letters, 1)] == (15, 20)
+    assert deleted == 12 + 15 + 15
+    assert again == 0
