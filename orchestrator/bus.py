@@ -398,8 +398,9 @@ class DrainingConsumer(AsyncConfluentConsumer):
             for tp in self.consumer.position(self.consumer.assignment()):
                 if tp.offset < 0:
                     continue  # nothing fetched yet: it starts from the committed offset
-                _low, high = self.consumer.get_watermark_offsets(tp, timeout=2)
-                if tp.offset > high:
+                # As the last fetch response told it: no request on the hot path.
+                _low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+                if 0 <= high < tp.offset:
                     shortened.append(tp)
             if not shortened:
                 return False
