@@ -269,3 +269,44 @@ async def test_a_wrong_running_total_is_a_violation(isolated: Isolated) -> None:
     result = await saga_cli(isolated.harness, "check", "--json")
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert [c["name"] for c in failing(json.loads(result.stdout))] == [VIEW_CHECK, CHAIN_CHECK]
+
+
+async def _blocks(conn: AsyncConnection, sql: str, params: dict[str, Any]) -> int:
+    """Buffers the query touched (hit or read), all plan nodes included: a measure of work that,
+    unlike time, does not depend on the machine's load."""
+    plan = (await conn.execute(text("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql),
+                               params)).scalar_one()
+    top = (json.loads(plan) if isinstance(plan, str) else plan)[0]["Plan"]
+    return int(top["Shared Hit Blocks"]) + int(top["Shared Read Blocks"])
+
+
+async def test_the_view_costs_the_same_whatever_the_history(isolated: Isolated) -> None:
+    from steps.ledger import ACCOUNT_VIEW_SQL, CUSTOMER_VIEW_SQL
+
+    db = isolated.engine
+    async with db.begin() as conn:
+        await open_account(conn, "hot", "EUR", Decimal("1000000.00"), Decimal("1000000.00"))
+        await open_account(conn, "cold", "EUR", Decimal("100.00"), Decimal("1000.00"))
+        await write(conn, await decide(conn, transfer_out("cold", "1.00")))
+        # 3,000 entries on `hot`, half of them before today: the view's cost must not see them.
+        await insert_as_of(conn, await decide(conn, [
+            c for _ in range(750) for c in transfer_out("hot", "1.00")]),
+            datetime.now(UTC) - timedelta(days=1), columns=[c for c, _ in ENTRIES.columns])
+        await write(conn, await decide(conn, [
+            c for _ in range(750) for c in transfer_out("hot", "2.00")]))
+        await conn.execute(text("ANALYZE ledger_entries"))
+    fast, truth = await views(db, "hot", "cold")
+    assert summary(fast["hot"]) == summary(truth["hot"]) == (
+        Decimal("997750.00"), 0, Decimal("1500.00"), Decimal("2250.00"), 3000)
+
+    sql = CUSTOMER_VIEW_SQL + "  AND a.account_id = ANY(:ids)"
+    async with db.connect() as conn:
+        now = datetime.now(UTC)
+        cold = await _blocks(conn, sql, {"ids": ["cold"], "now": now})
+        hot = await _blocks(conn, sql, {"ids": ["hot"], "now": now})
+        summed = await _blocks(conn, ACCOUNT_VIEW_SQL + "WHERE a.account_id = ANY(:ids)",
+                               {"ids": ["hot"], "now": now})
+    # A few index probes each (a B-tree one level deeper at most), where the sums visit the
+    # history: 3,000 entries span some sixty heap pages and their index entries.
+    assert hot <= cold + 6, (hot, cold, summed)
+    assert summed > 4 * hot, (hot, cold, summed)
