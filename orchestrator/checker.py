@@ -15,7 +15,11 @@
     I6 no outbox row left unpublished (older than `outbox_grace_s`). A row the broker refused
        for good and the relay set aside is accounted for, not left: it is reported as a
        *finding* (listed, for an operator) instead of a violation.
-    I7 no customer balance or available balance below zero; every entry belongs to a known saga.
+    I7 no customer balance or available balance below zero; every entry belongs to a known saga;
+       the view the ledger decides against (each customer account's latest entry's running
+       totals, ADR 0008) equals the sums over its whole history, and each entry's totals are
+       its predecessor's plus its own movement: a wrong running total is how the ledger would
+       overdraw an account or refuse a good transfer while I1's sums still add up.
     I8 (`check_topic`, from the broker's side) every request on the commands topic led to a saga
        or a dead letter: nothing the broker acknowledged was skipped.
 """
@@ -42,7 +46,7 @@ from orchestrator.errors import BusError, ConfigurationError
 from orchestrator.store import parse_event, set_aside_outbox
 from orchestrator.worker import CONSUMER, REDRIVE_HEADER, message_id_of
 from schemas import TOPIC_TRANSFER_COMMANDS
-from steps.ledger import ACCOUNT_VIEW_SQL
+from steps.ledger import ACCOUNT_VIEW_SQL, CUSTOMER_VIEW_SQL
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,28 @@ ORDER BY i.received_at
 """
 
 
+# Entries whose running totals are not their predecessor's (fence_seq - 1 of the same account)
+# plus their own movement, or that were recorded before it. With the latest entry equal to the
+# sums (checked apart), this proves every total of the chain right, back to its first entry
+# with totals, and it proves the order by recorded_at that the daily limit relies on.
+_BROKEN_CHAIN_LINKS = """
+SELECT e.fence_account, e.fence_seq, e.fence_balance, e.fence_held, e.fence_settled_total
+FROM ledger_entries e
+JOIN ledger_entries p ON p.fence_account = e.fence_account AND p.fence_seq = e.fence_seq - 1
+WHERE e.fence_balance IS NOT NULL AND p.fence_balance IS NOT NULL AND (
+       e.fence_balance IS DISTINCT FROM p.fence_balance
+         + CASE WHEN e.credit_account = e.fence_account THEN e.amount ELSE 0 END
+         - CASE WHEN e.debit_account = e.fence_account THEN e.amount ELSE 0 END
+    OR e.fence_held IS DISTINCT FROM p.fence_held
+         + CASE WHEN e.hold_account = e.fence_account THEN e.hold_delta ELSE 0 END
+    OR e.fence_settled_total IS DISTINCT FROM p.fence_settled_total
+         + CASE WHEN e.step = 'settle' AND e.debit_account = e.fence_account
+                THEN e.amount ELSE 0 END
+    OR e.recorded_at < p.recorded_at)
+ORDER BY e.fence_account, e.fence_seq
+"""
+
+
 async def check(engine: AsyncEngine, expect_quiescent: bool = False,
                 outbox_grace_s: float = 5.0) -> Report:
     report = Report()
@@ -183,7 +209,8 @@ async def check(engine: AsyncEngine, expect_quiescent: bool = False,
         report.counts["sagas_in_flight"] = in_flight
 
         # I1
-        accounts = await _rows(conn, ACCOUNT_VIEW_SQL, now=datetime.now(UTC))
+        now = datetime.now(UTC)
+        accounts = await _rows(conn, ACCOUNT_VIEW_SQL, now=now)
         by_currency: dict[str, list[Any]] = {}
         for row in accounts:
             by_currency.setdefault(row.currency.strip(), []).append(row)
@@ -291,6 +318,19 @@ async def check(engine: AsyncEngine, expect_quiescent: bool = False,
             " WHERE NOT EXISTS (SELECT 1 FROM sagas s WHERE s.saga_id = e.saga_id)"))
         add(Check("I7", "every ledger entry is tied to a known saga", not untied,
                   _sample(untied)))
+        truth = {r.account_id: r for r in accounts if r.kind == "customer"}
+        fields = ("balance", "held", "settled_today", "settled_total", "fence_seq")
+        drifted = [
+            (view.account_id, *((f, getattr(view, f), getattr(truth[view.account_id], f))
+                                for f in fields
+                                if getattr(view, f) != getattr(truth[view.account_id], f)))
+            for view in await _rows(conn, CUSTOMER_VIEW_SQL, now=now)
+            if any(getattr(view, f) != getattr(truth[view.account_id], f) for f in fields)]
+        add(Check("I7", "the running totals the ledger decides on equal the sums of the entries",
+                  not drifted, _sample(drifted)))
+        broken_links = await _rows(conn, _BROKEN_CHAIN_LINKS)
+        add(Check("I7", "each entry's running totals are its predecessor's plus its own movement",
+                  not broken_links, _sample(broken_links)))
         await conn.rollback()
     return report
 

@@ -1,6 +1,6 @@
 """The ledger participant: accounts, append-only journal entries and holds.
 
-Balances are never stored; they are derived:
+Balances are never updated in place; by definition they are derived from the entries:
     balance(a)   = opening_balance + sum amount credited to a - sum amount debited from a
     held(a)      = sum hold_delta on a
     available(a) = balance(a) - held(a)
@@ -10,7 +10,14 @@ account), so of two writers that decided from the same state only one can write;
 decided again with the account row locked (`FOR UPDATE`). Concurrent transfers on one hot account
 are thus serialised and each sees the effects of the ones before it. The per-currency clearing
 account fronts credits until the source is settled; it is never fenced and may go negative in
-flight.
+flight. Nothing decides against a clearing account, so its view is only ever the sums.
+
+Because a customer account's entries form that one serial chain, each entry also carries the
+account's running totals after it (balance, held, settled total; ADR 0008), computed by the
+pure `after` from the view it was decided against. The decisions read the latest entry instead
+of summing the history: O(log n) per account, not O(n). An entry from before the totals existed
+has none; the view then falls back to the sums, and the next entry carries exact totals again.
+The sums (`ACCOUNT_VIEW_SQL`) stay the truth, which `saga check` compares the totals with.
 
 The rules are pure (`decide_entry`, `LedgerParticipant.decide`); the I/O is `read` and the
 runtime's write.
@@ -47,6 +54,9 @@ class AccountView:
     settled_today: Decimal
     # The account's last fence number: the next entry decided against it takes the one after.
     fence_seq: int = 0
+    # Everything ever settled out of the account (all days): what an entry carries, so that
+    # settled_today is this total minus the total as it was when the day began.
+    settled_total: Decimal = Decimal(0)
 
     @property
     def available(self) -> Decimal:
@@ -149,57 +159,112 @@ def after(account: AccountView, entry: Entry) -> AccountView:
     if entry.debit_account == account.account_id:
         balance -= entry.amount
     held = account.held + (entry.hold_delta if entry.hold_account == account.account_id else 0)
-    settled = account.settled_today
+    settled_today, settled_total = account.settled_today, account.settled_total
     # Daily limits count settlements per UTC day.
     if entry.step == "settle" and entry.debit_account == account.account_id:
-        settled += entry.amount
-    return replace(account, balance=balance, held=held, settled_today=settled)
+        settled_today += entry.amount
+        settled_total += entry.amount
+    return replace(account, balance=balance, held=held, settled_today=settled_today,
+                   settled_total=settled_total)
 
 
-# The one derivation of balances from entries; every reader of balances composes this.
-ACCOUNT_VIEW_SQL = """
-SELECT a.account_id, a.kind, a.currency, a.closed, a.daily_outflow_limit, a.opening_balance,
-       a.opening_balance
-         + COALESCE((SELECT sum(amount) FROM ledger_entries WHERE credit_account = a.account_id), 0)
-         - COALESCE((SELECT sum(amount) FROM ledger_entries WHERE debit_account = a.account_id), 0)
-         AS balance,
-       COALESCE((SELECT sum(hold_delta) FROM ledger_entries WHERE hold_account = a.account_id), 0)
-         AS held,
-       COALESCE((SELECT sum(amount) FROM ledger_entries
+# The sums over an account's whole history (`a`), each O(entries of the account).
+_DAY_START = "date_trunc('day', CAST(:now AS timestamptz), 'UTC')"
+_SUM_BALANCE = """a.opening_balance
+         + COALESCE((SELECT sum(amount) FROM ledger_entries
+                     WHERE credit_account = a.account_id), 0)
+         - COALESCE((SELECT sum(amount) FROM ledger_entries
+                     WHERE debit_account = a.account_id), 0)"""
+_SUM_HELD = (
+    "COALESCE((SELECT sum(hold_delta) FROM ledger_entries WHERE hold_account = a.account_id), 0)")
+_SUM_SETTLED_TOTAL = """COALESCE((SELECT sum(amount) FROM ledger_entries
+                 WHERE debit_account = a.account_id AND step = 'settle'), 0)"""
+_SUM_SETTLED_TODAY = f"""COALESCE((SELECT sum(amount) FROM ledger_entries
                  WHERE debit_account = a.account_id AND step = 'settle'
-                   AND recorded_at >= date_trunc('day', CAST(:now AS timestamptz), 'UTC')), 0)
-         AS settled_today,
+                   AND recorded_at >= {_DAY_START}), 0)"""
+
+# The one derivation of balances from entries, the truth: the checker and `balances` read it,
+# and the running totals (below) must always equal it.
+ACCOUNT_VIEW_SQL = f"""
+SELECT a.account_id, a.kind, a.currency, a.closed, a.daily_outflow_limit, a.opening_balance,
+       {_SUM_BALANCE} AS balance,
+       {_SUM_HELD} AS held,
+       {_SUM_SETTLED_TODAY} AS settled_today,
+       {_SUM_SETTLED_TOTAL} AS settled_total,
        COALESCE((SELECT max(fence_seq) FROM ledger_entries WHERE fence_account = a.account_id), 0)
          AS fence_seq
 FROM accounts a
 """
 
-_CUSTOMER_VIEW_SQL = ACCOUNT_VIEW_SQL + "WHERE a.account_id = ANY(:ids) AND a.kind = 'customer'\n"
-_CUSTOMER_VIEW = text(_CUSTOMER_VIEW_SQL)
-_LOCK_AND_VIEW = text(_CUSTOMER_VIEW_SQL + "ORDER BY a.account_id\nFOR UPDATE OF a\n")
+# What the decisions read: a customer account from its latest entry's running totals, found by
+# the fence index; settled_today from the settled total as it was when the UTC day began (the
+# latest entry recorded before then, by `ledger_entries_fence_by_time`). Where the latest entry
+# predates the totals (or there is none), the same sums as ACCOUNT_VIEW_SQL (CASE evaluates only
+# the branch taken, so the sums cost nothing otherwise). Where no chained entry predates the
+# day, what was settled before it can only be in entries written before the fence, which the
+# small partial index `ledger_entries_unfenced_settles` holds. Exact as long as each customer
+# account's entries are all fenced by it, which `saga check` verifies (I7).
+CUSTOMER_VIEW_SQL = f"""
+SELECT a.account_id, a.kind, a.currency, a.closed, a.daily_outflow_limit, a.opening_balance,
+       CASE WHEN latest.fence_balance IS NULL THEN {_SUM_BALANCE}
+            ELSE latest.fence_balance END AS balance,
+       CASE WHEN latest.fence_held IS NULL THEN {_SUM_HELD}
+            ELSE latest.fence_held END AS held,
+       CASE WHEN latest.fence_settled_total IS NULL THEN {_SUM_SETTLED_TODAY}
+            WHEN day_began.fence_seq IS NULL THEN latest.fence_settled_total
+              - COALESCE((SELECT sum(amount) FROM ledger_entries
+                          WHERE debit_account = a.account_id AND fence_account IS NULL
+                            AND step = 'settle' AND recorded_at < {_DAY_START}), 0)
+            WHEN day_began.fence_settled_total IS NULL THEN {_SUM_SETTLED_TODAY}
+            ELSE latest.fence_settled_total - day_began.fence_settled_total
+       END AS settled_today,
+       CASE WHEN latest.fence_settled_total IS NULL THEN {_SUM_SETTLED_TOTAL}
+            ELSE latest.fence_settled_total END AS settled_total,
+       COALESCE(latest.fence_seq, 0) AS fence_seq
+FROM accounts a
+LEFT JOIN LATERAL (
+    SELECT fence_seq, fence_balance, fence_held, fence_settled_total FROM ledger_entries
+    WHERE fence_account = a.account_id ORDER BY fence_seq DESC LIMIT 1) latest ON true
+LEFT JOIN LATERAL (
+    SELECT fence_seq, fence_settled_total FROM ledger_entries
+    WHERE fence_account = a.account_id AND recorded_at < {_DAY_START}
+    ORDER BY recorded_at DESC, fence_seq DESC LIMIT 1) day_began ON true
+WHERE a.kind = 'customer'
+"""
+
+_CUSTOMERS_SQL = CUSTOMER_VIEW_SQL + "  AND a.account_id = ANY(:ids)\n"
+_CUSTOMER_VIEW = text(_CUSTOMERS_SQL)
+_LOCK_AND_VIEW = text(_CUSTOMERS_SQL + "ORDER BY a.account_id\nFOR UPDATE OF a\n")
 _VIEW = text(ACCOUNT_VIEW_SQL + "WHERE a.account_id = ANY(:ids)")
 
 
 def _view(row: Any) -> AccountView:
     return AccountView(row.account_id, row.currency.strip(), row.closed, row.balance, row.held,
-                       row.daily_outflow_limit, row.settled_today, row.fence_seq)
+                       row.daily_outflow_limit, row.settled_today, row.fence_seq,
+                       row.settled_total)
 
 
 ENTRIES = EffectTable("ledger_entries", (
     ("saga_id", "uuid"), ("step", "text"), ("direction", "text"), ("currency", "text"),
     ("amount", "numeric"), ("debit_account", "text"), ("credit_account", "text"),
     ("hold_account", "text"), ("hold_delta", "numeric"), ("fence_account", "text"),
-    ("fence_seq", "bigint"),
+    ("fence_seq", "bigint"), ("fence_balance", "numeric"), ("fence_held", "numeric"),
+    ("fence_settled_total", "numeric"),
 ))
 
 
 def entry_row(command: StepCommand, entry: Entry, fence: AccountView) -> dict[str, Any]:
-    """The entry as a row, fenced by the account it was decided against, as it is after it."""
+    """The entry as a row, fenced by the account it was decided against, as it is after it
+    (`after`): its next fence number and its running totals. The fence makes the totals exact:
+    had another entry been written since the view was read, this one collides and is not
+    written."""
     return {"saga_id": command.saga_id, "step": entry.step, "direction": entry.direction.value,
             "currency": entry.currency, "amount": entry.amount,
             "debit_account": entry.debit_account, "credit_account": entry.credit_account,
             "hold_account": entry.hold_account, "hold_delta": entry.hold_delta,
-            "fence_account": fence.account_id, "fence_seq": fence.fence_seq}
+            "fence_account": fence.account_id, "fence_seq": fence.fence_seq,
+            "fence_balance": fence.balance, "fence_held": fence.held,
+            "fence_settled_total": fence.settled_total}
 
 
 class LedgerParticipant:

@@ -660,18 +660,21 @@ async def test_the_database_refuses_an_unfenced_entry_and_a_reused_fence(
     source = await h.open("src", "10.00")
     insert = text(
         "INSERT INTO ledger_entries (saga_id, step, direction, currency, amount, hold_account,"
-        " hold_delta, fence_account, fence_seq) VALUES (:saga, 'reserve', 'forward', 'EUR', 1,"
-        " :account, 1, :fence, :seq)")
+        " hold_delta, fence_account, fence_seq, fence_balance, fence_held, fence_settled_total)"
+        " VALUES (:saga, 'reserve', 'forward', 'EUR', 1, :account, 1, :fence, :seq, 10, :held,"
+        " 0)")
     async with isolated.engine.begin() as conn:
         await conn.execute(insert, {"saga": uuid.uuid4(), "account": source, "fence": source,
-                                    "seq": 1})
+                                    "seq": 1, "held": 1})
     refused = {}
-    for case, fence, seq in (("reused", source, 1), ("unfenced", None, None),
-                             ("foreign account", "someone-else", 2)):
+    for case, fence, seq, held in (("reused", source, 1, 2), ("unfenced", None, None, 2),
+                                   ("foreign account", "someone-else", 2, 2),
+                                   ("without running totals", source, 2, None)):
         with pytest.raises(DBAPIError) as error:
             async with isolated.engine.begin() as conn:
                 await conn.execute(insert, {"saga": uuid.uuid4(), "account": source,
-                                            "fence": fence, "seq": seq})
+                                            "fence": fence, "seq": seq, "held": held})
         refused[case] = type(error.value.orig).__name__
     assert refused == {"reused": "UniqueViolationError", "unfenced": "CheckViolationError",
-                       "foreign account": "CheckViolationError"}
+                       "foreign account": "CheckViolationError",
+                       "without running totals": "CheckViolationError"}
