@@ -500,19 +500,18 @@ class DrainingConsumer(AsyncConfluentConsumer):
     def _records_waiting(self) -> bool:
         """Whether the broker holds records past where this consumer reads. A partition with
         no position yet (nothing fetched since it was assigned) reads from its committed
-        offset; with none committed it is idle, not starved (comparing it with the start of
-        the log took every idle, freshly assigned consumer for a starved one: issue 9)."""
+        offset, or from the start of the log when its group committed none (comparing every
+        such partition with the start of the log took each idle, freshly assigned consumer
+        for a starved one: issue 9)."""
         try:
             assignment = self.consumer.assignment()
             committed = {(tp.topic, tp.partition): tp.offset
                          for tp in self.consumer.committed(assignment, timeout=2)}
             for tp in self.consumer.position(assignment):
+                low, high = self.consumer.get_watermark_offsets(tp, timeout=2)
                 reads_from = tp.offset if tp.offset >= 0 else committed.get(
                     (tp.topic, tp.partition), -1)
-                if reads_from < 0:
-                    continue
-                _low, high = self.consumer.get_watermark_offsets(tp, timeout=2)
-                if high > reads_from:
+                if high > (reads_from if reads_from >= 0 else low):
                     return True
         except KafkaException:
             return False

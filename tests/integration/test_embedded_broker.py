@@ -64,6 +64,7 @@ async def test_a_starving_consumer_widens_its_fetch_wait_and_gets_every_record(
 
     # No database here: the consumer owns its partition through the consumer group.
     settings = Settings(kafka_bootstrap=own_broker.bootstrap, kafka_fetch_wait_ms=1,
+                        kafka_trust_watermarks=False,
                         partition_ownership="group")
     received: set[bytes] = set()
     all_in = asyncio.Event()
@@ -103,6 +104,7 @@ async def test_an_offset_is_committed_only_for_records_whose_handler_finished(
 
     group = f"commit-test-{uuid.uuid4().hex[:6]}"
     settings = Settings(kafka_bootstrap=own_broker.bootstrap, kafka_fetch_wait_ms=1,
+                        kafka_trust_watermarks=own_broker.kind != "tansu",
                         partition_ownership="group", consume_batch_max=1)
     observer = Consumer({"bootstrap.servers": own_broker.bootstrap, "group.id": group,
                          "enable.auto.commit": False})
