@@ -37,7 +37,6 @@ from orchestrator import store
 from orchestrator.bus import (
     PARTICIPANTS,
     all_topics,
-    decode_headers,
     encode_headers,
     ensure_topics,
     listed_topics,
@@ -55,7 +54,7 @@ from orchestrator.definition import SagaDefinition
 from orchestrator.errors import SagaError
 from orchestrator.metrics import DEAD_LETTERS, RECOVERY_ACTIONS, SAGAS_FAILED
 from orchestrator.producer import KafkaProducer, Record
-from orchestrator.relay import OutboxRelay, PublishedMarker
+from orchestrator.relay import OutboxRelay, PublishedMarker, publish_committed
 from orchestrator.sagas import SAGAS
 from orchestrator.settings import Settings
 from orchestrator.throttle import LogThrottle
@@ -188,19 +187,8 @@ class RecoveryWorker:
         for saga_id in done.failed:
             SAGAS_FAILED.add(1, {"stage": "recovery"})
             log.error("saga %s FAILED in recovery and was dead-lettered", saga_id)
-        # Only the acknowledged rows are marked; the relay sweep publishes (or counts the
-        # refusals of) the others.
-        results = await self.producer.deliver([
-            Record(o.topic, o.value, o.key, decode_headers(o.headers)) for o in outbox])
-        acknowledged = [row_id for row_id, error in zip(ids, results, strict=True)
-                        if error is None]
-        self.marker.add(acknowledged)
-        if len(acknowledged) < len(outbox):
-            error = next(error for error in results if error is not None)
-            if (left_out := self._throttle.admit(type(error).__name__)) is not None:
-                log.warning("recovery publish failed for %d of %d rows (%s); the relay sweep "
-                            "will publish them (%d such lines left out)",
-                            len(outbox) - len(acknowledged), len(outbox), error, left_out)
+        await publish_committed(self.producer, self.marker, self._throttle, outbox, ids,
+                                "recovery")
         return done
 
     @staticmethod
@@ -289,10 +277,8 @@ class RecoveryWorker:
                 ))
             ids = (await store.write_batch(conn, "recovery", [], [], [], outbox, [],
                                            datetime.now(UTC)) if outbox else [])
-        results = await self.producer.deliver([
-            Record(o.topic, o.value, o.key, decode_headers(o.headers)) for o in outbox])
-        self.marker.add([row_id for row_id, error in zip(ids, results, strict=True)
-                         if error is None])
+        await publish_committed(self.producer, self.marker, self._throttle, outbox, ids,
+                                "broker-restore")
         RECOVERY_ACTIONS.add(len(outbox), {"action": "broker_restore"})
         log.warning("the broker was lost: re-sent the outstanding commands of %d in-flight "
                     "sagas and queued %d outbox rows published since %s to be published again",

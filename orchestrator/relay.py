@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -36,6 +37,7 @@ from orchestrator.metrics import OUTBOX_SET_ASIDE
 from orchestrator.producer import DELIVERY_TIMEOUT_S, KafkaProducer, Record
 from orchestrator.settings import Settings
 from orchestrator.store import (
+    OutboxRow,
     Refusal,
     RefusalRecorded,
     json_value,
@@ -159,6 +161,27 @@ class OutboxRelay:
             if published < self.settings.relay_batch_max:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.settings.relay_idle_poll_s)
+
+
+async def publish_committed(producer: KafkaProducer, marker: PublishedMarker,
+                            throttle: LogThrottle, rows: Sequence[OutboxRow], ids: Sequence[int],
+                            who: str) -> int:
+    """Publish outbox rows right after the transaction that wrote them committed (`ids` in the
+    order of `rows`), and mark the acknowledged ones published. Any other stays unpublished for
+    the relay's sweep, which sends it after its grace or counts the broker's refusal of it; a
+    failure that repeats is logged once per `throttle` period. Returns how many were
+    acknowledged."""
+    results = await producer.deliver([
+        Record(o.topic, o.value, o.key, decode_headers(o.headers)) for o in rows])
+    acknowledged = [row_id for row_id, error in zip(ids, results, strict=True) if error is None]
+    marker.add(acknowledged)
+    if len(acknowledged) < len(rows):
+        error = next(error for error in results if error is not None)
+        if (left_out := throttle.admit(type(error).__name__)) is not None:
+            log.warning("%s publish failed for %d of %d rows (%s); the relay will publish them"
+                        " (%d such lines left out)", who, len(rows) - len(acknowledged),
+                        len(rows), error, left_out)
+    return len(acknowledged)
 
 
 class PublishedMarker:

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from orchestrator import store
-from orchestrator.bus import Consumed, decode_headers, encode_headers
+from orchestrator.bus import Consumed, encode_headers
 from orchestrator.core import (
     Decision,
     RejectTransfer,
@@ -40,7 +40,7 @@ from orchestrator.errors import ConcurrencyConflict, SagaError
 from orchestrator.intake import Unparseable, classify
 from orchestrator.metrics import DEAD_LETTERS, SAGAS_FAILED
 from orchestrator.producer import MESSAGE_MAX_BYTES, KafkaProducer, Record, record_size
-from orchestrator.relay import PublishedMarker
+from orchestrator.relay import PublishedMarker, publish_committed
 from orchestrator.sagas import TRANSFER
 from orchestrator.settings import Settings
 from orchestrator.throttle import LogThrottle
@@ -306,19 +306,9 @@ class OrchestratorWorker:
             crash_point("orchestrator.after_produce", tags)
             return
         # The fast path: publish what this batch committed now, rather than waiting for the
-        # relay. Only the acknowledged rows are marked; any other stays unpublished and the
-        # relay sends it after its grace (and counts it if the broker refuses it).
-        results = await self.producer.deliver([
-            Record(o.topic, o.value, o.key, decode_headers(o.headers)) for o in outbox])
-        acknowledged = [row_id for row_id, error in zip(outbox_ids, results, strict=True)
-                        if error is None]
-        self.marker.add(acknowledged)
-        if len(acknowledged) < len(outbox):
-            error = next(error for error in results if error is not None)
-            if (left_out := self._throttle.admit(type(error).__name__)) is not None:
-                log.warning("fast-path publish failed for %d of %d rows (%s); the relay will "
-                            "publish them (%d such lines left out)", len(outbox) -
-                            len(acknowledged), len(outbox), error, left_out)
+        # relay.
+        await publish_committed(self.producer, self.marker, self._throttle, outbox, outbox_ids,
+                                "fast-path")
         crash_point("orchestrator.after_produce", tags)
 
     async def close(self) -> None:
