@@ -47,7 +47,6 @@ from orchestrator.core import (
     decide_due,
     evolve,
     outstanding_command,
-    participant_of,
 )
 from orchestrator.crash import crash_point, step_tags
 from orchestrator.definition import SagaDefinition
@@ -58,7 +57,7 @@ from orchestrator.relay import OutboxRelay, PublishedMarker, publish_committed
 from orchestrator.sagas import SAGAS
 from orchestrator.settings import Settings
 from orchestrator.throttle import LogThrottle
-from orchestrator.worker import fit_dead_letter
+from orchestrator.worker import command_row, fit_dead_letter
 from schemas import (
     TOPIC_DEAD_LETTERS,
     DeadLetter,
@@ -151,15 +150,7 @@ class RecoveryWorker:
                 states.append(state)
                 touched.append(state)
                 for command in decision.commands:
-                    outbox.append(store.OutboxRow(
-                        topic=self.settings.topic(step_topic(participant_of(definition,
-                                                                            command))),
-                        key=str(command.saga_id).encode(),
-                        value=command.model_dump_json().encode(),
-                        headers=encode_headers([("message-id", str(command.command_id).encode()),
-                                                ("type", b"StepCommand")]),
-                        saga_id=command.saga_id,
-                    ))
+                    outbox.append(command_row(self.settings, definition, command))
                 if decision.saga_failed:
                     done.failed.append(state.saga_id)
                     record, row_ = self._dead_letter(state, now)
@@ -259,22 +250,14 @@ class RecoveryWorker:
             for row in rows:
                 try:
                     state = SagaState.from_json(store.json_value(row.state))
-                    command = outstanding_command(self.definitions[state.saga_type], state)
-                    if command is None:
-                        continue
                     definition = self.definitions[state.saga_type]
+                    command = outstanding_command(definition, state)
                 except Exception:
                     log.exception("cannot read an in-flight saga (skipped): %s",
                                   str(row.state)[:200])
                     continue
-                outbox.append(store.OutboxRow(
-                    topic=self.settings.topic(step_topic(participant_of(definition, command))),
-                    key=str(command.saga_id).encode(),
-                    value=command.model_dump_json().encode(),
-                    headers=encode_headers([("message-id", str(command.command_id).encode()),
-                                            ("type", b"StepCommand")]),
-                    saga_id=command.saga_id,
-                ))
+                if command is not None:
+                    outbox.append(command_row(self.settings, definition, command))
             ids = (await store.write_batch(conn, "recovery", [], [], [], outbox, [],
                                            datetime.now(UTC)) if outbox else [])
         await publish_committed(self.producer, self.marker, self._throttle, outbox, ids,

@@ -51,6 +51,7 @@ from schemas import (
     DeadLetter,
     Direction,
     RejectionCode,
+    StepCommand,
     StepReply,
     step_topic,
 )
@@ -144,6 +145,20 @@ def poison_dead_letter(settings: Settings, stage: str, message: Consumed, error:
     outbox = store.OutboxRow(record.topic, record.key, record.value,
                              encode_headers(record.headers), None)
     return row, outbox, message_id
+
+
+def command_row(settings: Settings, definition: SagaDefinition, command: StepCommand
+                ) -> store.OutboxRow:
+    """The outbox row of a step command: on its participant's topic, keyed by the saga (one
+    partition keeps a saga's commands in order), its command id as the message id."""
+    return store.OutboxRow(
+        topic=settings.topic(step_topic(participant_of(definition, command))),
+        key=str(command.saga_id).encode(),
+        value=command.model_dump_json().encode(),
+        headers=encode_headers([("message-id", str(command.command_id).encode()),
+                                ("type", b"StepCommand")]),
+        saga_id=command.saga_id,
+    )
 
 
 def retrying(attempts: int = 5) -> AsyncRetrying:
@@ -453,16 +468,8 @@ class OrchestratorWorker:
         if state is not None and decision.events:
             states[state.saga_id] = state
             writes.touched[state.saga_id] = state
-        for command in decision.commands:
-            topic = self.settings.topic(step_topic(participant_of(self.definition, command)))
-            writes.outbox.append(store.OutboxRow(
-                topic=topic,
-                key=str(command.saga_id).encode(),
-                value=command.model_dump_json().encode(),
-                headers=encode_headers([("message-id", str(command.command_id).encode()),
-                                        ("type", b"StepCommand")]),
-                saga_id=command.saga_id,
-            ))
+        writes.outbox += [command_row(self.settings, self.definition, command)
+                          for command in decision.commands]
         rejection = decision.rejection
         if decision.saga_failed and state is not None:
             code = (RejectionCode.COMPENSATION_FAILED if state.direction is Direction.COMPENSATE
