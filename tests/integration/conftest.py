@@ -41,7 +41,11 @@ def stack_settings() -> Iterator[Settings]:
                                           "risk_denied_accounts": [DENIED]})
         return
     with EmbeddedStack() as stack:
-        yield settings_for(stack, Settings(topic_prefix=prefix, risk_denied_accounts=[DENIED]))
+        # No trimming here: tests read topics from their start to count what was published, and
+        # the recovery worker's trim (every 30 s) would delete what the groups committed under
+        # them. Trimming has its own test (test_log_rewinds.py).
+        yield settings_for(stack, Settings(topic_prefix=prefix, risk_denied_accounts=[DENIED],
+                                           kafka_trim_committed=False))
 
 
 @pytest.fixture(scope="session")
