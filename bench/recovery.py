@@ -49,13 +49,13 @@ from confluent_kafka import Producer
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orchestrator.checker import check
-from orchestrator.embedded import EmbeddedStack, settings_for
-from orchestrator.processes import WorkerProcesses
-from orchestrator.runner import WORKER_KINDS
+from orchestrator.dev.embedded import EmbeddedStack, settings_for
+from orchestrator.dev.processes import WorkerProcesses
+from orchestrator.ops.checker import check
+from orchestrator.postgres.store import TERMINAL_CHANNEL, create_engine, migrate
 from orchestrator.settings import Settings
-from orchestrator.store import TERMINAL_CHANNEL, create_engine, migrate
 from schemas import TOPIC_TRANSFER_COMMANDS
+from steps import APPLICATION
 
 ACCOUNTS = 200
 WARM_UP = 100
@@ -321,7 +321,7 @@ async def one_run(setup: Setup, kind: str | None, args: argparse.Namespace, inde
         settings = settings_for(stack, Settings(topic_prefix="recovery.",
                                                 partition_ownership=setup.mode))
         engine = create_engine(stack.postgres.url)
-        await migrate(engine)
+        await migrate(engine, APPLICATION.migrations)
         workers = WorkerProcesses(settings, stack.root / "logs")
         workers.start()
         if setup.standby:
@@ -361,7 +361,7 @@ async def one_run(setup: Setup, kind: str | None, args: argparse.Namespace, inde
                     run.recovery_s = run.stages["recovered"]
             # The background publish marks (0.2 s) settle before a quiescent check.
             await asyncio.sleep(1.0)
-            report = await check(engine, expect_quiescent=result.stuck == 0)
+            report = await check(engine, APPLICATION, expect_quiescent=result.stuck == 0)
             run.invariants_ok = report.ok
             run.violations = [f"{f.invariant} {f.name}: {f.detail}" for f in report.failures()]
         finally:
@@ -423,8 +423,9 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--kill-after", type=int, default=300,
                         help="kill once this many transfers of the run have ended")
-    parser.add_argument("--kinds", nargs="+", default=list(WORKER_KINDS),
-                        choices=list(WORKER_KINDS), help="worker kinds to kill (lease mode)")
+    parser.add_argument("--kinds", nargs="+", default=list(APPLICATION.worker_kinds),
+                        choices=list(APPLICATION.worker_kinds),
+                        help="worker kinds to kill (lease mode)")
     parser.add_argument("--compare-group", action=argparse.BooleanOptionalAction, default=True,
                         help="also kill the orchestrator with partition_ownership=group")
     parser.add_argument("--compare-standby", action=argparse.BooleanOptionalAction,

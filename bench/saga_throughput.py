@@ -38,13 +38,14 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from sqlalchemy import text
 
-from orchestrator.checker import check
-from orchestrator.demo import percentile
-from orchestrator.embedded import EmbeddedStack, settings_for
-from orchestrator.processes import WorkerProcesses
+from orchestrator.dev.embedded import EmbeddedStack, settings_for
+from orchestrator.dev.processes import WorkerProcesses
+from orchestrator.ops.checker import check
+from orchestrator.postgres.store import TERMINAL_CHANNEL, create_engine, migrate
 from orchestrator.settings import Settings
-from orchestrator.store import TERMINAL_CHANNEL, create_engine, migrate
 from schemas import TOPIC_TRANSFER_COMMANDS
+from steps import APPLICATION
+from steps.demo import percentile
 
 ACCOUNTS = 200
 
@@ -173,7 +174,7 @@ async def run_once(settings: Settings, engine, concurrency: int, transfers: int,
     if missed:
         print(f"  {missed} saga ends were found by polling, not notification", file=sys.stderr)
     producer.flush(5)
-    report = await check(engine)
+    report = await check(engine, APPLICATION)
     for failure in report.failures():
         print(f"  VIOLATION {failure.invariant} {failure.name}: {failure.detail}", file=sys.stderr)
     published = transfers if duration_s is None else len(latencies) + len(sent_at)
@@ -327,7 +328,7 @@ async def main() -> None:
     with EmbeddedStack() as stack:
         settings = settings_for(stack, Settings(topic_prefix="bench."))
         engine = create_engine(stack.postgres.url)
-        await migrate(engine)
+        await migrate(engine, APPLICATION.migrations)
         workers = WorkerProcesses(settings, stack.root / "logs")
         workers.start()
         try:

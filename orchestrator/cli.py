@@ -18,12 +18,13 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from orchestrator.application import load_application
 from orchestrator.errors import ConfigurationError, NotFound, SagaError
 from orchestrator.settings import Settings, worker_name
 
 
 def _engine(settings: Settings) -> Any:
-    from orchestrator.store import create_engine
+    from orchestrator.postgres.store import create_engine
 
     if not settings.database_url:
         raise ConfigurationError(
@@ -49,12 +50,12 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     if args.kind == "participant" and not args.name:
         raise ConfigurationError("usage: saga worker participant NAME (risk, ledger, notify)")
     settings = settings.model_copy(update={"worker_name": worker_name(kind, settings)})
-    # The producer first, before the heavy imports of `orchestrator.runner`: it gets its
-    # producer id while they run (see `orchestrator.producer`), so a restarted worker's first
+    # The producer first, before the heavy imports of `orchestrator.workers.runner`: it gets its
+    # producer id while they run (see `orchestrator.kafka.producer`), so a restarted worker's first
     # publish does not wait for it. `run_worker` takes it over and closes it.
     producer = None
     if settings.kafka_bootstrap:
-        from orchestrator.producer import KafkaProducer
+        from orchestrator.kafka.producer import KafkaProducer
 
         producer = KafkaProducer(settings, settings.worker_name)
     from orchestrator.metrics import configure_metrics
@@ -65,7 +66,7 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         if producer is not None:
             producer.close()
         raise
-    from orchestrator.runner import run_worker
+    from orchestrator.workers.runner import run_worker
 
     stop = await _stop_on_signals()
     try:
@@ -77,31 +78,23 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from orchestrator.demo import render_summary, run_demo
-
-    summary = await run_demo(settings, args.transfers, args.timeout, args.json, args.seed,
-                             args.keep, chaos=args.chaos, chaos_s=args.chaos_seconds,
-                             chaos_broker=args.chaos_broker)
-    if args.json:
-        compact = {k: v for k, v in summary.items() if k != "example_timeline"}
-        print(json.dumps(compact, default=str))
-    else:
-        print(render_summary(summary))
-    clean = summary["stuck"] == 0 and summary["invariants_ok"]
-    return 0 if clean else 1
+    application = load_application(settings.application)
+    if application.demo is None:
+        raise ConfigurationError(f"application {application.name!r} has no demo")
+    return await application.demo(settings, args)
 
 
 async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
-    from orchestrator.embedded import EmbeddedStack, settings_for
-    from orchestrator.processes import WorkerProcesses
-    from orchestrator.store import create_engine, migrate
+    from orchestrator.dev.embedded import EmbeddedStack, settings_for
+    from orchestrator.dev.processes import WorkerProcesses
+    from orchestrator.postgres.store import create_engine, migrate
 
     stack = EmbeddedStack(keep_files=False).start()
     settings = settings_for(stack, settings)
     engine = create_engine(stack.postgres.url)
     workers = WorkerProcesses(settings, stack.root / "logs")
     try:
-        await migrate(engine)
+        await migrate(engine, load_application(settings.application).migrations)
         workers.start()
         await workers.wait_ready(engine)
         info = {"kafka_bootstrap": stack.broker.bootstrap, "database_url": stack.postgres.url,
@@ -126,7 +119,7 @@ async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_timeline(args: argparse.Namespace, settings: Settings) -> int:
-    from orchestrator.queries import render_timeline, timeline
+    from orchestrator.ops.queries import render_timeline, timeline
 
     engine = _engine(settings)
     try:
@@ -137,7 +130,7 @@ async def cmd_timeline(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
-    from orchestrator.queries import list_sagas
+    from orchestrator.ops.queries import list_sagas
 
     engine = _engine(settings)
     try:
@@ -157,7 +150,7 @@ async def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_stuck(args: argparse.Namespace, settings: Settings) -> int:
-    from orchestrator.queries import outbox_set_aside, stuck_sagas
+    from orchestrator.ops.queries import outbox_set_aside, stuck_sagas
 
     engine = _engine(settings)
     try:
@@ -193,7 +186,7 @@ async def cmd_stuck(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
-    from orchestrator.checker import check, check_topic
+    from orchestrator.ops.checker import check, check_topic
     from schemas import TOPIC_TRANSFER_COMMANDS
 
     if args.against_topic and not settings.kafka_bootstrap:
@@ -201,7 +194,8 @@ async def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
                                  "SAGA_KAFKA_BOOTSTRAP (and SAGA_TOPIC_PREFIX, if any)")
     engine = _engine(settings)
     try:
-        report = await check(engine, expect_quiescent=args.quiescent)
+        report = await check(engine, load_application(settings.application),
+                             expect_quiescent=args.quiescent)
         data = report.to_json()
         if args.against_topic:
             assert settings.kafka_bootstrap
@@ -244,7 +238,7 @@ async def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_outbox_retry(args: argparse.Namespace, settings: Settings) -> int:
-    from orchestrator.store import retry_set_aside
+    from orchestrator.postgres.store import retry_set_aside
 
     engine = _engine(settings)
     try:
@@ -260,11 +254,11 @@ async def cmd_outbox_retry(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from orchestrator.store import migrate
+    from orchestrator.postgres.store import migrate
 
     engine = _engine(settings)
     try:
-        applied = await migrate(engine)
+        applied = await migrate(engine, load_application(settings.application).migrations)
     finally:
         await engine.dispose()
     _print({"applied": applied}, args.json, lambda d: "applied: " + (", ".join(d["applied"])
@@ -273,7 +267,7 @@ async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
-    from orchestrator.dlq import list_dead_letters, render_list
+    from orchestrator.ops.dlq import list_dead_letters, render_list
 
     engine = _engine(settings)
     try:
@@ -290,7 +284,7 @@ async def cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_dlq_show(args: argparse.Namespace, settings: Settings) -> int:
-    from orchestrator.dlq import render_detail, show_dead_letter
+    from orchestrator.ops.dlq import render_detail, show_dead_letter
 
     engine = _engine(settings)
     try:
@@ -312,7 +306,7 @@ def _default_actor() -> str:
 
 
 async def cmd_dlq_redrive(args: argparse.Namespace, settings: Settings) -> int:
-    from orchestrator.dlq import ALL_PENDING, redrive
+    from orchestrator.ops.dlq import ALL_PENDING, redrive
 
     if bool(args.ids) == args.all:
         raise ConfigurationError("usage: saga dlq redrive (ID... | --all): give dead letter ids"

@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     kafka_trim_committed: bool = False
 
     worker_name: str = Field(default="", description="Recorded as the actor of worker events")
+    # The application the workers and tools run: `module:attribute` naming an
+    # `orchestrator.application.Application` (its saga types and participants).
+    application: str = "steps:APPLICATION"
 
     @property
     def embedded(self) -> bool:

@@ -1,31 +1,53 @@
-"""The participants: handlers that carry out each step and its compensation.
+"""The transfer application: its saga, its participants (ledger, risk, notify) and their tables.
 
-`steps.registry` (the action names a saga definition refers to) is imported eagerly; the
-participants themselves load on first use, because they build on the orchestrator's edges
-(store, bus) while the orchestrator's definitions refer to the registry.
+It registers itself with the engine as `APPLICATION`, which the settings name
+(`SAGA_APPLICATION=steps:APPLICATION`, the default); the engine never imports this package.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+import argparse
+from pathlib import Path
 
-from steps.registry import Action, ledger, notify, risk
-
-_LAZY = {
-    "LedgerParticipant": "steps.ledger",
-    "open_account": "steps.ledger",
-    "NotifyParticipant": "steps.notify",
-    "RiskParticipant": "steps.risk",
-    "Participant": "steps.runtime",
-    "ParticipantWorker": "steps.runtime",
-    "StepResult": "steps.runtime",
-}
-
-__all__ = ["Action", "ledger", "notify", "risk", *_LAZY]
+from orchestrator.application import Application, LedgerViews
+from orchestrator.core import Action
+from orchestrator.settings import Settings
+from steps.ledger import ACCOUNT_VIEW_SQL, CUSTOMER_VIEW_SQL, LedgerParticipant, open_account
+from steps.notify import NotifyParticipant
+from steps.registry import ledger, notify, risk
+from steps.risk import RiskParticipant
+from steps.saga import SAGAS, TRANSFER
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'steps' has no attribute {name!r}")
+async def _demo(settings: Settings, args: argparse.Namespace) -> int:
+    # The demo starts servers and processes: loaded only when asked for.
+    from steps.demo import cli_demo
+
+    return await cli_demo(settings, args)
+
+
+APPLICATION = Application(
+    name="transfers",
+    sagas=SAGAS,
+    participants={
+        "risk": RiskParticipant,
+        "ledger": lambda _settings: LedgerParticipant(),
+        "notify": lambda _settings: NotifyParticipant(),
+    },
+    migrations=(Path(__file__).parent / "migrations",),
+    ledger=LedgerViews(ACCOUNT_VIEW_SQL, CUSTOMER_VIEW_SQL),
+    demo=_demo,
+)
+
+__all__ = [
+    "APPLICATION",
+    "TRANSFER",
+    "Action",
+    "LedgerParticipant",
+    "NotifyParticipant",
+    "RiskParticipant",
+    "ledger",
+    "notify",
+    "open_account",
+    "risk",
+]

@@ -34,9 +34,9 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from orchestrator.participant.runtime import Decided, EffectTable, StepResult
 from schemas import Direction, StepCommand, format_amount
 from steps.registry import ledger
-from steps.runtime import Decided, EffectTable, StepResult
 
 
 def clearing_account(currency: str) -> str:

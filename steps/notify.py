@@ -7,8 +7,8 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from orchestrator.participant.runtime import Decided, EffectTable, StepResult
 from schemas import StepCommand
-from steps.runtime import Decided, EffectTable, StepResult
 
 NOTIFICATIONS = EffectTable(
     "notifications", (("saga_id", "uuid"), ("recipient", "text"), ("message", "text")),

@@ -6,18 +6,7 @@ the test `test_every_action_has_a_handler` can prove every referenced action has
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-
-@dataclass(frozen=True)
-class Action:
-    """One effect (or its undoing) that one participant knows how to apply. Persisted names."""
-
-    participant: str
-    name: str
-
-    def __str__(self) -> str:
-        return f"{self.participant}.{self.name}"
+from orchestrator.core import Action
 
 
 class risk:

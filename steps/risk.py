@@ -14,9 +14,9 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from orchestrator.participant.runtime import Decided, EffectTable, StepResult
 from orchestrator.settings import Settings
 from schemas import StepCommand
-from steps.runtime import Decided, EffectTable, StepResult
 
 
 class RiskParticipant:

@@ -16,7 +16,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from uuid import UUID, uuid5
 
-from orchestrator.core import (
+from orchestrator.core.definition import Backoff, SagaDefinition, Step
+from orchestrator.core.saga import (
     Decision,
     SagaState,
     SagaStatus,
@@ -29,7 +30,6 @@ from orchestrator.core import (
     participant_of,
     request_hash,
 )
-from orchestrator.definition import Backoff, SagaDefinition, Step
 from orchestrator.errors import SagaDefinitionError
 from schemas import Direction, Outcome, StepCommand, StepReply, StepTimedOut, TransferRequested
 from steps.registry import Action, notify, risk

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.embedded import EmbeddedStack
+from orchestrator.dev.embedded import EmbeddedStack
 from tests.chaos.harness import SUMMARIES, World, unique
 
 NewWorld = Callable[..., Awaitable[World]]

@@ -26,22 +26,23 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from orchestrator.bus import ORCHESTRATOR_GROUP
-from orchestrator.checker import check
-from orchestrator.demo import Planned, plan_transfers, seed
-from orchestrator.embedded import EmbeddedStack, settings_for
-from orchestrator.processes import WorkerProcesses
-from orchestrator.queries import render_timeline, timeline
+from orchestrator.dev.embedded import EmbeddedStack, settings_for
+from orchestrator.dev.processes import WorkerProcesses
+from orchestrator.kafka.consumer import ORCHESTRATOR_GROUP
+from orchestrator.ops.checker import check
+from orchestrator.ops.queries import render_timeline, timeline
+from orchestrator.postgres.store import create_engine, migrate
 from orchestrator.settings import Settings
-from orchestrator.store import create_engine, migrate
 from schemas import TOPIC_REPLIES, TOPIC_TRANSFER_COMMANDS, step_topic
+from steps import APPLICATION
+from steps.demo import Planned, plan_transfers, seed
 
 LOG_ROOT = Path(tempfile.gettempdir()) / "saga-chaos-logs"
 # A scenario slower than this to finish prints the timeline of its last saga, to show why.
 SLOW_S = 5.0
 TERMINAL = ("COMPLETED", "COMPENSATED", "REJECTED", "FAILED")
 
-# What each kind of transfer planned by `orchestrator.demo.plan_transfers` must end as, when no
+# What each kind of transfer planned by `steps.demo.plan_transfers` must end as, when no
 # step runs out of attempts. `over_limit` is the deepest compensation: the source's daily outflow
 # limit refuses `settle` (the pivot), so `credit` is reversed and the `reserve` hold released.
 EXPECTED: dict[str, frozenset[str]] = {
@@ -66,7 +67,7 @@ def report(line: str) -> None:
 
 def plan(prefix: str, rng: random.Random, counts: Mapping[str, int]) -> list[Planned]:
     """`counts` transfers of each kind, interleaved at random, for accounts opened by
-    `orchestrator.demo.seed(engine, prefix)`."""
+    `steps.demo.seed(engine, prefix)`."""
     pool = plan_transfers(40 * sum(counts.values()) + 400, prefix, rng)
     chosen: list[Planned] = []
     for kind, n in counts.items():
@@ -112,7 +113,7 @@ class World:
         settings = settings_for(stack, Settings(topic_prefix=f"{name}.", **overrides))
         settings = settings.model_copy(update={"database_url": url})
         engine = create_engine(url)
-        await migrate(engine)
+        await migrate(engine, APPLICATION.migrations)
         # Outside the stack's folder, which goes when the stack stops: a failed scenario's logs
         # stay for reading (see `close`).
         workers = WorkerProcesses(settings, LOG_ROOT / name)
@@ -379,7 +380,7 @@ class World:
         # Every outbox row published belongs to the bound too (I6 is judged with no grace).
         await self.wait_outbox_published(
             max(5.0, bound_s - (time.monotonic() - faults_stopped_at)))
-        result = await check(self.engine, expect_quiescent=True)
+        result = await check(self.engine, APPLICATION, expect_quiescent=True)
         assert result.ok, "\n".join(f"{c.invariant} {c.name}: {c.detail}"
                                     for c in result.failures())
         assert result.duplicate_effects == 0

@@ -27,10 +27,10 @@ import pytest
 from confluent_kafka import KafkaError, Message, Producer
 from sqlalchemy import text
 
-from orchestrator.demo import Planned
-from orchestrator.embedded import EmbeddedStack
-from orchestrator.runner import WORKER_KINDS
+from orchestrator.dev.embedded import EmbeddedStack
 from schemas import TOPIC_TRANSFER_COMMANDS
+from steps import APPLICATION
+from steps.demo import Planned
 from tests.chaos.conftest import NewWorld
 from tests.chaos.harness import EXPECTED, World, plan, report, transfer_ids
 
@@ -112,7 +112,7 @@ async def test_a_broker_crash_under_steady_traffic_loses_nothing_acknowledged_af
     # A screening provider answering in 400 ms keeps sagas in flight at any moment.
     world = await new_world("brokercrash", risk_latency_ms=400)
     # Two processes of every kind, as a deployment would run them.
-    labels = [*WORKER_KINDS, *(f"{kind}#2" for kind in WORKER_KINDS)]
+    labels = [*APPLICATION.worker_kinds, *(f"{kind}#2" for kind in APPLICATION.worker_kinds)]
     await world.start(labels=labels)
     await world.seed("bc-")
     plans = [p for p in plan("bc-", random.Random(seed), MIX) if p.transfer_id]

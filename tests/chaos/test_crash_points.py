@@ -44,8 +44,8 @@ import pytest
 from sqlalchemy import text
 
 from orchestrator.crash import POINTS
-from orchestrator.demo import Planned
-from orchestrator.embedded import EmbeddedStack
+from orchestrator.dev.embedded import EmbeddedStack
+from steps.demo import Planned
 from tests.chaos.harness import EXPECTED, SMALL_MIX, World, plan, unique
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]

@@ -25,8 +25,8 @@ import pytest
 from confluent_kafka.admin import AdminClient
 from sqlalchemy import text
 
-from orchestrator.bus import all_topics
-from orchestrator.embedded import EmbeddedStack
+from orchestrator.dev.embedded import EmbeddedStack
+from orchestrator.kafka.consumer import all_topics
 from tests.chaos.conftest import NewWorld
 from tests.chaos.harness import World, plan, transfer_ids
 

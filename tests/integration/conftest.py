@@ -21,12 +21,13 @@ from sqlalchemy import make_url, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orchestrator.checker import check
-from orchestrator.embedded import EmbeddedStack, settings_for
-from orchestrator.runner import WORKER_KINDS, prepare, run_worker, workers_ready
+from orchestrator.dev.embedded import EmbeddedStack, settings_for
+from orchestrator.ops.checker import check
+from orchestrator.postgres.store import create_engine, migrate
 from orchestrator.settings import Settings
-from orchestrator.store import create_engine, migrate
+from orchestrator.workers.runner import prepare, run_worker, workers_ready
 from schemas import TOPIC_DEAD_LETTERS, TOPIC_TRANSFER_COMMANDS
+from steps import APPLICATION
 
 pytestmark = pytest.mark.integration
 DENIED = "it-sanctioned-party"
@@ -50,7 +51,7 @@ def stack_settings() -> Iterator[Settings]:
 
 @pytest.fixture(scope="session")
 async def engine(stack_settings: Settings) -> AsyncIterator[AsyncEngine]:
-    engine = await prepare(stack_settings)
+    engine = await prepare(stack_settings, APPLICATION)
     yield engine
     await engine.dispose()
 
@@ -59,9 +60,10 @@ async def engine(stack_settings: Settings) -> AsyncIterator[AsyncEngine]:
 async def workers(stack_settings: Settings, engine: AsyncEngine) -> AsyncIterator[None]:
     stop = asyncio.Event()
     tasks = [asyncio.create_task(run_worker(kind, stack_settings.model_copy(
-        update={"worker_name": f"it-{kind}"}), stop), name=kind) for kind in WORKER_KINDS]
+        update={"worker_name": f"it-{kind}"}), stop), name=kind)
+        for kind in APPLICATION.worker_kinds]
     deadline = time.monotonic() + 60
-    while not await workers_ready(engine, {f"it-{kind}" for kind in WORKER_KINDS}):
+    while not await workers_ready(engine, {f"it-{kind}" for kind in APPLICATION.worker_kinds}):
         for task in tasks:
             if task.done():
                 task.result()  # raises the worker's startup error
@@ -202,7 +204,7 @@ class Harness:
                 {"s": saga_id})).all())
 
     async def assert_invariants(self) -> None:
-        report = await check(self.engine)
+        report = await check(self.engine, APPLICATION)
         assert report.ok, "\n".join(f"{c.invariant} {c.name}: {c.detail}"
                                     for c in report.failures())
 
@@ -242,7 +244,7 @@ async def isolated(stack_settings: Settings, engine: AsyncEngine) -> AsyncIterat
     own = create_engine(url, pool_size=2)
     harness = Harness(stack_settings.model_copy(update={"database_url": url}), own)
     try:
-        await migrate(own)
+        await migrate(own, APPLICATION.migrations)
         yield Isolated(own, harness)
     finally:
         harness.close()

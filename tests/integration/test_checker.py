@@ -17,15 +17,17 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from orchestrator import store
-from orchestrator.bus import Consumed, encode_headers, ensure_topics
-from orchestrator.checker import check
-from orchestrator.core import StartTransfer, decide_start, evolve, request_hash
-from orchestrator.runner import WORKER_KINDS, run_worker
-from orchestrator.sagas import TRANSFER
+from orchestrator.consuming.handling import REDRIVE_HEADER, message_id_of
+from orchestrator.core.saga import StartTransfer, decide_start, evolve, request_hash
+from orchestrator.kafka.consumer import Consumed, encode_headers, ensure_topics
+from orchestrator.ops.checker import check
+from orchestrator.postgres import store
 from orchestrator.settings import Settings
-from orchestrator.worker import CONSUMER, REDRIVE_HEADER, message_id_of
+from orchestrator.workers.runner import run_worker
+from orchestrator.workers.saga_worker import CONSUMER
 from schemas import TOPIC_TRANSFER_COMMANDS, TransferRequested
+from steps import APPLICATION
+from steps.saga import TRANSFER
 from tests.integration.conftest import Harness, Isolated
 from tests.integration.test_cli import saga_cli
 
@@ -88,7 +90,7 @@ async def test_a_consumed_request_without_saga_or_dead_letter_is_a_violation(
     redrive = ((REDRIVE_HEADER, str(uuid.uuid4()).encode()), ("other", b"\x00\xff"))
     await consume_refused(isolated, record(b'{"amount": ', 2, redrive), dead_letter=True)
 
-    healthy = await check(isolated.engine)
+    healthy = await check(isolated.engine, APPLICATION)
     assert healthy.ok, healthy.failures()
     assert healthy.counts["requests_consumed"] == 3
     assert healthy.counts["requests_without_outcome"] == 0
@@ -100,7 +102,7 @@ async def test_a_consumed_request_without_saga_or_dead_letter_is_a_violation(
     lonely = record(b"not json at all", 3)
     await consume_refused(isolated, lonely, dead_letter=False)
 
-    broken = await check(isolated.engine)
+    broken = await check(isolated.engine, APPLICATION)
     assert [(c.invariant, c.name) for c in broken.failures()] == [("I5", NEW_CHECK)]
     assert broken.counts["requests_without_outcome"] == 2
     [violation] = broken.failures()
@@ -181,9 +183,9 @@ async def test_against_topic_reports_requests_nobody_read_until_the_orchestrator
 
     # Now the workers run: every request is read and leads to a saga or a dead letter.
     stop = asyncio.Event()
-    names = {kind: f"ck-{kind}-{uuid.uuid4().hex[:6]}" for kind in WORKER_KINDS}
+    names = {kind: f"ck-{kind}-{uuid.uuid4().hex[:6]}" for kind in APPLICATION.worker_kinds}
     tasks = [asyncio.create_task(run_worker(kind, settings.model_copy(
-        update={"worker_name": names[kind]}), stop)) for kind in WORKER_KINDS]
+        update={"worker_name": names[kind]}), stop)) for kind in APPLICATION.worker_kinds]
     try:
         for request in requests:
             assert (await upstream.wait_terminal(request["transfer_id"], 60)).status == (

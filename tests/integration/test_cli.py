@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from orchestrator import store
-from orchestrator.core import StartTransfer, decide_start, evolve, request_hash
-from orchestrator.sagas import TRANSFER
+from orchestrator.core.saga import StartTransfer, decide_start, evolve, request_hash
+from orchestrator.postgres import store
 from schemas import TransferRequested
+from steps.saga import TRANSFER
 from tests.integration.conftest import Harness, Isolated
 
 pytestmark = pytest.mark.integration

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import text
 
-from orchestrator.demo import plan_transfers, sagas_in_flight
+from steps.demo import plan_transfers, sagas_in_flight
 from tests.integration.conftest import Isolated
 from tests.integration.test_cli import _start_saga_at
 

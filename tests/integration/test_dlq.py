@@ -25,9 +25,10 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orchestrator.bus import Consumed, decode_headers, encode_headers
-from orchestrator.store import json_value
-from orchestrator.worker import CONSUMER, REDRIVE_HEADER, message_id_of
+from orchestrator.consuming.handling import REDRIVE_HEADER, message_id_of
+from orchestrator.kafka.consumer import Consumed, decode_headers, encode_headers
+from orchestrator.postgres.store import json_value
+from orchestrator.workers.saga_worker import CONSUMER
 from schemas import TOPIC_TRANSFER_COMMANDS
 from tests.integration.conftest import DeadLetterTap, Harness, Isolated
 from tests.integration.test_cli import saga_cli

@@ -17,8 +17,8 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from orchestrator.bus import Consumed, DrainingConsumer, make_broker, subscribe_batches
-from orchestrator.embedded import EmbeddedBroker
+from orchestrator.dev.embedded import EmbeddedBroker
+from orchestrator.kafka.consumer import Consumed, DrainingConsumer, make_broker, subscribe_batches
 from orchestrator.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -76,7 +76,7 @@ async def test_a_starving_consumer_widens_its_fetch_wait_and_gets_every_record(
 
     broker = make_broker(settings)
     subscribe_batches(broker, settings, [topic], "watchdog-test", handler)
-    caplog.set_level(logging.WARNING, logger="orchestrator.bus")
+    caplog.set_level(logging.WARNING, logger="orchestrator.kafka.consumer")
     await broker.start()
     try:
         with contextlib.suppress(TimeoutError):

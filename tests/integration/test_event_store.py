@@ -6,8 +6,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from orchestrator.checker import replay_mismatches
-from orchestrator.store import HeldConnection, rebuild_projection
+from orchestrator.ops.checker import replay_mismatches
+from orchestrator.postgres.store import HeldConnection, rebuild_projection
 from tests.integration.conftest import Harness
 
 pytestmark = pytest.mark.integration

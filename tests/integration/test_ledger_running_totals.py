@@ -17,14 +17,15 @@ import pytest
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from orchestrator import store
-from orchestrator.checker import check
+from orchestrator.ops.checker import check
+from orchestrator.participant.runtime import write_statement
+from orchestrator.postgres import store
+from orchestrator.postgres.store import create_engine, migrate
 from orchestrator.settings import Settings
-from orchestrator.store import create_engine, migrate
 from schemas import Direction, StepCommand
+from steps import APPLICATION
 from steps.ledger import ENTRIES, AccountView, LedgerParticipant, balances, open_account
 from steps.registry import Action, ledger
-from steps.runtime import write_statement
 from tests.integration.conftest import Isolated
 from tests.integration.test_checker import consume_start, failing
 from tests.integration.test_cli import saga_cli
@@ -141,7 +142,7 @@ async def migrate_up_to(engine: AsyncEngine, last: str, tmp_path: Path,
             shutil.copy(path, subset / path.name)
     with monkeypatch.context() as patch:
         patch.setattr(store, "MIGRATIONS_DIR", subset)
-        await migrate(engine)
+        await migrate(engine, APPLICATION.migrations)
 
 
 async def test_a_database_with_entries_from_before_the_totals_keeps_exact_balances(
@@ -174,7 +175,7 @@ async def test_a_database_with_entries_from_before_the_totals_keeps_exact_balanc
             "SELECT count(*) FROM ledger_entries WHERE fence_account IS NOT NULL"))
         ).scalar_one() == 4
 
-    assert await migrate(db) == ["0007_ledger_running_totals.sql"]
+    assert await migrate(db, APPLICATION.migrations) == ["0007_ledger_running_totals.sql"]
     fast, truth = await views(db, "old", "mid")
     # (balance, held, settled today, settled ever, fence number)
     assert summary(fast["old"]) == summary(truth["old"]) == (
@@ -217,7 +218,7 @@ async def test_a_database_with_entries_from_before_the_totals_keeps_exact_balanc
             conn, over[1:], now, lock=True), now)
     assert refused.result.code == "DAILY_LIMIT_EXCEEDED", refused.result
 
-    report = await check(db)
+    report = await check(db, APPLICATION)
     ours = [c for c in report.checks if c.name in (VIEW_CHECK, CHAIN_CHECK)]
     assert [(c.invariant, c.ok) for c in ours] == [("I7", True), ("I7", True)], ours
 
@@ -234,7 +235,7 @@ async def test_a_wrong_running_total_is_a_violation(isolated: Isolated) -> None:
                 cmd(ledger.RESERVE, "1.00", "a", "b", saga_id),
                 cmd(ledger.CREDIT, "1.00", "a", "b", saga_id),
                 cmd(ledger.SETTLE, "1.00", "a", "b", saga_id)]))
-    healthy = await check(db)
+    healthy = await check(db, APPLICATION)
     assert healthy.ok, healthy.failures()
 
     async def tamper(account: str, seq: int, by: str) -> None:
@@ -251,15 +252,15 @@ async def test_a_wrong_running_total_is_a_violation(isolated: Isolated) -> None:
 
     # An entry inside the chain: the view is still right, the chain is not.
     await tamper("a", 2, "5.00")
-    inside = await check(db)
+    inside = await check(db, APPLICATION)
     assert [(c.invariant, c.name) for c in inside.failures()] == [("I7", CHAIN_CHECK)]
     assert "'a', 3" in inside.failures()[0].detail or "('a', 2" in inside.failures()[0].detail
     await tamper("a", 2, "-5.00")
-    assert (await check(db)).ok
+    assert (await check(db, APPLICATION)).ok
 
     # The latest entry: what the next decision would read (a 5.00 overdraft waiting to happen).
     await tamper("a", 4, "5.00")
-    latest = await check(db)
+    latest = await check(db, APPLICATION)
     assert [(c.invariant, c.name) for c in latest.failures()] == [
         ("I7", VIEW_CHECK), ("I7", CHAIN_CHECK)]
     assert "'a'" in latest.failures()[0].detail and "balance" in latest.failures()[0].detail

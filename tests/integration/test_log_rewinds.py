@@ -22,7 +22,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from faststream.confluent import KafkaBroker
 
-from orchestrator.bus import (
+from orchestrator.dev.embedded import EmbeddedBroker
+from orchestrator.kafka.consumer import (
     ORCHESTRATOR_GROUP,
     Consumed,
     DrainingConsumer,
@@ -31,7 +32,6 @@ from orchestrator.bus import (
     subscribe_batches,
     trim_committed,
 )
-from orchestrator.embedded import EmbeddedBroker
 from orchestrator.settings import Settings
 from schemas import TOPIC_DEAD_LETTERS, TOPIC_TRANSFER_COMMANDS
 
@@ -137,7 +137,7 @@ async def test_after_a_broker_crash_every_record_of_the_new_log_is_read(
     create_topic(broker.bootstrap, topic)
     collector = Collector()
     kafka = await start_consumer(settings, topic, group, collector)
-    caplog.set_level(logging.WARNING, logger="orchestrator.bus")
+    caplog.set_level(logging.WARNING, logger="orchestrator.kafka.consumer")
     try:
         before = [f"before-{i}".encode() for i in range(40)]
         await asyncio.to_thread(publish, broker.bootstrap, topic, before)
@@ -250,7 +250,7 @@ async def test_idle_freshly_assigned_consumers_keep_their_fetch_wait(
             await kafka.stop()
         # A fresh consumer of the same group: everything is committed, nothing comes.
         idle = Collector()
-        caplog.set_level(logging.WARNING, logger="orchestrator.bus")
+        caplog.set_level(logging.WARNING, logger="orchestrator.kafka.consumer")
         kafka = await start_consumer(settings, topic, group, idle)
         try:
             await asyncio.sleep(60)

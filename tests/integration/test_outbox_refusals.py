@@ -22,7 +22,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from sqlalchemy import text
 
-from orchestrator.worker import DEAD_LETTER_MAX_BYTES
+from orchestrator.consuming.handling import DEAD_LETTER_MAX_BYTES
 from schemas import TOPIC_DEAD_LETTERS, step_topic
 from tests.integration.conftest import DeadLetterTap, Harness
 from tests.integration.test_cli import saga_cli

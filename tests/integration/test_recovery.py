@@ -35,22 +35,21 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orchestrator.bus import Consumed, ensure_topics
-from orchestrator.core import (
+from orchestrator.core.saga import (
     SagaState,
     SagaStatus,
     command_id_for,
     fold,
     saga_id_for_transfer,
 )
+from orchestrator.dev.processes import WorkerProcesses
 from orchestrator.errors import ConcurrencyConflict
-from orchestrator.processes import WorkerProcesses
-from orchestrator.producer import KafkaProducer
-from orchestrator.recovery import RecoveryPass, RecoveryWorker
-from orchestrator.sagas import TRANSFER
+from orchestrator.kafka.consumer import Consumed, ensure_topics
+from orchestrator.kafka.producer import KafkaProducer
+from orchestrator.postgres.store import create_engine, json_value, migrate, parse_event
 from orchestrator.settings import Settings
-from orchestrator.store import create_engine, json_value, migrate, parse_event
-from orchestrator.worker import OrchestratorWorker
+from orchestrator.workers.recovery import RecoveryPass, RecoveryWorker
+from orchestrator.workers.saga_worker import OrchestratorWorker
 from schemas import (
     TOPIC_DEAD_LETTERS,
     TOPIC_REPLIES,
@@ -65,6 +64,8 @@ from schemas import (
     StepTimedOut,
     step_topic,
 )
+from steps import APPLICATION
+from steps.saga import TRANSFER
 
 pytestmark = pytest.mark.integration
 
@@ -124,7 +125,7 @@ async def template_db(stack_settings: Settings, engine: AsyncEngine) -> AsyncIte
     name = f"it_recovery_template_{uuid.uuid4().hex[:8]}"
     await _admin(engine, f'CREATE DATABASE "{name}"')
     template = create_engine(_url_for(stack_settings, name))
-    await migrate(template)
+    await migrate(template, APPLICATION.migrations)
     await template.dispose()
     yield name
     await _admin(engine, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -288,9 +289,10 @@ async def new_rig(stack_settings: Settings, engine: AsyncEngine, template: str
     rig_engine = create_engine(settings.database_url)
     producer = KafkaProducer(settings, "it-recovery-rig")
     orchestrator = OrchestratorWorker(
-        settings.model_copy(update={"worker_name": "it-orchestrator"}), rig_engine, producer)
+        settings.model_copy(update={"worker_name": "it-orchestrator"}), rig_engine, producer,
+        APPLICATION.sagas)
     recovery = RecoveryWorker(settings.model_copy(update={"worker_name": "it-recovery"}),
-                              rig_engine, producer)
+                              rig_engine, producer, APPLICATION.sagas)
     return Rig(settings, rig_engine, producer, orchestrator, recovery,
                itertools.count(10**12 + uuid.uuid4().int % 10**9)), database
 
@@ -576,7 +578,7 @@ async def test_two_recovery_workers_act_on_each_due_saga_exactly_once(rig: Rig) 
     engines = [create_engine(settings.database_url) for _ in range(2)]
     producers = [KafkaProducer(settings, f"it-recovery-race-{i}") for i in range(2)]
     workers = [RecoveryWorker(settings.model_copy(update={"worker_name": f"race-{i}"}),
-                              engines[i], producers[i]) for i in range(2)]
+                              engines[i], producers[i], APPLICATION.sagas) for i in range(2)]
     try:
         for round_ in (1, 2, 3):  # two re-sends, then the screen gives up
             now = deadline + (round_ - 1) * SCREEN_TIMEOUT
@@ -691,7 +693,7 @@ async def test_the_orchestrators_known_state_path_decides_again_when_another_wri
     key and the batch is decided again from the database, once."""
     first = rig.orchestrator
     second = OrchestratorWorker(rig.settings.model_copy(update={"worker_name": "it-second"}),
-                                rig.engine, rig.producer)
+                                rig.engine, rig.producer, APPLICATION.sagas)
     try:
         [saga_id] = await rig.start()
         assert first.known[saga_id].version == 2  # started and screen sent: kept, not re-read

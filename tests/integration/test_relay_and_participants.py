@@ -27,16 +27,16 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 import schemas
-from orchestrator.bus import Consumed, encode_headers
-from orchestrator.core import command_id_for
-from orchestrator.producer import KafkaProducer
-from orchestrator.sagas import TRANSFER
-from orchestrator.store import json_value
+from orchestrator.core.saga import command_id_for
+from orchestrator.kafka.consumer import Consumed, encode_headers
+from orchestrator.kafka.producer import KafkaProducer
+from orchestrator.participant.runtime import CANCELLED, ParticipantWorker
+from orchestrator.postgres.store import json_value
 from schemas import Direction, Outcome, StepCommand, StepReply, step_topic
 from steps.ledger import LedgerParticipant
 from steps.notify import NotifyParticipant
 from steps.risk import RiskParticipant
-from steps.runtime import CANCELLED, ParticipantWorker
+from steps.saga import TRANSFER
 from tests.integration.conftest import DeadLetterTap, Harness, Isolated
 
 pytestmark = pytest.mark.integration

@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from orchestrator.bus import PARTICIPANTS
 from orchestrator.cli import build_parser, cmd_worker
+from orchestrator.kafka.consumer import PARTICIPANTS
 from orchestrator.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

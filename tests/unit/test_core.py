@@ -18,7 +18,8 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.core import (
+from orchestrator.core.definition import Step
+from orchestrator.core.saga import (
     Decision,
     RejectTransfer,
     SagaState,
@@ -37,8 +38,6 @@ from orchestrator.core import (
     request_hash,
     saga_id_for_transfer,
 )
-from orchestrator.definition import Step
-from orchestrator.sagas import SAGAS, TRANSFER
 from schemas import (
     SAGA_EVENT_ADAPTER,
     CompensationFailed,
@@ -61,6 +60,7 @@ from schemas import (
     StepTimedOut,
     TransferRequested,
 )
+from steps.saga import SAGAS, TRANSFER
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 FORWARD_ACTIONS = {"screen": "screen", "reserve": "reserve", "credit": "credit",

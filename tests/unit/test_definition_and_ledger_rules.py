@@ -11,13 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import steps
-from orchestrator.definition import Backoff, SagaDefinition, Step
+from orchestrator.core.definition import Backoff, SagaDefinition, Step
 from orchestrator.errors import SagaDefinitionError, SagaError
-from orchestrator.sagas import SAGAS, TRANSFER
+from orchestrator.participant.runtime import StepResult
 from schemas import Direction, Outcome, StepCommand
 from steps.ledger import AccountView, Entry, after, clearing_account, decide_entry
 from steps.registry import Action, ledger, notify, risk
-from steps.runtime import StepResult
+from steps.saga import SAGAS, TRANSFER
 
 # Deterministic (a fixed seed per test) and without an example database: unit tests do no I/O.
 PROPERTY = settings(deadline=None, database=None, derandomize=True)

@@ -10,11 +10,11 @@ from uuid import UUID, uuid4
 
 import pytest
 
-from orchestrator.bus import Consumed
 from orchestrator.cli import build_parser
-from orchestrator.dlq import Encoded, RedriveResult, prefix_bounds, redrive_headers
+from orchestrator.consuming.handling import REDRIVE_HEADER, message_id_of
 from orchestrator.errors import NotFound
-from orchestrator.worker import REDRIVE_HEADER, message_id_of
+from orchestrator.kafka.consumer import Consumed
+from orchestrator.ops.dlq import Encoded, RedriveResult, prefix_bounds, redrive_headers
 
 DEAD_LETTER_ID = UUID("6f1c2a3b-4d5e-4f60-8a9b-0c1d2e3f4a5b")
 

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.core import RejectTransfer, StartTransfer
-from orchestrator.intake import Unparseable, classify
+from orchestrator.core.intake import Unparseable, classify
+from orchestrator.core.saga import RejectTransfer, StartTransfer
 from schemas import (
     CURRENCY_EXPONENTS,
     MoneyError,

@@ -11,10 +11,10 @@ from uuid import uuid4
 import pytest
 from confluent_kafka import KafkaError
 
+from orchestrator.consuming.handling import DEAD_LETTER_MAX_BYTES, fit_dead_letter
 from orchestrator.errors import BusError, RecordRefused, TopicRefused
-from orchestrator.producer import MESSAGE_MAX_BYTES, Record, delivery_error, record_size
+from orchestrator.kafka.producer import MESSAGE_MAX_BYTES, Record, delivery_error, record_size
 from orchestrator.throttle import LogThrottle
-from orchestrator.worker import DEAD_LETTER_MAX_BYTES, fit_dead_letter
 from schemas import DeadLetter, RejectionCode
 
 

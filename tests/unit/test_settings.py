@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.embedded import EmbeddedStack, settings_for
-from orchestrator.processes import settings_env
+from orchestrator.dev.embedded import EmbeddedStack, settings_for
+from orchestrator.dev.processes import settings_env
 from orchestrator.settings import Settings
 
 

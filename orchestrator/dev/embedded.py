@@ -277,8 +277,8 @@ class EmbeddedBroker:
         then start again on the same port, so clients reconnect to the address they know.
         After a crash tansu has no topics, records or committed offsets at all, and noida has
         those of its last snapshot: either way a log may now be shorter than a consumer's
-        position (see `orchestrator.bus`). Call it from a thread that outlives the broker (see
-        `EmbeddedPostgres.restart`)."""
+        position (see `orchestrator.kafka.consumer`). Call it from a thread that outlives the
+        broker (see `EmbeddedPostgres.restart`)."""
         _stop(self.process, signal.SIGKILL if kill else signal.SIGTERM)
         _wait_port_free(self.port, 10, self.kind)
         time.sleep(down_s)

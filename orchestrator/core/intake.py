@@ -13,7 +13,7 @@ from uuid import UUID
 
 from pydantic import ValidationError
 
-from orchestrator.core import RejectTransfer, StartTransfer, request_hash
+from orchestrator.core.saga import RejectTransfer, StartTransfer, request_hash
 from schemas import RejectionCode, TransferRequested
 
 _CODE_BY_ERROR_TYPE = {

@@ -30,13 +30,12 @@ from collections.abc import Sequence
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orchestrator.bus import decode_headers
 from orchestrator.crash import crash_point
 from orchestrator.errors import RecordRefused, SagaError
+from orchestrator.kafka.consumer import decode_headers
+from orchestrator.kafka.producer import DELIVERY_TIMEOUT_S, KafkaProducer, Record
 from orchestrator.metrics import OUTBOX_SET_ASIDE
-from orchestrator.producer import DELIVERY_TIMEOUT_S, KafkaProducer, Record
-from orchestrator.settings import Settings
-from orchestrator.store import (
+from orchestrator.postgres.store import (
     OutboxRow,
     Refusal,
     RefusalRecorded,
@@ -44,6 +43,7 @@ from orchestrator.store import (
     mark_published,
     record_refusals,
 )
+from orchestrator.settings import Settings
 from orchestrator.throttle import LogThrottle
 
 log = logging.getLogger(__name__)

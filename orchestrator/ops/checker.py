@@ -40,13 +40,14 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from orchestrator.bus import Consumed
-from orchestrator.core import SagaState, fold
+from orchestrator.application import Application
+from orchestrator.consuming.handling import REDRIVE_HEADER, message_id_of
+from orchestrator.core.saga import SagaState, fold
 from orchestrator.errors import BusError, ConfigurationError
-from orchestrator.store import parse_event, set_aside_outbox
-from orchestrator.worker import CONSUMER, REDRIVE_HEADER, message_id_of
+from orchestrator.kafka.consumer import Consumed
+from orchestrator.postgres.store import parse_event, set_aside_outbox
+from orchestrator.workers.saga_worker import CONSUMER
 from schemas import TOPIC_TRANSFER_COMMANDS
-from steps.ledger import ACCOUNT_VIEW_SQL, CUSTOMER_VIEW_SQL
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ WHERE s.status IN ('COMPLETED', 'COMPENSATED', 'REJECTED')
 
 
 # A dead letter's message id, computed in SQL from what the row keeps (the original bytes and
-# headers) exactly as `orchestrator.worker.message_id_of` computes it from the record: sha256 of
+# headers) exactly as `orchestrator.consuming.message_id_of` computes it from the record: sha256 of
 # the value, plus the first redrive header's value when there is a non-empty one. Written out
 # here rather than stored, so that a dead letter is tied to its inbox row by its content, never
 # by broker coordinates (a memory broker that restarts hands out the same offsets again).
@@ -195,8 +196,13 @@ ORDER BY e.fence_account, e.fence_seq
 """
 
 
-async def check(engine: AsyncEngine, expect_quiescent: bool = False,
+async def check(engine: AsyncEngine, application: Application, expect_quiescent: bool = False,
                 outbox_grace_s: float = 5.0) -> Report:
+    if application.ledger is None:
+        raise ConfigurationError(
+            f"application {application.name!r} declares no ledger views for I1, I2 and I7")
+    account_view_sql = application.ledger.account_view_sql
+    customer_view_sql = application.ledger.customer_view_sql
     report = Report()
     add = report.checks.append
     async with engine.connect() as conn:
@@ -210,7 +216,7 @@ async def check(engine: AsyncEngine, expect_quiescent: bool = False,
 
         # I1
         now = datetime.now(UTC)
-        accounts = await _rows(conn, ACCOUNT_VIEW_SQL, now=now)
+        accounts = await _rows(conn, account_view_sql, now=now)
         by_currency: dict[str, list[Any]] = {}
         for row in accounts:
             by_currency.setdefault(row.currency.strip(), []).append(row)
@@ -324,7 +330,7 @@ async def check(engine: AsyncEngine, expect_quiescent: bool = False,
             (view.account_id, *((f, getattr(view, f), getattr(truth[view.account_id], f))
                                 for f in fields
                                 if getattr(view, f) != getattr(truth[view.account_id], f)))
-            for view in await _rows(conn, CUSTOMER_VIEW_SQL, now=now)
+            for view in await _rows(conn, customer_view_sql, now=now)
             if any(getattr(view, f) != getattr(truth[view.account_id], f) for f in fields)]
         add(Check("I7", "the running totals the ledger decides on equal the sums of the entries",
                   not drifted, _sample(drifted)))

@@ -10,54 +10,40 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orchestrator.bus import ORCHESTRATOR_GROUP, ensure_topics, make_broker, subscribe_batches
+from orchestrator.application import Application, load_application
 from orchestrator.errors import ConfigurationError
-from orchestrator.producer import KafkaProducer
-from orchestrator.recovery import RecoveryWorker
-from orchestrator.relay import OutboxRelay
+from orchestrator.kafka.consumer import (
+    ORCHESTRATOR_GROUP,
+    ensure_topics,
+    make_broker,
+    subscribe_batches,
+)
+from orchestrator.kafka.producer import KafkaProducer
+from orchestrator.participant.runtime import ParticipantWorker
+from orchestrator.postgres.store import create_engine, migrate
 from orchestrator.settings import Settings, worker_name
-from orchestrator.store import create_engine, migrate
-from orchestrator.worker import OrchestratorWorker
-
-if TYPE_CHECKING:
-    from steps.runtime import ParticipantWorker
+from orchestrator.workers.recovery import RecoveryWorker
+from orchestrator.workers.relay import OutboxRelay
+from orchestrator.workers.saga_worker import OrchestratorWorker
 
 log = logging.getLogger(__name__)
-
-WORKER_KINDS = ("orchestrator", "relay", "recovery", "participant:risk", "participant:ledger",
-                "participant:notify")
-
-
-def make_participant(name: str, settings: Settings) -> Any:
-    from steps import LedgerParticipant, NotifyParticipant, RiskParticipant
-
-    factories: dict[str, Callable[[], Any]] = {
-        "ledger": LedgerParticipant,
-        "risk": lambda: RiskParticipant(settings),
-        "notify": NotifyParticipant,
-    }
-    if name not in factories:
-        raise ConfigurationError(f"no participant {name!r}; known: {', '.join(factories)}")
-    return factories[name]()
-
 
 def _require_addresses(settings: Settings) -> None:
     if not settings.database_url or not settings.kafka_bootstrap:
         raise ConfigurationError("SAGA_DATABASE_URL and SAGA_KAFKA_BOOTSTRAP must both be set")
 
 
-async def prepare(settings: Settings) -> AsyncEngine:
+async def prepare(settings: Settings, application: Application) -> AsyncEngine:
     _require_addresses(settings)
     assert settings.database_url
     engine = create_engine(settings.database_url, settings.db_pool_size,
                            settings.db_idle_in_transaction_timeout_s)
-    await migrate(engine)
+    await migrate(engine, application.migrations)
     await asyncio.to_thread(ensure_topics, settings)
     return engine
 
@@ -79,19 +65,22 @@ async def _mark_stopped(engine: AsyncEngine, worker: str) -> None:
 
 
 async def run_worker(kind: str, settings: Settings, stop: asyncio.Event,
-                     producer: KafkaProducer | None = None) -> None:
-    """Run the worker `kind` (one of WORKER_KINDS) until `stop` is set. It takes over
-    `producer` (created early by the CLI, see `orchestrator.producer`) or creates its own."""
+                     producer: KafkaProducer | None = None,
+                     application: Application | None = None) -> None:
+    """Run the worker `kind` (one of the application's `worker_kinds`) until `stop` is set. It
+    takes over `producer` (created early by the CLI, see `orchestrator.kafka.producer`) or
+    creates its own. The application is the one the settings name, unless one is given."""
     try:
-        if kind not in WORKER_KINDS:
+        application = application or load_application(settings.application)
+        if kind not in application.worker_kinds:
             raise ConfigurationError(
-                f"unknown worker {kind!r}; known: {', '.join(WORKER_KINDS)}")
+                f"unknown worker {kind!r}; known: {', '.join(application.worker_kinds)}")
         _require_addresses(settings)
         name = worker_name(kind, settings)
         settings = settings.model_copy(update={"worker_name": name})
         # Before `prepare`, so its producer id arrives during the migrations and topic setup.
         producer = producer or KafkaProducer(settings, name)
-        engine = await prepare(settings)
+        engine = await prepare(settings, application)
     except BaseException:
         if producer is not None:
             producer.close()
@@ -103,22 +92,22 @@ async def run_worker(kind: str, settings: Settings, stop: asyncio.Event,
 
     try:
         if kind in ("relay", "recovery"):  # database pollers: no consumer, no partitions
-            poller = (OutboxRelay if kind == "relay" else RecoveryWorker)(settings, engine,
-                                                                         producer)
+            poller: OutboxRelay | RecoveryWorker = (
+                OutboxRelay(settings, engine, producer) if kind == "relay"
+                else RecoveryWorker(settings, engine, producer, application.sagas))
             await _mark_ready(engine, name, kind)
             await poller.run(stop)
             return
         broker = make_broker(settings)
         worker: OrchestratorWorker | ParticipantWorker
         if kind == "orchestrator":
-            worker = OrchestratorWorker(settings, engine, producer)
+            worker = OrchestratorWorker(settings, engine, producer, application.sagas)
             subscribe_batches(broker, settings, worker.topics, ORCHESTRATOR_GROUP,
                               worker.handle_batch, on_assign)
         else:
-            from steps.runtime import ParticipantWorker
-
             worker = ParticipantWorker(
-                settings, engine, make_participant(kind.split(":", 1)[1], settings), producer)
+                settings, engine, application.participant(kind.split(":", 1)[1], settings),
+                producer)
             subscribe_batches(broker, settings, [worker.topic], worker.group_id,
                               worker.handle_batch, on_assign)
         await broker.start()

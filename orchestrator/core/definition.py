@@ -15,7 +15,20 @@ from dataclasses import dataclass, field
 from uuid import UUID
 
 from orchestrator.errors import SagaDefinitionError
-from steps.registry import Action
+
+
+@dataclass(frozen=True)
+class Action:
+    """One effect (or its undoing) that one participant knows how to apply. Persisted names.
+
+    A saga definition refers to these objects, not to strings, so a typo is an import error and
+    a test can prove that every referenced action has a handler."""
+
+    participant: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.participant}.{self.name}"
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -33,8 +34,17 @@ from confluent_kafka.admin import AdminClient
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orchestrator import store
-from orchestrator.bus import (
+from orchestrator.consuming.handling import fit_dead_letter
+from orchestrator.core.definition import SagaDefinition
+from orchestrator.core.saga import (
+    SagaState,
+    decide_due,
+    evolve,
+    outstanding_command,
+)
+from orchestrator.crash import crash_point, step_tags
+from orchestrator.errors import SagaError
+from orchestrator.kafka.consumer import (
     PARTICIPANTS,
     all_topics,
     encode_headers,
@@ -42,22 +52,13 @@ from orchestrator.bus import (
     listed_topics,
     trim_committed,
 )
-from orchestrator.core import (
-    SagaState,
-    decide_due,
-    evolve,
-    outstanding_command,
-)
-from orchestrator.crash import crash_point, step_tags
-from orchestrator.definition import SagaDefinition
-from orchestrator.errors import SagaError
+from orchestrator.kafka.producer import KafkaProducer, Record
 from orchestrator.metrics import DEAD_LETTERS, RECOVERY_ACTIONS, SAGAS_FAILED
-from orchestrator.producer import KafkaProducer, Record
-from orchestrator.relay import OutboxRelay, PublishedMarker, publish_committed
-from orchestrator.sagas import SAGAS
+from orchestrator.postgres import store
 from orchestrator.settings import Settings
 from orchestrator.throttle import LogThrottle
-from orchestrator.worker import command_row, fit_dead_letter
+from orchestrator.workers.relay import OutboxRelay, PublishedMarker, publish_committed
+from orchestrator.workers.saga_worker import command_row
 from schemas import (
     TOPIC_DEAD_LETTERS,
     DeadLetter,
@@ -95,11 +96,11 @@ class RecoveryPass:
 
 class RecoveryWorker:
     def __init__(self, settings: Settings, engine: AsyncEngine, producer: KafkaProducer,
-                 definitions: dict[str, SagaDefinition] | None = None) -> None:
+                 definitions: Mapping[str, SagaDefinition]) -> None:
         self.settings = settings
         self.engine = engine
         self.producer = producer
-        self.definitions = definitions or SAGAS
+        self.definitions = definitions
         self.actor = settings.worker_name or "recovery"
         self.marker = PublishedMarker(engine)
         self._throttle = LogThrottle()  # for a publish failure that repeats every pass
@@ -319,7 +320,7 @@ class RecoveryWorker:
     async def keep_logs_trimmed(self, stop: asyncio.Event, every_s: float = 30.0) -> None:
         """With `kafka_trim_committed` (the embedded noida), delete what every consumer group
         committed every `every_s`, so a long-running stack's logs and snapshots stay bounded
-        (`orchestrator.bus.trim_committed`)."""
+        (`orchestrator.kafka.consumer.trim_committed`)."""
         while self.settings.kafka_trim_committed and not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), every_s)

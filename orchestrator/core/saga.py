@@ -24,7 +24,7 @@ from enum import StrEnum
 from typing import Any
 from uuid import UUID, uuid5
 
-from orchestrator.definition import SagaDefinition, Step
+from orchestrator.core.definition import SagaDefinition, Step
 from schemas import (
     CompensationFailed,
     Direction,

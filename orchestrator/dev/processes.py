@@ -17,10 +17,11 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orchestrator.embedded import die_with_parent
+from orchestrator.application import load_application
+from orchestrator.dev.embedded import die_with_parent
 from orchestrator.errors import EmbeddedStackError
-from orchestrator.runner import WORKER_KINDS, workers_ready
 from orchestrator.settings import Settings
+from orchestrator.workers.runner import workers_ready
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -50,10 +51,15 @@ class WorkerProcesses:
 
     settings: Settings
     log_dir: Path
-    kinds: tuple[str, ...] = WORKER_KINDS
+    # Every worker kind of the application the settings name, unless given.
+    kinds: tuple[str, ...] = ()
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     # Unique per start, so readiness means *these* processes, even on a shared database.
     names: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.kinds:
+            self.kinds = load_application(self.settings.application).worker_kinds
 
     def start(self, kind: str | None = None, env: dict[str, str] | None = None) -> None:
         """Start every kind, or the one labelled `kind`, with `env` added (for example a

@@ -23,8 +23,13 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from orchestrator.core import SagaState
-from orchestrator.errors import ConcurrencyConflict, StoreError, StoreUnavailable
+from orchestrator.core.saga import SagaState
+from orchestrator.errors import (
+    ConcurrencyConflict,
+    ConfigurationError,
+    StoreError,
+    StoreUnavailable,
+)
 from schemas import SAGA_EVENT_ADAPTER, SagaEvent
 
 # Payload: the transfer id of a saga that just reached a terminal state (sent at commit).
@@ -82,10 +87,19 @@ class HeldConnection:
                 await conn.close()
 
 
-async def migrate(engine: AsyncEngine) -> list[str]:
-    """Apply the packaged migrations not applied yet, in order, under an advisory lock so that
-    workers starting together do not race. Returns the names applied now."""
-    files = sorted((path.name, path.read_text()) for path in MIGRATIONS_DIR.glob("*.sql"))
+async def migrate(engine: AsyncEngine, extra: Sequence[Path] = ()) -> list[str]:
+    """Apply the migrations not applied yet under an advisory lock, so that workers starting
+    together do not race: the engine's own first, then each folder of `extra` (an
+    application's, e.g. its ledger), each in name order. Returns the names applied now.
+
+    Names are what `schema_migrations` remembers, so they must be unique across the folders."""
+    files: list[tuple[str, str]] = []
+    for folder in (MIGRATIONS_DIR, *extra):
+        files += sorted((path.name, path.read_text()) for path in folder.glob("*.sql"))
+    names = [name for name, _ in files]
+    if len(set(names)) != len(names):
+        twice = sorted({name for name in names if names.count(name) > 1})
+        raise ConfigurationError(f"migration names must be unique across folders: {twice}")
     applied_now: list[str] = []
     async with engine.begin() as conn:
         await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
@@ -470,7 +484,7 @@ async def rebuild_projection(conn: AsyncConnection) -> int:
     Returns the number of sagas rebuilt. Timestamps come from the events (first and last
     `recorded_at`), everything else from `fold`.
     """
-    from orchestrator.core import fold
+    from orchestrator.core.saga import fold
 
     await conn.execute(text("DELETE FROM sagas"))
     result = await conn.stream(text(

@@ -10,7 +10,7 @@ outbox relay publishes it. Two facts make that exactly once:
   other, or racing: the second waits on the row lock, then re-checks the condition) exactly one
   gets the row and writes its outbox row; the other reports it as already redriven.
 - The orchestrator's inbox id of an intake record covers the `saga-redrive-id` header
-  (`orchestrator.worker.message_id_of`), so the republished copy is a new message, processed once
+  (`orchestrator.consuming.message_id_of`), so the republished copy is a new message, processed once
   (a second delivery of it by the relay or the broker is a duplicate of that one message). A
   reply's inbox id is its `reply_id` plus the redrive id when there is one, so a redriven reply
   is decided once more too; the saga's command id decides whether it still applies.
@@ -33,11 +33,11 @@ from uuid import UUID
 from sqlalchemy import Row, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from orchestrator.bus import decode_headers, encode_headers
+from orchestrator.consuming.handling import REDRIVE_HEADER
 from orchestrator.errors import ConfigurationError, NotFound
-from orchestrator.recovery import RECOVERY_STAGE
-from orchestrator.store import json_value
-from orchestrator.worker import REDRIVE_HEADER
+from orchestrator.kafka.consumer import decode_headers, encode_headers
+from orchestrator.postgres.store import json_value
+from orchestrator.workers.recovery import RECOVERY_STAGE
 from schemas import DLQ_HEADER_PREFIX
 
 REDRIVEN_BY_HEADER: Final = "saga-redriven-by"

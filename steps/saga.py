@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator.definition import SagaDefinition, Step
+from orchestrator.core.definition import SagaDefinition, Step
 from steps.registry import ledger, notify, risk
 
 TRANSFER = SagaDefinition(

@@ -42,18 +42,6 @@ CREATE TRIGGER ledger_entries_no_truncate
     BEFORE TRUNCATE ON ledger_entries
     FOR EACH STATEMENT EXECUTE FUNCTION refuse_change_to_append_only();
 
--- A participant's stored reply per effect: a redelivered command gets this, never a new effect.
-CREATE TABLE participant_replies (
-    saga_id     uuid        NOT NULL,
-    step        text        NOT NULL,
-    direction   text        NOT NULL,
-    participant text        NOT NULL,
-    outcome     text        NOT NULL,
-    reply       jsonb       NOT NULL,
-    recorded_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-    PRIMARY KEY (saga_id, step, direction)
-);
-
 CREATE TABLE notifications (
     saga_id     uuid        PRIMARY KEY,
     recipient   text        NOT NULL,

@@ -1,5 +1,5 @@
 """The Kafka edge: topic setup and faststream batch subscribers (the producer is in
-`orchestrator.producer`).
+`orchestrator.kafka.producer`).
 
 Consumers are faststream batch subscribers on confluent-kafka with manual acknowledgement: a batch
 is acknowledged (its offsets committed) only after the handler returned, that is after the
@@ -34,8 +34,8 @@ from faststream.confluent.annotations import KafkaMessage
 from faststream.confluent.helpers.client import AsyncConfluentConsumer, check_msg_error
 
 from orchestrator.errors import BusError, ConfigurationError
-from orchestrator.leases import Partition, PartitionLeases
 from orchestrator.metrics import CONSUMER_REWINDS
+from orchestrator.postgres.leases import Partition, PartitionLeases
 from orchestrator.settings import Settings
 from schemas import TOPIC_DEAD_LETTERS, TOPIC_REPLIES, TOPIC_TRANSFER_COMMANDS, step_topic
 
@@ -213,7 +213,7 @@ class DrainingConsumer(AsyncConfluentConsumer):
     max_fetch_wait_ms = 256
 
     # Set (by `make_broker`) when partitions are owned through PostgreSQL leases rather than
-    # consumer-group membership (see `orchestrator.leases`).
+    # consumer-group membership (see `orchestrator.postgres.leases`).
     lease_settings: Settings | None = None
     leases: PartitionLeases | None = None
     # Set by `make_broker` from `kafka_trust_watermarks` (see `_rewind_shortened_logs`).

@@ -35,15 +35,7 @@ from sqlalchemy import TextClause, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from orchestrator import store
-from orchestrator.bus import Consumed, encode_headers, participant_group
-from orchestrator.crash import crash_point, step_tags
-from orchestrator.errors import ConcurrencyConflict, SagaError
-from orchestrator.metrics import DEAD_LETTERS
-from orchestrator.producer import KafkaProducer, Record
-from orchestrator.settings import Settings
-from orchestrator.store import DeadLetterRow, insert_dead_letters, translate
-from orchestrator.worker import (
+from orchestrator.consuming.handling import (
     dead_letter_for,
     dead_letter_record,
     handle_isolating_poison,
@@ -52,6 +44,14 @@ from orchestrator.worker import (
     poison_dead_letter,
     retrying,
 )
+from orchestrator.crash import crash_point, step_tags
+from orchestrator.errors import ConcurrencyConflict, SagaError
+from orchestrator.kafka.consumer import Consumed, encode_headers, participant_group
+from orchestrator.kafka.producer import KafkaProducer, Record
+from orchestrator.metrics import DEAD_LETTERS
+from orchestrator.postgres import store
+from orchestrator.postgres.store import DeadLetterRow, insert_dead_letters, translate
+from orchestrator.settings import Settings
 from schemas import (
     TOPIC_REPLIES,
     Direction,

@@ -10,7 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.errors import NotFound
-from orchestrator.store import json_value, set_aside_outbox
+from orchestrator.postgres.store import json_value, set_aside_outbox
 
 
 async def resolve_saga_id(engine: AsyncEngine, any_id: str) -> UUID:

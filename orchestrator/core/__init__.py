@@ -1,0 +1,56 @@
+"""The pure decision core: saga state, the decisions, derived ids and the definition API.
+
+Nothing here does I/O or reads settings: given the events so far, a message and `now`, it
+returns the events to append and the commands to send (`lint-imports` keeps it so)."""
+
+from orchestrator.core.definition import Action, Backoff, SagaDefinition, Step
+from orchestrator.core.intake import Unparseable, classify
+from orchestrator.core.saga import (
+    IN_FLIGHT_STATUSES,
+    TERMINAL_STATUSES,
+    Decision,
+    RejectTransfer,
+    SagaState,
+    SagaStatus,
+    StartTransfer,
+    Verdict,
+    command_id_for,
+    decide_due,
+    decide_reject,
+    decide_reply,
+    decide_start,
+    evolve,
+    fold,
+    outstanding_command,
+    participant_of,
+    request_hash,
+    saga_id_for_transfer,
+)
+
+__all__ = [
+    "IN_FLIGHT_STATUSES",
+    "TERMINAL_STATUSES",
+    "Action",
+    "Backoff",
+    "Decision",
+    "RejectTransfer",
+    "SagaDefinition",
+    "SagaState",
+    "SagaStatus",
+    "StartTransfer",
+    "Step",
+    "Unparseable",
+    "Verdict",
+    "classify",
+    "command_id_for",
+    "decide_due",
+    "decide_reject",
+    "decide_reply",
+    "decide_start",
+    "evolve",
+    "fold",
+    "outstanding_command",
+    "participant_of",
+    "request_hash",
+    "saga_id_for_transfer",
+]
