@@ -54,7 +54,7 @@ BOUND_S = 60.0
 # How long a planted crash may take to be reached (workers may take 15 s to start on a busy
 # machine); only a liveness limit, never a speed figure.
 REACH_S = 60.0
-RECOVERY_SEND_DEADLINE_S = 10.0  # the transfer saga's step timeout (orchestrator/sagas.py)
+RECOVERY_SEND_DEADLINE_S = 10.0  # the transfer saga's step timeout (steps/saga.py)
 # The `recovery.*` forward cases need a screening that fails (at random, half of the time) and is
 # retried: with 20 transfers, the odds that none fails are one in a million.
 RETRY_MIX = {"ok": 8, "over_limit": 6, "closed_destination": 3, "insufficient": 3}

@@ -137,12 +137,14 @@ async def migrate_up_to(engine: AsyncEngine, last: str, tmp_path: Path,
                         monkeypatch: pytest.MonkeyPatch) -> None:
     subset = tmp_path / last
     subset.mkdir()
-    for path in sorted(store.MIGRATIONS_DIR.glob("*.sql")):
-        if path.name[:4] <= last:
-            shutil.copy(path, subset / path.name)
+    # The engine's and the ledger's migrations up to `last`, in the order they were written.
+    for folder in (store.MIGRATIONS_DIR, *APPLICATION.migrations):
+        for path in sorted(folder.glob("*.sql")):
+            if path.name[:4] <= last:
+                shutil.copy(path, subset / path.name)
     with monkeypatch.context() as patch:
         patch.setattr(store, "MIGRATIONS_DIR", subset)
-        await migrate(engine, APPLICATION.migrations)
+        await migrate(engine)
 
 
 async def test_a_database_with_entries_from_before_the_totals_keeps_exact_balances(
@@ -175,7 +177,8 @@ async def test_a_database_with_entries_from_before_the_totals_keeps_exact_balanc
             "SELECT count(*) FROM ledger_entries WHERE fence_account IS NOT NULL"))
         ).scalar_one() == 4
 
-    assert await migrate(db, APPLICATION.migrations) == ["0007_ledger_running_totals.sql"]
+    assert await migrate(db, APPLICATION.migrations) == [
+        "0008_participant_replies.sql", "0007_ledger_running_totals.sql"]  # the engine's first
     fast, truth = await views(db, "old", "mid")
     # (balance, held, settled today, settled ever, fence number)
     assert summary(fast["old"]) == summary(truth["old"]) == (

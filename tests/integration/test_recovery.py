@@ -1,5 +1,5 @@
-"""The recovery worker (`orchestrator/recovery.py`) and `decide_due`, on the real PostgreSQL and
-the real broker.
+"""The recovery worker (`orchestrator/workers/recovery.py`) and `decide_due`, on the real
+PostgreSQL and the real broker.
 
 Each test gets a database of its own on the session's PostgreSQL server (copied from a migrated
 template) and a topic prefix of its own. The session's workers never see these sagas: its
