@@ -81,7 +81,8 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
     summary = await run_demo(settings, args.transfers, args.timeout, args.json, args.seed,
                              args.keep, chaos=args.chaos, chaos_s=args.chaos_seconds,
-                             chaos_broker=args.chaos_broker)
+                             chaos_broker=args.chaos_broker,
+                             allow_external_stack=args.allow_external_stack)
     if args.json:
         compact = {k: v for k, v in summary.items() if k != "example_timeline"}
         print(json.dumps(compact, default=str))
@@ -396,6 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--chaos-broker", action="store_true",
                       help="with --chaos, on the embedded stack: also SIGKILL the broker once "
                            "mid-run and restart it on its port 2 s later (memory lost)")
+    demo.add_argument("--allow-external-stack", action="store_true",
+                      help="run against the PostgreSQL and Kafka that SAGA_DATABASE_URL and "
+                           "SAGA_KAFKA_BOOTSTRAP name: open demo accounts and publish transfers "
+                           "there (without it, the demo refuses any stack but its own)")
     demo.add_argument("--json", action="store_true")
     demo.set_defaults(run=cmd_demo)
 
