@@ -390,6 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--chaos-broker", action="store_true",
                       help="with --chaos, on the embedded stack: also SIGKILL the broker once "
                            "mid-run and restart it on its port 2 s later (memory lost)")
+    demo.add_argument("--allow-external-stack", action="store_true",
+                      help="run against the PostgreSQL and Kafka that SAGA_DATABASE_URL and "
+                           "SAGA_KAFKA_BOOTSTRAP name: open demo accounts and publish transfers "
+                           "there (without it, the demo refuses any stack but its own)")
     demo.add_argument("--json", action="store_true")
     demo.set_defaults(run=cmd_demo)
 

@@ -4,6 +4,9 @@ Starts PostgreSQL and the broker, the five workers as processes, opens accounts,
 transfer requests (a mix that completes, compensates at each depth, and is refused at intake),
 re-sends some of them (same payload: ignored; different payload: refused), waits until every
 transfer is terminal, checks the invariants, and prints a summary and one compensated timeline.
+
+With SAGA_DATABASE_URL or SAGA_KAFKA_BOOTSTRAP set it refuses, before connecting to anything,
+unless `--allow-external-stack` asks it to write into that stack (`refuse_external_stack`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from confluent_kafka import Producer
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.dev.embedded import EmbeddedBroker, EmbeddedStack, settings_for
@@ -314,10 +317,39 @@ async def _publish_paced(settings: Settings, payloads: list[tuple[bytes, bytes |
         await asyncio.sleep(0.5)
 
 
+def refuse_external_stack(settings: Settings, transfers: int) -> None:
+    """Raise ConfigurationError unless the settings leave the demo its own embedded stack.
+
+    Pointed at an external PostgreSQL and Kafka, the demo writes into them: accounts with
+    invented money, transfers, events, dead letters, and its workers' rows. That is only right
+    when asked for by name (`--allow-external-stack`): settings left over in a shell, or a
+    compose file's, must not turn a demo into writes to a real ledger. Nothing connects before
+    this is decided."""
+    if settings.embedded:
+        return
+    database = (make_url(settings.database_url).render_as_string(hide_password=True)
+                if settings.database_url else "(SAGA_DATABASE_URL is not set)")
+    broker = settings.kafka_bootstrap or "(SAGA_KAFKA_BOOTSTRAP is not set)"
+    accounts = demo_accounts("")
+    opening: dict[str, Decimal] = {}
+    for _, currency, balance, _, _ in accounts:
+        opening[currency] = opening.get(currency, Decimal(0)) + balance
+    money = " and ".join(f"{total:,} {currency}" for currency, total in sorted(opening.items()))
+    raise ConfigurationError(
+        "refusing to run the demo against an external stack (SAGA_DATABASE_URL or "
+        "SAGA_KAFKA_BOOTSTRAP is set). It would apply the migrations to the PostgreSQL at "
+        f"{database} and open {len(accounts)} demo accounts there holding {money}, start its "
+        f"own worker processes, and publish {transfers} transfer requests (and some re-sends) "
+        f"to the Kafka at {broker}, under a fresh demo-xxxxxx- prefix for topics and accounts "
+        "unless SAGA_TOPIC_PREFIX is set. To run it on its own embedded stack, unset both "
+        "variables; to write into this stack, pass --allow-external-stack.")
+
+
 async def run_demo(settings: Settings, transfers: int, timeout_s: float, as_json: bool,
                    seed_value: int | None = None, keep_files: bool = False,
                    chaos: bool = False, chaos_s: float = CHAOS_SECONDS,
-                   chaos_broker: bool = False) -> dict[str, Any]:
+                   chaos_broker: bool = False, allow_external_stack: bool = False
+                   ) -> dict[str, Any]:
     out = sys.stderr
     if chaos_broker and not chaos:
         raise ConfigurationError("--chaos-broker adds a broker crash to --chaos: give both")
@@ -325,6 +357,13 @@ async def run_demo(settings: Settings, transfers: int, timeout_s: float, as_json
         raise ConfigurationError(
             "--chaos-broker kills and restarts the embedded broker, so it needs the embedded "
             "stack: unset SAGA_DATABASE_URL and SAGA_KAFKA_BOOTSTRAP")
+    if not allow_external_stack:
+        refuse_external_stack(settings, transfers)
+    if not settings.embedded and not (settings.database_url and settings.kafka_bootstrap):
+        raise ConfigurationError(
+            "an external stack needs both SAGA_DATABASE_URL and SAGA_KAFKA_BOOTSTRAP (the "
+            "demo publishes transfers and keeps their sagas): set both, or neither for the "
+            "embedded stack")
     rng = random.Random(seed_value)
     stack: EmbeddedStack | None = None
     if settings.embedded:
@@ -482,7 +521,8 @@ async def cli_demo(settings: Settings, args: argparse.Namespace) -> int:
     """`saga demo`: run it, print the summary (`--json`: one object), exit 1 unless clean."""
     summary = await run_demo(settings, args.transfers, args.timeout, args.json, args.seed,
                              args.keep, chaos=args.chaos, chaos_s=args.chaos_seconds,
-                             chaos_broker=args.chaos_broker)
+                             chaos_broker=args.chaos_broker,
+                             allow_external_stack=args.allow_external_stack)
     if args.json:
         compact = {k: v for k, v in summary.items() if k != "example_timeline"}
         print(json.dumps(compact, default=str))

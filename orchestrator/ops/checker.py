@@ -1,17 +1,27 @@
 """The invariant checker: proves from the data alone that money and history are right.
 
+Every check below is one a broken database trips (tests/integration/test_invariants_trip.py
+breaks each one and runs `saga check`): a check that cannot fail proves nothing.
+
     I1 money conserved: Σ balances of all accounts (customers and clearing) equals Σ opening
        balances, per currency; every terminal saga's net effect is all-or-nothing (a completed
        transfer moved exactly its amount from source to destination; a compensated or rejected
        one moved nothing); with nothing in flight, clearing accounts and holds are back to zero.
     I2 no double effect: at most one entry per (saga, step, direction); a compensation entry only
        where its forward entry exists.
-    I3 termination: no saga in flight (only a violation when `expect_quiescent`).
-    I4 the event log is gapless per saga (seq 1..n), protected by its append-only triggers, and
-       folding each saga's events reproduces its projection.
-    I5 every consumed message has a verdict; every transfer request the orchestrator recorded
-       as consumed (its inbox rows for the commands topic) led to a saga or a dead letter;
-       dead letters are counted.
+    I3 termination: every saga in flight is due at some time (its command's deadline or its
+       retry's start), so the recovery worker will look at it; no saga in flight at all (only a
+       violation when `expect_quiescent`).
+    I4 the event log is gapless per saga (seq 1..n), protected by its append-only triggers; every
+       event log has its projection row and every projection row its events; folding each saga's
+       events reproduces its projection, both the cached state and the columns that queries and
+       recovery read (status, step, direction, attempt, version, deadline, due time, ...).
+    I5 every message the orchestrator consumed is accounted for: its inbox verdict is backed by
+       what it recorded (a message that started or moved a saga caused its events, a duplicate
+       or a stale reply names a saga that exists, a refused one has its dead letter); every
+       transfer request it consumed led to a saga or a dead letter; every dead letter carries a
+       known reason code and a reason; every redriven dead letter was republished exactly once,
+       and, once published, consumed (the orchestrator's topics: the copy's inbox row exists).
     I6 no outbox row left unpublished (older than `outbox_grace_s`). A row the broker refused
        for good and the relay set aside is accounted for, not left: it is reported as a
        *finding* (listed, for an operator) instead of a violation.
@@ -19,7 +29,9 @@
        the view the ledger decides against (each customer account's latest entry's running
        totals, ADR 0008) equals the sums over its whole history, and each entry's totals are
        its predecessor's plus its own movement: a wrong running total is how the ledger would
-       overdraw an account or refuse a good transfer while I1's sums still add up.
+       overdraw an account or refuse a good transfer while I1's sums still add up, and a balance
+       changed without an entry (an opening balance edited) shows as totals that no longer
+       equal the sums.
     I8 (`check_topic`, from the broker's side) every request on the commands topic led to a saga
        or a dead letter: nothing the broker acknowledged was skipped.
 """
@@ -46,8 +58,9 @@ from orchestrator.core.saga import SagaState, fold
 from orchestrator.errors import BusError, ConfigurationError
 from orchestrator.kafka.consumer import Consumed
 from orchestrator.postgres.store import parse_event, set_aside_outbox
+from orchestrator.workers.recovery import RECOVERY_STAGE
 from orchestrator.workers.saga_worker import CONSUMER
-from schemas import TOPIC_TRANSFER_COMMANDS
+from schemas import TOPIC_REPLIES, TOPIC_TRANSFER_COMMANDS, RejectionCode
 
 
 @dataclass(frozen=True)
@@ -173,6 +186,94 @@ WHERE i.consumer = :consumer AND right(i.topic, length(:commands)) = :commands
 ORDER BY i.received_at
 """
 
+# What each verdict the orchestrator records must have left behind, in the transaction that
+# wrote the inbox row (`OrchestratorWorker._apply`, and `_set_aside` for a poison record):
+#   started, applied        the saga's events, each with this message as its causation id;
+#   duplicate, stale        the saga the message was judged against;
+#   rejected, conflict,     a dead letter of this very message: an intake record's (or an
+#   unknown_saga,           unparseable reply's, or a poison record's) found by its content
+#   dead_lettered           hash, a parsed reply's by its coordinates and saga;
+#   anything else           nothing explains it: not a verdict the orchestrator gives.
+_CAUSED_EVENTS = ("started", "applied")
+_NAMED_SAGA = ("duplicate", "stale")
+_DEAD_LETTERED = ("rejected", "conflict", "unknown_saga", "dead_lettered")
+_UNBACKED_VERDICTS = f"""
+WITH letters AS MATERIALIZED (
+    SELECT d.original_topic AS topic, {_LETTER_MESSAGE_ID} AS message_id FROM dead_letters d
+    WHERE d.stage <> :recovery_stage),
+reply_letters AS MATERIALIZED (
+    SELECT d.original_topic AS topic, d.original_partition AS partition,
+           d.original_offset AS "offset", d.saga_id FROM dead_letters d
+    WHERE d.stage <> :recovery_stage AND d.original_partition IS NOT NULL
+      AND d.original_offset IS NOT NULL AND d.saga_id IS NOT NULL)
+SELECT i.message_id, i.topic, i.partition, i."offset", i.verdict, i.saga_id
+FROM inbox i
+WHERE i.consumer = :consumer AND (
+       (i.verdict = ANY(:caused_events) AND NOT EXISTS (
+            SELECT 1 FROM saga_events e
+            WHERE e.saga_id = i.saga_id AND e.causation_id = i.message_id))
+    OR (i.verdict = ANY(:named_saga) AND NOT EXISTS (
+            SELECT 1 FROM sagas s WHERE s.saga_id = i.saga_id))
+    OR (i.verdict = ANY(:dead_lettered)
+        AND (i.topic, i.message_id) NOT IN (SELECT topic, message_id FROM letters)
+        AND NOT (i.message_id LIKE 'reply:%' AND i.partition IS NOT NULL
+                 AND i."offset" IS NOT NULL AND i.saga_id IS NOT NULL
+                 AND (i.topic, i.partition, i."offset", i.saga_id) IN (
+                     SELECT topic, partition, "offset", saga_id FROM reply_letters)))
+    OR NOT (i.verdict = ANY(:caused_events) OR i.verdict = ANY(:named_saga)
+            OR i.verdict = ANY(:dead_lettered)))
+ORDER BY i.received_at
+"""
+
+# Dead letters without a reason an operator can act on: a code outside `RejectionCode` (which
+# `saga dlq list --reason` and the runbook's table are keyed by) or an empty reason.
+_LETTERS_WITHOUT_REASON = """
+SELECT dead_letter_id, stage, reason_code, reason FROM dead_letters
+WHERE NOT (reason_code = ANY(:codes)) OR btrim(reason) = ''
+ORDER BY last_failed_at
+"""
+
+# Redriven dead letters not accounted for. A redrive (`orchestrator.ops.dlq.redrive`) marks the
+# letter and writes, in the same transaction, exactly one outbox row to its original topic that
+# carries `saga-redrive-id: <dead_letter_id>`; so a redriven letter with no such row was never
+# republished, and one with two was republished twice. Once that row has been published for
+# longer than the grace, a copy sent to the orchestrator's topics has been consumed: its inbox
+# row is there, under the id the worker gives a redriven copy (`message_id_of`: the content
+# hash with the redrive id; a parsed reply's: `reply:<reply_id>:redrive:<id>`). The copies are
+# found in one pass over the outbox's headers (values stored base64), compared as bytes.
+_REDRIVES_UNACCOUNTED = """
+WITH copies AS MATERIALIZED (
+    SELECT o.topic, decode(h.value->>1, 'base64') AS redrive_id, o.published_at
+    FROM outbox o CROSS JOIN LATERAL jsonb_array_elements(o.headers) AS h(value)
+    WHERE h.value->>0 = :redrive_header),
+redriven AS (
+    SELECT d.dead_letter_id, d.original_topic, d.payload, d.redriven_at,
+           count(c.topic) AS copies,
+           coalesce(bool_or(c.published_at < now() - make_interval(secs => :grace)), false)
+             AS published,
+           right(d.original_topic, length(:commands)) = :commands AS to_commands,
+           right(d.original_topic, length(:replies)) = :replies AS to_replies
+    FROM dead_letters d
+    LEFT JOIN copies c ON c.topic = d.original_topic
+                      AND c.redrive_id = convert_to(d.dead_letter_id::text, 'UTF8')
+    WHERE d.redriven_at IS NOT NULL
+    GROUP BY d.dead_letter_id)
+SELECT r.dead_letter_id, r.original_topic, r.redriven_at, r.copies,
+       CASE WHEN r.copies <> 1 THEN 'republished ' || r.copies || ' times'
+            ELSE 'published, never consumed' END AS problem
+FROM redriven r
+WHERE r.copies <> 1 OR (
+      r.published AND (r.to_commands OR r.to_replies)
+  AND NOT EXISTS (
+        SELECT 1 FROM inbox i WHERE i.consumer = :consumer AND i.message_id = 'sha256:' || encode(
+            sha256(r.payload || '\\x00'::bytea
+                   || convert_to('redrive:' || r.dead_letter_id::text, 'UTF8')), 'hex'))
+  AND NOT (r.to_replies AND EXISTS (
+        SELECT 1 FROM inbox i WHERE i.consumer = :consumer
+          AND i.message_id LIKE 'reply:%:redrive:' || r.dead_letter_id::text)))
+ORDER BY r.redriven_at
+"""
+
 
 # Entries whose running totals are not their predecessor's (fence_seq - 1 of the same account)
 # plus their own movement, or that were recorded before it. With the latest entry equal to the
@@ -251,6 +352,15 @@ async def check(engine: AsyncEngine, application: Application, expect_quiescent:
                   _sample(orphans)))
 
         # I3
+        # A saga in flight always waits on a command (its deadline) or on a retry's backoff
+        # (its start): that time is what the recovery worker scans for. One without it is
+        # never looked at again, so it never ends, whether or not anything is quiescent.
+        undue = await _rows(conn, (
+            "SELECT saga_id, status, current_step, direction, updated_at FROM sagas"
+            " WHERE status IN ('RUNNING', 'COMPENSATING') AND due_at IS NULL"
+            " ORDER BY updated_at"))
+        add(Check("I3", "every saga in flight is due at some time (recovery will look at it)",
+                  not undue, _sample(undue)))
         if expect_quiescent:
             stuck = await _rows(conn, (
                 "SELECT saga_id, status, current_step, updated_at FROM sagas"
@@ -268,9 +378,19 @@ async def check(engine: AsyncEngine, application: Application, expect_quiescent:
         wanted = {"saga_events_append_only", "saga_events_no_truncate"}
         add(Check("I4", "append-only triggers enabled on saga_events", wanted <= triggers,
                   f"missing: {sorted(wanted - triggers)}" if not wanted <= triggers else ""))
+        unpaired = await _rows(conn, (
+            "SELECT e.saga_id, 'events without a projection row' FROM"
+            " (SELECT DISTINCT saga_id FROM saga_events) e"
+            " WHERE NOT EXISTS (SELECT 1 FROM sagas s WHERE s.saga_id = e.saga_id)"
+            " UNION ALL"
+            " SELECT s.saga_id, 'a projection row without events' FROM sagas s"
+            " WHERE NOT EXISTS (SELECT 1 FROM saga_events e WHERE e.saga_id = s.saga_id)"))
+        add(Check("I4", "every event log has its projection row and every projection row its"
+                        " events", not unpaired, _sample(unpaired)))
         mismatched = await replay_mismatches(conn)
         add(Check("I4", "replaying events reproduces every saga's projection", not mismatched,
-                  _sample([(m,) for m in mismatched])))
+                  "; ".join(mismatched[:5])
+                  + (f" (+{len(mismatched) - 5} more)" if len(mismatched) > 5 else "")))
         version_drift = await _rows(conn, (
             "SELECT s.saga_id, s.version, e.n FROM sagas s JOIN (SELECT saga_id, count(*) AS n"
             " FROM saga_events GROUP BY saga_id) e USING (saga_id) WHERE s.version <> e.n"))
@@ -282,9 +402,14 @@ async def check(engine: AsyncEngine, application: Application, expect_quiescent:
         report.counts.update({f"inbox_{v}": n for v, n in verdicts})
         report.counts["dead_letters"] = (await conn.execute(
             text("SELECT count(*) FROM dead_letters"))).scalar_one()
-        unaccounted = await _rows(conn, "SELECT message_id FROM inbox WHERE verdict = ''")
-        add(Check("I5", "every consumed message has a verdict", not unaccounted,
-                  _sample(unaccounted)))
+        unbacked = await _rows(conn, _UNBACKED_VERDICTS, consumer=CONSUMER,
+                               caused_events=list(_CAUSED_EVENTS), named_saga=list(_NAMED_SAGA),
+                               dead_lettered=list(_DEAD_LETTERED),
+                               recovery_stage=RECOVERY_STAGE, redrive_header=REDRIVE_HEADER)
+        report.counts["messages_unaccounted"] = len(unbacked)
+        add(Check("I5", "every consumed message's verdict is backed by what it recorded (its"
+                        " events, its saga, or its dead letter)", not unbacked,
+                  _sample(unbacked)))
         report.counts["requests_consumed"] = (await conn.execute(text(
             "SELECT count(*) FROM inbox WHERE consumer = :consumer"
             " AND right(topic, length(:commands)) = :commands"),
@@ -294,6 +419,18 @@ async def check(engine: AsyncEngine, application: Application, expect_quiescent:
         report.counts["requests_without_outcome"] = len(lost)
         add(Check("I5", "every consumed request led to a saga or a dead letter", not lost,
                   _sample(lost)))
+        reasonless = await _rows(conn, _LETTERS_WITHOUT_REASON,
+                                 codes=[code.value for code in RejectionCode])
+        add(Check("I5", "every dead letter carries a known reason code and a reason",
+                  not reasonless, _sample(reasonless)))
+        redrives = await _rows(conn, _REDRIVES_UNACCOUNTED, consumer=CONSUMER,
+                               redrive_header=REDRIVE_HEADER,
+                               grace=0.0 if expect_quiescent else outbox_grace_s,
+                               commands=TOPIC_TRANSFER_COMMANDS, replies=TOPIC_REPLIES)
+        report.counts["dead_letters_redriven"] = (await conn.execute(text(
+            "SELECT count(*) FROM dead_letters WHERE redriven_at IS NOT NULL"))).scalar_one()
+        add(Check("I5", "every redriven dead letter was republished once and, once published,"
+                        " consumed", not redrives, _sample(redrives)))
 
         # I6
         unpublished = await _rows(conn, (
@@ -341,29 +478,67 @@ async def check(engine: AsyncEngine, application: Application, expect_quiescent:
     return report
 
 
+# The projection's columns, each with what the folded state says it must hold (the writers,
+# `store.write_batch` and `store.upsert_projection`, derive every one of them from the state).
+_PROJECTED_COLUMNS: dict[str, Callable[[SagaState], Any]] = {
+    "transfer_id": lambda s: str(s.transfer_id),
+    "saga_type": lambda s: s.saga_type,
+    "status": lambda s: s.status.value,
+    "current_step": lambda s: s.step,
+    "direction": lambda s: s.direction.value if s.direction else None,
+    "attempt": lambda s: s.attempt,
+    "version": lambda s: s.version,
+    "deadline_at": lambda s: s.deadline_at,
+    "due_at": lambda s: s.due_at,
+    "requested_at": lambda s: s.requested_at,
+}
+
+
+def _column_value(name: str, value: Any) -> Any:
+    # The driver's uuid type need not be the standard library's: compare uuids as text.
+    return str(value) if name == "transfer_id" and value is not None else value
+
+
 async def replay_mismatches(conn: AsyncConnection) -> list[str]:
-    """Fold every saga's events and compare with its cached state; returns the saga ids that
-    differ. Streams the events so memory stays flat however many sagas there are."""
+    """Fold every saga's events and compare with its projection row: the cached state and the
+    columns queries and recovery read. Returns one line per saga that differs (its id, then
+    what differs); a log that cannot be folded at all differs too. Streams the events so
+    memory stays flat however many sagas there are."""
     mismatched: list[str] = []
+    columns = ", ".join(f"s.{name}" for name in _PROJECTED_COLUMNS)
     result = await conn.stream(text(
-        "SELECT e.saga_id, e.payload, s.state FROM saga_events e JOIN sagas s USING (saga_id)"
-        " ORDER BY e.saga_id, e.seq"))
+        f"SELECT e.saga_id, e.payload, s.state, {columns}"
+        " FROM saga_events e JOIN sagas s USING (saga_id) ORDER BY e.saga_id, e.seq"))
     current: Any = None
-    events: list[Any] = []
-    cached: Any = None
+    payloads: list[Any] = []
+    row_of_saga: Any = None
 
     def compare() -> None:
-        state = fold(events)
-        expected = SagaState.from_json(cached if isinstance(cached, dict) else json.loads(cached))
-        if state != expected:
-            mismatched.append(str(current))
+        try:
+            state = fold(parse_event(payload) for payload in payloads)
+        except Exception as error:  # a log the core cannot fold is a broken log, not a crash
+            mismatched.append(f"{current}: its events do not fold ({type(error).__name__})")
+            return
+        if state is None:  # pragma: no cover - a saga in this join has at least one event
+            return
+        cached = row_of_saga.state
+        try:
+            expected: SagaState | None = SagaState.from_json(
+                cached if isinstance(cached, dict) else json.loads(cached))
+        except Exception:  # an unreadable cached state differs from any fold
+            expected = None
+        differs = [] if state == expected else ["state"]
+        differs += [name for name, of_state in _PROJECTED_COLUMNS.items()
+                    if _column_value(name, getattr(row_of_saga, name)) != of_state(state)]
+        if differs:
+            mismatched.append(f"{current}: {', '.join(differs)}")
 
     async for row in result:
         if row.saga_id != current:
             if current is not None:
                 compare()
-            current, events, cached = row.saga_id, [], row.state
-        events.append(parse_event(row.payload))
+            current, payloads, row_of_saga = row.saga_id, [], row
+        payloads.append(row.payload)
     if current is not None:
         compare()
     return mismatched

@@ -33,6 +33,9 @@ from tests.integration.test_cli import saga_cli
 
 COMMANDS = f"ck-{uuid.uuid4().hex[:6]}.{TOPIC_TRANSFER_COMMANDS}"
 NEW_CHECK = "every consumed request led to a saga or a dead letter"
+VERDICT_CHECK = ("every consumed message's verdict is backed by what it recorded (its events,"
+                 " its saga, or its dead letter)")
+PAIRED_CHECK = "every event log has its projection row and every projection row its events"
 
 
 def record(value: bytes, offset: int, headers: tuple[tuple[str, bytes], ...] = ()) -> Consumed:
@@ -52,7 +55,9 @@ async def consume_start(isolated: Isolated, offset: int) -> tuple[Consumed, uuid
     events = []
     for event in decision.events:
         state = evolve(state, event)
-        events.append(store.NewEvent(state.saga_id, state.version, event, "it", None))
+        # As the orchestrator records them: each event names the message that caused it.
+        events.append(store.NewEvent(state.saga_id, state.version, event, "it",
+                                     message_id_of(message)))
     assert state is not None
     inbox = store.InboxRow(message_id_of(message), COMMANDS, 0, offset, "started",
                            state.saga_id)
@@ -103,9 +108,15 @@ async def test_a_consumed_request_without_saga_or_dead_letter_is_a_violation(
     await consume_refused(isolated, lonely, dead_letter=False)
 
     broken = await check(isolated.engine, APPLICATION)
-    assert [(c.invariant, c.name) for c in broken.failures()] == [("I5", NEW_CHECK)]
+    # Also found apart: the saga's events lost their projection row (I4), and the lonely
+    # request's verdict, "rejected", has no dead letter behind it (I5).
+    assert [(c.invariant, c.name) for c in broken.failures()] == [
+        ("I4", PAIRED_CHECK), ("I5", VERDICT_CHECK), ("I5", NEW_CHECK)]
     assert broken.counts["requests_without_outcome"] == 2
-    [violation] = broken.failures()
+    [unpaired, unbacked, violation] = broken.failures()
+    assert str(saga_id) in unpaired.detail
+    assert message_id_of(lonely) in unbacked.detail
+    assert message_id_of(started) not in unbacked.detail  # its events are there
     assert message_id_of(started) in violation.detail
     assert message_id_of(lonely) in violation.detail
     assert message_id_of(record(b'{"amount": ', 1)) not in violation.detail
@@ -114,7 +125,7 @@ async def test_a_consumed_request_without_saga_or_dead_letter_is_a_violation(
     assert result.returncode == 1, (result.stdout, result.stderr)
     report = json.loads(result.stdout)
     assert report["ok"] is False
-    assert [c["name"] for c in failing(report)] == [NEW_CHECK]
+    assert [c["name"] for c in failing(report)] == [PAIRED_CHECK, VERDICT_CHECK, NEW_CHECK]
     text_result = await saga_cli(isolated.harness, "check")
     assert text_result.returncode == 1
     assert f"VIOLATED  I5  {NEW_CHECK}" in text_result.stdout
@@ -177,6 +188,7 @@ async def test_against_topic_reports_requests_nobody_read_until_the_orchestrator
                          "--grace", "0"],
         env=_cli_env(settings), capture_output=True, text=True, timeout=90, check=False)
     assert as_text.returncode == 1, as_text.stderr
+    assert f"VIOLATED  I8  every request on {topic['topic']} led to" in as_text.stdout
     assert "5 with neither a saga nor a dead letter" in as_text.stdout
     assert as_text.stdout.count("never read") >= 5
     assert "(undecodable)" in as_text.stdout
