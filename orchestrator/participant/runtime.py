@@ -94,6 +94,16 @@ class EffectTable:
     columns: tuple[tuple[str, str], ...]  # (column, its PostgreSQL type)
     on_conflict: str = ""  # for example "ON CONFLICT (saga_id) DO NOTHING"
 
+    def row(self, **values: Any) -> tuple[str, dict[str, Any]]:
+        """One row for `Decided.rows`, with every column of the table and no other: a
+        misspelt or forgotten column fails here, in the rules' unit tests, not in the write."""
+        names = {column for column, _ in self.columns}
+        if values.keys() != names:
+            missing, unknown = sorted(names - values.keys()), sorted(values.keys() - names)
+            raise ValueError(f"a row of {self.table} needs exactly its columns:"
+                             f" missing {missing}, unknown {unknown}")
+        return (self.table, values)
+
 
 @dataclass(frozen=True)
 class Decided:
