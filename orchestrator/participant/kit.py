@@ -50,6 +50,9 @@ V_co = TypeVar("V_co", covariant=True)
 # The rule for one command: given the command, the batch's view and the time, its answer. A
 # StepResult alone is an answer that writes no rows. Pure: no I/O (the read did that).
 Handler = Callable[[StepCommand, V, datetime], Decided | StepResult]
+# A handler as it is declared: the decorators give it back unchanged, with its own signature,
+# so that unit tests call the rule and see its precise types.
+H = TypeVar("H", bound=Handler[Any])
 
 
 class Reader(Protocol[V_co]):
@@ -96,17 +99,17 @@ class ParticipantService(Generic[V]):
         self.locks = locks
         self._routes: dict[tuple[str, Direction], Handler[V]] = {}
 
-    def handles(self, *actions: Action) -> Callable[[Handler[V]], Handler[V]]:
+    def handles(self, *actions: Action) -> Callable[[H], H]:
         """Register the decorated function as the forward rule of `actions`."""
         return self._registering(actions, Direction.FORWARD)
 
-    def compensates(self, *actions: Action) -> Callable[[Handler[V]], Handler[V]]:
+    def compensates(self, *actions: Action) -> Callable[[H], H]:
         """Register the decorated function as the rule of the compensations `actions` (the
         `compensation=` of a step), which undo a forward effect that succeeded."""
         return self._registering(actions, Direction.COMPENSATE)
 
     def _registering(self, actions: Sequence[Action], direction: Direction
-                     ) -> Callable[[Handler[V]], Handler[V]]:
+                     ) -> Callable[[H], H]:
         if not actions:
             raise ConfigurationError(f"@{_DECORATOR[direction]}() needs at least one Action")
         for action in actions:
@@ -115,7 +118,7 @@ class ParticipantService(Generic[V]):
                     f"{action} belongs to participant {action.participant!r}, not to"
                     f" {self.name!r}: register it with that participant's service")
 
-        def register(handler: Handler[V]) -> Handler[V]:
+        def register(handler: H) -> H:
             for action in actions:
                 key = (action.name, direction)
                 if key in self._routes:
