@@ -25,7 +25,8 @@ from pydantic_core import PydanticCustomError
 from schemas import MoneyError, StepCommand, format_amount, parse_amount
 
 # Persisted names: never rename. Upstream publishes requests to START_TOPIC, keyed by the
-# business key; the outcome of each top-up goes to EVENTS_TOPIC.
+# business key; the outcome of each top-up is to go to EVENTS_TOPIC. Both wait for the engine's
+# saga types with their own start topic (docs/writing-a-saga.md, the status note).
 START_TOPIC = "cards.topups.v1"
 EVENTS_TOPIC = "cards.topup-events.v1"
 
