@@ -182,6 +182,9 @@ class RejectionCode(StrEnum):
     FAILED_AFTER_PIVOT = "FAILED_AFTER_PIVOT"
     # A step's attempts ran out with no reply; the recovery worker failed the saga.
     STEP_TIMED_OUT = "STEP_TIMED_OUT"
+    # A step command for an action (in its direction) the participant has no handler for: the
+    # definition names an action that this version of the participant does not implement.
+    UNKNOWN_ACTION = "UNKNOWN_ACTION"
     # A record that kept failing in processing (not its content's fault as far as we know),
     # set aside so that it does not block its partition; redrive it once the cause is fixed.
     PROCESSING_FAILED = "PROCESSING_FAILED"

@@ -12,10 +12,10 @@ from pathlib import Path
 from orchestrator.application import Application, LedgerViews
 from orchestrator.core import Action
 from orchestrator.settings import Settings
-from steps.ledger import ACCOUNT_VIEW_SQL, CUSTOMER_VIEW_SQL, LedgerParticipant, open_account
-from steps.notify import NotifyParticipant
+from steps.ledger import ACCOUNT_VIEW_SQL, CUSTOMER_VIEW_SQL, LEDGER, open_account
+from steps.notify import NOTIFY
 from steps.registry import ledger, notify, risk
-from steps.risk import RiskParticipant
+from steps.risk import risk_participant
 from steps.saga import SAGAS, TRANSFER
 
 
@@ -30,9 +30,9 @@ APPLICATION = Application(
     name="transfers",
     sagas=SAGAS,
     participants={
-        "risk": RiskParticipant,
-        "ledger": lambda _settings: LedgerParticipant(),
-        "notify": lambda _settings: NotifyParticipant(),
+        "risk": risk_participant,
+        "ledger": lambda _settings: LEDGER,
+        "notify": lambda _settings: NOTIFY,
     },
     migrations=(Path(__file__).parent / "migrations",),
     ledger=LedgerViews(ACCOUNT_VIEW_SQL, CUSTOMER_VIEW_SQL),
@@ -41,13 +41,13 @@ APPLICATION = Application(
 
 __all__ = [
     "APPLICATION",
+    "LEDGER",
+    "NOTIFY",
     "TRANSFER",
     "Action",
-    "LedgerParticipant",
-    "NotifyParticipant",
-    "RiskParticipant",
     "ledger",
     "notify",
     "open_account",
     "risk",
+    "risk_participant",
 ]

@@ -19,8 +19,8 @@ of summing the history: O(log n) per account, not O(n). An entry from before the
 has none; the view then falls back to the sums, and the next entry carries exact totals again.
 The sums (`ACCOUNT_VIEW_SQL`) stay the truth, which `saga check` compares the totals with.
 
-The rules are pure (`decide_entry`, `LedgerParticipant.decide`); the I/O is `read` and the
-runtime's write.
+The rules are pure (`decide_entry`, and `post_entry`, the one handler of all five actions); the
+I/O is `read_accounts` and the kit's write. `LEDGER` is the participant the kit runs.
 """
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from orchestrator.participant.runtime import Decided, EffectTable, StepResult
+from orchestrator.participant import Decided, EffectTable, ParticipantService, StepResult
 from schemas import Direction, StepCommand, format_amount
 from steps.registry import ledger
+from steps.saga import SAGAS
 
 
 def clearing_account(currency: str) -> str:
@@ -267,47 +268,47 @@ def entry_row(command: StepCommand, entry: Entry, fence: AccountView) -> dict[st
             "fence_settled_total": fence.settled_total}
 
 
-class LedgerParticipant:
-    """Decides from the accounts as read, and writes fenced entries (ADR 0006).
+async def read_accounts(conn: AsyncConnection, commands: Sequence[StepCommand], now: datetime,
+                        *, lock: bool) -> dict[str, AccountView]:
+    """The customer accounts the commands depend on. Locked on the careful path (in sorted
+    order, so two batches cannot deadlock), until its commit; the fast path's plain read takes
+    no lock (which would also cost a transaction id and a WAL flush per read): the fence catches
+    whatever changed since."""
+    wanted = sorted({account_in_question(c) for c in commands})
+    rows = await conn.execute(_LOCK_AND_VIEW if lock else _CUSTOMER_VIEW,
+                              {"ids": wanted, "now": now})
+    return {row.account_id: _view(row) for row in rows}
 
-    Every entry takes the next fence number of the customer account it was decided against, under
-    the unique key (fence_account, fence_seq): a writer that decided from an account state that
-    another writer has since moved on collides and writes nothing, and its batch is decided again
-    on the careful path, where the accounts stay locked from the read to the commit. So the rules
-    always see every entry before their own, without the fast path holding a lock."""
 
-    name = "ledger"
-    # No need to create clearing accounts with the entries: an entry needs a customer account
-    # of its currency, and `open_account` creates that currency's clearing account with it.
-    effects: tuple[EffectTable, ...] = (ENTRIES,)
-    locks = False  # the fence, not a lock held until the write, keeps the fast path right
+# Decides from the accounts as read, and writes fenced entries (ADR 0006). Every entry takes the
+# next fence number of the customer account it was decided against, under the unique key
+# (fence_account, fence_seq): a writer that decided from an account state that another writer
+# has since moved on collides and writes nothing, and its batch is decided again on the careful
+# path, where the accounts stay locked from the read to the commit. So the rules always see
+# every entry before their own, without the fast path holding a lock (`locks=False`). No need
+# to create clearing accounts with the entries: an entry needs a customer account of its
+# currency, and `open_account` creates that currency's clearing account with it.
+service = ParticipantService("ledger", read=read_accounts, effects=(ENTRIES,), locks=False)
 
-    async def read(self, conn: AsyncConnection, commands: Sequence[StepCommand],
-                   now: datetime, *, lock: bool) -> dict[str, AccountView]:
-        """The customer accounts the commands depend on. Locked on the careful path (in sorted
-        order, so two batches cannot deadlock), until its commit; the fast path's plain read
-        takes no lock (which would also cost a transaction id and a WAL flush per read): the
-        fence catches whatever changed since."""
-        wanted = sorted({account_in_question(c) for c in commands})
-        rows = await conn.execute(_LOCK_AND_VIEW if lock else _CUSTOMER_VIEW,
-                                  {"ids": wanted, "now": now})
-        return {row.account_id: _view(row) for row in rows}
 
-    def decide(self, commands: Sequence[StepCommand], view: dict[str, AccountView],
-               now: datetime) -> list[Decided]:
-        accounts = dict(view)
-        decided: list[Decided] = []
-        for command in commands:
-            account_id = account_in_question(command)
-            account = accounts.get(account_id)
-            entry, result = decide_entry(command, account)
-            if entry is None or account is None:
-                decided.append(Decided(result))
-                continue
-            moved = replace(after(account, entry), fence_seq=account.fence_seq + 1)
-            accounts[account_id] = moved
-            decided.append(Decided(result, (("ledger_entries", entry_row(command, entry, moved)),)))
-        return decided
+@service.handles(ledger.RESERVE, ledger.CREDIT, ledger.SETTLE)
+@service.compensates(ledger.RELEASE, ledger.REVERSE_CREDIT)
+def post_entry(command: StepCommand, accounts: dict[str, AccountView],
+               now: datetime) -> Decided:
+    """Any of the ledger's actions: its entry (`decide_entry`), fenced by the account it was
+    decided against. The batch's view moves on with it, so the next command of the batch on
+    that account is decided against the account as this entry leaves it."""
+    account_id = account_in_question(command)
+    account = accounts.get(account_id)
+    entry, result = decide_entry(command, account)
+    if entry is None or account is None:
+        return Decided(result)
+    moved = replace(after(account, entry), fence_seq=account.fence_seq + 1)
+    accounts[account_id] = moved
+    return Decided(result, ((ENTRIES.table, entry_row(command, entry, moved)),))
+
+
+LEDGER = service.participant(*SAGAS.values())
 
 
 async def _ensure_clearing_accounts(conn: AsyncConnection, currencies: set[str]) -> None:

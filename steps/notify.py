@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy.ext.asyncio import AsyncConnection
-
-from orchestrator.participant.runtime import Decided, EffectTable, StepResult
+from orchestrator.participant import Decided, EffectTable, ParticipantService, StepResult
 from schemas import StepCommand
+from steps.registry import notify
+from steps.saga import SAGAS
 
 NOTIFICATIONS = EffectTable(
     "notifications", (("saga_id", "uuid"), ("recipient", "text"), ("message", "text")),
@@ -16,23 +15,17 @@ NOTIFICATIONS = EffectTable(
     on_conflict="ON CONFLICT (saga_id) DO NOTHING",
 )
 
+# Nothing is read: the row is decided from the command alone (so no locks either).
+service = ParticipantService("notify", effects=(NOTIFICATIONS,))
 
-class NotifyParticipant:
-    name = "notify"
-    effects: tuple[EffectTable, ...] = (NOTIFICATIONS,)
-    locks = False  # nothing is read: the row is decided from the command alone
 
-    async def read(self, conn: AsyncConnection, commands: Sequence[StepCommand],
-                   now: datetime, *, lock: bool) -> None:
-        return None
+@service.handles(notify.SEND)
+def send(command: StepCommand, view: None, now: datetime) -> Decided:
+    payload = command.payload
+    return Decided(StepResult.ok(notified=True), (NOTIFICATIONS.row(
+        saga_id=command.saga_id, recipient=str(payload.get("destination_account")),
+        message=f"received {payload.get('amount')} {payload.get('currency')}"
+                f" ({payload.get('reference')})"),))
 
-    def decide(self, commands: Sequence[StepCommand], view: None,
-               now: datetime) -> list[Decided]:
-        return [
-            Decided(StepResult.ok(notified=True), (("notifications", {
-                "saga_id": c.saga_id, "recipient": str(c.payload.get("destination_account")),
-                "message": f"received {c.payload.get('amount')} {c.payload.get('currency')}"
-                           f" ({c.payload.get('reference')})",
-            }),))
-            for c in commands
-        ]
+
+NOTIFY = service.participant(*SAGAS.values())

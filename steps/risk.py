@@ -11,18 +11,19 @@ import asyncio
 import random
 from collections.abc import Sequence
 from datetime import datetime
+from uuid import UUID
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from orchestrator.participant.runtime import Decided, EffectTable, StepResult
+from orchestrator.participant import ParticipantService, ServiceParticipant, StepResult
 from orchestrator.settings import Settings
 from schemas import StepCommand
+from steps.registry import risk
+from steps.saga import SAGAS
 
 
-class RiskParticipant:
-    name = "risk"
-    effects: tuple[EffectTable, ...] = ()  # a screen changes nothing: only its reply is stored
-    locks = False
+class ScreeningProvider:
+    """The provider's batch call, with its latency and injected outages."""
 
     def __init__(self, settings: Settings, rng: random.Random | None = None) -> None:
         self.latency_s = settings.risk_latency_ms / 1000
@@ -30,27 +31,37 @@ class RiskParticipant:
         self.denied = frozenset(settings.risk_denied_accounts)
         self.rng = rng or random.Random()
 
-    async def read(self, conn: AsyncConnection, commands: Sequence[StepCommand],
-                   now: datetime, *, lock: bool) -> list[bool]:
-        """Ask the provider: whether it answered, per command (an outage is injected)."""
+    async def answered(self, conn: AsyncConnection, commands: Sequence[StepCommand],
+                       now: datetime, *, lock: bool) -> frozenset[UUID]:
+        """The commands the provider answered (an outage is injected per command)."""
         if self.latency_s:
             await asyncio.sleep(self.latency_s)  # the provider answers a batch in one call
-        return [not (self.failure_rate and self.rng.random() < self.failure_rate)
-                for _ in commands]
+        return frozenset(c.command_id for c in commands
+                         if not (self.failure_rate and self.rng.random() < self.failure_rate))
 
-    def decide(self, commands: Sequence[StepCommand], view: list[bool],
-               now: datetime) -> list[Decided]:
-        return [Decided(self._screen(command, answered))
-                for command, answered in zip(commands, view, strict=True)]
 
-    def _screen(self, command: StepCommand, answered: bool) -> StepResult:
-        if not answered:
-            return StepResult.refused("PROVIDER_UNAVAILABLE",
-                                      "screening provider did not answer (injected)",
-                                      retryable=True)
-        parties = {str(command.payload.get("source_account")),
-                   str(command.payload.get("destination_account"))}
-        hits = sorted(parties & self.denied)
-        if hits:
-            return StepResult.refused("SANCTIONS_HIT", f"party on the deny list: {', '.join(hits)}")
-        return StepResult.ok(screened=True)
+def screening(command: StepCommand, answered: bool, denied: frozenset[str]) -> StepResult:
+    """The screening rule for one command, given whether the provider answered."""
+    if not answered:
+        return StepResult.refused("PROVIDER_UNAVAILABLE",
+                                  "screening provider did not answer (injected)", retryable=True)
+    parties = {str(command.payload.get("source_account")),
+               str(command.payload.get("destination_account"))}
+    hits = sorted(parties & denied)
+    if hits:
+        return StepResult.refused("SANCTIONS_HIT", f"party on the deny list: {', '.join(hits)}")
+    return StepResult.ok(screened=True)
+
+
+def risk_participant(settings: Settings, rng: random.Random | None = None
+                     ) -> ServiceParticipant[frozenset[UUID]]:
+    """The screening participant, with the provider the settings describe. A screen changes
+    nothing (no effect tables): only its reply is stored."""
+    provider = ScreeningProvider(settings, rng)
+    service = ParticipantService("risk", read=provider.answered)
+
+    @service.handles(risk.SCREEN)
+    def screen(command: StepCommand, answered: frozenset[UUID], now: datetime) -> StepResult:
+        return screening(command, command.command_id in answered, provider.denied)
+
+    return service.participant(*SAGAS.values())

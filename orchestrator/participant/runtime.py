@@ -1,6 +1,9 @@
 """The participant runtime: consume step commands, apply each effect at most once, reply.
 
 For each command:
+- a record that is no `StepCommand`, or a command for an action (and direction) the participant
+  has no handler for, is dead-lettered (`SCHEMA_VIOLATION`, `UNKNOWN_ACTION`) in the batch's
+  transaction and gets no reply;
 - an effect `(saga_id, step, direction)` that already has a stored reply gets that reply again
   (marked `replayed`), never a second effect;
 - a compensation whose forward effect never happened is a no-op success, and it leaves a
@@ -94,6 +97,16 @@ class EffectTable:
     columns: tuple[tuple[str, str], ...]  # (column, its PostgreSQL type)
     on_conflict: str = ""  # for example "ON CONFLICT (saga_id) DO NOTHING"
 
+    def row(self, **values: Any) -> tuple[str, dict[str, Any]]:
+        """One row for `Decided.rows`, with every column of the table and no other: a
+        misspelt or forgotten column fails here, in the rules' unit tests, not in the write."""
+        names = {column for column, _ in self.columns}
+        if values.keys() != names:
+            missing, unknown = sorted(names - values.keys()), sorted(values.keys() - names)
+            raise ValueError(f"a row of {self.table} needs exactly its columns:"
+                             f" missing {missing}, unknown {unknown}")
+        return (self.table, values)
+
 
 @dataclass(frozen=True)
 class Decided:
@@ -127,9 +140,25 @@ class Participant(Protocol):
         the effects of the ones before them."""
         ...
 
+    def unhandled(self, command: StepCommand) -> str | None:
+        """Why this participant has no rule for `command` (its action, in its direction), or
+        None. Such a command is dead-lettered (`UNKNOWN_ACTION`) and never reaches `read` or
+        `decide`: redriven once a version that handles it runs, it is applied then."""
+        ...
+
 
 def _key(saga_id: UUID, step: str, direction: str) -> tuple[UUID, str, str]:
     return (saga_id, step, direction)
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """A record of the batch that is dead-lettered instead of answered."""
+
+    message: Consumed
+    code: RejectionCode
+    reason: str
+    saga_id: UUID | None = None
 
 
 class ParticipantWorker:
@@ -162,12 +191,20 @@ class ParticipantWorker:
 
     async def process_batch(self, batch: Sequence[Consumed]) -> None:
         commands: list[StepCommand] = []
-        bad: list[tuple[Consumed, str]] = []
+        bad: list[_Refused] = []
         for message in batch:
             try:
-                commands.append(StepCommand.model_validate_json(message.value))
+                command = StepCommand.model_validate_json(message.value)
             except ValidationError as error:
-                bad.append((message, error.errors()[0]["msg"]))
+                bad.append(_Refused(message, RejectionCode.SCHEMA_VIOLATION,
+                                    f"not a StepCommand: {error.errors()[0]['msg']}"))
+                continue
+            unhandled = self.participant.unhandled(command)
+            if unhandled is not None:
+                bad.append(_Refused(message, RejectionCode.UNKNOWN_ACTION, unhandled,
+                                    command.saga_id))
+                continue
+            commands.append(command)
         tags = step_tags((c.step, c.direction.value) for c in commands)
         crash_point("participant.after_consume", tags)
         replies: list[StepReply] | None = None
@@ -178,9 +215,9 @@ class ParticipantWorker:
                 with attempt:
                     replies = await self._apply(commands, bad, tags)
         assert replies is not None
-        if bad:
-            DEAD_LETTERS.add(len(bad), {"stage": f"participant:{self.participant.name}",
-                                        "reason": RejectionCode.SCHEMA_VIOLATION.value})
+        for refused in bad:
+            DEAD_LETTERS.add(1, {"stage": f"participant:{self.participant.name}",
+                                 "reason": refused.code.value})
         crash_point("participant.after_effect", tags)
         await self.producer.send([self._record(reply) for reply in replies])
         crash_point("participant.after_produce", tags)
@@ -222,7 +259,7 @@ class ParticipantWorker:
         return replies
 
     async def _apply(self, commands: Sequence[StepCommand],
-                     bad: Sequence[tuple[Consumed, str]], tags: Sequence[str] = ()
+                     bad: Sequence[_Refused], tags: Sequence[str] = ()
                      ) -> list[StepReply]:
         """The careful path: the whole batch in one transaction, stored replies read first."""
         now = datetime.now(UTC)
@@ -375,13 +412,14 @@ class ParticipantWorker:
             headers=(("message-id", str(reply.reply_id).encode()), ("type", b"StepReply")),
         )
 
-    async def _dead_letter(self, conn: AsyncConnection, bad: Sequence[tuple[Consumed, str]],
+    async def _dead_letter(self, conn: AsyncConnection, bad: Sequence[_Refused],
                            now: datetime) -> None:
         rows = []
-        for message, reason in bad:
-            letter = dead_letter_for(message, RejectionCode.SCHEMA_VIOLATION,
-                                     f"not a StepCommand: {reason}",
-                                     f"participant.{self.participant.name}.SCHEMA_VIOLATION", now,
+        for refused in bad:
+            message = refused.message
+            letter = dead_letter_for(message, refused.code, refused.reason,
+                                     f"participant.{self.participant.name}.{refused.code.value}",
+                                     now, saga_id=refused.saga_id,
                                      message_id=message_id_of(message))
             record = dead_letter_record(self.settings, message, letter)
             rows.append(DeadLetterRow(
@@ -390,8 +428,8 @@ class ParticipantWorker:
                 error_class=letter.error_class, original_topic=message.topic,
                 original_partition=message.partition, original_offset=message.offset,
                 original_key=letter.original_key, payload=message.value,
-                headers=encode_headers(message.headers), failed_at=now, saga_id=None,
-                transfer_id=None,
+                headers=encode_headers(message.headers), failed_at=now,
+                saga_id=refused.saga_id, transfer_id=None,
             ))
             await conn.execute(
                 text("INSERT INTO outbox (topic, key, value, headers) VALUES"

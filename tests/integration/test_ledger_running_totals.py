@@ -24,7 +24,7 @@ from orchestrator.postgres.store import create_engine, migrate
 from orchestrator.settings import Settings
 from schemas import Direction, StepCommand
 from steps import APPLICATION
-from steps.ledger import ENTRIES, AccountView, LedgerParticipant, balances, open_account
+from steps.ledger import ENTRIES, LEDGER, AccountView, balances, open_account
 from steps.registry import Action, ledger
 from tests.integration.conftest import Isolated
 from tests.integration.test_checker import consume_start, failing
@@ -56,9 +56,8 @@ def cmd(action: Action, amount: str, source: str, destination: str = "nobody",
 async def decide(conn: AsyncConnection, commands: Sequence[StepCommand]) -> list[dict[str, Any]]:
     """The ledger's own read and rules, as its careful path runs them; the entries' rows."""
     now = datetime.now(UTC)
-    participant = LedgerParticipant()
-    view = await participant.read(conn, commands, now, lock=True)
-    decided = participant.decide(commands, view, now)
+    view = await LEDGER.read(conn, commands, now, lock=True)
+    decided = LEDGER.decide(commands, view, now)
     assert all(d.rows for d in decided), [d.result for d in decided]
     return [row for d in decided for _, row in d.rows]
 
@@ -68,7 +67,7 @@ def decide_as_before(account: str, commands: Sequence[StepCommand]) -> list[dict
     are the same), from a plain view of the account as opened with plenty of funds: only the
     entry's own columns and fence are kept from them."""
     view = AccountView(account, "EUR", False, Decimal("1000.00"), Decimal(0), None, Decimal(0))
-    decided = LedgerParticipant().decide(commands, {account: view}, datetime.now(UTC))
+    decided = LEDGER.decide(commands, {account: view}, datetime.now(UTC))
     return [row for d in decided for _, row in d.rows]
 
 
@@ -103,7 +102,7 @@ async def views(engine: AsyncEngine, *ids: str) -> tuple[dict[str, AccountView],
     now = datetime.now(UTC)
     async with engine.begin() as conn:
         await conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
-        fast = await LedgerParticipant().read(
+        fast = await LEDGER.read(
             conn, [cmd(ledger.RESERVE, "1", i) for i in ids], now, lock=False)
         truth = await balances(conn, list(ids))
     return fast, truth
@@ -216,8 +215,7 @@ async def test_a_database_with_entries_from_before_the_totals_keeps_exact_balanc
         over = transfer_out("fresh", "10.01")
         await write(conn, await decide(conn, over[:1]))
         now = datetime.now(UTC)
-        participant = LedgerParticipant()
-        [refused] = participant.decide(over[1:], await participant.read(
+        [refused] = LEDGER.decide(over[1:], await LEDGER.read(
             conn, over[1:], now, lock=True), now)
     assert refused.result.code == "DAILY_LIMIT_EXCEEDED", refused.result
 

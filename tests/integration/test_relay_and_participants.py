@@ -30,12 +30,12 @@ import schemas
 from orchestrator.core.saga import command_id_for
 from orchestrator.kafka.consumer import Consumed, encode_headers
 from orchestrator.kafka.producer import KafkaProducer
-from orchestrator.participant.runtime import CANCELLED, ParticipantWorker
+from orchestrator.participant import CANCELLED, Decided, ParticipantWorker
 from orchestrator.postgres.store import json_value
 from schemas import Direction, Outcome, StepCommand, StepReply, step_topic
-from steps.ledger import LedgerParticipant
-from steps.notify import NotifyParticipant
-from steps.risk import RiskParticipant
+from steps.ledger import LEDGER
+from steps.notify import NOTIFY
+from steps.risk import risk_participant
 from steps.saga import TRANSFER
 from tests.integration.conftest import DeadLetterTap, Harness, Isolated
 
@@ -49,7 +49,7 @@ FORWARD, COMPENSATE = Direction.FORWARD, Direction.COMPENSATE
 @pytest.fixture
 async def ledger_worker(harness: Harness) -> AsyncIterator[ParticipantWorker]:
     producer = KafkaProducer(harness.settings, f"it-direct-ledger-{uuid.uuid4().hex[:6]}")
-    worker = ParticipantWorker(harness.settings, harness.engine, LedgerParticipant(), producer)
+    worker = ParticipantWorker(harness.settings, harness.engine, LEDGER, producer)
     yield worker
     await worker.close()
     producer.close()
@@ -360,6 +360,45 @@ async def test_malformed_command_is_dead_lettered_and_the_batch_goes_on(
     await harness.assert_invariants()
 
 
+async def test_a_command_without_a_handler_is_dead_lettered_and_the_batch_goes_on(
+        harness: Harness, ledger_worker: ParticipantWorker, dlq_tap: DeadLetterTap) -> None:
+    """A command for an action the participant does not handle (here in a direction it does not
+    handle it either) is dead-lettered with UNKNOWN_ACTION and its saga id, never decided; the
+    command beside it is answered."""
+    saga, source, destination = await finished_transfer(harness, "40.00", "15.00", "COMPLETED")
+    good = (await ledger_commands(harness, saga.saga_id))[0]
+    entries_before = await harness.entries(saga.saga_id)
+    unknown = step_command(uuid.uuid4(), "reserve", "teleport", FORWARD,
+                           transfer_payload(source, destination, "1.00"))
+    backwards = step_command(uuid.uuid4(), "settle", "settle", COMPENSATE,
+                             transfer_payload(source, destination, "1.00"))
+    offset = unused_offset()
+    reader = await asyncio.to_thread(ReplyReader, harness)
+
+    await ledger_worker.handle_batch([
+        consumed(ledger_worker, unknown.model_dump_json().encode(), 0, offset),
+        consumed(ledger_worker, good.model_dump_json().encode(), 0, offset + 1),
+        consumed(ledger_worker, backwards.model_dump_json().encode(), 0, offset + 2),
+    ])
+
+    for refused, wording in ((unknown, "forward action 'teleport'"),
+                             (backwards, "compensation 'settle'")):
+        letter = await harness.wait_dead_letter(refused.model_dump_json().encode())
+        assert (letter.stage, letter.reason_code, letter.saga_id) == (
+            "participant:ledger", "UNKNOWN_ACTION", refused.saga_id)
+        assert letter.error_class == "participant.ledger.UNKNOWN_ACTION"
+        assert f"participant 'ledger' has no handler for the {wording}" in letter.reason
+        record = await wait_tapped(dlq_tap, refused.model_dump_json().encode())
+        assert record["headers"]["dlq-reason-code"] == "UNKNOWN_ACTION"
+        assert record["headers"]["dlq-saga-id"] == str(refused.saga_id)
+        assert await stored_replies(harness, refused.saga_id) == {}
+    reply = await asyncio.to_thread(reader.wait_for, good.command_id)
+    assert (reply.saga_id, reply.outcome, reply.replayed) == (saga.saga_id, Outcome.SUCCEEDED,
+                                                              True)
+    assert await harness.entries(saga.saga_id) == entries_before
+    await harness.assert_invariants()
+
+
 async def test_a_poison_command_is_set_aside_and_the_partition_goes_on(
         harness: Harness, ledger_worker: ParticipantWorker, dlq_tap: DeadLetterTap) -> None:
     """A command that parses but makes the participant raise (its payload lacks the transfer's
@@ -450,7 +489,7 @@ async def test_a_redelivered_screen_replays_its_stored_reply_even_while_the_prov
     screen = await screen_command(harness, saga.saga_id)
     producer = KafkaProducer(harness.settings, f"it-direct-risk-{uuid.uuid4().hex[:6]}")
     down = harness.settings.model_copy(update={"risk_failure_rate": 1.0})
-    risk = ParticipantWorker(down, harness.engine, RiskParticipant(down), producer)
+    risk = ParticipantWorker(down, harness.engine, risk_participant(down), producer)
     try:
         [replayed] = await risk._apply([screen], [])
         fresh = step_command(uuid.uuid4(), "screen", "screen", FORWARD, screen.payload)
@@ -496,7 +535,7 @@ async def test_a_fast_path_collision_leaves_the_new_effects_of_its_batch_unwritt
     answered = await screen_command(harness, saga.saga_id)
     fresh = step_command(uuid.uuid4(), "screen", "screen", FORWARD, answered.payload)
     producer = KafkaProducer(harness.settings, f"it-fast-risk-{uuid.uuid4().hex[:6]}")
-    risk = ParticipantWorker(harness.settings, harness.engine, RiskParticipant(harness.settings),
+    risk = ParticipantWorker(harness.settings, harness.engine, risk_participant(harness.settings),
                              producer)
     try:
         collided = await risk._answer_fast([fresh, answered], [])
@@ -524,7 +563,7 @@ async def test_the_fast_path_writes_an_effect_and_its_reply_together(harness: Ha
     command = step_command(saga_id, "notify", "send", FORWARD,
                            {**transfer_payload("a", "dst-1", "2.50"), "reference": "rent"})
     producer = KafkaProducer(harness.settings, f"it-fast-notify-{uuid.uuid4().hex[:6]}")
-    notify = ParticipantWorker(harness.settings, harness.engine, NotifyParticipant(), producer)
+    notify = ParticipantWorker(harness.settings, harness.engine, NOTIFY, producer)
     try:
         replies = await notify._answer_fast([command], [])
     finally:
@@ -562,18 +601,27 @@ async def test_a_compensation_never_takes_the_fast_path(
 # The ledger's fence is shown in a database of its own: these cases write entries for sagas that
 # do not exist, which the session database's invariant checks (I7) would rightly refuse.
 
-class ReadThenRace(LedgerParticipant):
-    """The real ledger, with another writer's batch run between its read and its write, once."""
+class ReadThenRace:
+    """The real ledger, with another writer's batch run between its read and its write, once.
+    A participant of the runtime's low-level protocol, wrapping the kit's ledger: the protocol
+    stays open to a participant that decides a whole batch itself."""
 
-    def __init__(self, meanwhile: Callable[[], Awaitable[object]]) -> None:
+    def __init__(self, meanwhile: Callable[[], Awaitable[object]], locks: bool = False) -> None:
         self.meanwhile: Callable[[], Awaitable[object]] | None = meanwhile
+        self.name, self.effects, self.locks = LEDGER.name, LEDGER.effects, locks
 
     async def read(self, conn: Any, commands: Any, now: datetime, *, lock: bool) -> Any:
-        view = await super().read(conn, commands, now, lock=lock)
+        view = await LEDGER.read(conn, commands, now, lock=lock)
         if self.meanwhile is not None:
             meanwhile, self.meanwhile = self.meanwhile, None
             await meanwhile()
         return view
+
+    def decide(self, commands: Any, view: Any, now: datetime) -> list[Decided]:
+        return LEDGER.decide(commands, view, now)
+
+    def unhandled(self, command: StepCommand) -> str | None:
+        return LEDGER.unhandled(command)
 
 
 async def test_a_ledger_write_decided_from_an_outdated_balance_collides_on_the_fence(
@@ -590,7 +638,7 @@ async def test_a_ledger_write_decided_from_an_outdated_balance_collides_on_the_f
     second = step_command(uuid.uuid4(), "reserve", "reserve", FORWARD,
                           transfer_payload(source, destination, "8.00"))
     producer = KafkaProducer(h.settings, f"it-fence-{uuid.uuid4().hex[:6]}")
-    other = ParticipantWorker(h.settings, isolated.engine, LedgerParticipant(), producer)
+    other = ParticipantWorker(h.settings, isolated.engine, LEDGER, producer)
     first_replies: list[StepReply] | None = None
 
     async def first_writer() -> None:
@@ -617,13 +665,6 @@ async def test_a_ledger_write_decided_from_an_outdated_balance_collides_on_the_f
     assert [tuple(row) for row in fences] == [(first.saga_id, source, 1)]
 
 
-class LockingLedger(ReadThenRace):
-    """The ledger as a participant that declares `locks`: its fast path must hold what `read`
-    locked until its write, in one transaction."""
-
-    locks = True
-
-
 async def test_a_participant_that_locks_holds_its_read_locks_until_its_fast_write(
         isolated: Isolated) -> None:
     h = isolated.harness
@@ -641,8 +682,11 @@ async def test_a_participant_that_locks_holds_its_read_locks_until_its_fast_writ
         refused.append(str(getattr(error.value.orig, "sqlstate", None)))
 
     producer = KafkaProducer(h.settings, f"it-locks-{uuid.uuid4().hex[:6]}")
+    # The ledger as a participant that declares `locks`: its fast path must hold what `read`
+    # locked until its write, in one transaction.
     worker = ParticipantWorker(h.settings, isolated.engine,
-                               LockingLedger(another_writer_tries_the_account), producer)
+                               ReadThenRace(another_writer_tries_the_account, locks=True),
+                               producer)
     try:
         replies = await worker._answer_fast([command], [])
     finally:

@@ -13,9 +13,11 @@ from hypothesis import strategies as st
 import steps
 from orchestrator.core.definition import Backoff, SagaDefinition, Step
 from orchestrator.errors import SagaDefinitionError, SagaError
-from orchestrator.participant.runtime import StepResult
+from orchestrator.participant import StepResult
+from orchestrator.settings import Settings
 from schemas import Direction, Outcome, StepCommand
-from steps.ledger import AccountView, Entry, after, clearing_account, decide_entry
+from steps.ledger import LEDGER, AccountView, Entry, after, clearing_account, decide_entry
+from steps.notify import NOTIFY
 from steps.registry import Action, ledger, notify, risk
 from steps.saga import SAGAS, TRANSFER
 
@@ -223,12 +225,21 @@ def _actions_used() -> set[Action]:
 
 
 def test_every_action_has_a_handler() -> None:
+    """Each participant the application runs has a handler for every action the sagas name for
+    it, in its direction, and the ledger's rule accepts each of its actions."""
     used = _actions_used()
-    participants = {"ledger": steps.LedgerParticipant, "risk": steps.RiskParticipant,
-                    "notify": steps.NotifyParticipant}
+    participants = {name: steps.APPLICATION.participant(name, Settings())
+                    for name in steps.APPLICATION.participants}
     assert {a.participant for a in used} <= set(participants)
-    for participant, cls in participants.items():
-        assert cls.name == participant
+    for name, participant in participants.items():
+        assert participant.name == name
+    for definition in SAGAS.values():
+        for step in definition.steps:
+            for action, direction in ((step.action, Direction.FORWARD),
+                                      (step.compensation, Direction.COMPENSATE)):
+                if action is not None:
+                    probe = command(action, step=step.name, direction=direction)
+                    assert participants[action.participant].unhandled(probe) is None, action
     for action in sorted(used, key=str):
         if action.participant != "ledger":
             continue
@@ -239,6 +250,18 @@ def test_every_action_has_a_handler() -> None:
     assert {a.name for a in used if a.participant == "ledger"} == {
         "reserve", "release", "credit", "reverse_credit", "settle"}
     assert {str(a) for a in used if a.participant != "ledger"} == {"risk.screen", "notify.send"}
+
+
+def test_a_participant_routes_only_the_actions_and_directions_it_handles() -> None:
+    """A forward action is not its own compensation: the ledger handles `reserve` forward and
+    `release` as a compensation, never the other way round, nor an action it does not know."""
+    assert LEDGER.unhandled(command(ledger.RESERVE)) is None
+    assert LEDGER.unhandled(command(ledger.RELEASE)) is None
+    backwards = LEDGER.unhandled(command(ledger.RESERVE, direction=Direction.COMPENSATE))
+    assert backwards is not None and "no handler for the compensation 'reserve'" in backwards
+    unknown = LEDGER.unhandled(command("teleport"))
+    assert unknown is not None and "no handler for the forward action 'teleport'" in unknown
+    assert {(str(a), d.value) for a, d in NOTIFY.handled} == {("notify.send", "forward")}
 
 
 def test_an_unknown_ledger_action_is_refused() -> None:

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas import Direction, StepCommand
-from steps.ledger import AccountView, LedgerParticipant
+from steps.ledger import LEDGER, AccountView
 from steps.registry import Action, ledger
 
 PROPERTY = settings(deadline=None, database=None, derandomize=True)
@@ -45,7 +45,7 @@ def alice(balance: str = "100.00", *, held: str = "0.00", settled_today: str = "
 
 
 def rows_of(commands: list[StepCommand], view: AccountView) -> list[dict[str, Any]]:
-    decided = LedgerParticipant().decide(commands, {"alice": view}, NOW)
+    decided = LEDGER.decide(commands, {"alice": view}, NOW)
     return [row for d in decided for table, row in d.rows if table == "ledger_entries"]
 
 
