@@ -30,12 +30,16 @@ LOOK = Action("test", "look")
 
 
 def test_the_transfer_saga_is_valid_and_ordered() -> None:
-    assert [s.name for s in TRANSFER.steps] == ["screen", "reserve", "credit", "settle", "notify"]
-    assert [s.name for s in TRANSFER.steps if s.pivot] == ["settle"]
-    assert {s.name: s.compensation for s in TRANSFER.steps} == {
+    assert [s.name for s in TRANSFER.all_steps] == [
+        "screen", "reserve", "credit", "settle", "notify"]
+    # screening and the hold run at the same time; then one step after the other
+    assert [[s.name for s in stage] for stage in TRANSFER.stages] == [
+        ["screen", "reserve"], ["credit"], ["settle"], ["notify"]]
+    assert [s.name for s in TRANSFER.all_steps if s.pivot] == ["settle"]
+    assert {s.name: s.compensation for s in TRANSFER.all_steps} == {
         "screen": None, "reserve": ledger.RELEASE, "credit": ledger.REVERSE_CREDIT,
         "settle": None, "notify": None}
-    assert TRANSFER.step("credit") is TRANSFER.steps[2]
+    assert TRANSFER.step("credit") is TRANSFER.all_steps[2] is TRANSFER.steps[1]
     assert TRANSFER.index_of("settle") == 3
 
 

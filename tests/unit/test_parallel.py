@@ -37,6 +37,7 @@ from orchestrator.core import (
     request_hash,
 )
 from orchestrator.definition import Parallel, SagaDefinition, Step
+from orchestrator.sagas import TRANSFER
 from schemas import (
     SAGA_EVENT_ADAPTER,
     Direction,
@@ -583,6 +584,58 @@ def test_a_state_with_several_runs_round_trips_through_json() -> None:
 
     assert SagaState.from_json(json.loads(json.dumps(state.to_json()))) == state
     assert StepRun.from_json(state.runs[0].to_json()) == state.runs[0]
+
+
+# ---------------------------------------------------------------- the transfer saga
+
+
+def test_a_transfer_screens_and_reserves_at_once_and_credits_after_both() -> None:
+    saga = Saga(TRANSFER)
+
+    decision = saga.start()
+
+    events, commands = starts(saga, "screen", "reserve")
+    assert decision.events[1:] == events and decision.commands == commands
+    assert [c.action for c in commands] == ["screen", "reserve"]
+    saga.ok("reserve")
+    assert saga.state.step == "screen"
+    assert [c.step for c in saga.ok("screen").commands] == ["credit"]
+
+
+@pytest.mark.parametrize("reserve", ["succeeded before", "succeeds after"])
+def test_a_denied_screen_releases_the_hold(reserve: str) -> None:
+    saga = Saga(TRANSFER)
+    saga.start()
+    if reserve == "succeeded before":
+        saga.ok("reserve")
+    denial = refused(saga.out("screen"), "SANCTIONS_HIT")
+    decision = saga.receive(denial)
+    if reserve == "succeeds after":
+        assert decision.commands == ()
+        decision = saga.ok("reserve")
+
+    [release] = decision.commands
+    assert (release.step, release.action, release.direction) == ("reserve", "release",
+                                                                 COMPENSATE)
+    last = saga.receive(ok(release))
+    assert last.events[-1] == SagaCompensated(failed_step="screen",
+                                              reason="SANCTIONS_HIT: screen said no")
+
+
+@pytest.mark.parametrize("first", ["screen", "reserve"])
+def test_a_transfer_refused_by_both_or_one_with_nothing_held_undoes_nothing(first: str) -> None:
+    saga = Saga(TRANSFER)
+    saga.start()
+    saga.receive(refused(saga.out(first), "DENIED" if first == "screen" else "INSUFFICIENT_FUNDS"))
+    other = "reserve" if first == "screen" else "screen"
+
+    decision = saga.receive(ok(saga.out(other)) if other == "screen" else refused(
+        saga.out(other), "INSUFFICIENT_FUNDS"))
+
+    assert decision.commands == ()
+    assert isinstance(decision.events[-1], SagaCompensated)
+    assert decision.events[-1].failed_step == first
+    assert saga.state.status is SagaStatus.COMPENSATED
 
 
 # ---------------------------------------------------------------- properties
