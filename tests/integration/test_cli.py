@@ -62,6 +62,7 @@ async def test_timeline_by_transfer_id_as_json(harness: Harness, completed: Any)
     assert (data["saga_id"], data["transfer_id"]) == (str(saga.saga_id), transfer_id)
     assert (data["status"], data["saga_type"], data["version"]) == (
         "COMPLETED", "transfer", saga.version)
+    assert data["runs"] == []  # waits on nothing any more
     events = data["events"]
     assert [e["seq"] for e in events] == list(range(1, saga.version + 1))
     assert [e["type"] for e in events] == [e.type for e in await harness.events(saga.saga_id)]
@@ -180,9 +181,14 @@ async def test_stuck_lists_sagas_past_their_due_time_and_exits_1(isolated: Isola
     [row] = json.loads(result.stdout)["sagas"]
     assert (row["saga_id"], row["status"], row["current_step"], row["direction"]) == (
         str(overdue), "RUNNING", "screen", "forward")
+    # the saga waits on both steps of its parallel group, each with its own deadline
+    assert [(r["step"], r["direction"], r["attempt"]) for r in row["runs"]] == [
+        ("screen", "forward", 1), ("reserve", "forward", 1)]
+    assert row["runs"][0]["deadline_at"] == row["due_at"]
     assert 89 <= row["overdue_s"] < 200
     text_result = await saga_cli(isolated.harness, "stuck", "--grace", "30")
     assert str(overdue) in text_result.stdout and "saga worker recovery" in text_result.stdout
+    assert "screen+reserve" in text_result.stdout
     # With a grace longer than it is overdue, nothing counts as stuck.
     assert _ok(await saga_cli(isolated.harness, "stuck", "--json", "--grace", "3600"))[
         "sagas"] == []
