@@ -517,7 +517,7 @@ def decide_start(
         requested_at=message.requested_at,
     )
     state = evolve(None, started)
-    events, commands = _start_stage(definition, state, 0, now)
+    events, commands = _start_steps(definition, state, definition.stages[0], now)
     return Decision(Verdict.STARTED, events=(started, *events), commands=commands)
 
 
@@ -600,13 +600,28 @@ def _stage_settled(
     if not state.turning_back:
         if any(run.waiting for run in runs):
             return (), (), False
-        following = definition.stage_of(step.name) + 1
-        if following == len(definition.stages):
+        steps = _next_steps(definition, state)
+        if not steps:
             return (SagaCompleted(),), (), False
-        events, commands = _start_stage(definition, state, following, now)
+        events, commands = _start_steps(definition, state, steps, now)
         return events, commands, False
     events, commands = _give_up_forward(definition, state, step, now)
     return events, commands, _past_pivot(definition, state)
+
+
+def _next_steps(definition: SagaDefinition, state: SagaState) -> tuple[Step, ...]:
+    """The steps to start once a stage succeeded: the first stage with a step that has not
+    succeeded, less the ones that have.
+
+    That is the whole next stage, except for a saga that began under an earlier version of its
+    definition, whose history is what counts: one that ran `screen` alone before `screen` and
+    `reserve` became a group starts `reserve` next, and one that ran them as a group under a
+    definition that no longer groups them never starts `reserve` twice."""
+    for stage in definition.stages:
+        steps = tuple(step for step in stage if step.name not in state.applied)
+        if steps:
+            return steps
+    return ()
 
 
 def _compensation_reply(
@@ -772,13 +787,13 @@ def _next_compensation(
     ), ()
 
 
-def _start_stage(
-    definition: SagaDefinition, state: SagaState, index: int, now: datetime
+def _start_steps(
+    definition: SagaDefinition, state: SagaState, steps: Sequence[Step], now: datetime
 ) -> tuple[Sequence[SagaEvent], tuple[StepCommand, ...]]:
-    """Start every step of stage `index` at once: one step, or each member of a group."""
+    """Start `steps` forward at once: one step, or the members of a group."""
     events: list[SagaEvent] = []
     commands: list[StepCommand] = []
-    for step in definition.stages[index]:
+    for step in steps:
         started, sent = _start_step(definition, state, step, Direction.FORWARD, 1, now)
         events += started
         commands += sent

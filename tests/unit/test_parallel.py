@@ -638,6 +638,35 @@ def test_a_transfer_refused_by_both_or_one_with_nothing_held_undoes_nothing(firs
     assert saga.state.status is SagaStatus.COMPENSATED
 
 
+# A saga in flight when its definition changed (a deploy) goes on from its own history.
+SEQUENTIAL_TRANSFER = SagaDefinition("transfer", steps=TRANSFER.all_steps)
+
+
+def test_a_saga_that_screened_alone_before_the_group_existed_reserves_next() -> None:
+    saga = Saga(SEQUENTIAL_TRANSFER)
+    saga.start()
+    assert [c.step for c in saga.commands] == ["screen"]
+    saga.definition = TRANSFER  # the new code, with screen and reserve in one group
+
+    decision = saga.ok("screen")
+
+    assert [(c.step, c.attempt) for c in decision.commands] == [("reserve", 1)]
+    assert [c.step for c in saga.ok("reserve").commands] == ["credit"]
+
+
+def test_a_saga_that_ran_the_group_goes_on_under_a_definition_without_it() -> None:
+    saga = Saga(TRANSFER)
+    saga.start()
+    saga.definition = SEQUENTIAL_TRANSFER  # the group undone while both were out
+    saga.ok("reserve")
+
+    decision = saga.ok("screen")
+
+    assert [c.step for c in decision.commands] == ["credit"]  # reserve is not started twice
+    assert [e.step for e in saga.events if isinstance(e, StepStarted)] == [
+        "screen", "reserve", "credit"]
+
+
 # ---------------------------------------------------------------- properties
 
 # Deterministic (a fixed seed per test) and without an example database: unit tests do no I/O.
