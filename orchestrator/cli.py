@@ -130,7 +130,7 @@ async def cmd_timeline(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
-    from orchestrator.ops.queries import list_sagas
+    from orchestrator.ops.queries import list_sagas, steps_label
 
     engine = _engine(settings)
     try:
@@ -140,7 +140,7 @@ async def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
 
     def render(rows: list[dict[str, Any]]) -> str:
         lines = [f"{'saga id':<36}  {'status':<12} {'step':<8} {'amount':>12} cur  updated"]
-        lines += [f"{r['saga_id']:<36}  {r['status']:<12} {r['current_step'] or '':<8} "
+        lines += [f"{r['saga_id']:<36}  {r['status']:<12} {steps_label(r):<8} "
                   f"{r['amount'] or '':>12} {r['currency'] or '':<4} {r['updated_at'][:23]}"
                   for r in rows]
         return "\n".join(lines)
@@ -150,7 +150,7 @@ async def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_stuck(args: argparse.Namespace, settings: Settings) -> int:
-    from orchestrator.ops.queries import outbox_set_aside, stuck_sagas
+    from orchestrator.ops.queries import outbox_set_aside, steps_label, stuck_sagas
 
     engine = _engine(settings)
     try:
@@ -166,7 +166,7 @@ async def cmd_stuck(args: argparse.Namespace, settings: Settings) -> int:
         else:
             lines = [f"{'saga id':<36}  {'status':<12} {'step':<8} {'dir':<10} {'att':>3} "
                      f"{'overdue s':>9}"]
-            lines += [f"{r['saga_id']:<36}  {r['status']:<12} {r['current_step'] or '':<8} "
+            lines += [f"{r['saga_id']:<36}  {r['status']:<12} {steps_label(r):<8} "
                       f"{r['direction'] or '':<10} {r['attempt']:>3} {r['overdue_s']:>9}"
                       for r in rows]
             lines.append("is `saga worker recovery` running and reaching the broker? "

@@ -2,12 +2,13 @@
 
 Run it: `python docs/examples/define_saga.py` (tests/unit/test_docs_examples.py runs it too).
 
-The saga here is a small "payout": screen the parties, hold the funds on a wallet, send them to a
-bank (the pivot: a bank transfer cannot be called back), then notify. It is driven four times:
-every step succeeds; the bank refuses for good (the hold is released, the saga is compensated);
-the bank is briefly unavailable (the step is retried, after a backoff, as a new attempt); the
-wallet never answers (the hold is re-sent under the same command id until the step gives up, and
-then released, since it may have been placed).
+The saga here is a small "payout": screen the parties and hold the funds on a wallet at the same
+time (a parallel group), send them to a bank (the pivot: a bank transfer cannot be called back),
+then notify. It is driven five times: every step succeeds; the bank refuses for good (the hold is
+released, the saga is compensated); the screening refuses while the hold is still out (the saga
+waits for the hold's answer, then releases it); the bank is briefly unavailable (the step is
+retried, after a backoff, as a new attempt); the wallet never answers (the hold is re-sent under
+the same command id until the step gives up, and then released, since it may have been placed).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from uuid import UUID, uuid5
 
-from orchestrator.core.definition import Backoff, SagaDefinition, Step
+from orchestrator.core.definition import Backoff, Parallel, SagaDefinition, Step
 from orchestrator.core.saga import (
     Decision,
     SagaState,
@@ -27,6 +28,7 @@ from orchestrator.core.saga import (
     decide_reply,
     decide_start,
     evolve,
+    outstanding_commands,
     participant_of,
     request_hash,
 )
@@ -44,11 +46,16 @@ SEND = Action("bank", "send")
 PAYOUT = SagaDefinition(
     name="payout",
     steps=(
-        Step("screen", action=risk.SCREEN, compensation=None, has_effect=False),
-        # An attempt with no reply after timeout_s is re-sent under the same command id (the
-        # participant answers a command it already applied with its stored reply). Re-sends and
-        # retries spend the same max_attempts (default 3).
-        Step("hold", action=HOLD, compensation=RELEASE, timeout_s=5),
+        # Screening and the hold do not depend on each other: both commands go out at once, and
+        # `send` starts when both succeeded. If one fails for good, the other is waited for and
+        # undone if it applied its effect.
+        Parallel(
+            Step("screen", action=risk.SCREEN, compensation=None, has_effect=False),
+            # An attempt with no reply after timeout_s is re-sent under the same command id (the
+            # participant answers a command it already applied with its stored reply). Re-sends
+            # and retries spend the same max_attempts (default 3), each member its own.
+            Step("hold", action=HOLD, compensation=RELEASE, timeout_s=5),
+        ),
         # A retryable failure waits out an exponential backoff before the next attempt: 2 s,
         # then 4 s, 8 s ... up to 60 s, less a jitter of up to half that is derived from the
         # failed command's id, so deciding twice gives the same time while sagas that failed
@@ -62,7 +69,7 @@ PAYOUT = SagaDefinition(
 
 # ---- the definition's rules are checked when it is built, not when a worker meets it
 
-def refused(steps: tuple[Step, ...]) -> str:
+def refused(steps: tuple[Step | Parallel, ...]) -> str:
     try:
         SagaDefinition(name="broken", steps=steps)
     except SagaDefinitionError as error:
@@ -79,7 +86,10 @@ twice = refused((Step("screen", action=risk.SCREEN, compensation=None, has_effec
 undo_nothing = refused((Step("screen", action=risk.SCREEN, compensation=HOLD, has_effect=False),))
 shrinking_wait = refused((Step("screen", action=risk.SCREEN, compensation=None, has_effect=False,
                                backoff=Backoff(multiplier=0.5)),))
-for reason in (no_compensation, undo_after_pivot, twice, undo_nothing, shrinking_wait):
+pivot_in_group = refused((Parallel(Step("hold", action=HOLD, compensation=RELEASE),
+                                   Step("send", action=SEND, compensation=None, pivot=True)),))
+for reason in (no_compensation, undo_after_pivot, twice, undo_nothing, shrinking_wait,
+               pivot_in_group):
     print("refused:", reason)
 
 
@@ -125,17 +135,18 @@ def record(state: SagaState | None, decision: Decision, log: list[str]) -> SagaS
 Answers = dict[tuple[str, str, int], tuple[Outcome, str, bool] | None]
 
 
-def participant_reply(decision: Decision, answers: Answers) -> StepReply | None:
-    """The reply to the command `decision` sent, if there is one and its participant answers."""
-    if not decision.commands:
-        return None  # no command: a retry is waiting out its backoff
-    (command,) = decision.commands  # at most one step command is outstanding per saga
-    answer = answers.get((command.step, command.direction.value, command.attempt),
-                         (Outcome.SUCCEEDED, "", False))
-    if answer is None:
-        return None  # the participant stays silent: the command's deadline will pass
-    outcome, code, retryable = answer
-    return reply(command, outcome, code or None, retryable)
+def participant_reply(state: SagaState, answers: Answers) -> StepReply | None:
+    """A reply to the first command the saga waits on whose participant answers, if any. While
+    the group runs the saga waits on two commands; otherwise on one, or none while a retry waits
+    out its backoff."""
+    for command in outstanding_commands(PAYOUT, state):
+        answer = answers.get((command.step, command.direction.value, command.attempt),
+                             (Outcome.SUCCEEDED, "", False))
+        if answer is None:
+            continue  # the participant stays silent: the command's deadline will pass
+        outcome, code, retryable = answer
+        return reply(command, outcome, code or None, retryable)
+    return None
 
 
 def run(n: int, answers: Answers) -> tuple[SagaState, list[str], timedelta]:
@@ -147,7 +158,7 @@ def run(n: int, answers: Answers) -> tuple[SagaState, list[str], timedelta]:
     assert decision.verdict is Verdict.STARTED
     state = record(None, decision, log)
     while not state.terminal:
-        message = participant_reply(decision, answers)
+        message = participant_reply(state, answers)
         if message is not None:
             decision = decide_reply(PAYOUT, state, message, now)
             state = record(state, decision, log)
@@ -162,8 +173,7 @@ def run(n: int, answers: Answers) -> tuple[SagaState, list[str], timedelta]:
         now = state.due_at
         due = decide_due(PAYOUT, state, now)
         assert due is not None
-        decision = due
-        state = record(state, decision, log)
+        state = record(state, due, log)
     return state, log, now - NOW
 
 
@@ -173,6 +183,10 @@ print("\ncompleted:  ", " ".join(happy_log))
 refused_by_bank, refused_log, _ = run(2, {("send", "forward", 1): (Outcome.FAILED, "IBAN_CLOSED",
                                                                     False)})
 print("compensated:", " ".join(refused_log))
+
+denied, denied_log, _ = run(5, {("screen", "forward", 1): (Outcome.FAILED, "SANCTIONS_HIT",
+                                                            False)})
+print("denied:     ", " ".join(denied_log))
 
 retried, retried_log, retry_took = run(3, {("send", "forward", 1): (Outcome.FAILED, "BANK_DOWN",
                                                                     True)})
@@ -190,16 +204,24 @@ assert decide_start(PAYOUT, happy, request(1), NOW).verdict is Verdict.DUPLICATE
 assert "no compensation" in no_compensation and "must not have a compensation" in undo_after_pivot
 assert "repeats a step name" in twice and "must not have a compensation" in undo_nothing
 assert "needs a backoff" in shrinking_wait
+assert "cannot be inside a parallel group" in pivot_in_group
 assert happy.status is SagaStatus.COMPLETED and happy.applied == ("screen", "hold", "send",
                                                                   "notify")
-assert happy_log == ["SagaStarted", "StepStarted(screen)", "StepSucceeded(screen)",
-                     "StepStarted(hold)", "StepSucceeded(hold)", "StepStarted(send)",
+# Both commands of the group go out together; `send` starts once both succeeded.
+assert happy_log == ["SagaStarted", "StepStarted(screen)", "StepStarted(hold)",
+                     "StepSucceeded(screen)", "StepSucceeded(hold)", "StepStarted(send)",
                      "StepSucceeded(send)", "StepStarted(notify)", "StepSucceeded(notify)",
                      "SagaCompleted"]
 assert refused_by_bank.status is SagaStatus.COMPENSATED
 # Only the hold had an effect to undo: the screen has none, the send never happened.
 assert refused_log[-4:] == ["StepFailed(send)", "StepStarted(hold, compensate)",
                             "StepCompensated(hold)", "SagaCompensated"]
+# The screening refused while the hold was out: the saga waited for the hold's answer (it may
+# have been placed: it was), then released it.
+assert denied.status is SagaStatus.COMPENSATED and denied.failed_step == "screen"
+assert denied_log[3:] == ["StepFailed(screen)", "StepSucceeded(hold)",
+                          "StepStarted(hold, compensate)", "StepCompensated(hold)",
+                          "SagaCompensated"]
 assert retried.status is SagaStatus.COMPLETED and retried.version == len(retried_log)
 assert retried_log[6:9] == ["StepFailed(send)", "StepRetryScheduled(send)", "StepStarted(send)"]
 # The one wait was the backoff after attempt 1: 2 s, less up to half of it.
@@ -207,6 +229,6 @@ assert timedelta(seconds=1) <= retry_took <= timedelta(seconds=2)
 # The hold went out three times under one command id (at 0, 5 and 10 s); at 15 s the step gave
 # up. It may have been placed, so it is released; the saga never reached the bank.
 assert silent.status is SagaStatus.COMPENSATED and silence_took == timedelta(seconds=15)
-assert silent_log[3:] == ["StepStarted(hold)", "StepTimedOut(hold)", "StepTimedOut(hold)",
+assert silent_log[3:] == ["StepSucceeded(screen)", "StepTimedOut(hold)", "StepTimedOut(hold)",
                           "StepTimedOut(hold, gave up)", "StepStarted(hold, compensate)",
                           "StepCompensated(hold)", "SagaCompensated"]

@@ -3,7 +3,7 @@
 Nothing here does I/O or reads settings: given the events so far, a message and `now`, it
 returns the events to append and the commands to send (`lint-imports` keeps it so)."""
 
-from orchestrator.core.definition import Action, Backoff, SagaDefinition, Step
+from orchestrator.core.definition import Action, Backoff, Parallel, SagaDefinition, Step
 from orchestrator.core.intake import Unparseable, classify
 from orchestrator.core.saga import (
     IN_FLIGHT_STATUSES,
@@ -22,6 +22,7 @@ from orchestrator.core.saga import (
     evolve,
     fold,
     outstanding_command,
+    outstanding_commands,
     participant_of,
     request_hash,
     saga_id_for_transfer,
@@ -33,6 +34,7 @@ __all__ = [
     "Action",
     "Backoff",
     "Decision",
+    "Parallel",
     "RejectTransfer",
     "SagaDefinition",
     "SagaState",
@@ -50,6 +52,7 @@ __all__ = [
     "evolve",
     "fold",
     "outstanding_command",
+    "outstanding_commands",
     "participant_of",
     "request_hash",
     "saga_id_for_transfer",

@@ -1,11 +1,16 @@
 """The saga definition API: an ordered list of named steps, each with an action and its
-compensation (or an explicit statement that it has none), a timeout and an attempt budget.
+compensation (or an explicit statement that it has none), a timeout and an attempt budget. Steps
+that do not depend on each other may be grouped with `Parallel`: the group's steps are sent at
+once, and the group is done when every one of them succeeded.
 
 Rules enforced at construction, so a bad definition never reaches a worker:
-- step names are unique (they are persisted in events and ledger keys);
+- step names are unique (they are persisted in events and ledger keys), across groups too;
 - a step with an effect must name its compensation, unless it is the pivot: the step after which
   the saga can only go forward (here: settling the source debit). Steps after the pivot have no
-  compensation and must not fail for business reasons.
+  compensation and must not fail for business reasons;
+- a parallel group has at least two steps, holds steps only (no group in a group), and never
+  holds the pivot: a sibling could fail after the pivot succeeded, and after the pivot nothing
+  is undone.
 """
 
 from __future__ import annotations
@@ -73,23 +78,51 @@ class Step:
     pivot: bool = False
 
 
+@dataclass(frozen=True, init=False)
+class Parallel:
+    """Steps that run at the same time: `Parallel(Step(...), Step(...))` in a definition's steps.
+
+    Every member's command is sent when the group starts, and the saga goes on to the next
+    element once every member succeeded. Each member keeps its own attempts, retries and
+    timeouts: a member's retryable failure or timeout retries that member only. When a member
+    fails for good (or times out for good), the others are waited for (their replies say
+    whether they applied their effects), then the members that succeeded or may have are
+    compensated, one at a time, most recent first, and then the earlier steps.
+
+    The members' order is the order their commands are sent in; nothing else depends on it."""
+
+    steps: tuple[Step, ...]
+
+    def __init__(self, *steps: Step) -> None:
+        object.__setattr__(self, "steps", steps)
+
+
 @dataclass(frozen=True)
 class SagaDefinition:
+    """A saga: its `steps` in order, each a `Step` or a `Parallel` group of steps."""
+
     name: str
-    steps: tuple[Step, ...]
+    steps: tuple[Step | Parallel, ...]
+    # What the core runs: each stage is one step, or the members of one parallel group.
+    stages: tuple[tuple[Step, ...], ...] = field(init=False, repr=False)
+    # Every step in the order declared, the members of a group in their place.
+    all_steps: tuple[Step, ...] = field(init=False, repr=False, compare=False)
     _by_name: dict[str, int] = field(init=False, repr=False, compare=False)
+    _stage_of: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.steps:
             raise SagaDefinitionError(f"saga {self.name!r} has no steps")
-        names = [step.name for step in self.steps]
+        stages = tuple(self._stage(element) for element in self.steps)
+        all_steps = tuple(step for stage in stages for step in stage)
+        names = [step.name for step in all_steps]
         if len(set(names)) != len(names):
             raise SagaDefinitionError(f"saga {self.name!r} repeats a step name: {names}")
-        pivots = [i for i, step in enumerate(self.steps) if step.pivot]
+        pivots = [i for i, stage in enumerate(stages) for step in stage if step.pivot]
         if len(pivots) > 1:
             raise SagaDefinitionError(f"saga {self.name!r} has more than one pivot step")
-        pivot_index = pivots[0] if pivots else len(self.steps)
-        for index, step in enumerate(self.steps):
+        pivot_stage = pivots[0] if pivots else len(stages)
+        for stage_index, step in ((i, step) for i, stage in enumerate(stages) for step in stage):
             if step.max_attempts < 1 or step.timeout_s <= 0:
                 raise SagaDefinitionError(f"step {step.name!r} needs attempts >= 1, timeout > 0")
             backoff = step.backoff
@@ -98,7 +131,7 @@ class SagaDefinition:
                 raise SagaDefinitionError(
                     f"step {step.name!r} needs a backoff with initial_s >= 0, max_s >= 0,"
                     " multiplier >= 1 and 0 <= jitter <= 1")
-            needs_compensation = step.has_effect and index < pivot_index
+            needs_compensation = step.has_effect and stage_index < pivot_stage
             if needs_compensation and step.compensation is None:
                 raise SagaDefinitionError(
                     f"step {step.name!r} has an effect before the pivot but no compensation"
@@ -108,10 +141,41 @@ class SagaDefinition:
                     f"step {step.name!r} is the pivot, after it, or has no effect, "
                     "so it must not have a compensation"
                 )
+        object.__setattr__(self, "stages", stages)
+        object.__setattr__(self, "all_steps", all_steps)
         object.__setattr__(self, "_by_name", {name: i for i, name in enumerate(names)})
+        object.__setattr__(self, "_stage_of", {
+            step.name: i for i, stage in enumerate(stages) for step in stage})
+
+    def _stage(self, element: Step | Parallel) -> tuple[Step, ...]:
+        if isinstance(element, Step):
+            return (element,)
+        if not isinstance(element, Parallel):
+            raise SagaDefinitionError(
+                f"saga {self.name!r}: {element!r} is neither a Step nor a Parallel group")
+        members = element.steps
+        names = [getattr(member, "name", repr(member)) for member in members]
+        if len(members) < 2:
+            raise SagaDefinitionError(
+                f"saga {self.name!r}: a parallel group needs at least two steps, got {names}")
+        for member in members:
+            if not isinstance(member, Step):
+                raise SagaDefinitionError(
+                    f"saga {self.name!r}: a parallel group holds steps only, not {member!r}")
+            if member.pivot:
+                raise SagaDefinitionError(
+                    f"saga {self.name!r}: the pivot {member.name!r} cannot be inside a parallel "
+                    f"group {names}: a sibling could still fail after the pivot succeeded, and "
+                    "nothing is undone after the pivot; make it a step of its own")
+        return members
 
     def step(self, name: str) -> Step:
-        return self.steps[self._by_name[name]]
+        return self.all_steps[self._by_name[name]]
 
     def index_of(self, name: str) -> int:
+        """The step's position among `all_steps`."""
         return self._by_name[name]
+
+    def stage_of(self, name: str) -> int:
+        """The position in `stages` of the step, or of the group it is a member of."""
+        return self._stage_of[name]

@@ -8,9 +8,13 @@ effects already recorded (and is ignored) or produces exactly what the lost atte
 State is never stored as truth: `fold(events)` rebuilds it, and the `sagas` table only caches it.
 
 Invariants kept here:
-- at most one step command is outstanding per saga (`command_id`); a reply for any other command
-  is a duplicate or a late reply and changes nothing;
-- compensations run in the reverse order of the forward steps whose effects were applied;
+- at most one command is outstanding per step run (`SagaState.runs`): one per saga for a
+  sequential step, one per member while a parallel group runs; a reply for any other command is
+  a duplicate or a late reply and changes nothing;
+- a stage (a step, or a parallel group) is left only once every run of it ended: forward when
+  each one succeeded, backwards when one failed for good and no sibling is still out;
+- compensations run one at a time, in the reverse order in which the forward steps' effects were
+  applied (or may have been), so the groups unwind in reverse order too;
 - a terminal saga never changes again.
 """
 
@@ -76,7 +80,78 @@ def command_id_for(saga_id: UUID, step: str, direction: Direction, attempt: int)
 
 
 @dataclass(frozen=True)
+class StepRun:
+    """One step of the current stage in one direction, not ended yet.
+
+    It is in one of three conditions:
+    - sent: `command_id` and `deadline_at` are set, and a reply (or the deadline) is awaited;
+    - waiting: `next_attempt_at` is set: a retry waits out its backoff, nothing is outstanding;
+    - failed: neither: it failed, or timed out, for good. It stays until its stage settles, which
+      is how the saga knows a parallel group turns back while siblings are still out.
+    """
+
+    step: str
+    direction: Direction
+    attempt: int
+    command_id: UUID | None = None
+    deadline_at: datetime | None = None
+    # Re-sends of this step's commands (in this direction) after a deadline passed with no
+    # reply; with `attempt` it is what the step spent of its budget.
+    resends: int = 0
+    next_attempt_at: datetime | None = None
+
+    @property
+    def sent(self) -> bool:
+        return self.command_id is not None and self.deadline_at is not None
+
+    @property
+    def waiting(self) -> bool:
+        return self.next_attempt_at is not None
+
+    @property
+    def failed(self) -> bool:
+        return not self.sent and not self.waiting
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "direction": self.direction.value,
+            "attempt": self.attempt,
+            "command_id": str(self.command_id) if self.command_id else None,
+            "deadline_at": self.deadline_at.isoformat() if self.deadline_at else None,
+            "resends": self.resends,
+            "next_attempt_at": self.next_attempt_at.isoformat() if self.next_attempt_at else None,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StepRun:
+        return cls(
+            step=data["step"],
+            direction=Direction(data["direction"]),
+            attempt=data["attempt"],
+            command_id=UUID(data["command_id"]) if data["command_id"] else None,
+            deadline_at=(
+                datetime.fromisoformat(data["deadline_at"]) if data["deadline_at"] else None
+            ),
+            resends=data["resends"],
+            next_attempt_at=(
+                datetime.fromisoformat(data["next_attempt_at"])
+                if data["next_attempt_at"] else None
+            ),
+        )
+
+
+@dataclass(frozen=True)
 class SagaState:
+    """A saga's state, folded from its events.
+
+    `runs` is what the core decides with: the runs of the current stage that have not ended
+    (one for a sequential step; up to one per member of a parallel group; one for the
+    compensation under way). The single-step fields (`step`, `direction`, `attempt`,
+    `command_id`, `deadline_at`, `resends`, `next_attempt_at`) are the run due first, which for
+    a sequential saga is its only one; they feed the `sagas` projection's columns and what
+    operators read. When no run is left they keep the last one's, as they always did."""
+
     saga_id: UUID
     saga_type: str
     transfer_id: UUID
@@ -100,17 +175,25 @@ class SagaState:
     failed_step: str | None = None
     failure: str | None = None
     requested_at: datetime | None = None
+    runs: tuple[StepRun, ...] = ()
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL_STATUSES
 
     @property
+    def turning_back(self) -> bool:
+        """A forward run failed for good: the stage compensates once no sibling is still out."""
+        return any(run.failed and run.direction is Direction.FORWARD for run in self.runs)
+
+    @property
     def due_at(self) -> datetime | None:
-        """When the recovery worker must look at this saga: a retry's start or a deadline."""
+        """When the recovery worker must look at this saga: the earliest of its runs' deadlines
+        and retry starts. A retry of a stage that turns back will never start: not counted."""
         if self.terminal:
             return None
-        return self.next_attempt_at or self.deadline_at
+        due = [due_at for _, due_at, _ in _due_runs(self)]
+        return min(due) if due else None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -132,11 +215,12 @@ class SagaState:
             "failed_step": self.failed_step,
             "failure": self.failure,
             "requested_at": self.requested_at.isoformat() if self.requested_at else None,
+            "runs": [run.to_json() for run in self.runs],
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SagaState:
-        return cls(
+        state = cls(
             saga_id=UUID(data["saga_id"]),
             saga_type=data["saga_type"],
             transfer_id=UUID(data["transfer_id"]),
@@ -162,7 +246,36 @@ class SagaState:
             requested_at=(
                 datetime.fromisoformat(data["requested_at"]) if data.get("requested_at") else None
             ),
+            runs=tuple(StepRun.from_json(run) for run in data.get("runs", ())),
         )
+        if "runs" not in data:
+            # A row cached before parallel groups: a sequential saga between two decisions has
+            # one run (a command out, or a retry waiting) or none (ended), as its fields say.
+            state = replace(state, runs=_legacy_runs(state))
+        return state
+
+
+def _legacy_runs(state: SagaState) -> tuple[StepRun, ...]:
+    if (state.terminal or state.step is None or state.direction is None
+            or (state.command_id is None and state.next_attempt_at is None)):
+        return ()
+    return (StepRun(state.step, state.direction, state.attempt, state.command_id,
+                    state.deadline_at, state.resends, state.next_attempt_at),)
+
+
+def _due_runs(state: SagaState) -> list[tuple[int, datetime, StepRun]]:
+    """The runs that will need the recovery worker, with their due times and positions: every
+    command sent, and every retry waiting unless its stage turns back."""
+    turning_back = state.turning_back
+    due = []
+    for position, run in enumerate(state.runs):
+        if run.sent:
+            assert run.deadline_at is not None
+            due.append((position, run.deadline_at, run))
+        elif run.waiting and not turning_back:
+            assert run.next_attempt_at is not None
+            due.append((position, run.next_attempt_at, run))
+    return due
 
 
 # ---------------------------------------------------------------- fold: events -> state
@@ -192,11 +305,26 @@ def evolve(state: SagaState | None, event: SagaEvent) -> SagaState:
         )
     if state is None:
         raise ValueError(f"{event.type} cannot start a saga's history")
-    state = replace(state, version=state.version + 1)
+    return _current_run(_evolve(replace(state, version=state.version + 1), event))
+
+
+def _evolve(state: SagaState, event: SagaEvent) -> SagaState:
+    # The first failure for good of a stage is the saga's reason to turn back; a sibling's
+    # failure after it does not replace it.
+    keeps_failure = state.turning_back
     if isinstance(event, StepStarted):
         status = SagaStatus.RUNNING if event.direction is Direction.FORWARD else (
             SagaStatus.COMPENSATING
         )
+        runs = state.runs
+        if event.direction is Direction.COMPENSATE:
+            # Compensating starts once every forward run of the stage ended.
+            runs = tuple(run for run in runs if run.direction is Direction.COMPENSATE)
+        earlier = _run(state, event.step, event.direction)
+        # Re-sends spend the step's budget with its attempts: only a new step starts afresh.
+        resends = 0 if event.attempt == 1 else (earlier.resends if earlier else state.resends)
+        run = StepRun(event.step, event.direction, event.attempt, event.command_id,
+                      event.deadline_at, resends)
         return replace(
             state,
             status=status,
@@ -205,44 +333,108 @@ def evolve(state: SagaState | None, event: SagaEvent) -> SagaState:
             attempt=event.attempt,
             command_id=event.command_id,
             deadline_at=event.deadline_at,
-            # Re-sends spend the step's budget with its attempts: only a new step starts afresh.
-            resends=0 if event.attempt == 1 else state.resends,
+            resends=resends,
             next_attempt_at=None,
+            runs=_put(runs, run),
         )
     if isinstance(event, StepRetryScheduled):
         status = SagaStatus.RUNNING if event.direction is Direction.FORWARD else (
             SagaStatus.COMPENSATING
         )
+        earlier = _run(state, event.step, event.direction) or StepRun(
+            event.step, event.direction, state.attempt, resends=state.resends)
+        run = replace(earlier, command_id=None, deadline_at=None,
+                      next_attempt_at=event.not_before)
         return replace(state, status=status, step=event.step, direction=event.direction,
-                       command_id=None, deadline_at=None, next_attempt_at=event.not_before)
+                       command_id=None, deadline_at=None, next_attempt_at=event.not_before,
+                       runs=_put(state.runs, run))
     if isinstance(event, StepTimedOut):
         if not event.gave_up:
-            return replace(state, resends=event.resend, deadline_at=event.deadline_at)
+            runs = _changed(state.runs, event.step, event.direction, resends=event.resend,
+                            deadline_at=event.deadline_at)
+            return replace(state, resends=event.resend, deadline_at=event.deadline_at, runs=runs)
         applied = state.applied
         if event.direction is Direction.FORWARD and event.step not in applied:
             applied = (*applied, event.step)  # outcome unknown: compensate it to be sure
-        return replace(state, command_id=None, deadline_at=None, applied=applied,
-                       failed_step=event.step,
+        runs = _changed(state.runs, event.step, event.direction, command_id=None,
+                        deadline_at=None)
+        state = replace(state, command_id=None, deadline_at=None, applied=applied, runs=runs)
+        if keeps_failure:
+            return state
+        return replace(state, failed_step=event.step,
                        failure=f"TIMED_OUT: no reply to attempt {event.attempt} of "
                                f"{event.step} ({event.direction.value})")
     if isinstance(event, StepSucceeded):
-        return replace(state, applied=(*state.applied, event.step), command_id=None,
-                       deadline_at=None, failed_step=None, failure=None)
+        state = replace(state, applied=(*state.applied, event.step), command_id=None,
+                        deadline_at=None,
+                        runs=_without(state.runs, event.step, Direction.FORWARD))
+        if state.failed_step in (None, event.step):
+            # A retry of this step succeeded; another step's failure still stands.
+            state = replace(state, failed_step=None, failure=None)
+        return state
     if isinstance(event, StepFailed):
-        return replace(state, command_id=None, deadline_at=None, failed_step=event.step,
-                       failure=f"{event.code}: {event.reason}")
+        runs = _changed(state.runs, event.step, Direction.FORWARD, command_id=None,
+                        deadline_at=None)
+        state = replace(state, command_id=None, deadline_at=None, runs=runs)
+        if keeps_failure:
+            return state
+        return replace(state, failed_step=event.step, failure=f"{event.code}: {event.reason}")
     if isinstance(event, StepCompensated):
         applied = tuple(s for s in state.applied if s != event.step)
-        return replace(state, applied=applied, command_id=None, deadline_at=None)
+        return replace(state, applied=applied, command_id=None, deadline_at=None,
+                       runs=_without(state.runs, event.step, Direction.COMPENSATE))
     if isinstance(event, CompensationFailed):
-        return replace(state, command_id=None, deadline_at=None)
+        runs = _changed(state.runs, event.step, Direction.COMPENSATE, command_id=None,
+                        deadline_at=None)
+        return replace(state, command_id=None, deadline_at=None, runs=runs)
     if isinstance(event, SagaCompleted):
-        return replace(state, status=SagaStatus.COMPLETED, step=None, direction=None)
+        return replace(state, status=SagaStatus.COMPLETED, step=None, direction=None, runs=())
     if isinstance(event, SagaCompensated):
-        return replace(state, status=SagaStatus.COMPENSATED, step=None, direction=None)
+        return replace(state, status=SagaStatus.COMPENSATED, step=None, direction=None, runs=())
     if isinstance(event, SagaFailed):
-        return replace(state, status=SagaStatus.FAILED, failure=f"{event.step}: {event.reason}")
+        return replace(state, status=SagaStatus.FAILED, failure=f"{event.step}: {event.reason}",
+                       runs=())
     raise TypeError(f"unknown event {event!r}")  # pragma: no cover - the union is closed
+
+
+def _run(state: SagaState, step: str, direction: Direction) -> StepRun | None:
+    for run in state.runs:
+        if (run.step, run.direction) == (step, direction):
+            return run
+    return None
+
+
+def _put(runs: tuple[StepRun, ...], run: StepRun) -> tuple[StepRun, ...]:
+    """`runs` with `run` in place of the step's run in its direction, or added at the end."""
+    key = (run.step, run.direction)
+    if any((r.step, r.direction) == key for r in runs):
+        return tuple(run if (r.step, r.direction) == key else r for r in runs)
+    return (*runs, run)
+
+
+def _changed(runs: tuple[StepRun, ...], step: str, direction: Direction, **changes: Any
+             ) -> tuple[StepRun, ...]:
+    """`runs` with the step's run in that direction changed as given (if it has one)."""
+    return tuple(replace(run, **changes) if (run.step, run.direction) == (step, direction)
+                 else run for run in runs)
+
+
+def _without(runs: tuple[StepRun, ...], step: str, direction: Direction
+             ) -> tuple[StepRun, ...]:
+    return tuple(run for run in runs if (run.step, run.direction) != (step, direction))
+
+
+def _current_run(state: SagaState) -> SagaState:
+    """The single-step fields follow the run due first (by due time, then the order the runs
+    started in). For a sequential saga that is its one run, whose fields the event just set
+    the same way, so they read exactly as they did before parallel groups."""
+    due = _due_runs(state)
+    if not due:
+        return state
+    _, _, run = min(due, key=lambda item: (item[1], item[0]))
+    return replace(state, step=run.step, direction=run.direction, attempt=run.attempt,
+                   command_id=run.command_id, deadline_at=run.deadline_at,
+                   resends=run.resends, next_attempt_at=run.next_attempt_at)
 
 
 def fold(events: Iterable[SagaEvent]) -> SagaState | None:
@@ -325,8 +517,7 @@ def decide_start(
         requested_at=message.requested_at,
     )
     state = evolve(None, started)
-    events, commands = _start_step(definition, state, definition.steps[0], Direction.FORWARD, 1,
-                                   now)
+    events, commands = _start_steps(definition, state, definition.stages[0], now)
     return Decision(Verdict.STARTED, events=(started, *events), commands=commands)
 
 
@@ -352,60 +543,103 @@ def decide_reply(
             Verdict.UNKNOWN_SAGA,
             rejection=(RejectionCode.UNKNOWN_SAGA, f"no saga {reply.saga_id} for this reply"),
         )
-    if state.terminal or reply.command_id != state.command_id:
+    run = None if state.terminal else next(
+        (run for run in state.runs if run.sent and run.command_id == reply.command_id), None)
+    if run is None:
         # A duplicate of a reply already folded in, or a late reply for an attempt that was
-        # superseded: the effect it reports is already accounted for by the current attempt.
+        # superseded or given up on: the effect it reports is already accounted for (by the
+        # current attempt, or by compensating a step that timed out for good).
         return Decision(Verdict.STALE)
     # The command id matched, so the step and direction are the saga's own, not the reply's word.
-    assert state.step is not None
-    step = definition.step(state.step)
-    if state.direction is Direction.FORWARD:
-        return _forward_reply(definition, state, step, reply, now)
-    return _compensation_reply(definition, state, step, reply, now)
+    step = definition.step(run.step)
+    if run.direction is Direction.FORWARD:
+        return _forward_reply(definition, state, run, step, reply, now)
+    return _compensation_reply(definition, state, run, step, reply, now)
 
 
 def _forward_reply(
-    definition: SagaDefinition, state: SagaState, step: Step, reply: StepReply, now: datetime
+    definition: SagaDefinition, state: SagaState, run: StepRun, step: Step, reply: StepReply,
+    now: datetime,
 ) -> Decision:
     if reply.outcome is Outcome.SUCCEEDED:
-        succeeded = StepSucceeded(step=step.name, attempt=state.attempt,
+        succeeded = StepSucceeded(step=step.name, attempt=run.attempt,
                                   command_id=reply.command_id, result=dict(reply.result))
         state = evolve(state, succeeded)
-        index = definition.index_of(step.name)
-        if index + 1 == len(definition.steps):
-            return Decision(Verdict.APPLIED, events=(succeeded, SagaCompleted()))
-        events, commands = _start_step(
-            definition, state, definition.steps[index + 1], Direction.FORWARD, 1, now
-        )
-        return Decision(Verdict.APPLIED, events=(succeeded, *events), commands=commands)
+        events, commands, saga_failed = _stage_settled(definition, state, step, now)
+        return Decision(Verdict.APPLIED, events=(succeeded, *events), commands=commands,
+                        saga_failed=saga_failed)
 
-    failed = StepFailed(step=step.name, attempt=state.attempt, command_id=reply.command_id,
+    failed = StepFailed(step=step.name, attempt=run.attempt, command_id=reply.command_id,
                         code=reply.code or "FAILED", reason=reply.reason or "",
                         retryable=reply.retryable)
+    # A sibling already failed for good: the stage turns back, so nothing is retried.
+    turning_back = state.turning_back
     state = evolve(state, failed)
     # The attempt count is the saga's own: a reply only says which command it answers.
-    if reply.retryable and _attempts_left(state, step):
-        return Decision(Verdict.APPLIED, events=(failed, _schedule_retry(state, step, now)))
-    events, commands = _give_up_forward(definition, state, step, now)
+    if reply.retryable and not turning_back and _attempts_left(run, step):
+        return Decision(Verdict.APPLIED, events=(failed, _schedule_retry(state, run, step, now)))
+    events, commands, saga_failed = _stage_settled(definition, state, step, now)
     return Decision(Verdict.APPLIED, events=(failed, *events), commands=commands,
-                    saga_failed=_past_pivot(definition, state))
+                    saga_failed=saga_failed)
+
+
+def _stage_settled(
+    definition: SagaDefinition, state: SagaState, step: Step, now: datetime
+) -> tuple[Sequence[SagaEvent], tuple[StepCommand, ...], bool]:
+    """A forward run of `step`'s stage just ended: go on if every run of the stage succeeded,
+    turn back if one failed for good, or wait while a sibling is still out.
+
+    A sibling whose command is out is waited for even when the stage turns back: its reply
+    says whether its effect was applied, so only what was (or may have been) is compensated.
+    A sibling waiting out a retry's backoff is not: a retryable failure applied nothing, and a
+    stage that turns back retries nothing. Returns the events, the commands, and whether the
+    saga failed for good."""
+    runs = [run for run in state.runs if run.direction is Direction.FORWARD]
+    if any(run.sent for run in runs):
+        return (), (), False
+    if not state.turning_back:
+        if any(run.waiting for run in runs):
+            return (), (), False
+        steps = _next_steps(definition, state)
+        if not steps:
+            return (SagaCompleted(),), (), False
+        events, commands = _start_steps(definition, state, steps, now)
+        return events, commands, False
+    events, commands = _give_up_forward(definition, state, step, now)
+    return events, commands, _past_pivot(definition, state)
+
+
+def _next_steps(definition: SagaDefinition, state: SagaState) -> tuple[Step, ...]:
+    """The steps to start once a stage succeeded: the first stage with a step that has not
+    succeeded, less the ones that have.
+
+    That is the whole next stage, except for a saga that began under an earlier version of its
+    definition, whose history is what counts: one that ran `screen` alone before `screen` and
+    `reserve` became a group starts `reserve` next, and one that ran them as a group under a
+    definition that no longer groups them never starts `reserve` twice."""
+    for stage in definition.stages:
+        steps = tuple(step for step in stage if step.name not in state.applied)
+        if steps:
+            return steps
+    return ()
 
 
 def _compensation_reply(
-    definition: SagaDefinition, state: SagaState, step: Step, reply: StepReply, now: datetime
+    definition: SagaDefinition, state: SagaState, run: StepRun, step: Step, reply: StepReply,
+    now: datetime,
 ) -> Decision:
     if reply.outcome is Outcome.SUCCEEDED:
-        compensated = StepCompensated(step=step.name, attempt=state.attempt,
+        compensated = StepCompensated(step=step.name, attempt=run.attempt,
                                       command_id=reply.command_id)
         state = evolve(state, compensated)
         events, commands = _next_compensation(definition, state, now)
         return Decision(Verdict.APPLIED, events=(compensated, *events), commands=commands)
-    failed = CompensationFailed(step=step.name, attempt=state.attempt,
+    failed = CompensationFailed(step=step.name, attempt=run.attempt,
                                 command_id=reply.command_id, code=reply.code or "FAILED",
                                 reason=reply.reason or "", retryable=reply.retryable)
     state = evolve(state, failed)
-    if reply.retryable and _attempts_left(state, step):
-        return Decision(Verdict.APPLIED, events=(failed, _schedule_retry(state, step, now)))
+    if reply.retryable and _attempts_left(run, step):
+        return Decision(Verdict.APPLIED, events=(failed, _schedule_retry(state, run, step, now)))
     saga_failed = SagaFailed(step=step.name,
                              reason=f"compensation failed: {failed.code}: {failed.reason}")
     return Decision(Verdict.APPLIED, events=(failed, saga_failed), saga_failed=True)
@@ -414,71 +648,109 @@ def _compensation_reply(
 def decide_due(definition: SagaDefinition, state: SagaState, now: datetime) -> Decision | None:
     """What the recovery worker does for a saga whose due time passed; None if it is not due.
 
+    For each of its runs that is due (earliest first; several at once only in a parallel group):
     - a retry whose backoff is over starts (a new attempt, a new command id);
     - a command with no reply past its deadline is sent again under the *same* command id, so a
       participant that applied it answers with its stored result instead of applying it twice;
     - when a step's attempts run out on a timeout, a forward step is compensated (its outcome
-      is unknown, so it counts as possibly applied) and a compensation fails the saga.
+      is unknown, so it counts as possibly applied) once its stage settled, and a compensation
+      fails the saga.
     """
-    if state.terminal or state.step is None or state.direction is None:
+    events: list[SagaEvent] = []
+    commands: list[StepCommand] = []
+    saga_failed = False
+    while not state.terminal:
+        due = [(position, due_at, run) for position, due_at, run in _due_runs(state)
+               if due_at <= now]
+        if not due:
+            break
+        _, _, run = min(due, key=lambda item: (item[1], item[0]))
+        acted, sent, failed = _run_due(definition, state, run, now)
+        for event in acted:
+            state = evolve(state, event)
+        events += acted
+        commands += sent
+        saga_failed = saga_failed or failed
+    if not events:
         return None
-    step = definition.step(state.step)
-    if state.next_attempt_at is not None:
-        if now < state.next_attempt_at:
-            return None
-        events, commands = _start_step(definition, state, step, state.direction,
-                                       state.attempt + 1, now)
-        return Decision(Verdict.APPLIED, events=tuple(events), commands=commands)
-    if state.command_id is None or state.deadline_at is None or now < state.deadline_at:
-        return None
-    if _attempts_left(state, step):
+    return Decision(Verdict.APPLIED, events=tuple(events), commands=tuple(commands),
+                    saga_failed=saga_failed)
+
+
+def _run_due(
+    definition: SagaDefinition, state: SagaState, run: StepRun, now: datetime
+) -> tuple[Sequence[SagaEvent], tuple[StepCommand, ...], bool]:
+    """What is done for one run that is due: each action moves its due time past `now` or
+    ends the run, so `decide_due` acts on a run at most once per call."""
+    step = definition.step(run.step)
+    if run.waiting:
+        events, commands = _start_step(definition, state, step, run.direction, run.attempt + 1,
+                                       now)
+        return events, commands, False
+    assert run.command_id is not None
+    if _attempts_left(run, step):
         deadline_at = now + timedelta(seconds=step.timeout_s)
-        timed_out = StepTimedOut(step=step.name, direction=state.direction,
-                                 attempt=state.attempt, command_id=state.command_id,
-                                 resend=state.resends + 1, deadline_at=deadline_at)
-        command = _command(definition, state, step, state.direction, state.attempt,
-                           state.command_id, deadline_at)
-        return Decision(Verdict.APPLIED, events=(timed_out,), commands=(command,))
-    gave_up = StepTimedOut(step=step.name, direction=state.direction, attempt=state.attempt,
-                           command_id=state.command_id, resend=state.resends, gave_up=True)
+        timed_out = StepTimedOut(step=step.name, direction=run.direction, attempt=run.attempt,
+                                 command_id=run.command_id, resend=run.resends + 1,
+                                 deadline_at=deadline_at)
+        command = _command(definition, state, step, run.direction, run.attempt, run.command_id,
+                           deadline_at)
+        return (timed_out,), (command,), False
+    gave_up = StepTimedOut(step=step.name, direction=run.direction, attempt=run.attempt,
+                           command_id=run.command_id, resend=run.resends, gave_up=True)
     state = evolve(state, gave_up)
-    if state.direction is Direction.COMPENSATE:
+    if run.direction is Direction.COMPENSATE:
         saga_failed = SagaFailed(step=step.name,
                                  reason=f"compensation timed out: {state.failure}")
-        return Decision(Verdict.APPLIED, events=(gave_up, saga_failed), saga_failed=True)
-    events, commands = _give_up_forward(definition, state, step, now)
-    return Decision(Verdict.APPLIED, events=(gave_up, *events), commands=commands,
-                    saga_failed=_past_pivot(definition, state))
+        return (gave_up, saga_failed), (), True
+    events, commands, failed = _stage_settled(definition, state, step, now)
+    return (gave_up, *events), commands, failed
+
+
+def outstanding_commands(definition: SagaDefinition, state: SagaState
+                         ) -> tuple[StepCommand, ...]:
+    """The commands a saga is waiting on replies to, exactly as they were last sent (same
+    command id, attempt and deadline), in the order their runs started: one for a sequential
+    step, up to one per member of a parallel group, none when it waits for nothing (ended, or
+    every run waits out a retry's backoff).
+
+    Sent again after a broker lost its logs: a command, or the participant's reply to it, may
+    be gone with them. It is the same message, not a new decision, so it appends no event and
+    spends none of the step's attempts; a participant that applied it answers with its stored
+    reply."""
+    if state.terminal:
+        return ()
+    commands = []
+    for run in state.runs:
+        if run.sent:
+            assert run.command_id is not None and run.deadline_at is not None
+            commands.append(_command(definition, state, definition.step(run.step),
+                                     run.direction, run.attempt, run.command_id,
+                                     run.deadline_at))
+    return tuple(commands)
 
 
 def outstanding_command(definition: SagaDefinition, state: SagaState) -> StepCommand | None:
-    """The command a saga is waiting on a reply to, exactly as it was last sent (same command
-    id, attempt and deadline), or None when it waits for nothing (ended, or a retry whose
-    backoff is still running).
-
-    Sent again after a broker lost its logs: the command, or the participant's reply to it,
-    may be gone with them. It is the same message, not a new decision, so it appends no event
-    and spends none of the step's attempts; a participant that applied it answers with its
-    stored reply."""
-    if (state.terminal or state.step is None or state.direction is None
-            or state.command_id is None or state.deadline_at is None
-            or state.next_attempt_at is not None):
-        return None
-    return _command(definition, state, definition.step(state.step), state.direction,
-                    state.attempt, state.command_id, state.deadline_at)
+    """The one command a saga waits on, for a saga that cannot have several (no parallel
+    group running); `outstanding_commands` in general. Raises ValueError rather than leave
+    one of several out."""
+    commands = outstanding_commands(definition, state)
+    if len(commands) > 1:
+        raise ValueError(f"saga {state.saga_id} waits on {len(commands)} commands: "
+                         "use outstanding_commands")
+    return commands[0] if commands else None
 
 
-def _attempts_left(state: SagaState, step: Step) -> bool:
+def _attempts_left(run: StepRun, step: Step) -> bool:
     """Attempts and re-sends after a timeout both spend the step's budget."""
-    return state.attempt + state.resends < step.max_attempts
+    return run.attempt + run.resends < step.max_attempts
 
 
-def _schedule_retry(state: SagaState, step: Step, now: datetime) -> StepRetryScheduled:
-    assert state.direction is not None and state.command_id is None
-    seed = command_id_for(state.saga_id, step.name, state.direction, state.attempt)
-    delay = step.backoff.delay_s(state.attempt + state.resends, seed)
-    return StepRetryScheduled(step=step.name, direction=state.direction,
-                              attempt=state.attempt + 1,
+def _schedule_retry(state: SagaState, run: StepRun, step: Step, now: datetime
+                    ) -> StepRetryScheduled:
+    seed = command_id_for(state.saga_id, step.name, run.direction, run.attempt)
+    delay = step.backoff.delay_s(run.attempt + run.resends, seed)
+    return StepRetryScheduled(step=step.name, direction=run.direction, attempt=run.attempt + 1,
                               not_before=now + timedelta(seconds=delay))
 
 
@@ -489,10 +761,10 @@ def _past_pivot(definition: SagaDefinition, state: SagaState) -> bool:
 def _give_up_forward(
     definition: SagaDefinition, state: SagaState, step: Step, now: datetime
 ) -> tuple[Sequence[SagaEvent], tuple[StepCommand, ...]]:
-    """A forward step failed for good: compensate, unless the pivot was (or may have been)
+    """A forward stage failed for good: compensate, unless the pivot was (or may have been)
     passed, after which nothing can be undone and an operator finishes the transfer."""
     if _past_pivot(definition, state):
-        return (SagaFailed(step=step.name,
+        return (SagaFailed(step=state.failed_step or step.name,
                            reason=f"failed after the pivot: {state.failure or 'failed'}"),), ()
     return _next_compensation(definition, state, now)
 
@@ -500,7 +772,12 @@ def _give_up_forward(
 def _next_compensation(
     definition: SagaDefinition, state: SagaState, now: datetime
 ) -> tuple[Sequence[SagaEvent], tuple[StepCommand, ...]]:
-    """Undo the most recent applied effect that has a compensation, or finish compensating."""
+    """Undo the most recent applied effect that has a compensation, or finish compensating.
+
+    `applied` is in the order the effects were applied (the members of a parallel group in the
+    order their replies came), and a stage starts only after the one before it succeeded
+    whole: so the groups unwind in reverse order, each member of one before any step before
+    it."""
     pending = [name for name in state.applied if definition.step(name).compensation is not None]
     if pending:
         return _start_step(definition, state, definition.step(pending[-1]),
@@ -508,6 +785,19 @@ def _next_compensation(
     return (
         SagaCompensated(failed_step=state.failed_step or "", reason=state.failure or "failed"),
     ), ()
+
+
+def _start_steps(
+    definition: SagaDefinition, state: SagaState, steps: Sequence[Step], now: datetime
+) -> tuple[Sequence[SagaEvent], tuple[StepCommand, ...]]:
+    """Start `steps` forward at once: one step, or the members of a group."""
+    events: list[SagaEvent] = []
+    commands: list[StepCommand] = []
+    for step in steps:
+        started, sent = _start_step(definition, state, step, Direction.FORWARD, 1, now)
+        events += started
+        commands += sent
+    return events, tuple(commands)
 
 
 def _start_step(
@@ -560,6 +850,7 @@ __all__ = [
     "SagaState",
     "SagaStatus",
     "StartTransfer",
+    "StepRun",
     "Verdict",
     "command_id_for",
     "decide_due",
@@ -569,6 +860,7 @@ __all__ = [
     "evolve",
     "fold",
     "outstanding_command",
+    "outstanding_commands",
     "participant_of",
     "request_hash",
     "saga_id_for_transfer",

@@ -1,4 +1,8 @@
-"""Read side for on-call engineers: a saga's timeline and lists of sagas."""
+"""Read side for on-call engineers: a saga's timeline and lists of sagas.
+
+A saga may wait on several steps at once (a parallel group): `current_step`, `attempt` and
+`deadline_at` are those of the step due first (the `sagas` projection's columns), and `runs`
+lists every step it waits on, from the cached state."""
 
 from __future__ import annotations
 
@@ -26,6 +30,18 @@ async def resolve_saga_id(engine: AsyncEngine, any_id: str) -> UUID:
     if found is None:
         raise NotFound(f"no saga with saga id or transfer id {any_id}")
     return UUID(str(found))
+
+
+def _runs(cached: Any) -> list[dict[str, Any]]:
+    """The steps a saga waits on (each with its direction, attempt, deadline or retry time),
+    from its cached state's `runs`; a row cached before parallel groups has none listed."""
+    return [{key: run[key] for key in ("step", "direction", "attempt", "deadline_at",
+                                       "next_attempt_at")} for run in json_value(cached) or ()]
+
+
+def steps_label(row: dict[str, Any]) -> str:
+    """`screen+reserve` for a saga waiting on both, else its current step."""
+    return "+".join(run["step"] for run in row.get("runs") or ()) or row["current_step"] or ""
 
 
 def _detail(event_type: str, payload: dict[str, Any]) -> str:
@@ -66,7 +82,8 @@ async def timeline(engine: AsyncEngine, any_id: str) -> dict[str, Any]:
     async with engine.connect() as conn:
         saga = (await conn.execute(text(
             "SELECT saga_id, transfer_id, saga_type, status, current_step, version, created_at,"
-            " updated_at FROM sagas WHERE saga_id = :id"), {"id": saga_id})).one()
+            " updated_at, state->'runs' AS runs FROM sagas WHERE saga_id = :id"),
+            {"id": saga_id})).one()
         rows = (await conn.execute(text(
             "SELECT seq, type, step, attempt, payload, actor, recorded_at FROM saga_events"
             " WHERE saga_id = :id ORDER BY seq"), {"id": saga_id})).all()
@@ -91,7 +108,8 @@ async def timeline(engine: AsyncEngine, any_id: str) -> dict[str, Any]:
     return {
         "saga_id": str(saga.saga_id), "transfer_id": str(saga.transfer_id),
         "saga_type": saga.saga_type, "status": saga.status, "current_step": saga.current_step,
-        "version": saga.version, "created_at": saga.created_at.isoformat(),
+        "runs": _runs(saga.runs), "version": saga.version,
+        "created_at": saga.created_at.isoformat(),
         "updated_at": saga.updated_at.isoformat(), "events": events,
     }
 
@@ -113,14 +131,16 @@ async def list_sagas(engine: AsyncEngine, status: str | None, limit: int) -> lis
         rows = (await conn.execute(text(
             "SELECT saga_id, transfer_id, status, current_step, attempt, version, deadline_at,"
             " updated_at, state->'input'->>'amount' AS amount,"
-            " state->'input'->>'currency' AS currency, state->>'failure' AS failure"
+            " state->'input'->>'currency' AS currency, state->>'failure' AS failure,"
+            " state->'runs' AS runs"
             " FROM sagas WHERE (CAST(:status AS text) IS NULL OR status = :status)"
             " ORDER BY updated_at DESC LIMIT :limit"),
             {"status": status, "limit": limit})).all()
     return [
         {"saga_id": str(r.saga_id), "transfer_id": str(r.transfer_id), "status": r.status,
-         "current_step": r.current_step, "attempt": r.attempt, "version": r.version,
-         "amount": r.amount, "currency": r.currency, "failure": r.failure,
+         "current_step": r.current_step, "runs": _runs(r.runs),
+         "attempt": r.attempt, "version": r.version, "amount": r.amount,
+         "currency": r.currency, "failure": r.failure,
          "deadline_at": r.deadline_at.isoformat() if r.deadline_at else None,
          "updated_at": r.updated_at.isoformat()}
         for r in rows
@@ -135,15 +155,16 @@ async def stuck_sagas(engine: AsyncEngine, grace_s: float, limit: int) -> list[d
         rows = (await conn.execute(text(
             "SELECT saga_id, transfer_id, status, current_step, direction, attempt, due_at,"
             " updated_at, extract(epoch FROM clock_timestamp() - due_at) AS overdue_s,"
-            " state->>'failure' AS failure"
+            " state->>'failure' AS failure, state->'runs' AS runs"
             " FROM sagas WHERE status IN ('RUNNING', 'COMPENSATING')"
             " AND due_at < clock_timestamp() - make_interval(secs => :grace)"
             " ORDER BY due_at LIMIT :limit"),
             {"grace": grace_s, "limit": limit})).all()
     return [
         {"saga_id": str(r.saga_id), "transfer_id": str(r.transfer_id), "status": r.status,
-         "current_step": r.current_step, "direction": r.direction, "attempt": r.attempt,
-         "due_at": r.due_at.isoformat(), "overdue_s": round(float(r.overdue_s), 1),
+         "current_step": r.current_step, "runs": _runs(r.runs),
+         "direction": r.direction, "attempt": r.attempt, "due_at": r.due_at.isoformat(),
+         "overdue_s": round(float(r.overdue_s), 1),
          "updated_at": r.updated_at.isoformat(), "failure": r.failure}
         for r in rows
     ]

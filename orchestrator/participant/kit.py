@@ -165,7 +165,7 @@ class ServiceParticipant(Generic[V]):
             f"{definition.name}.{step.name}: {_WORD[direction]} {action}"
             f" (@{_DECORATOR[direction]})"
             for definition in definitions
-            for step in definition.steps
+            for step in definition.all_steps
             for action, direction in ((step.action, Direction.FORWARD),
                                       (step.compensation, Direction.COMPENSATE))
             if action is not None and action.participant == self.name

@@ -23,7 +23,7 @@ import contextlib
 import json
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -40,7 +40,7 @@ from orchestrator.core.saga import (
     SagaState,
     decide_due,
     evolve,
-    outstanding_command,
+    outstanding_commands,
 )
 from orchestrator.crash import crash_point, step_tags
 from orchestrator.errors import SagaError
@@ -63,7 +63,6 @@ from schemas import (
     TOPIC_DEAD_LETTERS,
     DeadLetter,
     RejectionCode,
-    StepRetryScheduled,
     StepStarted,
     StepTimedOut,
     step_topic,
@@ -141,7 +140,7 @@ class RecoveryWorker:
                     continue
                 if decision is None:
                     continue  # not due after all: the row's due_at was older than its state
-                self._tally(decision.events[0], done)  # the first event says what it did
+                self._tally(decision.events, done)
                 touched.append(state)
                 cause = f"recovery:{now.isoformat()}"
                 for event in decision.events:
@@ -161,9 +160,12 @@ class RecoveryWorker:
                         headers=encode_headers(record.headers), saga_id=state.saga_id))
             if not events:
                 return done
-            # The step filter of a crash plan sees each saga's step as found and as left.
+            # The step filter of a crash plan sees each saga's steps as found and as left (every
+            # member of a parallel group that is out).
             tags = step_tags({(s.step, s.direction.value) for s in touched
-                              if s.step is not None and s.direction is not None})
+                              if s.step is not None and s.direction is not None}
+                             | {(run.step, run.direction.value) for s in touched
+                                for run in s.runs})
             crash_point("recovery.before_commit", tags)
             ids = await store.write_batch(conn, "recovery", [], events, states, outbox,
                                           dead_letters, now)
@@ -184,16 +186,18 @@ class RecoveryWorker:
         return done
 
     @staticmethod
-    def _tally(event: object, done: RecoveryPass) -> None:
-        if isinstance(event, StepStarted):
-            done.retried += 1
-        elif isinstance(event, StepTimedOut):
-            if event.gave_up:
-                done.gave_up += 1
-            else:
-                done.resent += 1
-        elif isinstance(event, StepRetryScheduled):  # pragma: no cover - decide_due never does
-            pass
+    def _tally(events: Sequence[object], done: RecoveryPass) -> None:
+        """Count what a decision did: several actions when members of a parallel group were
+        due together. A step started after a give-up (a compensation, attempt 1) is the
+        consequence of giving up, not a retry."""
+        for event in events:
+            if isinstance(event, StepStarted) and event.attempt > 1:
+                done.retried += 1
+            elif isinstance(event, StepTimedOut):
+                if event.gave_up:
+                    done.gave_up += 1
+                else:
+                    done.resent += 1
 
     def _dead_letter(self, state: SagaState, now: datetime
                      ) -> tuple[Record, store.DeadLetterRow]:
@@ -230,9 +234,10 @@ class RecoveryWorker:
         """Give the broker back what only it held, after it was lost (a crash, a restart): it
         may have lost its logs, or their last seconds, and records it lost were never read.
 
-        - every in-flight saga's outstanding command is sent again at once, as it was (same
-          command id; `outstanding_command`), rather than after its step deadline: the
-          command, or the participant's reply to it, may be gone;
+        - every in-flight saga's outstanding commands (one per member of a parallel group that
+          is out) are sent again at once, as they were (same command ids;
+          `outstanding_commands`), rather than after their step deadlines: a command, or the
+          participant's reply to it, may be gone;
         - every other outbox row published since `broker_loss_republish_s` before the broker's
           last answer is published again (dead-letter copies).
 
@@ -252,20 +257,20 @@ class RecoveryWorker:
                 try:
                     state = SagaState.from_json(store.json_value(row.state))
                     definition = self.definitions[state.saga_type]
-                    command = outstanding_command(definition, state)
+                    commands = outstanding_commands(definition, state)
                 except Exception:
                     log.exception("cannot read an in-flight saga (skipped): %s",
                                   str(row.state)[:200])
                     continue
-                if command is not None:
-                    outbox.append(command_row(self.settings, definition, command))
+                outbox += [command_row(self.settings, definition, command)
+                           for command in commands]
             ids = (await store.write_batch(conn, "recovery", [], [], [], outbox, [],
                                            datetime.now(UTC)) if outbox else [])
         await publish_committed(self.producer, self.marker, self._throttle, outbox, ids,
                                 "broker-restore")
         RECOVERY_ACTIONS.add(len(outbox), {"action": "broker_restore"})
-        log.warning("the broker was lost: re-sent the outstanding commands of %d in-flight "
-                    "sagas and queued %d outbox rows published since %s to be published again",
+        log.warning("the broker was lost: re-sent the %d commands in-flight sagas wait on and "
+                    "queued %d outbox rows published since %s to be published again",
                     len(outbox), republished, since.isoformat())
         return len(outbox)
 

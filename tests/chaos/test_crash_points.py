@@ -100,8 +100,10 @@ CASES = [
     Case("participant.after_produce", "reserve@compensate", "participant:ledger"),
     # The relay's point has no step filter (it publishes rows, not steps): the path is that of
     # the rows the orchestrator left it, given here as the orchestrator's own filter. Every
-    # screened transfer gets a `reserve` command, and every reversed credit a `release`.
-    Case("relay.after_publish", "screen@forward", "relay"),
+    # accepted request's batch holds its `screen` and `reserve` commands (the two run in
+    # parallel; a screen's reply starts nothing while reserve is out), and every reversed
+    # credit gets a `release`.
+    Case("relay.after_publish", "intake@forward", "relay"),
     Case("relay.after_publish", "credit@compensate", "relay"),
     Case("recovery.before_commit", "screen@forward", "recovery"),
     Case("recovery.before_commit", "credit@compensate", "recovery"),
@@ -215,7 +217,7 @@ async def _relay_crash(world: World, case: Case, plans: list[Planned]
             "SELECT value FROM outbox WHERE published_at IS NULL"
             " AND created_at < clock_timestamp() - interval '0.5 seconds'"))).scalars()]
     step, direction = case.step.split("@")
-    next_step = {"screen@forward": "reserve", "credit@compensate": "reserve"}[case.step]
+    next_step = {"intake@forward": "reserve", "credit@compensate": "reserve"}[case.step]
     assert any(c.get("step") == next_step and c.get("direction") == direction for c in held), (
         f"the relay did not hold the {next_step}@{direction} commands: {held[:3]}")
     await world.restart("relay", wait=False)

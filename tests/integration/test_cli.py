@@ -62,6 +62,7 @@ async def test_timeline_by_transfer_id_as_json(harness: Harness, completed: Any)
     assert (data["saga_id"], data["transfer_id"]) == (str(saga.saga_id), transfer_id)
     assert (data["status"], data["saga_type"], data["version"]) == (
         "COMPLETED", "transfer", saga.version)
+    assert data["runs"] == []  # waits on nothing any more
     events = data["events"]
     assert [e["seq"] for e in events] == list(range(1, saga.version + 1))
     assert [e["type"] for e in events] == [e.type for e in await harness.events(saga.saga_id)]
@@ -72,7 +73,9 @@ async def test_timeline_by_transfer_id_as_json(harness: Harness, completed: Any)
     assert all(e["attempt"] == 1 for e in started)
     assert all(e["detail"].startswith("forward ") for e in started)
     succeeded = [e for e in events if e["type"] == "StepSucceeded"]
-    assert [e["step"] for e in succeeded] == [e["step"] for e in started]
+    # screen and reserve run in parallel: their replies come in either order
+    assert sorted(e["step"] for e in succeeded[:2]) == ["reserve", "screen"]
+    assert [e["step"] for e in succeeded[2:]] == ["credit", "settle", "notify"]
     # A step outcome's duration is measured from its command; it is never negative.
     assert all(e["duration_ms"] is not None and e["duration_ms"] >= 0 for e in succeeded)
     assert any(e["detail"] == "held=12.34" for e in succeeded)
@@ -167,7 +170,8 @@ async def _start_saga_at(isolated: Isolated, at: datetime) -> uuid.UUID:
 async def test_stuck_lists_sagas_past_their_due_time_and_exits_1(isolated: Isolated) -> None:
     assert _ok(await saga_cli(isolated.harness, "stuck", "--json")) == {
         "sagas": [], "outbox_set_aside": []}
-    timeout_s = TRANSFER.steps[0].timeout_s
+    # screen and reserve start together; the saga is due at the earlier deadline (equal here)
+    timeout_s = min(TRANSFER.step("screen").timeout_s, TRANSFER.step("reserve").timeout_s)
     overdue = await _start_saga_at(isolated, datetime.now(UTC) - timedelta(seconds=timeout_s + 90))
     await _start_saga_at(isolated, datetime.now(UTC))  # due in timeout_s: not stuck
 
@@ -177,9 +181,14 @@ async def test_stuck_lists_sagas_past_their_due_time_and_exits_1(isolated: Isola
     [row] = json.loads(result.stdout)["sagas"]
     assert (row["saga_id"], row["status"], row["current_step"], row["direction"]) == (
         str(overdue), "RUNNING", "screen", "forward")
+    # the saga waits on both steps of its parallel group, each with its own deadline
+    assert [(r["step"], r["direction"], r["attempt"]) for r in row["runs"]] == [
+        ("screen", "forward", 1), ("reserve", "forward", 1)]
+    assert row["runs"][0]["deadline_at"] == row["due_at"]
     assert 89 <= row["overdue_s"] < 200
     text_result = await saga_cli(isolated.harness, "stuck", "--grace", "30")
     assert str(overdue) in text_result.stdout and "saga worker recovery" in text_result.stdout
+    assert "screen+reserve" in text_result.stdout
     # With a grace longer than it is overdue, nothing counts as stuck.
     assert _ok(await saga_cli(isolated.harness, "stuck", "--json", "--grace", "3600"))[
         "sagas"] == []

@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -331,54 +331,62 @@ async def test_an_unanswered_command_is_resent_under_the_same_id_once_its_deadli
         rig: Rig, metric_reader: InMemoryMetricReader) -> None:
     [saga_id] = await rig.start()
     state, row = await rig.saga(saga_id)
-    [command] = await rig.commands(saga_id, "risk")
-    assert (command.step, command.attempt, command.command_id) == ("screen", 1, state.command_id)
+    # screen and reserve run in parallel: both commands went out at once, with equal deadlines
+    [screen] = await rig.commands(saga_id, "risk")
+    [reserve] = await rig.commands(saga_id, "ledger")
+    assert (screen.step, screen.attempt, screen.command_id) == ("screen", 1, state.command_id)
+    assert (reserve.step, reserve.attempt) == ("reserve", 1)
     deadline = state.deadline_at
-    assert deadline is not None and row.due_at == deadline
+    assert deadline is not None and row.due_at == deadline == reserve.deadline_at
 
     early = await rig.recovery.recover_once(now=deadline - TICK)
     assert (early.scanned, early.acted) == (0, 0)
-    assert await rig.types(saga_id) == ["SagaStarted", "StepStarted"]
+    assert await rig.types(saga_id) == ["SagaStarted", "StepStarted", "StepStarted"]
 
     resends = counter_total(metric_reader, "saga.recovery.actions", action="resend")
     done = await rig.recovery.recover_once(now=deadline)  # due at the deadline itself
-    assert (done.scanned, done.resent, done.retried, done.gave_up) == (1, 1, 0, 0)
-    assert counter_total(metric_reader, "saga.recovery.actions", action="resend") - resends == 1
+    assert (done.scanned, done.resent, done.retried, done.gave_up) == (1, 2, 0, 0)
+    assert counter_total(metric_reader, "saga.recovery.actions", action="resend") - resends == 2
 
     events = await rig.events(saga_id)
-    assert [e.type for e, _ in events] == ["SagaStarted", "StepStarted", "StepTimedOut"]
-    timed_out, actor = events[-1]
-    assert isinstance(timed_out, StepTimedOut) and actor == "it-recovery"
-    assert timed_out == StepTimedOut(step="screen", direction=FORWARD, attempt=1,
-                                     command_id=command.command_id, resend=1,
-                                     deadline_at=deadline + SCREEN_TIMEOUT)
+    assert [e.type for e, _ in events] == ["SagaStarted", "StepStarted", "StepStarted",
+                                           "StepTimedOut", "StepTimedOut"]
+    assert {actor for _, actor in events[-2:]} == {"it-recovery"}
+    assert [e for e, _ in events[-2:]] == [
+        StepTimedOut(step=c.step, direction=FORWARD, attempt=1, command_id=c.command_id,
+                     resend=1, deadline_at=deadline + SCREEN_TIMEOUT) for c in (screen, reserve)]
     state = await rig.assert_consistent(saga_id)
-    assert state.command_id == command.command_id and state.resends == 1
+    assert state.command_id == screen.command_id and state.resends == 1
+    assert [(r.step, r.command_id, r.resends) for r in state.runs] == [
+        ("screen", screen.command_id, 1), ("reserve", reserve.command_id, 1)]
     _state, row = await rig.saga(saga_id)
     assert row.due_at == row.deadline_at == deadline + SCREEN_TIMEOUT
 
-    resent = command.model_copy(update={"deadline_at": deadline + SCREEN_TIMEOUT})
-    assert await rig.commands(saga_id, "risk") == [command, resent]
-    assert await rig.published(saga_id, "risk", 2) == [command, resent]
+    for participant, command in (("risk", screen), ("ledger", reserve)):
+        resent = command.model_copy(update={"deadline_at": deadline + SCREEN_TIMEOUT})
+        assert await rig.commands(saga_id, participant) == [command, resent]
+        assert await rig.published(saga_id, participant, 2) == [command, resent]
 
     again = await rig.recovery.recover_once(now=deadline + SCREEN_TIMEOUT - TICK)
-    assert again.acted == 0 and len(await rig.events(saga_id)) == 3
+    assert again.acted == 0 and len(await rig.events(saga_id)) == 5
 
 
 async def test_a_reply_to_the_resent_command_is_applied_once(rig: Rig) -> None:
     [saga_id] = await rig.start()
     [command] = await rig.commands(saga_id, "risk")
-    assert (await rig.time_out(saga_id)).resent == 1
+    [reserve] = await rig.commands(saga_id, "ledger")
+    assert (await rig.time_out(saga_id)).resent == 2  # screen and reserve
 
     # The participant answers the re-sent command: the same command id, so the same reply id.
     reply = rig.reply(command)
     await rig.orchestrator.handle_batch([reply])
-    assert await rig.types(saga_id) == ["SagaStarted", "StepStarted", "StepTimedOut",
-                                        "StepSucceeded", "StepStarted"]
+    assert await rig.types(saga_id) == ["SagaStarted", "StepStarted", "StepStarted",
+                                        "StepTimedOut", "StepTimedOut", "StepSucceeded"]
     message_id = f"reply:{uuid.uuid5(command.command_id, 'reply')}"
     assert await rig.verdicts(message_id) == ["applied"]
     state = await rig.assert_consistent(saga_id)
-    assert (state.step, state.attempt, state.resends) == ("reserve", 1, 0)
+    # reserve, its sibling, is still out: the saga waits on it alone
+    assert (state.step, state.attempt, state.resends) == ("reserve", 1, 1)
 
     # A second copy (the participant also answered the original send) is skipped by the inbox;
     # one with another reply id for the same command is stale. Neither changes the saga.
@@ -388,36 +396,95 @@ async def test_a_reply_to_the_resent_command_is_applied_once(rig: Rig) -> None:
     await rig.orchestrator.handle_batch([other])
     assert await rig.verdicts(message_id) == ["applied"]
     assert await rig.verdicts(f"reply:{json.loads(other.value)['reply_id']}") == ["stale"]
-    assert len(await rig.events(saga_id)) == 5
+    assert len(await rig.events(saga_id)) == 6
     assert await rig.assert_consistent(saga_id) == state
 
-    # The screen's re-sent deadline no longer matters: the saga is due at reserve's deadline.
-    [reserve] = await rig.commands(saga_id, "ledger")
-    assert state.due_at == reserve.deadline_at
-    assert (await rig.recovery.recover_once(now=reserve.deadline_at - TICK)).acted == 0
-    assert await rig.published(saga_id, "ledger", 1) == [reserve]
+    # The screen's re-sent deadline no longer matters: the saga is due at reserve's.
+    resent_reserve = reserve.deadline_at + RESERVE_TIMEOUT
+    assert state.due_at == resent_reserve
+    assert (await rig.recovery.recover_once(now=resent_reserve - TICK)).acted == 0
+    await rig.orchestrator.handle_batch([rig.reply(reserve)])
+    [_reserve, _resent, credit] = await rig.commands(saga_id, "ledger")
+    assert credit.step == "credit"
+    assert (await rig.assert_consistent(saga_id)).due_at == credit.deadline_at
+    assert len(await rig.published(saga_id, "ledger", 3)) == 3
     assert len(await rig.published(saga_id, "risk", 2)) == 2
 
 
-async def test_a_screen_that_never_answers_ends_compensated(rig: Rig) -> None:
+async def test_a_screen_that_never_answers_releases_the_hold_and_ends_compensated(
+        rig: Rig) -> None:
     [saga_id] = await rig.start()
     [command] = await rig.commands(saga_id, "risk")
+    [reserve] = await rig.commands(saga_id, "ledger")
+    await rig.orchestrator.handle_batch([rig.reply(reserve)])  # the hold is placed
     passes = [await rig.time_out(saga_id) for _ in range(3)]
     assert [(p.resent, p.gave_up) for p in passes] == [(1, 0), (1, 0), (0, 1)]
 
+    # The budget is 3 sends of the one attempt; screening has no effect, the hold is released.
+    [_reserve, release] = await rig.commands(saga_id, "ledger")
+    assert (release.step, release.direction, release.action) == ("reserve", COMPENSATE,
+                                                                 "release")
+    await rig.orchestrator.handle_batch([rig.reply(release)])
     events = await rig.events(saga_id)
     assert [e.type for e, _ in events] == [
-        "SagaStarted", "StepStarted", "StepTimedOut", "StepTimedOut", "StepTimedOut",
-        "SagaCompensated"]
+        "SagaStarted", "StepStarted", "StepStarted", "StepSucceeded", "StepTimedOut",
+        "StepTimedOut", "StepTimedOut", "StepStarted", "StepCompensated", "SagaCompensated"]
     timeouts = only(events, StepTimedOut)
     assert [(t.resend, t.gave_up, t.command_id) for t in timeouts] == [
         (1, False, command.command_id), (2, False, command.command_id),
         (2, True, command.command_id)]
     state = await rig.assert_consistent(saga_id)
     assert state.status is SagaStatus.COMPENSATED and state.due_at is None
-    # The budget is 3 sends of the one attempt; nothing has an effect to undo.
+    assert state.failed_step == "screen"
     assert len(await rig.published(saga_id, "risk", 3)) == 3
-    assert await rig.commands(saga_id, "ledger") == []
+    assert await rig.published(saga_id, "ledger", 2) == [reserve, release]
+
+
+async def test_a_members_retry_waits_in_the_database_while_its_sibling_stays_out(
+        rig: Rig) -> None:
+    [saga_id] = await rig.start()
+    [screen] = await rig.commands(saga_id, "risk")
+    [reserve] = await rig.commands(saga_id, "ledger")
+
+    await rig.orchestrator.handle_batch([rig.reply(screen, Outcome.FAILED, retryable=True)])
+
+    [scheduled] = only(await rig.events(saga_id), StepRetryScheduled)
+    assert (scheduled.step, scheduled.attempt) == ("screen", 2)
+    state = await rig.assert_consistent(saga_id)
+    _state, row = await rig.saga(saga_id)
+    # due at the earlier of the retry and reserve's deadline; the row shows the retry
+    assert row.due_at == scheduled.not_before < reserve.deadline_at
+    assert (state.step, state.next_attempt_at, row.deadline_at) == (
+        "screen", scheduled.not_before, None)
+
+    done = await rig.recovery.recover_once(now=scheduled.not_before)
+
+    assert (done.retried, done.resent, done.gave_up) == (1, 0, 0)
+    [_first, second] = await rig.commands(saga_id, "risk")
+    assert (second.attempt, second.command_id) == (2, command_id_for(saga_id, "screen",
+                                                                     FORWARD, 2))
+    assert await rig.commands(saga_id, "ledger") == [reserve]  # untouched
+    await rig.orchestrator.handle_batch([rig.reply(second), rig.reply(reserve)])
+    state = await rig.assert_consistent(saga_id)
+    assert (state.step, state.applied) == ("credit", ("screen", "reserve"))
+
+
+async def test_a_broker_loss_re_sends_every_members_command(rig: Rig) -> None:
+    """After a broker loss each in-flight saga's commands go out again as they were: for a
+    saga in its parallel group, one per member still out."""
+    running, answered = await rig.start(2)
+    [screen] = await rig.commands(answered, "risk")
+    await rig.orchestrator.handle_batch([rig.reply(screen)])  # only reserve is out there
+    expected = [*await rig.commands(running, "risk"), *await rig.commands(running, "ledger"),
+                *await rig.commands(answered, "ledger")]
+
+    resent = await rig.recovery.restore_after_broker_loss(datetime.now(UTC))
+
+    assert resent == 3
+    assert await rig.published(running, "risk", 2) == [expected[0]] * 2
+    assert await rig.published(running, "ledger", 2) == [expected[1]] * 2
+    assert await rig.published(answered, "ledger", 2) == [expected[2]] * 2
+    assert await rig.types(running) == ["SagaStarted", "StepStarted", "StepStarted"]
 
 
 async def test_a_reserve_that_never_answers_is_released_and_a_release_that_never_answers_fails(
@@ -580,7 +647,7 @@ async def test_two_recovery_workers_act_on_each_due_saga_exactly_once(rig: Rig) 
     workers = [RecoveryWorker(settings.model_copy(update={"worker_name": f"race-{i}"}),
                               engines[i], producers[i], APPLICATION.sagas) for i in range(2)]
     try:
-        for round_ in (1, 2, 3):  # two re-sends, then the screen gives up
+        for round_ in (1, 2, 3):  # two re-sends, then screen and reserve give up
             now = deadline + (round_ - 1) * SCREEN_TIMEOUT
             acted = 0
             for _ in range(count):
@@ -588,12 +655,14 @@ async def test_two_recovery_workers_act_on_each_due_saga_exactly_once(rig: Rig) 
                 acted += sum(p.acted for p in passes)
                 if not any(p.acted for p in passes):
                     break
-            assert acted == count, f"round {round_}"
+            # each saga once per round; both of its members in that one decision
+            assert acted == 2 * count, f"round {round_}"
             for saga_id in saga_ids:
                 events = await rig.events(saga_id)
                 timeouts = only(events, StepTimedOut)
-                assert len(timeouts) == round_, (saga_id, [e.type for e, _ in events])
-                assert [t.resend for t in timeouts] == [1, 2, 2][:round_]
+                assert len(timeouts) == 2 * round_, (saga_id, [e.type for e, _ in events])
+                for step in ("screen", "reserve"):
+                    assert [t.resend for t in timeouts if t.step == step] == [1, 2, 2][:round_]
                 assert {actor for e, actor in events if isinstance(e, StepTimedOut)} <= {
                     "race-0", "race-1"}
                 await rig.assert_consistent(saga_id)
@@ -605,8 +674,14 @@ async def test_two_recovery_workers_act_on_each_due_saga_exactly_once(rig: Rig) 
         for engine_ in engines:
             await engine_.dispose()
     for saga_id in saga_ids:
-        assert (await rig.saga(saga_id))[0].status is SagaStatus.COMPENSATED
+        # reserve may have placed its hold: it is being released, once
+        state = (await rig.saga(saga_id))[0]
+        assert (state.status, state.step, state.direction) == (SagaStatus.COMPENSATING,
+                                                               "reserve", COMPENSATE)
         assert len(await rig.published(saga_id, "risk", 3)) == 3
+        ledger = await rig.published(saga_id, "ledger", 4)
+        assert [(c.action, c.direction) for c in ledger] == [("reserve", FORWARD)] * 3 + [
+            ("release", COMPENSATE)]
 
 
 async def test_a_reply_and_a_timeout_decided_together_record_one_consistent_outcome(
@@ -616,6 +691,8 @@ async def test_a_reply_and_a_timeout_decided_together_record_one_consistent_outc
     for _ in range(12):
         [saga_id] = await rig.start()
         [command] = await rig.commands(saga_id, "risk")
+        [reserve] = await rig.commands(saga_id, "ledger")
+        await rig.orchestrator.handle_batch([rig.reply(reserve)])  # screen alone is out
         deadline = command.deadline_at
 
         async def recover(at: datetime = deadline) -> RecoveryPass:
@@ -633,17 +710,18 @@ async def test_a_reply_and_a_timeout_decided_together_record_one_consistent_outc
         assert not errors, errors
 
         types = await rig.types(saga_id)
-        assert types.count("StepSucceeded") == 1
+        assert types.count("StepSucceeded") == 2
+        start = ["SagaStarted", "StepStarted", "StepStarted", "StepSucceeded"]
         assert types in (
-            ["SagaStarted", "StepStarted", "StepSucceeded", "StepStarted"],
-            ["SagaStarted", "StepStarted", "StepTimedOut", "StepSucceeded", "StepStarted"],
+            [*start, "StepSucceeded", "StepStarted"],
+            [*start, "StepTimedOut", "StepSucceeded", "StepStarted"],
         ), types
         state = await rig.assert_consistent(saga_id)
         assert (state.step, state.direction, state.attempt, state.resends) == (
-            "reserve", FORWARD, 1, 0)
+            "credit", FORWARD, 1, 0)
         assert await rig.verdicts(f"reply:{uuid.uuid5(command.command_id, 'reply')}") == [
             "applied"]
-        assert len(await rig.commands(saga_id, "ledger")) == 1
+        assert len(await rig.commands(saga_id, "ledger")) == 2  # reserve, credit
 
 
 async def test_saga_worker_recovery_runs_as_a_process_and_starts_a_due_retry(
@@ -696,15 +774,16 @@ async def test_the_orchestrators_known_state_path_decides_again_when_another_wri
                                 rig.engine, rig.producer, APPLICATION.sagas)
     try:
         [saga_id] = await rig.start()
-        assert first.known[saga_id].version == 2  # started and screen sent: kept, not re-read
+        # started, screen and reserve sent: kept, not re-read
+        assert first.known[saga_id].version == 3
         [screen] = await rig.commands(saga_id, "risk")
-        await second.handle_batch([rig.reply(screen)])  # the first instance does not know
         [reserve] = await rig.commands(saga_id, "ledger")
-        assert first.known[saga_id].version == 2
+        await second.handle_batch([rig.reply(screen)])  # the first instance does not know
+        assert first.known[saga_id].version == 3
 
         await first.handle_batch([rig.reply(reserve)])
-        assert await rig.types(saga_id) == ["SagaStarted", "StepStarted", "StepSucceeded",
-                                            "StepStarted", "StepSucceeded", "StepStarted"]
+        assert await rig.types(saga_id) == ["SagaStarted", "StepStarted", "StepStarted",
+                                            "StepSucceeded", "StepSucceeded", "StepStarted"]
         state = await rig.assert_consistent(saga_id)
         assert first.known[saga_id] == state
         assert (state.step, state.attempt) == ("credit", 1)

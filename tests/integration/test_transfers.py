@@ -102,7 +102,14 @@ async def test_sanctioned_party_is_refused_at_screening(harness: Harness) -> Non
 
     assert saga.status == "COMPENSATED"
     assert "SANCTIONS_HIT" in saga.state["failure"]
-    assert await harness.entries(saga.saga_id) == []
+    # The hold was placed while the screening ran (they run in parallel), and released.
+    assert [(e.step, e.direction) for e in await harness.entries(saga.saga_id)] == [
+        ("reserve", "forward"), ("reserve", "compensate")]
+    assert (await harness.balances(source))[source] == (Decimal("100.00"), Decimal("0"))
+    events = await harness.events(saga.saga_id)
+    assert ("StepFailed", "screen") in _types(events)
+    assert [e.payload["action"] for e in events if e.type == "StepStarted"] == [
+        "screen", "reserve", "release"]
     await harness.assert_invariants()
 
 

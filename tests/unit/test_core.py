@@ -3,6 +3,10 @@
 Each test reads: given these events (folded with `fold`), when this message arrives (or the
 recovery worker looks at the saga at this time), expect these events and commands. Expected events
 are written out in full, so a changed field is a failure.
+
+The saga here is the transfer saga's steps one after the other, as it ran before `screen` and
+`reserve` became a parallel group: these tests are the rules of sequential sagas, which groups
+must not change. `test_parallel.py` covers groups, the transfer saga's own among them.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.core.definition import Step
+from orchestrator.core.definition import SagaDefinition, Step
 from orchestrator.core.saga import (
     Decision,
     RejectTransfer,
@@ -60,8 +64,11 @@ from schemas import (
     StepTimedOut,
     TransferRequested,
 )
-from steps.saga import SAGAS, TRANSFER
+from steps.saga import SAGAS
+from steps.saga import TRANSFER as TRANSFER_IN_USE
 
+# The transfer saga's steps, in order, without its parallel group.
+TRANSFER = SagaDefinition("transfer", steps=TRANSFER_IN_USE.all_steps)
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 FORWARD_ACTIONS = {"screen": "screen", "reserve": "reserve", "credit": "credit",
                    "settle": "settle", "notify": "send"}
@@ -1038,7 +1045,8 @@ def test_a_history_cannot_begin_with_a_step_event() -> None:
 
 
 def test_the_transfer_saga_is_registered_by_name() -> None:
-    assert SAGAS == {"transfer": TRANSFER}
+    assert SAGAS == {"transfer": TRANSFER_IN_USE}
+    assert TRANSFER.stages == tuple((step,) for step in TRANSFER_IN_USE.all_steps)
 
 
 # ---------------------------------------------------------------- properties

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import steps
-from orchestrator.core.definition import Backoff, SagaDefinition, Step
+from orchestrator.core.definition import Backoff, Parallel, SagaDefinition, Step
 from orchestrator.errors import SagaDefinitionError, SagaError
 from orchestrator.participant import StepResult
 from orchestrator.settings import Settings
@@ -32,12 +32,16 @@ LOOK = Action("test", "look")
 
 
 def test_the_transfer_saga_is_valid_and_ordered() -> None:
-    assert [s.name for s in TRANSFER.steps] == ["screen", "reserve", "credit", "settle", "notify"]
-    assert [s.name for s in TRANSFER.steps if s.pivot] == ["settle"]
-    assert {s.name: s.compensation for s in TRANSFER.steps} == {
+    assert [s.name for s in TRANSFER.all_steps] == [
+        "screen", "reserve", "credit", "settle", "notify"]
+    # screening and the hold run at the same time; then one step after the other
+    assert [[s.name for s in stage] for stage in TRANSFER.stages] == [
+        ["screen", "reserve"], ["credit"], ["settle"], ["notify"]]
+    assert [s.name for s in TRANSFER.all_steps if s.pivot] == ["settle"]
+    assert {s.name: s.compensation for s in TRANSFER.all_steps} == {
         "screen": None, "reserve": ledger.RELEASE, "credit": ledger.REVERSE_CREDIT,
         "settle": None, "notify": None}
-    assert TRANSFER.step("credit") is TRANSFER.steps[2]
+    assert TRANSFER.step("credit") is TRANSFER.all_steps[2] is TRANSFER.steps[1]
     assert TRANSFER.index_of("settle") == 3
 
 
@@ -129,6 +133,71 @@ def test_effects_after_the_pivot_need_no_compensation() -> None:
     assert definition.index_of("after") == 2
 
 
+# ---------------------------------------------------------------- parallel groups
+
+
+def look(name: str) -> Step:
+    return Step(name, LOOK, None, has_effect=False)
+
+
+def apply(name: str) -> Step:
+    return Step(name, SIDE_EFFECT, UNDO)
+
+
+def test_a_parallel_group_is_one_stage_and_its_members_are_steps_of_the_saga() -> None:
+    definition = SagaDefinition("ok", (
+        look("first"),
+        Parallel(apply("left"), look("middle"), apply("right")),
+        Step("pivot", SIDE_EFFECT, None, pivot=True),
+        Parallel(look("tell_a"), look("tell_b")),
+    ))
+
+    assert [[s.name for s in stage] for stage in definition.stages] == [
+        ["first"], ["left", "middle", "right"], ["pivot"], ["tell_a", "tell_b"]]
+    assert [s.name for s in definition.all_steps] == [
+        "first", "left", "middle", "right", "pivot", "tell_a", "tell_b"]
+    assert definition.step("right") is definition.stages[1][2]
+    assert (definition.index_of("right"), definition.stage_of("right")) == (3, 1)
+    assert (definition.index_of("tell_b"), definition.stage_of("tell_b")) == (6, 3)
+    assert definition.steps[1] == Parallel(apply("left"), look("middle"), apply("right"))
+
+
+def test_the_pivot_cannot_be_inside_a_parallel_group() -> None:
+    with pytest.raises(SagaDefinitionError,
+                       match=r"the pivot 'pivot' cannot be inside a parallel group "
+                             r"\['left', 'pivot'\]: a sibling could still fail after the pivot"):
+        SagaDefinition("bad", (Parallel(apply("left"), Step("pivot", SIDE_EFFECT, None,
+                                                             pivot=True)),))
+
+
+@pytest.mark.parametrize("group", [Parallel(), Parallel(look("alone"))], ids=["empty", "one"])
+def test_a_parallel_group_needs_two_steps(group: Parallel) -> None:
+    with pytest.raises(SagaDefinitionError, match="a parallel group needs at least two steps"):
+        SagaDefinition("bad", (look("first"), group))
+
+
+def test_a_parallel_group_holds_steps_only() -> None:
+    nested = Parallel(look("a"), Parallel(look("b"), look("c")))  # type: ignore[arg-type]
+    with pytest.raises(SagaDefinitionError, match="a parallel group holds steps only"):
+        SagaDefinition("bad", (nested,))
+    with pytest.raises(SagaDefinitionError, match="is neither a Step nor a Parallel group"):
+        SagaDefinition("bad", ("screen",))  # type: ignore[arg-type]
+
+
+def test_step_names_are_unique_across_groups() -> None:
+    with pytest.raises(SagaDefinitionError, match="repeats a step name"):
+        SagaDefinition("bad", (look("a"), Parallel(look("b"), look("a"))))
+
+
+def test_members_follow_the_compensation_rules_of_their_place() -> None:
+    with pytest.raises(SagaDefinitionError, match="'left' has an effect before the pivot"):
+        SagaDefinition("bad", (Parallel(Step("left", SIDE_EFFECT, None), look("right")),
+                               Step("pivot", SIDE_EFFECT, None, pivot=True)))
+    with pytest.raises(SagaDefinitionError, match="'after' is the pivot, after it"):
+        SagaDefinition("bad", (Step("pivot", SIDE_EFFECT, None, pivot=True),
+                               Parallel(Step("after", SIDE_EFFECT, UNDO), look("tell"))))
+
+
 # ---------------------------------------------------------------- backoff
 
 SEED = UUID("0b2a3c4d-5e6f-4a1b-8c2d-3e4f5a6b7c8d")
@@ -217,7 +286,7 @@ def account(account_id: str = "alice", *, balance: str = "100.00", held: str = "
 def _actions_used() -> set[Action]:
     used = set()
     for definition in SAGAS.values():
-        for step in definition.steps:
+        for step in definition.all_steps:
             used.add(step.action)
             if step.compensation is not None:
                 used.add(step.compensation)
@@ -234,7 +303,7 @@ def test_every_action_has_a_handler() -> None:
     for name, participant in participants.items():
         assert participant.name == name
     for definition in SAGAS.values():
-        for step in definition.steps:
+        for step in definition.all_steps:
             for action, direction in ((step.action, Direction.FORWARD),
                                       (step.compensation, Direction.COMPENSATE)):
                 if action is not None:
