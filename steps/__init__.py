@@ -1,4 +1,6 @@
-"""The transfer application: its saga, its participants (ledger, risk, notify) and their tables.
+"""The transfer application: its saga type (`transfer`, started by `TransferRequested` on
+`transfers.commands.v1`, keyed by transfer id), its participants (ledger, risk, notify) and their
+tables.
 
 It registers itself with the engine as `APPLICATION`, which the settings name
 (`SAGA_APPLICATION=steps:APPLICATION`, the default); the engine never imports this package.
@@ -16,7 +18,7 @@ from steps.ledger import ACCOUNT_VIEW_SQL, CUSTOMER_VIEW_SQL, LedgerParticipant,
 from steps.notify import NotifyParticipant
 from steps.registry import ledger, notify, risk
 from steps.risk import RiskParticipant
-from steps.saga import SAGAS, TRANSFER
+from steps.saga import SAGAS, TRANSFER, TRANSFER_TYPE
 
 
 async def _demo(settings: Settings, args: argparse.Namespace) -> int:
@@ -42,6 +44,7 @@ APPLICATION = Application(
 __all__ = [
     "APPLICATION",
     "TRANSFER",
+    "TRANSFER_TYPE",
     "Action",
     "LedgerParticipant",
     "NotifyParticipant",

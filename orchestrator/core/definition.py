@@ -2,6 +2,9 @@
 compensation (or an explicit statement that it has none), a timeout and an attempt budget.
 
 Rules enforced at construction, so a bad definition never reaches a worker:
+- a definition has a version (>= 1): a saga runs to its end on the version it started with,
+  so a changed list of steps is a new version of the same saga type, never an edit of one that
+  sagas may be running on (see `orchestrator.core.saga_type`);
 - step names are unique (they are persisted in events and ledger keys);
 - a step with an effect must name its compensation, unless it is the pivot: the step after which
   the saga can only go forward (here: settling the source debit). Steps after the pivot have no
@@ -77,9 +80,14 @@ class Step:
 class SagaDefinition:
     name: str
     steps: tuple[Step, ...]
+    # Persisted in `SagaStarted` and the `sagas` row: the version a saga started on is the one
+    # it finishes on.
+    version: int = 1
     _by_name: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.version < 1:
+            raise SagaDefinitionError(f"saga {self.name!r} needs a version >= 1")
         if not self.steps:
             raise SagaDefinitionError(f"saga {self.name!r} has no steps")
         names = [step.name for step in self.steps]

@@ -23,7 +23,7 @@ import contextlib
 import json
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -35,13 +35,13 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.consuming.handling import fit_dead_letter
-from orchestrator.core.definition import SagaDefinition
 from orchestrator.core.saga import (
     SagaState,
     decide_due,
     evolve,
     outstanding_command,
 )
+from orchestrator.core.saga_type import SagaType, SagaTypes
 from orchestrator.crash import crash_point, step_tags
 from orchestrator.errors import SagaError
 from orchestrator.kafka.consumer import (
@@ -96,11 +96,12 @@ class RecoveryPass:
 
 class RecoveryWorker:
     def __init__(self, settings: Settings, engine: AsyncEngine, producer: KafkaProducer,
-                 definitions: Mapping[str, SagaDefinition]) -> None:
+                 sagas: Sequence[SagaType[Any]] | SagaTypes) -> None:
         self.settings = settings
         self.engine = engine
         self.producer = producer
-        self.definitions = definitions
+        # Each saga is decided on the definition it started on: its type's, of its version.
+        self.sagas = sagas if isinstance(sagas, SagaTypes) else SagaTypes(sagas)
         self.actor = settings.worker_name or "recovery"
         self.marker = PublishedMarker(engine)
         self._throttle = LogThrottle()  # for a publish failure that repeats every pass
@@ -130,11 +131,12 @@ class RecoveryWorker:
             for row in rows:
                 try:
                     state = SagaState.from_json(store.json_value(row.state))
-                    definition = self.definitions[state.saga_type]
+                    definition = self.sagas.definition_of(state)
                     decision = decide_due(definition, state, now)
                 except Exception:
-                    # One saga this worker cannot read (an unknown saga type from a newer
-                    # deployment, a state it cannot parse) must not stop recovery of the rest.
+                    # One saga this worker cannot read (a saga type or definition version from
+                    # a newer deployment, a state it cannot parse) must not stop recovery of
+                    # the rest.
                     done.unreadable += 1
                     log.exception("cannot decide on a due saga (row skipped): %s",
                                   str(row.state)[:200])
@@ -198,7 +200,8 @@ class RecoveryWorker:
     def _dead_letter(self, state: SagaState, now: datetime
                      ) -> tuple[Record, store.DeadLetterRow]:
         """A FAILED saga has no consumed message to set aside: its dead letter carries the
-        saga's state, so the operator has the transfer and where it stopped in one record."""
+        saga's state, so the operator has the saga's input and where it stopped in one
+        record."""
         assert state.step is not None
         topic = RECOVERY_SOURCE
         payload = json.dumps(state.to_json()).encode()
@@ -211,7 +214,7 @@ class RecoveryWorker:
             original_key=str(state.saga_id),
             attempts=state.attempt + state.resends,
             first_failed_at=state.requested_at or now, last_failed_at=now,
-            saga_id=state.saga_id, transfer_id=state.transfer_id,
+            saga_id=state.saga_id, saga_type=state.saga_type, business_key=state.business_key,
         )
         row = store.DeadLetterRow(
             dead_letter_id=letter.dead_letter_id, stage=RECOVERY_STAGE,
@@ -219,7 +222,7 @@ class RecoveryWorker:
             error_class=letter.error_class, original_topic=topic, original_partition=None,
             original_offset=None, original_key=letter.original_key, payload=payload,
             headers=encode_headers([("type", b"SagaState")]), failed_at=now,
-            saga_id=state.saga_id, transfer_id=state.transfer_id,
+            saga_id=state.saga_id, saga_type=state.saga_type, business_key=state.business_key,
             attempts=letter.attempts, first_failed_at=letter.first_failed_at,
         )
         record = fit_dead_letter(self.settings.topic(TOPIC_DEAD_LETTERS), payload,
@@ -251,7 +254,7 @@ class RecoveryWorker:
             for row in rows:
                 try:
                     state = SagaState.from_json(store.json_value(row.state))
-                    definition = self.definitions[state.saga_type]
+                    definition = self.sagas.definition_of(state)
                     command = outstanding_command(definition, state)
                 except Exception:
                     log.exception("cannot read an in-flight saga (skipped): %s",
