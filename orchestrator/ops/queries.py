@@ -46,10 +46,11 @@ async def resolve_saga_id(engine: AsyncEngine, any_id: str, saga_type: str | Non
 
 
 def _summary(saga_input: Mapping[str, Any]) -> str:
-    """A start message as `field=value` pairs, for a saga type that describes none itself."""
+    """A start message as `field=value` pairs, by name (jsonb keeps no order), for a saga type
+    that describes none itself."""
     return " ".join(f"{name}={value!r}" if isinstance(value, str) and " " in value
                     else f"{name}={value}"
-                    for name, value in saga_input.items() if name != "schema_version")
+                    for name, value in sorted(saga_input.items()) if name != "schema_version")
 
 
 def _detail(event_type: str, payload: dict[str, Any],
