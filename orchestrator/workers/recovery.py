@@ -53,6 +53,7 @@ from orchestrator.kafka.consumer import (
     trim_committed,
 )
 from orchestrator.kafka.producer import KafkaProducer, Record
+from orchestrator.kafka.topics import ensure_named_topics
 from orchestrator.metrics import DEAD_LETTERS, RECOVERY_ACTIONS, SAGAS_FAILED
 from orchestrator.postgres import store
 from orchestrator.settings import Settings
@@ -297,11 +298,16 @@ class RecoveryWorker:
         while not stop.is_set():
             try:
                 present = await asyncio.to_thread(listed_topics, admin, 2.0)
-                missing = [name for name in all_topics(self.settings) if name not in present]
+                start_topics = [t.start_topic for t in self.sagas.values()]
+                wanted = {*all_topics(self.settings),
+                          *(self.settings.topic(name) for name in start_topics)}
+                missing = sorted(name for name in wanted if name not in present)
                 if missing:
                     log.warning("topics missing on the broker (restarted?): %s; creating them",
                                 ", ".join(missing))
                     await asyncio.to_thread(ensure_topics, self.settings)
+                    # every saga type's start topic, not only those the engine lists
+                    await asyncio.to_thread(ensure_named_topics, self.settings, start_topics)
                     lost.set()
                 await asyncio.to_thread(admin.poll, 0)  # serves the error callback
                 if not self.broker_reachable:
