@@ -145,18 +145,13 @@ class SagaState:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SagaState:
-        status = SagaStatus(data["status"])
-        if "business_key" in data:
-            business_key, definition_version = data["business_key"], data["definition_version"]
-        else:  # cached before saga types were generic (as its events are read: schemas.events)
-            business_key = str(UUID(data["transfer_id"]))
-            definition_version = None if status is SagaStatus.REJECTED else 1
+        # A state cached before saga types were generic was rewritten by migration 0009.
         return cls(
             saga_id=UUID(data["saga_id"]),
             saga_type=data["saga_type"],
-            business_key=business_key,
-            definition_version=definition_version,
-            status=status,
+            business_key=data["business_key"],
+            definition_version=data["definition_version"],
+            status=SagaStatus(data["status"]),
             version=data["version"],
             input=data["input"],
             request_hash=data["request_hash"],

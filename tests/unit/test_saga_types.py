@@ -1,6 +1,6 @@
 """Saga types, given/expect through the pure core: several types side by side, versioned
 definitions (a saga finishes on the version it started on), generic intake with a type's own
-rules, and events and cached states written before saga types were generic."""
+rules, and events written before saga types were generic."""
 
 from __future__ import annotations
 
@@ -307,20 +307,3 @@ def test_events_written_before_saga_types_read_as_transfers_on_v1() -> None:
     with pytest.raises(ValueError, match="not both"):
         SAGA_EVENT_ADAPTER.validate_python({**old_started, "business_key": "k"})
 
-
-def test_a_state_cached_before_saga_types_still_loads() -> None:
-    request = a_transfer()
-    state, _ = started(TRANSFER, TRANSFER_TYPE.start(request, NOW))
-    cached = state.to_json()
-    del cached["business_key"], cached["definition_version"]
-    cached["transfer_id"] = str(request.transfer_id)
-
-    assert SagaState.from_json(cached) == state
-    rejected = fold(decide_reject(None, TRANSFER_TYPE.reject(str(uuid4()),
-                                                             RejectionCode.SAME_ACCOUNT, "a")
-                                  ).events)
-    assert rejected is not None
-    old = rejected.to_json()
-    old["transfer_id"] = old.pop("business_key")
-    del old["definition_version"]
-    assert SagaState.from_json(old) == rejected
