@@ -145,8 +145,10 @@ async def drive(settings: Settings, engine: AsyncEngine, producer: Producer,
         else:
             publish_next()
 
-    def on_terminal(_conn: object, _pid: int, _channel: str, transfer_id: str) -> None:
-        finished(transfer_id)
+    def on_terminal(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+        saga_type, _, business_key = payload.partition(":")  # "transfer:<transfer id>"
+        if saga_type == "transfer":
+            finished(business_key)
 
     async def sweep_missed() -> None:
         """Sagas that ended without their notification reaching us."""
@@ -155,7 +157,8 @@ async def drive(settings: Settings, engine: AsyncEngine, producer: Producer,
             return
         async with engine.connect() as conn:
             rows = (await conn.execute(text(
-                "SELECT transfer_id FROM sagas WHERE transfer_id = ANY(CAST(:ids AS uuid[]))"
+                "SELECT business_key FROM sagas WHERE saga_type = 'transfer'"
+                " AND business_key = ANY(:ids)"
                 " AND status = ANY(:terminal) AND updated_at < now() - interval '1 second'"),
                 {"ids": waiting, "terminal": list(TERMINAL)})).scalars().all()
         for transfer_id in rows:
@@ -306,7 +309,8 @@ async def restart_stages(engine: AsyncEngine, workers: WorkerProcesses, label: s
         row = (await conn.execute(text(
             "SELECT count(*) AS n, extract(epoch FROM max(e.recorded_at)) AS last FROM sagas s"
             " JOIN saga_events e ON e.saga_id = s.saga_id AND e.seq = s.version"
-            " WHERE s.transfer_id = ANY(CAST(:ids AS uuid[])) AND s.status = ANY(:terminal)"),
+            " WHERE s.saga_type = 'transfer' AND s.business_key = ANY(:ids)"
+            " AND s.status = ANY(:terminal)"),
             {"ids": in_flight, "terminal": list(TERMINAL)})).one()
     at["recovered"] = float(row.last) if row.last is not None else None
     offsets = {k: (round(float(v) - kill_at, 3) if v is not None else None)

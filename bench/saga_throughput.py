@@ -120,8 +120,10 @@ async def run_once(settings: Settings, engine, concurrency: int, transfers: int,
         if not publish_next() and not sent_at:
             loop.call_soon(done.set)
 
-    def on_terminal(_conn, _pid, _channel, transfer_id: str) -> None:
-        finished(transfer_id, time.time())
+    def on_terminal(_conn, _pid, _channel, payload: str) -> None:
+        saga_type, _, business_key = payload.partition(":")  # "transfer:<transfer id>"
+        if saga_type == "transfer":
+            finished(business_key, time.time())
 
     async def sweep_missed() -> int:
         """Sagas that ended without their notification reaching us (counted and reported)."""
@@ -129,14 +131,14 @@ async def run_once(settings: Settings, engine, concurrency: int, transfers: int,
             return 0
         async with engine.connect() as conn:
             rows = (await conn.execute(text(
-                "SELECT s.transfer_id, extract(epoch FROM e.recorded_at) AS at FROM sagas s"
+                "SELECT s.business_key, extract(epoch FROM e.recorded_at) AS at FROM sagas s"
                 " JOIN saga_events e ON e.saga_id = s.saga_id AND e.seq = s.version"
-                " WHERE s.transfer_id = ANY(CAST(:ids AS uuid[]))"
+                " WHERE s.saga_type = 'transfer' AND s.business_key = ANY(:ids)"
                 " AND s.status IN ('COMPLETED', 'COMPENSATED', 'REJECTED', 'FAILED')"
                 " AND e.recorded_at < now() - interval '1 second'"),
                 {"ids": list(sent_at)})).all()
         for row in rows:
-            finished(str(row.transfer_id), float(row.at))
+            finished(row.business_key, float(row.at))
         return len(rows)
 
     async with engine.connect() as conn:
@@ -189,8 +191,9 @@ async def sagas_with_deadline_waits(engine, transfer_ids: list[str]) -> set[str]
     """The transfers whose saga waited out a step deadline at least once (re-sent or gave up)."""
     async with engine.connect() as conn:
         rows = (await conn.execute(text(
-            "SELECT DISTINCT s.transfer_id FROM sagas s JOIN saga_events e USING (saga_id)"
-            " WHERE e.type = 'StepTimedOut' AND s.transfer_id = ANY(CAST(:ids AS uuid[]))"),
+            "SELECT DISTINCT s.business_key FROM sagas s JOIN saga_events e USING (saga_id)"
+            " WHERE e.type = 'StepTimedOut' AND s.saga_type = 'transfer'"
+            " AND s.business_key = ANY(:ids)"),
             {"ids": transfer_ids})).scalars().all()
     return {str(t) for t in rows}
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.core.definition import SagaDefinition
+from orchestrator.core.saga_type import SagaType, SagaTypes
 from orchestrator.errors import ConfigurationError
 from orchestrator.participant.runtime import Participant
 from orchestrator.settings import Settings
@@ -36,7 +36,9 @@ class LedgerViews:
 @dataclass(frozen=True)
 class Application:
     name: str
-    sagas: Mapping[str, SagaDefinition]
+    # The saga types it runs side by side: each with its versions, start message and topic,
+    # business key and intake rules (`orchestrator.core.saga_type`).
+    sagas: Sequence[SagaType[Any]]
     participants: Mapping[str, ParticipantFactory]
     # The application's own migrations (its participants' tables), applied after the engine's.
     migrations: tuple[Path, ...] = ()
@@ -44,6 +46,13 @@ class Application:
     # `saga demo`: runs the application's demonstration with the CLI's arguments; its exit code.
     demo: Callable[[Settings, argparse.Namespace], Awaitable[int]] | None = None
     extras: Mapping[str, Any] = field(default_factory=dict)
+    # `sagas` by name, checked together when the application is built (unique names and start
+    # topics): what the workers look definitions up in.
+    saga_types: SagaTypes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sagas", tuple(self.sagas))
+        object.__setattr__(self, "saga_types", SagaTypes(self.sagas))
 
     def participant(self, name: str, settings: Settings) -> Participant:
         if name not in self.participants:

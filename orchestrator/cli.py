@@ -123,7 +123,8 @@ async def cmd_timeline(args: argparse.Namespace, settings: Settings) -> int:
 
     engine = _engine(settings)
     try:
-        _print(await timeline(engine, args.id), args.json, render_timeline)
+        sagas = load_application(settings.application).saga_types
+        _print(await timeline(engine, args.id, args.type, sagas), args.json, render_timeline)
     finally:
         await engine.dispose()
     return 0
@@ -134,14 +135,20 @@ async def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
 
     engine = _engine(settings)
     try:
-        rows = await list_sagas(engine, args.status, args.limit)
+        rows = await list_sagas(engine, args.status, args.limit, args.type,
+                                args.definition_version, args.key)
     finally:
         await engine.dispose()
 
     def render(rows: list[dict[str, Any]]) -> str:
-        lines = [f"{'saga id':<36}  {'status':<12} {'step':<8} {'amount':>12} cur  updated"]
-        lines += [f"{r['saga_id']:<36}  {r['status']:<12} {steps_label(r):<8} "
-                  f"{r['amount'] or '':>12} {r['currency'] or '':<4} {r['updated_at'][:23]}"
+        type_width = max([len("type"), *(len(r["saga_type"]) for r in rows)])
+        key_width = max([len("business key"), *(len(r["business_key"]) for r in rows)])
+        lines = [f"{'saga id':<36}  {'type':<{type_width}} {'business key':<{key_width}} "
+                 f"{'def':>3}  {'status':<12} {'step':<8} updated"]
+        lines += [f"{r['saga_id']:<36}  {r['saga_type']:<{type_width}} "
+                  f"{r['business_key']:<{key_width}} "
+                  f"{'v' + str(r['definition_version']) if r['definition_version'] else '':>3}  "
+                  f"{r['status']:<12} {steps_label(r):<8} {r['updated_at'][:23]}"
                   for r in rows]
         return "\n".join(lines)
 
@@ -187,15 +194,14 @@ async def cmd_stuck(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     from orchestrator.ops.checker import check, check_topic
-    from schemas import TOPIC_TRANSFER_COMMANDS
 
     if args.against_topic and not settings.kafka_bootstrap:
-        raise ConfigurationError("--against-topic reads the commands topic: set "
+        raise ConfigurationError("--against-topic reads the start topics: set "
                                  "SAGA_KAFKA_BOOTSTRAP (and SAGA_TOPIC_PREFIX, if any)")
     engine = _engine(settings)
+    application = load_application(settings.application)
     try:
-        report = await check(engine, load_application(settings.application),
-                             expect_quiescent=args.quiescent)
+        report = await check(engine, application, expect_quiescent=args.quiescent)
         data = report.to_json()
         if args.against_topic:
             assert settings.kafka_bootstrap
@@ -203,11 +209,14 @@ async def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
             def progress(read: int, total: int) -> None:
                 print(f"  read {read} of about {total} records", file=sys.stderr, flush=True)
 
-            topic = await check_topic(engine, settings.kafka_bootstrap,
-                                      settings.topic(TOPIC_TRANSFER_COMMANDS), args.grace,
-                                      progress)
-            report.checks.append(topic.check())
-            data = {**report.to_json(), "topic": topic.to_json()}
+            topics = []
+            for saga_type in application.sagas:  # each saga type's start topic
+                topic = await check_topic(engine, settings.kafka_bootstrap,
+                                          settings.topic(saga_type.start_topic), saga_type,
+                                          args.grace, progress)
+                report.checks.append(topic.check())
+                topics.append(topic.to_json())
+            data = {**report.to_json(), "topics": topics}
     finally:
         await engine.dispose()
 
@@ -221,14 +230,13 @@ async def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
             lines += [f"            outbox {row['outbox_id']} {row['topic']} attempts="
                       f"{row['attempts']}: {row['last_error']}" for row in finding["items"][:10]]
         lines.append("counts: " + ", ".join(f"{k}={v}" for k, v in sorted(data["counts"].items())))
-        if "topic" in data:
-            t = data["topic"]
-            lines.append(f"topic {t['topic']}: {t['records']} records read, {t['missing']} with "
-                         f"neither a saga nor a dead letter, {t['too_recent']} too recent to "
-                         f"judge, {t['unread_transfer_known']} never read but their transfer "
-                         "has a saga")
-            lines += [f"  missing  partition {m['partition']} offset {m['offset']} transfer "
-                      f"{m['transfer_id'] or '- (undecodable)'} "
+        for t in data.get("topics", ()):
+            lines.append(f"topic {t['topic']} ({t['saga_type']}): {t['records']} records read, "
+                         f"{t['missing']} with neither a saga nor a dead letter, "
+                         f"{t['too_recent']} too recent to judge, {t['unread_key_known']} never "
+                         "read but their business key has a saga")
+            lines += [f"  missing  partition {m['partition']} offset {m['offset']} key "
+                      f"{m['business_key'] or '- (undecodable)'} "
                       f"{'consumed, led nowhere' if m['consumed'] else 'never read'}"
                       for m in t["missing_sample"]]
         return "\n".join(lines)
@@ -406,14 +414,21 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("name", nargs="?", help="participant name: risk, ledger or notify")
     worker.set_defaults(run=cmd_worker)
 
-    tl = sub.add_parser("timeline", help="every event of one saga (saga id or transfer id)")
-    tl.add_argument("id")
+    tl = sub.add_parser("timeline", help="every event of one saga (saga id or business key, "
+                                          "e.g. a transfer id)")
+    tl.add_argument("id", help="a saga id, or a business key (a transfer's is its transfer id)")
+    tl.add_argument("--type", metavar="SAGA_TYPE",
+                    help="the saga type, when a business key names sagas of several types")
     tl.add_argument("--json", action="store_true")
     tl.set_defaults(run=cmd_timeline)
 
     ls = sub.add_parser("list", help="sagas, most recently changed first")
     ls.add_argument("--status", choices=["RUNNING", "COMPENSATING", "COMPLETED", "COMPENSATED",
                                          "REJECTED", "FAILED"])
+    ls.add_argument("--type", metavar="SAGA_TYPE", help="only sagas of this type")
+    ls.add_argument("--definition-version", type=_positive_int, metavar="N",
+                    help="only sagas running (or run) on this version of their definition")
+    ls.add_argument("--key", metavar="BUSINESS_KEY", help="only sagas with this business key")
     ls.add_argument("--limit", type=int, default=50)
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(run=cmd_list)
@@ -431,8 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--quiescent", action="store_true",
                     help="also require every saga terminal and the outbox empty")
     ck.add_argument("--against-topic", action="store_true",
-                    help="also read the commands topic from its start and report every request "
-                         "there with neither a saga nor a dead letter (I8)")
+                    help="also read every saga type's start topic from its start and report "
+                         "every request there with neither a saga nor a dead letter (I8)")
     ck.add_argument("--grace", type=float, default=10.0,
                     help="with --against-topic: records younger than this many seconds are not "
                          "judged yet (the orchestrator may not have read them)")

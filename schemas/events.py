@@ -2,17 +2,44 @@
 
 Every event is frozen, forbids extra fields and carries its schema version. Event type names are
 persisted in `saga_events.type` and never change.
+
+Events written before the engine ran several saga types are read as they are (the log is
+append-only: an old row is never rewritten). They named a saga by its transfer id alone, and
+"transfer" was the only saga type there was; reading one, the start events below upcast it: the
+transfer id becomes the business key (`str(transfer_id)`, the key the transfer type derives
+today, so the saga id is the same), the definition version is 1 and a rejection's saga type is
+"transfer". What is written now carries no transfer id.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import Field, JsonValue, TypeAdapter
+from pydantic import Field, JsonValue, TypeAdapter, model_validator
 
 from schemas.messages import Direction, RejectionCode, WireModel
+
+# The only saga type of the events written before saga types were generic.
+_LEGACY_SAGA_TYPE = "transfer"
+
+
+def _upcast_transfer_id(data: Any, defaults: dict[str, Any]) -> Any:
+    """An event as written before generic saga types: its `transfer_id` as the business key,
+    and `defaults` for the fields it could not have."""
+    if not isinstance(data, dict) or "transfer_id" not in data:
+        return data
+    data = dict(data)
+    transfer_id = data.pop("transfer_id")
+    if data.get("business_key") is not None:
+        raise ValueError("an event has a business_key or (written before saga types were "
+                         "generic) a transfer_id, not both")
+    data["business_key"] = str(UUID(str(transfer_id)))
+    for name, value in defaults.items():
+        if data.get(name) is None:
+            data[name] = value
+    return data
 
 
 class _Event(WireModel):
@@ -20,23 +47,46 @@ class _Event(WireModel):
 
 
 class SagaStarted(_Event):
+    """A saga of `saga_type` started on version `definition_version` of its definition, which
+    it finishes on. `input` is its start message; `business_key` its idempotency key.
+
+    Rows written before saga types were generic have `transfer_id` (a UUID) instead of
+    `business_key` and no `definition_version`: read them as business key `str(transfer_id)`,
+    version 1."""
+
     type: Literal["SagaStarted"] = "SagaStarted"
     saga_type: str
-    transfer_id: UUID
+    business_key: str = Field(min_length=1)
+    definition_version: int = Field(ge=1)
     input: dict[str, JsonValue]
     request_hash: str
     requested_at: datetime | None = Field(
         default=None, description="When the upstream published the request (Kafka timestamp)"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _written_before_saga_types(cls, data: Any) -> Any:
+        return _upcast_transfer_id(data, {"definition_version": 1})
+
 
 class SagaRejected(_Event):
-    """Refused at intake; nothing ran and no money moved."""
+    """Refused at intake; nothing ran and nothing was changed.
+
+    Rows written before saga types were generic have `transfer_id` (a UUID) instead of
+    `saga_type` and `business_key`: read them as saga type "transfer", business key
+    `str(transfer_id)`."""
 
     type: Literal["SagaRejected"] = "SagaRejected"
-    transfer_id: UUID
+    saga_type: str
+    business_key: str = Field(min_length=1)
     reason_code: RejectionCode
     reason: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _written_before_saga_types(cls, data: Any) -> Any:
+        return _upcast_transfer_id(data, {"saga_type": _LEGACY_SAGA_TYPE})
 
 
 class StepStarted(_Event):

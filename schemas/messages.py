@@ -216,7 +216,10 @@ class DeadLetter(WireModel):
     first_failed_at: datetime
     last_failed_at: datetime
     saga_id: UUID | None = None
-    transfer_id: UUID | None = None
+    # The saga type (of the topic the record arrived on, or of the saga it concerns) and the
+    # saga's business key, where known; for a transfer the key is its transfer id.
+    saga_type: str | None = None
+    business_key: str | None = None
     # Only on a shortened copy: the length of the original value, and its SHA-256 (hex).
     original_size_bytes: int | None = None
     original_sha256: str | None = None

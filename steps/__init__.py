@@ -1,4 +1,6 @@
-"""The transfer application: its saga, its participants (ledger, risk, notify) and their tables.
+"""The transfer application: its saga type (`transfer`, started by `TransferRequested` on
+`transfers.commands.v1`, keyed by transfer id), its participants (ledger, risk, notify) and their
+tables.
 
 It registers itself with the engine as `APPLICATION`, which the settings name
 (`SAGA_APPLICATION=steps:APPLICATION`, the default); the engine never imports this package.
@@ -16,7 +18,7 @@ from steps.ledger import ACCOUNT_VIEW_SQL, CUSTOMER_VIEW_SQL, LEDGER, open_accou
 from steps.notify import NOTIFY
 from steps.registry import ledger, notify, risk
 from steps.risk import risk_participant
-from steps.saga import SAGAS, TRANSFER
+from steps.saga import SAGAS, TRANSFER, TRANSFER_TYPE
 
 
 async def _demo(settings: Settings, args: argparse.Namespace) -> int:
@@ -44,6 +46,7 @@ __all__ = [
     "LEDGER",
     "NOTIFY",
     "TRANSFER",
+    "TRANSFER_TYPE",
     "Action",
     "ledger",
     "notify",

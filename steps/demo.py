@@ -149,11 +149,11 @@ async def _progress(engine: AsyncEngine, transfer_ids: list[str], refused_payloa
                     ) -> dict[str, int]:
     async with engine.connect() as conn:
         rows = (await conn.execute(text(
-            "SELECT status, count(*) FROM sagas WHERE transfer_id = ANY(CAST(:ids AS uuid[]))"
-            " GROUP BY status"), {"ids": transfer_ids})).all()
+            "SELECT status, count(*) FROM sagas WHERE saga_type = 'transfer'"
+            " AND business_key = ANY(:ids) GROUP BY status"), {"ids": transfer_ids})).all()
         refused_without_saga = (await conn.execute(text(
             "SELECT count(DISTINCT payload) FROM dead_letters WHERE stage = 'intake'"
-            " AND transfer_id IS NULL AND payload = ANY(:p)"),
+            " AND business_key IS NULL AND payload = ANY(:p)"),
             {"p": refused_payloads})).scalar_one()
     counts = {status.lower(): n for status, n in rows}
     counts["rejected"] = counts.get("rejected", 0) + refused_without_saga
@@ -165,7 +165,8 @@ async def _latencies_ms(engine: AsyncEngine, transfer_ids: list[str]) -> list[fl
         rows = (await conn.execute(text(
             "SELECT EXTRACT(EPOCH FROM (e.recorded_at - s.requested_at)) * 1000"
             " FROM sagas s JOIN saga_events e ON e.saga_id = s.saga_id AND e.seq = s.version"
-            " WHERE s.transfer_id = ANY(CAST(:ids AS uuid[])) AND s.requested_at IS NOT NULL"
+            " WHERE s.saga_type = 'transfer' AND s.business_key = ANY(:ids)"
+            " AND s.requested_at IS NOT NULL"
             " AND s.status IN ('COMPLETED', 'COMPENSATED', 'FAILED')"),
             {"ids": transfer_ids})).scalars().all()
     return [float(v) for v in rows]
@@ -176,7 +177,8 @@ async def _pick_compensated(engine: AsyncEngine, transfer_ids: list[str]) -> str
     async with engine.connect() as conn:
         return (await conn.execute(text(
             "SELECT s.saga_id FROM sagas s WHERE s.status = 'COMPENSATED'"
-            " AND s.transfer_id = ANY(CAST(:ids AS uuid[])) ORDER BY s.version DESC LIMIT 1"),
+            " AND s.saga_type = 'transfer' AND s.business_key = ANY(:ids)"
+            " ORDER BY s.version DESC LIMIT 1"),
             {"ids": transfer_ids})).scalar()
 
 
@@ -212,7 +214,8 @@ async def sagas_in_flight(engine: AsyncEngine, transfer_ids: list[str]) -> int:
     async with engine.connect() as conn:
         return int((await conn.execute(text(
             "SELECT count(*) FROM sagas WHERE status IN ('RUNNING', 'COMPENSATING')"
-            " AND transfer_id = ANY(CAST(:ids AS uuid[]))"), {"ids": transfer_ids})).scalar_one())
+            " AND saga_type = 'transfer' AND business_key = ANY(:ids)"),
+            {"ids": transfer_ids})).scalar_one())
 
 
 @dataclass(frozen=True)

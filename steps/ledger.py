@@ -37,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from orchestrator.participant import Decided, EffectTable, ParticipantService, StepResult
 from schemas import Direction, StepCommand, format_amount
 from steps.registry import ledger
-from steps.saga import SAGAS
+from steps.saga import DEFINITIONS
 
 
 def clearing_account(currency: str) -> str:
@@ -308,7 +308,7 @@ def post_entry(command: StepCommand, accounts: dict[str, AccountView],
     return Decided(result, ((ENTRIES.table, entry_row(command, entry, moved)),))
 
 
-LEDGER = service.participant(*SAGAS.values())
+LEDGER = service.participant(*DEFINITIONS)
 
 
 async def _ensure_clearing_accounts(conn: AsyncConnection, currencies: set[str]) -> None:

@@ -7,7 +7,7 @@ from datetime import datetime
 from orchestrator.participant import Decided, EffectTable, ParticipantService, StepResult
 from schemas import StepCommand
 from steps.registry import notify
-from steps.saga import SAGAS
+from steps.saga import DEFINITIONS
 
 NOTIFICATIONS = EffectTable(
     "notifications", (("saga_id", "uuid"), ("recipient", "text"), ("message", "text")),
@@ -28,4 +28,4 @@ def send(command: StepCommand, view: None, now: datetime) -> Decided:
                 f" ({payload.get('reference')})"),))
 
 
-NOTIFY = service.participant(*SAGAS.values())
+NOTIFY = service.participant(*DEFINITIONS)

@@ -19,7 +19,7 @@ from orchestrator.participant import ParticipantService, ServiceParticipant, Ste
 from orchestrator.settings import Settings
 from schemas import StepCommand
 from steps.registry import risk
-from steps.saga import SAGAS
+from steps.saga import DEFINITIONS
 
 
 class ScreeningProvider:
@@ -64,4 +64,4 @@ def risk_participant(settings: Settings, rng: random.Random | None = None
     def screen(command: StepCommand, answered: frozenset[UUID], now: datetime) -> StepResult:
         return screening(command, command.command_id in answered, provider.denied)
 
-    return service.participant(*SAGAS.values())
+    return service.participant(*DEFINITIONS)

@@ -106,7 +106,7 @@ def poison_dead_letter(settings: Settings, stage: str, message: Consumed, error:
         original_partition=message.partition, original_offset=message.offset,
         original_key=letter.original_key, payload=message.value,
         headers=encode_headers(message.headers), failed_at=now, saga_id=None,
-        transfer_id=None, attempts=attempts, first_failed_at=first_failed_at)
+        attempts=attempts, first_failed_at=first_failed_at)
     outbox = store.OutboxRow(record.topic, record.key, record.value,
                              encode_headers(record.headers), None)
     return row, outbox, message_id
@@ -181,7 +181,8 @@ def dead_letter_for(
     error_class: str,
     now: datetime,
     saga_id: UUID | None = None,
-    transfer_id: UUID | None = None,
+    saga_type: str | None = None,
+    business_key: str | None = None,
     message_id: str = "",
 ) -> DeadLetter:
     return DeadLetter(
@@ -200,7 +201,8 @@ def dead_letter_for(
         first_failed_at=now,
         last_failed_at=now,
         saga_id=saga_id,
-        transfer_id=transfer_id,
+        saga_type=saga_type,
+        business_key=business_key,
     )
 
 

@@ -1,4 +1,5 @@
-"""The pure decision core: saga state, the decisions, derived ids and the definition API.
+"""The pure decision core: saga state, the decisions, derived ids, saga types and the definition
+API.
 
 Nothing here does I/O or reads settings: given the events so far, a message and `now`, it
 returns the events to append and the commands to send (`lint-imports` keeps it so)."""
@@ -9,10 +10,10 @@ from orchestrator.core.saga import (
     IN_FLIGHT_STATUSES,
     TERMINAL_STATUSES,
     Decision,
-    RejectTransfer,
+    RejectSaga,
     SagaState,
     SagaStatus,
-    StartTransfer,
+    StartSaga,
     Verdict,
     command_id_for,
     decide_due,
@@ -25,8 +26,9 @@ from orchestrator.core.saga import (
     outstanding_commands,
     participant_of,
     request_hash,
-    saga_id_for_transfer,
+    saga_id_for,
 )
+from orchestrator.core.saga_type import IntakeRules, Refusal, SagaType, SagaTypes
 
 __all__ = [
     "IN_FLIGHT_STATUSES",
@@ -34,12 +36,16 @@ __all__ = [
     "Action",
     "Backoff",
     "Decision",
+    "IntakeRules",
     "Parallel",
-    "RejectTransfer",
+    "Refusal",
+    "RejectSaga",
     "SagaDefinition",
     "SagaState",
     "SagaStatus",
-    "StartTransfer",
+    "SagaType",
+    "SagaTypes",
+    "StartSaga",
     "Step",
     "Unparseable",
     "Verdict",
@@ -55,5 +61,5 @@ __all__ = [
     "outstanding_commands",
     "participant_of",
     "request_hash",
-    "saga_id_for_transfer",
+    "saga_id_for",
 ]

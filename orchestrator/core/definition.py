@@ -4,6 +4,9 @@ that do not depend on each other may be grouped with `Parallel`: the group's ste
 once, and the group is done when every one of them succeeded.
 
 Rules enforced at construction, so a bad definition never reaches a worker:
+- a definition has a version (>= 1): a saga runs to its end on the version it started with,
+  so a changed list of steps is a new version of the same saga type, never an edit of one that
+  sagas may be running on (see `orchestrator.core.saga_type`);
 - step names are unique (they are persisted in events and ledger keys), across groups too;
 - a step with an effect must name its compensation, unless it is the pivot: the step after which
   the saga can only go forward (here: settling the source debit). Steps after the pivot have no
@@ -103,6 +106,9 @@ class SagaDefinition:
 
     name: str
     steps: tuple[Step | Parallel, ...]
+    # Persisted in `SagaStarted` and the `sagas` row: the version a saga started on is the one
+    # it finishes on.
+    version: int = 1
     # What the core runs: each stage is one step, or the members of one parallel group.
     stages: tuple[tuple[Step, ...], ...] = field(init=False, repr=False)
     # Every step in the order declared, the members of a group in their place.
@@ -111,6 +117,8 @@ class SagaDefinition:
     _stage_of: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.version < 1:
+            raise SagaDefinitionError(f"saga {self.name!r} needs a version >= 1")
         if not self.steps:
             raise SagaDefinitionError(f"saga {self.name!r} has no steps")
         stages = tuple(self._stage(element) for element in self.steps)

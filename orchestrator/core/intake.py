@@ -1,7 +1,9 @@
-"""Classify one raw `transfers.commands.v1` record: a valid request, or why it is refused.
+"""Classify one raw start record of a saga type: a valid start, or why it is refused.
 
-Pure: bytes in, a decision input out. Refusal codes come from the validation error *types* set by
-the schema (`unknown_currency`, `invalid_amount`, `same_account`), never from message text.
+Pure: bytes in, a decision input out. Generic over saga types: parse the JSON, validate it with
+the type's start model, apply the type's intake rules (`IntakeRules`: which validation error
+stands for which refusal code, and the checks a valid message must pass). Refusal codes come
+from error *types* and the rules' own `Refusal`s, never from message text.
 """
 
 from __future__ import annotations
@@ -9,55 +11,63 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from uuid import UUID
+from typing import Any
 
 from pydantic import ValidationError
 
-from orchestrator.core.saga import RejectTransfer, StartTransfer, request_hash
-from schemas import RejectionCode, TransferRequested
-
-_CODE_BY_ERROR_TYPE = {
-    "unknown_currency": RejectionCode.UNKNOWN_CURRENCY,
-    "invalid_amount": RejectionCode.INVALID_AMOUNT,
-    "same_account": RejectionCode.SAME_ACCOUNT,
-}
+from orchestrator.core.saga import RejectSaga, StartSaga
+from orchestrator.core.saga_type import BUSINESS_KEY_MAX, IntakeRules, SagaType
+from schemas import RejectionCode
 
 
 @dataclass(frozen=True)
 class Unparseable:
-    """Refused with no transfer id to attach a saga to."""
+    """Refused with no business key to attach a saga to."""
 
     code: RejectionCode
     reason: str
 
 
 def classify(
-    value: bytes, timestamp_ms: int | None
-) -> StartTransfer | RejectTransfer | Unparseable:
+    saga_type: SagaType[Any], value: bytes, timestamp_ms: int | None
+) -> StartSaga | RejectSaga | Unparseable:
     try:
         document = json.loads(value)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         return Unparseable(RejectionCode.MALFORMED_JSON, f"not valid JSON: {error}")
     try:
-        request = TransferRequested.model_validate(document)
+        request = saga_type.start_model.model_validate(document)
     except ValidationError as error:
-        code, reason = _refusal(error)
-        transfer_id = _transfer_id_of(document)
-        if transfer_id is None:
+        code, reason = _refusal(saga_type.intake, error)
+        key = _usable(saga_type.intake.key_of_refused(document))
+        if key is None:
             return Unparseable(code, reason)
-        return RejectTransfer(transfer_id=transfer_id, code=code, reason=reason)
-    requested_at = (
-        datetime.fromtimestamp(timestamp_ms / 1000, tz=UTC) if timestamp_ms is not None else None
-    )
-    return StartTransfer(request, request_hash(request), requested_at)
+        return saga_type.reject(key, code, reason)
+    try:
+        start = saga_type.start(request, _requested_at(timestamp_ms))
+    except ValueError as error:
+        return Unparseable(RejectionCode.SCHEMA_VIOLATION, str(error))
+    for check in saga_type.intake.checks:
+        refusal = check(request)
+        if refusal is not None:
+            return saga_type.reject(start.business_key, refusal.code, refusal.reason)
+    return start
 
 
-def _refusal(error: ValidationError) -> tuple[RejectionCode, str]:
+def _requested_at(timestamp_ms: int | None) -> datetime | None:
+    return datetime.fromtimestamp(timestamp_ms / 1000, tz=UTC) if timestamp_ms is not None else None
+
+
+def _usable(key: str | None) -> str | None:
+    return key if isinstance(key, str) and 0 < len(key) <= BUSINESS_KEY_MAX else None
+
+
+def _refusal(rules: IntakeRules[Any], error: ValidationError) -> tuple[RejectionCode, str]:
     problems = error.errors(include_url=False)
     first = problems[0]
-    code = _CODE_BY_ERROR_TYPE.get(first["type"])
-    if code is None and first["loc"][:1] == ("amount",):
-        code = RejectionCode.INVALID_AMOUNT
+    code = rules.codes_by_error_type.get(first["type"])
+    if code is None and first["loc"]:
+        code = rules.codes_by_field.get(str(first["loc"][0]))
     location = ".".join(str(part) for part in first["loc"]) or "request"
     reason = "; ".join(
         f"{'.'.join(str(p) for p in problem['loc']) or 'request'}: {problem['msg']}"
@@ -66,12 +76,3 @@ def _refusal(error: ValidationError) -> tuple[RejectionCode, str]:
     return code or RejectionCode.SCHEMA_VIOLATION, reason if len(problems) > 1 else (
         f"{location}: {first['msg']}"
     )
-
-
-def _transfer_id_of(document: object) -> UUID | None:
-    if not isinstance(document, dict):
-        return None
-    try:
-        return UUID(str(document.get("transfer_id")))
-    except ValueError:
-        return None

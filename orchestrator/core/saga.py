@@ -28,6 +28,8 @@ from enum import StrEnum
 from typing import Any
 from uuid import UUID, uuid5
 
+from pydantic import BaseModel
+
 from orchestrator.core.definition import SagaDefinition, Step
 from schemas import (
     CompensationFailed,
@@ -48,7 +50,6 @@ from schemas import (
     StepStarted,
     StepSucceeded,
     StepTimedOut,
-    TransferRequested,
 )
 
 _SAGA_NAMESPACE = UUID("6f1c3a52-8d0e-4f7b-9a51-2c0d9e7b4a10")
@@ -69,10 +70,15 @@ TERMINAL_STATUSES = frozenset(
 IN_FLIGHT_STATUSES = frozenset({SagaStatus.RUNNING, SagaStatus.COMPENSATING})
 
 
-def saga_id_for_transfer(transfer_id: UUID) -> UUID:
-    """The saga id is derived from the transfer id, so a second saga for one transfer would
-    collide on the event table's primary key even if every other check were bypassed."""
-    return uuid5(_SAGA_NAMESPACE, f"transfer:{transfer_id}")
+def saga_id_for(saga_type: str, business_key: str) -> UUID:
+    """The saga id is derived from the saga type and the business key, so a second saga for one
+    key would collide on the event table's primary key even if every other check were bypassed.
+
+    Sagas started before saga types were generic got `uuid5(namespace, "transfer:<transfer
+    id>")`: the transfer type's business key is `str(transfer_id)`, so their ids are the same
+    and a redelivered old request still finds its saga. A type's name has no ':' (see
+    `SagaType`), so no two (type, key) pairs share a name here."""
+    return uuid5(_SAGA_NAMESPACE, f"{saga_type}:{business_key}")
 
 
 def command_id_for(saga_id: UUID, step: str, direction: Direction, attempt: int) -> UUID:
@@ -154,7 +160,9 @@ class SagaState:
 
     saga_id: UUID
     saga_type: str
-    transfer_id: UUID
+    business_key: str
+    # The version of its type's definition the saga runs on (None: rejected, it never ran).
+    definition_version: int | None
     status: SagaStatus
     version: int
     input: dict[str, Any] = field(default_factory=dict)
@@ -199,7 +207,8 @@ class SagaState:
         return {
             "saga_id": str(self.saga_id),
             "saga_type": self.saga_type,
-            "transfer_id": str(self.transfer_id),
+            "business_key": self.business_key,
+            "definition_version": self.definition_version,
             "status": self.status.value,
             "version": self.version,
             "input": self.input,
@@ -220,10 +229,12 @@ class SagaState:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SagaState:
+        # A state cached before saga types were generic was rewritten by migration 0009.
         state = cls(
             saga_id=UUID(data["saga_id"]),
             saga_type=data["saga_type"],
-            transfer_id=UUID(data["transfer_id"]),
+            business_key=data["business_key"],
+            definition_version=data["definition_version"],
             status=SagaStatus(data["status"]),
             version=data["version"],
             input=data["input"],
@@ -285,9 +296,10 @@ def evolve(state: SagaState | None, event: SagaEvent) -> SagaState:
     """Apply one event. Pure and total over valid histories; the version counts events."""
     if isinstance(event, SagaStarted):
         return SagaState(
-            saga_id=saga_id_for_transfer(event.transfer_id),
+            saga_id=saga_id_for(event.saga_type, event.business_key),
             saga_type=event.saga_type,
-            transfer_id=event.transfer_id,
+            business_key=event.business_key,
+            definition_version=event.definition_version,
             status=SagaStatus.RUNNING,
             version=1,
             input=dict(event.input),
@@ -296,9 +308,10 @@ def evolve(state: SagaState | None, event: SagaEvent) -> SagaState:
         )
     if isinstance(event, SagaRejected):
         return SagaState(
-            saga_id=saga_id_for_transfer(event.transfer_id),
-            saga_type="transfer",
-            transfer_id=event.transfer_id,
+            saga_id=saga_id_for(event.saga_type, event.business_key),
+            saga_type=event.saga_type,
+            business_key=event.business_key,
+            definition_version=None,
             status=SagaStatus.REJECTED,
             version=1,
             failure=f"{event.reason_code.value}: {event.reason}",
@@ -471,22 +484,35 @@ class Decision:
 
 
 @dataclass(frozen=True)
-class StartTransfer:
-    request: TransferRequested
+class StartSaga:
+    """A valid start message of a saga type (`SagaType.start` makes one; so does intake)."""
+
+    saga_type: str
+    business_key: str
+    request: BaseModel
     request_hash: str
     requested_at: datetime | None = None
 
+    @property
+    def saga_id(self) -> UUID:
+        return saga_id_for(self.saga_type, self.business_key)
+
 
 @dataclass(frozen=True)
-class RejectTransfer:
-    """An intake message that names a transfer id but is not a valid request."""
+class RejectSaga:
+    """An intake message that names a business key but is refused by its type."""
 
-    transfer_id: UUID
+    saga_type: str
+    business_key: str
     code: RejectionCode
     reason: str
 
+    @property
+    def saga_id(self) -> UUID:
+        return saga_id_for(self.saga_type, self.business_key)
 
-def request_hash(request: TransferRequested) -> str:
+
+def request_hash(request: BaseModel) -> str:
     """Identity of a request's content, to tell a harmless duplicate from a conflicting one."""
     return hashlib.sha256(request.model_dump_json().encode()).hexdigest()
 
@@ -494,10 +520,13 @@ def request_hash(request: TransferRequested) -> str:
 def decide_start(
     definition: SagaDefinition,
     state: SagaState | None,
-    message: StartTransfer,
+    message: StartSaga,
     now: datetime,
 ) -> Decision:
-    request = message.request
+    """Start a saga of `message.saga_type` on `definition` (its type's current version), or
+    tell a duplicate from a conflicting reuse of the business key."""
+    if message.saga_type != definition.name:
+        raise ValueError(f"a {message.saga_type} start cannot run on the {definition.name} saga")
     if state is not None:
         if state.request_hash == message.request_hash:
             return Decision(Verdict.DUPLICATE)
@@ -505,14 +534,15 @@ def decide_start(
             Verdict.CONFLICT,
             rejection=(
                 RejectionCode.CONFLICTING_DUPLICATE,
-                f"transfer {request.transfer_id} was already requested with a different payload;"
-                " the original saga is unchanged",
+                f"{message.saga_type} {message.business_key} was already requested with a"
+                " different payload; the original saga is unchanged",
             ),
         )
     started = SagaStarted(
         saga_type=definition.name,
-        transfer_id=request.transfer_id,
-        input=request.model_dump(mode="json"),
+        business_key=message.business_key,
+        definition_version=definition.version,
+        input=message.request.model_dump(mode="json"),
         request_hash=message.request_hash,
         requested_at=message.requested_at,
     )
@@ -521,28 +551,31 @@ def decide_start(
     return Decision(Verdict.STARTED, events=(started, *events), commands=commands)
 
 
-def decide_reject(state: SagaState | None, message: RejectTransfer) -> Decision:
-    """An invalid request: dead-letter it; record a REJECTED saga if the id is still free."""
+def decide_reject(state: SagaState | None, message: RejectSaga) -> Decision:
+    """A refused request: dead-letter it; record a REJECTED saga if its key is still free."""
     rejection = (message.code, message.reason)
     if state is not None:
         return Decision(Verdict.REJECTED, rejection=rejection)
-    event = SagaRejected(
-        transfer_id=message.transfer_id, reason_code=message.code, reason=message.reason
-    )
+    event = SagaRejected(saga_type=message.saga_type, business_key=message.business_key,
+                         reason_code=message.code, reason=message.reason)
     return Decision(Verdict.REJECTED, events=(event,), rejection=rejection)
 
 
 def decide_reply(
-    definition: SagaDefinition,
+    definition: SagaDefinition | None,
     state: SagaState | None,
     reply: StepReply,
     now: datetime,
 ) -> Decision:
+    """Fold a participant's reply into a saga. `definition` is the one the saga runs on (its
+    type and `definition_version`); None only when no saga is known, as the reply is refused."""
     if state is None:
         return Decision(
             Verdict.UNKNOWN_SAGA,
             rejection=(RejectionCode.UNKNOWN_SAGA, f"no saga {reply.saga_id} for this reply"),
         )
+    if definition is None:
+        raise ValueError(f"saga {state.saga_id} needs its definition to decide on a reply")
     run = None if state.terminal else next(
         (run for run in state.runs if run.sent and run.command_id == reply.command_id), None)
     if run is None:
@@ -846,10 +879,10 @@ __all__ = [
     "IN_FLIGHT_STATUSES",
     "TERMINAL_STATUSES",
     "Decision",
-    "RejectTransfer",
+    "RejectSaga",
     "SagaState",
     "SagaStatus",
-    "StartTransfer",
+    "StartSaga",
     "StepRun",
     "Verdict",
     "command_id_for",
@@ -863,5 +896,5 @@ __all__ = [
     "outstanding_commands",
     "participant_of",
     "request_hash",
-    "saga_id_for_transfer",
+    "saga_id_for",
 ]

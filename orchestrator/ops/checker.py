@@ -19,9 +19,10 @@ breaks each one and runs `saga check`): a check that cannot fail proves nothing.
     I5 every message the orchestrator consumed is accounted for: its inbox verdict is backed by
        what it recorded (a message that started or moved a saga caused its events, a duplicate
        or a stale reply names a saga that exists, a refused one has its dead letter); every
-       transfer request it consumed led to a saga or a dead letter; every dead letter carries a
-       known reason code and a reason; every redriven dead letter was republished exactly once,
-       and, once published, consumed (the orchestrator's topics: the copy's inbox row exists).
+       start request it consumed (any saga type's start topic) led to a saga or a dead letter;
+       every dead letter carries a known reason code and a reason; every redriven dead letter
+       was republished exactly once, and, once published, consumed (the orchestrator's topics:
+       the copy's inbox row exists).
     I6 no outbox row left unpublished (older than `outbox_grace_s`). A row the broker refused
        for good and the relay set aside is accounted for, not left: it is reported as a
        *finding* (listed, for an operator) instead of a violation.
@@ -32,8 +33,8 @@ breaks each one and runs `saga check`): a check that cannot fail proves nothing.
        overdraw an account or refuse a good transfer while I1's sums still add up, and a balance
        changed without an entry (an opening balance edited) shows as totals that no longer
        equal the sums.
-    I8 (`check_topic`, from the broker's side) every request on the commands topic led to a saga
-       or a dead letter: nothing the broker acknowledged was skipped.
+    I8 (`check_topic`, from the broker's side) every request on a saga type's start topic led to
+       a saga or a dead letter: nothing the broker acknowledged was skipped.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import uuid4
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from sqlalchemy import text
@@ -54,13 +55,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from orchestrator.application import Application
 from orchestrator.consuming.handling import REDRIVE_HEADER, message_id_of
+from orchestrator.core.intake import Unparseable, classify
 from orchestrator.core.saga import SagaState, fold
+from orchestrator.core.saga_type import SagaType
 from orchestrator.errors import BusError, ConfigurationError
 from orchestrator.kafka.consumer import Consumed
 from orchestrator.postgres.store import parse_event, set_aside_outbox
 from orchestrator.workers.recovery import RECOVERY_STAGE
 from orchestrator.workers.saga_worker import CONSUMER
-from schemas import TOPIC_REPLIES, TOPIC_TRANSFER_COMMANDS, RejectionCode
+from schemas import TOPIC_REPLIES, RejectionCode
 
 
 @dataclass(frozen=True)
@@ -163,12 +166,17 @@ _LETTER_MESSAGE_ID = """
     ''::bytea)), 'hex')
 """
 
-# The dead letters of the commands topic (any topic prefix: the name ends with the topic's) by
-# message id, each hashed once (MATERIALIZED: joined by hash, not recomputed per inbox row).
+# Whether the topic `{column}` is one of the start topics `:commands` (any topic prefix: the
+# name ends with the topic's).
+_ON_START_TOPIC = """EXISTS (SELECT 1 FROM unnest(CAST(:commands AS text[])) AS c(name)
+                    WHERE right({column}, length(c.name)) = c.name)"""
+
+# The dead letters of the start topics by message id, each hashed once (MATERIALIZED: joined by
+# hash, not recomputed per inbox row).
 _COMMAND_LETTERS = f"""
 letters AS MATERIALIZED (
     SELECT d.original_topic AS topic, {_LETTER_MESSAGE_ID} AS message_id FROM dead_letters d
-    WHERE right(d.original_topic, length(:commands)) = :commands)
+    WHERE {_ON_START_TOPIC.format(column="d.original_topic")})
 """
 
 # The orchestrator's inbox rows for the commands topic that led neither to a saga nor to a
@@ -179,7 +187,7 @@ _REQUESTS_WITHOUT_OUTCOME = f"""
 WITH {_COMMAND_LETTERS}
 SELECT i.message_id, i.topic, i.partition, i."offset", i.verdict, i.saga_id
 FROM inbox i
-WHERE i.consumer = :consumer AND right(i.topic, length(:commands)) = :commands
+WHERE i.consumer = :consumer AND {_ON_START_TOPIC.format(column="i.topic")}
   AND NOT EXISTS (SELECT 1 FROM sagas s WHERE s.saga_id = i.saga_id)
   AND NOT EXISTS (SELECT 1 FROM letters l
                   WHERE l.topic = i.topic AND l.message_id = i.message_id)
@@ -251,7 +259,8 @@ redriven AS (
            count(c.topic) AS copies,
            coalesce(bool_or(c.published_at < now() - make_interval(secs => :grace)), false)
              AS published,
-           right(d.original_topic, length(:commands)) = :commands AS to_commands,
+           EXISTS (SELECT 1 FROM unnest(CAST(:commands AS text[])) AS t(name)
+                   WHERE right(d.original_topic, length(t.name)) = t.name) AS to_commands,
            right(d.original_topic, length(:replies)) = :replies AS to_replies
     FROM dead_letters d
     LEFT JOIN copies c ON c.topic = d.original_topic
@@ -304,6 +313,7 @@ async def check(engine: AsyncEngine, application: Application, expect_quiescent:
             f"application {application.name!r} declares no ledger views for I1, I2 and I7")
     account_view_sql = application.ledger.account_view_sql
     customer_view_sql = application.ledger.customer_view_sql
+    start_topics = [saga_type.start_topic for saga_type in application.sagas]
     report = Report()
     add = report.checks.append
     async with engine.connect() as conn:
@@ -412,10 +422,10 @@ async def check(engine: AsyncEngine, application: Application, expect_quiescent:
                   _sample(unbacked)))
         report.counts["requests_consumed"] = (await conn.execute(text(
             "SELECT count(*) FROM inbox WHERE consumer = :consumer"
-            " AND right(topic, length(:commands)) = :commands"),
-            {"consumer": CONSUMER, "commands": TOPIC_TRANSFER_COMMANDS})).scalar_one()
+            f" AND {_ON_START_TOPIC.format(column='topic')}"),
+            {"consumer": CONSUMER, "commands": start_topics})).scalar_one()
         lost = await _rows(conn, _REQUESTS_WITHOUT_OUTCOME, consumer=CONSUMER,
-                           commands=TOPIC_TRANSFER_COMMANDS, redrive_header=REDRIVE_HEADER)
+                           commands=start_topics, redrive_header=REDRIVE_HEADER)
         report.counts["requests_without_outcome"] = len(lost)
         add(Check("I5", "every consumed request led to a saga or a dead letter", not lost,
                   _sample(lost)))
@@ -426,7 +436,7 @@ async def check(engine: AsyncEngine, application: Application, expect_quiescent:
         redrives = await _rows(conn, _REDRIVES_UNACCOUNTED, consumer=CONSUMER,
                                redrive_header=REDRIVE_HEADER,
                                grace=0.0 if expect_quiescent else outbox_grace_s,
-                               commands=TOPIC_TRANSFER_COMMANDS, replies=TOPIC_REPLIES)
+                               commands=start_topics, replies=TOPIC_REPLIES)
         report.counts["dead_letters_redriven"] = (await conn.execute(text(
             "SELECT count(*) FROM dead_letters WHERE redriven_at IS NOT NULL"))).scalar_one()
         add(Check("I5", "every redriven dead letter was republished once and, once published,"
@@ -481,8 +491,9 @@ async def check(engine: AsyncEngine, application: Application, expect_quiescent:
 # The projection's columns, each with what the folded state says it must hold (the writers,
 # `store.write_batch` and `store.upsert_projection`, derive every one of them from the state).
 _PROJECTED_COLUMNS: dict[str, Callable[[SagaState], Any]] = {
-    "transfer_id": lambda s: str(s.transfer_id),
     "saga_type": lambda s: s.saga_type,
+    "business_key": lambda s: s.business_key,
+    "definition_version": lambda s: s.definition_version,
     "status": lambda s: s.status.value,
     "current_step": lambda s: s.step,
     "direction": lambda s: s.direction.value if s.direction else None,
@@ -492,11 +503,6 @@ _PROJECTED_COLUMNS: dict[str, Callable[[SagaState], Any]] = {
     "due_at": lambda s: s.due_at,
     "requested_at": lambda s: s.requested_at,
 }
-
-
-def _column_value(name: str, value: Any) -> Any:
-    # The driver's uuid type need not be the standard library's: compare uuids as text.
-    return str(value) if name == "transfer_id" and value is not None else value
 
 
 async def replay_mismatches(conn: AsyncConnection) -> list[str]:
@@ -529,7 +535,7 @@ async def replay_mismatches(conn: AsyncConnection) -> list[str]:
             expected = None
         differs = [] if state == expected else ["state"]
         differs += [name for name, of_state in _PROJECTED_COLUMNS.items()
-                    if _column_value(name, getattr(row_of_saga, name)) != of_state(state)]
+                    if getattr(row_of_saga, name) != of_state(state)]
         if differs:
             mismatched.append(f"{current}: {', '.join(differs)}")
 
@@ -557,20 +563,20 @@ _TOPIC_STALL_S = 30.0
 
 @dataclass(frozen=True)
 class TopicRecord:
-    """What the topic check keeps of one record of the commands topic."""
+    """What the topic check keeps of one record of a start topic."""
 
     partition: int
     offset: int
     timestamp_ms: int | None
     message_id: str
-    transfer_id: str | None
+    business_key: str | None
 
 
 @dataclass(frozen=True)
 class Missing:
     partition: int
     offset: int
-    transfer_id: str | None
+    business_key: str | None
     message_id: str
     # True: the orchestrator recorded it in its inbox, and that led nowhere (a bug: I5 flags it
     # too). False: the orchestrator never read it (skipped, or published while nothing ran).
@@ -580,13 +586,14 @@ class Missing:
 @dataclass
 class TopicReport:
     topic: str
+    saga_type: str = ""
     records: int = 0
     missing: int = 0
     # Younger than the grace: the orchestrator may simply not have read them yet.
     too_recent: int = 0
-    # Never read, but their transfer has a saga from another copy of the request (different
-    # bytes, same transfer id): the transfer is not lost, this record was not read.
-    unread_transfer_known: int = 0
+    # Never read, but their business key has a saga from another copy of the request (different
+    # bytes, same key): the request is not lost, this record was not read.
+    unread_key_known: int = 0
     sample: list[Missing] = field(default_factory=list)
 
     @property
@@ -595,25 +602,24 @@ class TopicReport:
 
     def check(self) -> Check:
         detail = (f"{self.missing} of {self.records} records: " + "; ".join(
-            f"partition {m.partition} offset {m.offset} transfer {m.transfer_id or '-'}"
+            f"partition {m.partition} offset {m.offset} key {m.business_key or '-'}"
             f"{'' if m.consumed else ' (never read)'}" for m in self.sample[:5])
             + (f" (+{self.missing - 5} more)" if self.missing > 5 else "")) if self.missing else ""
         return Check("I8", f"every request on {self.topic} led to a saga or a dead letter",
                      self.ok, detail)
 
     def to_json(self) -> dict[str, Any]:
-        return {"topic": self.topic, "records": self.records, "missing": self.missing,
-                "too_recent": self.too_recent, "unread_transfer_known": self.unread_transfer_known,
+        return {"topic": self.topic, "saga_type": self.saga_type, "records": self.records,
+                "missing": self.missing, "too_recent": self.too_recent,
+                "unread_key_known": self.unread_key_known,
                 "missing_sample": [asdict(m) for m in self.sample]}
 
 
-def _transfer_id_of(value: bytes) -> str | None:
-    """The request's transfer id if it has a well-formed one; None for anything undecodable."""
-    try:
-        body = json.loads(value)
-        return str(UUID(str(body["transfer_id"]))) if isinstance(body, dict) else None
-    except (ValueError, KeyError, TypeError):
-        return None
+def _business_key_of(saga_type: SagaType[Any], value: bytes) -> str | None:
+    """The request's business key as the orchestrator reads it (a valid request's, or the one
+    a refused request names); None for anything it cannot attach to a saga."""
+    intake = classify(saga_type, value, None)
+    return None if isinstance(intake, Unparseable) else intake.business_key
 
 
 class TopicReader:
@@ -623,8 +629,9 @@ class TopicReader:
     partition-EOF event), not the high watermark alone: tansu has reported watermarks below
     records it still served."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, bootstrap: str, topic: str, saga_type: SagaType[Any]) -> None:
         self.topic = topic
+        self.saga_type = saga_type
         self._consumer = Consumer({
             "bootstrap.servers": bootstrap, "group.id": f"saga-check-{uuid4()}",
             "enable.auto.commit": False, "enable.auto.offset.store": False,
@@ -681,7 +688,7 @@ class TopicReader:
             consumed = Consumed.from_confluent(message)
             records.append(TopicRecord(consumed.partition, consumed.offset,
                                        consumed.timestamp_ms, message_id_of(consumed),
-                                       _transfer_id_of(consumed.value)))
+                                       _business_key_of(self.saga_type, consumed.value)))
             if self.done:
                 break
         return records
@@ -692,7 +699,7 @@ class TopicReader:
 
 async def _judge(conn: AsyncConnection, records: list[TopicRecord], report: TopicReport) -> None:
     """Find which of `records` the orchestrator consumed and what that led to (the same rule
-    as I5 above), and, for those it never read, whether their transfer has a saga anyway."""
+    as I5 above), and, for those it never read, whether their business key has a saga anyway."""
     outcomes = {row.message_id: row.led for row in await _rows(conn, f"""
         WITH {_COMMAND_LETTERS}
         SELECT i.message_id,
@@ -701,39 +708,41 @@ async def _judge(conn: AsyncConnection, records: list[TopicRecord], report: Topi
                           AND l.message_id = i.message_id) AS led
         FROM inbox i WHERE i.consumer = :consumer AND i.message_id = ANY(:ids)""",
         consumer=CONSUMER, ids=sorted({r.message_id for r in records}),
-        commands=TOPIC_TRANSFER_COMMANDS, redrive_header=REDRIVE_HEADER)}
+        commands=[report.topic], redrive_header=REDRIVE_HEADER)}
     unread = [r for r in records if r.message_id not in outcomes]
-    known = {str(t) for t in (await conn.execute(text(
-        "SELECT transfer_id FROM sagas WHERE transfer_id = ANY(CAST(:ids AS uuid[]))"),
-        {"ids": sorted({r.transfer_id for r in unread if r.transfer_id})})).scalars()}
+    known = set((await conn.execute(text(
+        "SELECT business_key FROM sagas WHERE saga_type = :type AND business_key = ANY(:keys)"),
+        {"type": report.saga_type,
+         "keys": sorted({r.business_key for r in unread if r.business_key})})).scalars())
     for r in records:
         consumed = r.message_id in outcomes
         if consumed and outcomes[r.message_id]:
             continue
-        if not consumed and r.transfer_id in known:
-            report.unread_transfer_known += 1
+        if not consumed and r.business_key in known:
+            report.unread_key_known += 1
             continue
         report.missing += 1
         if len(report.sample) < _TOPIC_SAMPLE:
-            report.sample.append(Missing(r.partition, r.offset, r.transfer_id, r.message_id,
+            report.sample.append(Missing(r.partition, r.offset, r.business_key, r.message_id,
                                          consumed))
 
 
-async def check_topic(engine: AsyncEngine, bootstrap: str, topic: str, grace_s: float = 10.0,
+async def check_topic(engine: AsyncEngine, bootstrap: str, topic: str,
+                      saga_type: SagaType[Any], grace_s: float = 10.0,
                       progress: Callable[[int, int], None] | None = None) -> TopicReport:
-    """I8 from the broker's side: every request on the commands topic `topic`, from its earliest
-    offset to its current end, led to a saga or a dead letter.
+    """I8 from the broker's side: every request on `topic` (the start topic of `saga_type`,
+    prefixed), from its earliest offset to its current end, led to a saga or a dead letter.
 
     A record is identified as the orchestrator identifies it, by its message id (the SHA-256 of
     its bytes and redrive id, `message_id_of`): that is the only identity an undecodable record
-    has, and it says whether *this* record was read, where a transfer id would take a never-read
-    conflicting re-send for its original. A record never read whose transfer has a saga anyway
+    has, and it says whether *this* record was read, where a business key would take a
+    never-read conflicting re-send for its original. A record never read whose key has a saga
     (another copy was read) is counted apart, not as missing. Records younger than `grace_s`
     are counted as too recent: the orchestrator may not have reached them yet. `progress` is
     called with (records read, estimated total) every few seconds."""
-    report = TopicReport(topic)
+    report = TopicReport(topic, saga_type.name)
     cutoff_ms = (time.time() - grace_s) * 1000
-    reader = await asyncio.to_thread(TopicReader, bootstrap, topic)
+    reader = await asyncio.to_thread(TopicReader, bootstrap, topic, saga_type)
     try:
         estimate = await asyncio.to_thread(reader.estimate)
         last_progress = time.monotonic()

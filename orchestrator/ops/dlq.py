@@ -89,7 +89,8 @@ class DeadLetterSummary:
     first_failed_at: datetime
     last_failed_at: datetime
     saga_id: UUID | None
-    transfer_id: UUID | None
+    saga_type: str | None
+    business_key: str | None
     redriven_at: datetime | None
 
     def to_json(self) -> dict[str, Any]:
@@ -101,7 +102,8 @@ class DeadLetterSummary:
             "original_offset": self.original_offset, "attempts": self.attempts,
             "first_failed_at": self.first_failed_at.isoformat(),
             "last_failed_at": self.last_failed_at.isoformat(),
-            "saga_id": _str_or_none(self.saga_id), "transfer_id": _str_or_none(self.transfer_id),
+            "saga_id": _str_or_none(self.saga_id), "saga_type": self.saga_type,
+            "business_key": self.business_key,
             "redriven_at": self.redriven_at.isoformat() if self.redriven_at else None,
         }
 
@@ -161,8 +163,8 @@ def _uuid(value: object) -> UUID | None:
 
 _SUMMARY_COLUMNS = (
     "dead_letter_id, stage, reason_code, error_class, original_topic, original_partition,"
-    " original_offset, attempts, first_failed_at, last_failed_at, saga_id, transfer_id,"
-    " redriven_at"
+    " original_offset, attempts, first_failed_at, last_failed_at, saga_id, saga_type,"
+    " business_key, redriven_at"
 )
 
 
@@ -173,7 +175,7 @@ def _summary(row: Row[Any]) -> DeadLetterSummary:
         original_partition=row.original_partition, original_offset=row.original_offset,
         attempts=row.attempts, first_failed_at=row.first_failed_at,
         last_failed_at=row.last_failed_at, saga_id=_uuid(row.saga_id),
-        transfer_id=_uuid(row.transfer_id),
+        saga_type=row.saga_type, business_key=row.business_key,
         redriven_at=row.redriven_at,
     )
 
@@ -391,9 +393,9 @@ def render_list(letters: Sequence[DeadLetterSummary]) -> str:
     if not letters:
         return "no dead letters"
     header = ("id", "last failed (UTC)", "stage", "reason", "att", "original record",
-              "transfer id", "redriven (UTC)")
+              "saga type", "business key", "redriven (UTC)")
     rows = [(str(d.dead_letter_id)[:SHORT_ID_HEX_DIGITS], _when(d.last_failed_at), d.stage,
-             d.reason_code, str(d.attempts), _origin(d), _str_or_none(d.transfer_id) or "",
+             d.reason_code, str(d.attempts), _origin(d), d.saga_type or "", d.business_key or "",
              _when(d.redriven_at)) for d in letters]
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
     right_aligned = {header.index("att")}
@@ -423,7 +425,8 @@ def render_detail(detail: DeadLetterDetail) -> str:
         ("first failed", _when(letter.first_failed_at) + " UTC"),
         ("last failed", _when(letter.last_failed_at) + " UTC"),
         ("saga id", _str_or_none(letter.saga_id) or "(none)"),
-        ("transfer id", _str_or_none(letter.transfer_id) or "(none)"),
+        ("saga type", letter.saga_type or "(none)"),
+        ("business key", letter.business_key or "(none)"),
         ("redriven at", _when(letter.redriven_at) + " UTC" if letter.redriven_at
          else "(not yet: pending)"),
         ("headers", str(len(detail.headers)) if detail.headers else "(none)"),

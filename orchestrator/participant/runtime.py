@@ -429,7 +429,7 @@ class ParticipantWorker:
                 original_partition=message.partition, original_offset=message.offset,
                 original_key=letter.original_key, payload=message.value,
                 headers=encode_headers(message.headers), failed_at=now,
-                saga_id=refused.saga_id, transfer_id=None,
+                saga_id=refused.saga_id,
             ))
             await conn.execute(
                 text("INSERT INTO outbox (topic, key, value, headers) VALUES"

@@ -32,7 +32,8 @@ from orchestrator.errors import (
 )
 from schemas import SAGA_EVENT_ADAPTER, SagaEvent
 
-# Payload: the transfer id of a saga that just reached a terminal state (sent at commit).
+# Payload: "<saga type>:<business key>" of a saga that just reached a terminal state (sent at
+# commit).
 TERMINAL_CHANNEL = "saga_terminal"
 _MIGRATION_LOCK = 0x5A6A0001
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -211,7 +212,10 @@ class DeadLetterRow:
     headers: list[list[str]]
     failed_at: datetime
     saga_id: UUID | None
-    transfer_id: UUID | None
+    # The saga type whose start topic the record came from, or of the saga it concerns, and the
+    # saga's business key, where known.
+    saga_type: str | None = None
+    business_key: str | None = None
     # A record set aside after repeated failures: how many tries, and when the first one failed.
     attempts: int = 1
     first_failed_at: datetime | None = None
@@ -256,20 +260,21 @@ WITH new_inbox AS (
         CAST(:e_step AS text[]), CAST(:e_attempt AS int[]), CAST(:e_payload AS jsonb[]),
         CAST(:e_actor AS text[]), CAST(:e_cause AS text[]))
 ), projection AS (
-    INSERT INTO sagas (saga_id, transfer_id, saga_type, status, current_step, direction,
-                       attempt, version, deadline_at, due_at, requested_at, created_at,
-                       updated_at, state)
-    SELECT saga_id, transfer_id, saga_type, status, step, direction, attempt, version,
-           deadline_at, due_at, requested_at, CAST(:now AS timestamptz),
+    INSERT INTO sagas (saga_id, saga_type, business_key, definition_version, status,
+                       current_step, direction, attempt, version, deadline_at, due_at,
+                       requested_at, created_at, updated_at, state)
+    SELECT saga_id, saga_type, business_key, definition_version, status, step, direction,
+           attempt, version, deadline_at, due_at, requested_at, CAST(:now AS timestamptz),
            CAST(:now AS timestamptz), state
     FROM unnest(
-        CAST(:s_saga AS uuid[]), CAST(:s_transfer AS uuid[]), CAST(:s_type AS text[]),
+        CAST(:s_saga AS uuid[]), CAST(:s_type AS text[]), CAST(:s_key AS text[]),
+        CAST(:s_definition AS int[]),
         CAST(:s_status AS text[]), CAST(:s_step AS text[]), CAST(:s_direction AS text[]),
         CAST(:s_attempt AS int[]), CAST(:s_version AS int[]),
         CAST(:s_deadline AS timestamptz[]), CAST(:s_due AS timestamptz[]),
         CAST(:s_requested AS timestamptz[]), CAST(:s_state AS jsonb[]))
-        AS s(saga_id, transfer_id, saga_type, status, step, direction, attempt, version,
-             deadline_at, due_at, requested_at, state)
+        AS s(saga_id, saga_type, business_key, definition_version, status, step, direction,
+             attempt, version, deadline_at, due_at, requested_at, state)
     ON CONFLICT (saga_id) DO UPDATE SET status = EXCLUDED.status,
         current_step = EXCLUDED.current_step, direction = EXCLUDED.direction,
         attempt = EXCLUDED.attempt, version = EXCLUDED.version,
@@ -316,8 +321,10 @@ async def write_batch(
         "e_attempt": [_event_step(e.event)[1] for e in events],
         "e_payload": [e.event.model_dump_json() for e in events],
         "e_actor": [e.actor for e in events], "e_cause": [e.causation_id for e in events],
-        "s_saga": [s.saga_id for s in states], "s_transfer": [s.transfer_id for s in states],
-        "s_type": [s.saga_type for s in states], "s_status": [s.status.value for s in states],
+        "s_saga": [s.saga_id for s in states], "s_type": [s.saga_type for s in states],
+        "s_key": [s.business_key for s in states],
+        "s_definition": [s.definition_version for s in states],
+        "s_status": [s.status.value for s in states],
         "s_step": [s.step for s in states],
         "s_direction": [s.direction.value if s.direction else None for s in states],
         "s_attempt": [s.attempt for s in states], "s_version": [s.version for s in states],
@@ -325,7 +332,7 @@ async def write_batch(
         "s_due": [s.due_at for s in states],
         "s_requested": [s.requested_at for s in states],
         "s_state": [json.dumps(s.to_json()) for s in states],
-        "ended": [str(s.transfer_id) for s in states if s.terminal],
+        "ended": [f"{s.saga_type}:{s.business_key}" for s in states if s.terminal],
         "o_topic": [o.topic for o in outbox], "o_key": [o.key for o in outbox],
         "o_value": [o.value for o in outbox],
         "o_headers": [json.dumps(o.headers) for o in outbox],
@@ -429,11 +436,11 @@ async def upsert_projection(conn: AsyncConnection, states: Sequence[SagaState],
                             now: datetime) -> None:
     await conn.execute(
         text(
-            "INSERT INTO sagas (saga_id, transfer_id, saga_type, status, current_step, direction,"
-            " attempt, version, deadline_at, due_at, requested_at, created_at, updated_at,"
-            " state) VALUES (:saga_id, :transfer_id, :saga_type, :status, :step, :direction,"
-            " :attempt, :version, :deadline_at, :due_at, :requested_at, :now, :now,"
-            " CAST(:state AS jsonb))"
+            "INSERT INTO sagas (saga_id, saga_type, business_key, definition_version, status,"
+            " current_step, direction, attempt, version, deadline_at, due_at, requested_at,"
+            " created_at, updated_at, state) VALUES (:saga_id, :saga_type, :business_key,"
+            " :definition_version, :status, :step, :direction, :attempt, :version,"
+            " :deadline_at, :due_at, :requested_at, :now, :now, CAST(:state AS jsonb))"
             " ON CONFLICT (saga_id) DO UPDATE SET status = EXCLUDED.status,"
             " current_step = EXCLUDED.current_step, direction = EXCLUDED.direction,"
             " attempt = EXCLUDED.attempt, version = EXCLUDED.version,"
@@ -441,8 +448,8 @@ async def upsert_projection(conn: AsyncConnection, states: Sequence[SagaState],
             " updated_at = EXCLUDED.updated_at, state = EXCLUDED.state"
         ),
         [
-            {"saga_id": s.saga_id, "transfer_id": s.transfer_id, "saga_type": s.saga_type,
-             "status": s.status.value, "step": s.step,
+            {"saga_id": s.saga_id, "saga_type": s.saga_type, "business_key": s.business_key,
+             "definition_version": s.definition_version, "status": s.status.value, "step": s.step,
              "direction": s.direction.value if s.direction else None, "attempt": s.attempt,
              "version": s.version, "deadline_at": s.deadline_at, "due_at": s.due_at,
              "requested_at": s.requested_at, "now": now, "state": json.dumps(s.to_json())}
@@ -456,10 +463,10 @@ async def insert_dead_letters(conn: AsyncConnection, rows: Sequence[DeadLetterRo
         text(
             "INSERT INTO dead_letters (dead_letter_id, stage, reason_code, reason, error_class,"
             " original_topic, original_partition, original_offset, original_key, payload, headers,"
-            " attempts, first_failed_at, last_failed_at, saga_id, transfer_id) VALUES (:id,"
-            " :stage, :reason_code, :reason, :error_class, :topic, :partition, :offset, :key,"
-            " :payload, CAST(:headers AS jsonb), :attempts, :first, :at, :saga_id,"
-            " :transfer_id)"
+            " attempts, first_failed_at, last_failed_at, saga_id, saga_type, business_key)"
+            " VALUES (:id, :stage, :reason_code, :reason, :error_class, :topic, :partition,"
+            " :offset, :key, :payload, CAST(:headers AS jsonb), :attempts, :first, :at,"
+            " :saga_id, :saga_type, :business_key)"
             " ON CONFLICT (dead_letter_id) DO NOTHING"
         ),
         [
@@ -468,7 +475,8 @@ async def insert_dead_letters(conn: AsyncConnection, rows: Sequence[DeadLetterRo
              "partition": d.original_partition, "offset": d.original_offset,
              "key": d.original_key, "payload": d.payload, "headers": json.dumps(d.headers),
              "attempts": d.attempts, "first": d.first_failed_at or d.failed_at,
-             "at": d.failed_at, "saga_id": d.saga_id, "transfer_id": d.transfer_id}
+             "at": d.failed_at, "saga_id": d.saga_id, "saga_type": d.saga_type,
+             "business_key": d.business_key}
             for d in rows
         ],
     )
@@ -514,3 +522,13 @@ async def rebuild_projection(conn: AsyncConnection) -> int:
         await flush()
         rebuilt += 1
     return rebuilt
+
+
+async def in_flight_definitions(conn: AsyncConnection) -> dict[tuple[str, int], int]:
+    """How many sagas in flight run on each (saga type, definition version): the definitions a
+    deployment must still have (read through the in-flight partial index's statuses)."""
+    rows = (await conn.execute(text(
+        "SELECT saga_type, definition_version, count(*) AS n FROM sagas"
+        " WHERE status IN ('RUNNING', 'COMPENSATING')"
+        " GROUP BY saga_type, definition_version"))).all()
+    return {(row.saga_type, row.definition_version): row.n for row in rows}

@@ -23,7 +23,7 @@ import contextlib
 import json
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -35,13 +35,13 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.consuming.handling import fit_dead_letter
-from orchestrator.core.definition import SagaDefinition
 from orchestrator.core.saga import (
     SagaState,
     decide_due,
     evolve,
     outstanding_commands,
 )
+from orchestrator.core.saga_type import SagaType, SagaTypes
 from orchestrator.crash import crash_point, step_tags
 from orchestrator.errors import SagaError
 from orchestrator.kafka.consumer import (
@@ -53,6 +53,7 @@ from orchestrator.kafka.consumer import (
     trim_committed,
 )
 from orchestrator.kafka.producer import KafkaProducer, Record
+from orchestrator.kafka.topics import ensure_named_topics
 from orchestrator.metrics import DEAD_LETTERS, RECOVERY_ACTIONS, SAGAS_FAILED
 from orchestrator.postgres import store
 from orchestrator.settings import Settings
@@ -95,11 +96,12 @@ class RecoveryPass:
 
 class RecoveryWorker:
     def __init__(self, settings: Settings, engine: AsyncEngine, producer: KafkaProducer,
-                 definitions: Mapping[str, SagaDefinition]) -> None:
+                 sagas: Sequence[SagaType[Any]] | SagaTypes) -> None:
         self.settings = settings
         self.engine = engine
         self.producer = producer
-        self.definitions = definitions
+        # Each saga is decided on the definition it started on: its type's, of its version.
+        self.sagas = sagas if isinstance(sagas, SagaTypes) else SagaTypes(sagas)
         self.actor = settings.worker_name or "recovery"
         self.marker = PublishedMarker(engine)
         self._throttle = LogThrottle()  # for a publish failure that repeats every pass
@@ -129,11 +131,12 @@ class RecoveryWorker:
             for row in rows:
                 try:
                     state = SagaState.from_json(store.json_value(row.state))
-                    definition = self.definitions[state.saga_type]
+                    definition = self.sagas.definition_of(state)
                     decision = decide_due(definition, state, now)
                 except Exception:
-                    # One saga this worker cannot read (an unknown saga type from a newer
-                    # deployment, a state it cannot parse) must not stop recovery of the rest.
+                    # One saga this worker cannot read (a saga type or definition version from
+                    # a newer deployment, a state it cannot parse) must not stop recovery of
+                    # the rest.
                     done.unreadable += 1
                     log.exception("cannot decide on a due saga (row skipped): %s",
                                   str(row.state)[:200])
@@ -202,7 +205,8 @@ class RecoveryWorker:
     def _dead_letter(self, state: SagaState, now: datetime
                      ) -> tuple[Record, store.DeadLetterRow]:
         """A FAILED saga has no consumed message to set aside: its dead letter carries the
-        saga's state, so the operator has the transfer and where it stopped in one record."""
+        saga's state, so the operator has the saga's input and where it stopped in one
+        record."""
         assert state.step is not None
         topic = RECOVERY_SOURCE
         payload = json.dumps(state.to_json()).encode()
@@ -215,7 +219,7 @@ class RecoveryWorker:
             original_key=str(state.saga_id),
             attempts=state.attempt + state.resends,
             first_failed_at=state.requested_at or now, last_failed_at=now,
-            saga_id=state.saga_id, transfer_id=state.transfer_id,
+            saga_id=state.saga_id, saga_type=state.saga_type, business_key=state.business_key,
         )
         row = store.DeadLetterRow(
             dead_letter_id=letter.dead_letter_id, stage=RECOVERY_STAGE,
@@ -223,7 +227,7 @@ class RecoveryWorker:
             error_class=letter.error_class, original_topic=topic, original_partition=None,
             original_offset=None, original_key=letter.original_key, payload=payload,
             headers=encode_headers([("type", b"SagaState")]), failed_at=now,
-            saga_id=state.saga_id, transfer_id=state.transfer_id,
+            saga_id=state.saga_id, saga_type=state.saga_type, business_key=state.business_key,
             attempts=letter.attempts, first_failed_at=letter.first_failed_at,
         )
         record = fit_dead_letter(self.settings.topic(TOPIC_DEAD_LETTERS), payload,
@@ -256,7 +260,7 @@ class RecoveryWorker:
             for row in rows:
                 try:
                     state = SagaState.from_json(store.json_value(row.state))
-                    definition = self.definitions[state.saga_type]
+                    definition = self.sagas.definition_of(state)
                     commands = outstanding_commands(definition, state)
                 except Exception:
                     log.exception("cannot read an in-flight saga (skipped): %s",
@@ -299,11 +303,16 @@ class RecoveryWorker:
         while not stop.is_set():
             try:
                 present = await asyncio.to_thread(listed_topics, admin, 2.0)
-                missing = [name for name in all_topics(self.settings) if name not in present]
+                start_topics = [t.start_topic for t in self.sagas.values()]
+                wanted = {*all_topics(self.settings),
+                          *(self.settings.topic(name) for name in start_topics)}
+                missing = sorted(name for name in wanted if name not in present)
                 if missing:
                     log.warning("topics missing on the broker (restarted?): %s; creating them",
                                 ", ".join(missing))
                     await asyncio.to_thread(ensure_topics, self.settings)
+                    # every saga type's start topic, not only those the engine lists
+                    await asyncio.to_thread(ensure_named_topics, self.settings, start_topics)
                     lost.set()
                 await asyncio.to_thread(admin.poll, 0)  # serves the error callback
                 if not self.broker_reachable:

@@ -16,6 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.application import Application, load_application
+from orchestrator.core.saga_type import SagaTypes
 from orchestrator.errors import ConfigurationError
 from orchestrator.kafka.consumer import (
     ORCHESTRATOR_GROUP,
@@ -24,8 +25,9 @@ from orchestrator.kafka.consumer import (
     subscribe_batches,
 )
 from orchestrator.kafka.producer import KafkaProducer
+from orchestrator.kafka.topics import ensure_named_topics
 from orchestrator.participant.runtime import ParticipantWorker
-from orchestrator.postgres.store import create_engine, migrate
+from orchestrator.postgres.store import create_engine, in_flight_definitions, migrate
 from orchestrator.settings import Settings, worker_name
 from orchestrator.workers.recovery import RecoveryWorker
 from orchestrator.workers.relay import OutboxRelay
@@ -45,7 +47,26 @@ async def prepare(settings: Settings, application: Application) -> AsyncEngine:
                            settings.db_idle_in_transaction_timeout_s)
     await migrate(engine, application.migrations)
     await asyncio.to_thread(ensure_topics, settings)
+    # Every saga type's start topic (the engine's own list knows the transfer's only).
+    await asyncio.to_thread(ensure_named_topics, settings,
+                            [saga_type.start_topic for saga_type in application.sagas])
     return engine
+
+
+async def require_definitions(engine: AsyncEngine, sagas: SagaTypes) -> None:
+    """Refuse to run a deployment that lacks a definition sagas in flight still run on: each
+    saga finishes on the version it started on, so removing a version (or a saga type) is only
+    safe once none of its sagas is in flight. Raises ConfigurationError naming them."""
+    async with engine.connect() as conn:
+        in_flight = await in_flight_definitions(conn)
+    missing = sagas.missing(in_flight)
+    if missing:
+        named = ", ".join(f"{name} v{version} ({in_flight[name, version]} in flight)"
+                          for name, version in missing)
+        raise ConfigurationError(
+            f"sagas in flight run on definitions this deployment does not have: {named}."
+            " Deploy them again beside the new ones and remove them once those sagas ended"
+            " (`saga list --type NAME --definition-version N --status RUNNING`).")
 
 
 async def _mark_ready(engine: AsyncEngine, worker: str, kind: str) -> None:
@@ -85,6 +106,13 @@ async def run_worker(kind: str, settings: Settings, stop: asyncio.Event,
         if producer is not None:
             producer.close()
         raise
+    if kind in ("orchestrator", "recovery"):  # the workers that decide on sagas
+        try:
+            await require_definitions(engine, application.saga_types)
+        except BaseException:
+            producer.close()
+            await engine.dispose()
+            raise
     loop = asyncio.get_running_loop()
 
     def on_assign(*_args: Any) -> None:
@@ -94,14 +122,14 @@ async def run_worker(kind: str, settings: Settings, stop: asyncio.Event,
         if kind in ("relay", "recovery"):  # database pollers: no consumer, no partitions
             poller: OutboxRelay | RecoveryWorker = (
                 OutboxRelay(settings, engine, producer) if kind == "relay"
-                else RecoveryWorker(settings, engine, producer, application.sagas))
+                else RecoveryWorker(settings, engine, producer, application.saga_types))
             await _mark_ready(engine, name, kind)
             await poller.run(stop)
             return
         broker = make_broker(settings)
         worker: OrchestratorWorker | ParticipantWorker
         if kind == "orchestrator":
-            worker = OrchestratorWorker(settings, engine, producer, application.sagas)
+            worker = OrchestratorWorker(settings, engine, producer, application.saga_types)
             subscribe_batches(broker, settings, worker.topics, ORCHESTRATOR_GROUP,
                               worker.handle_batch, on_assign)
         else:

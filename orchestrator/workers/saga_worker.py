@@ -1,15 +1,21 @@
-"""The orchestrator worker: consumes transfer requests and step replies, decides with the pure
-core, and records everything a batch caused in one PostgreSQL transaction. Its offsets are
-committed by the bus only after that transaction committed (see `orchestrator.kafka.consumer`).
+"""The orchestrator worker: consumes the start messages of every saga type (each type's own
+topic) and the step replies, decides with the pure core, and records everything a batch caused
+in one PostgreSQL transaction. Its offsets are committed by the bus only after that transaction
+committed (see `orchestrator.kafka.consumer`).
+
+A start record is classified by the saga type whose start topic it arrived on; a reply is
+decided on the definition its saga started on (its type and `definition_version`), so sagas of
+an older version finish on it while new ones start on the current one.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 from uuid import UUID
 
 from pydantic import ValidationError
@@ -28,20 +34,20 @@ from orchestrator.core.definition import SagaDefinition
 from orchestrator.core.intake import Unparseable, classify
 from orchestrator.core.saga import (
     Decision,
-    RejectTransfer,
+    RejectSaga,
     SagaState,
     SagaStatus,
-    StartTransfer,
+    StartSaga,
     Verdict,
     decide_reject,
     decide_reply,
     decide_start,
     evolve,
     participant_of,
-    saga_id_for_transfer,
 )
+from orchestrator.core.saga_type import SagaType, SagaTypes
 from orchestrator.crash import crash_point, step_tags
-from orchestrator.errors import ConcurrencyConflict, ConfigurationError
+from orchestrator.errors import ConcurrencyConflict
 from orchestrator.kafka.consumer import Consumed, encode_headers
 from orchestrator.kafka.producer import KafkaProducer
 from orchestrator.metrics import DEAD_LETTERS, SAGAS_FAILED
@@ -51,7 +57,6 @@ from orchestrator.throttle import LogThrottle
 from orchestrator.workers.relay import PublishedMarker, publish_committed
 from schemas import (
     TOPIC_REPLIES,
-    TOPIC_TRANSFER_COMMANDS,
     Direction,
     RejectionCode,
     StepCommand,
@@ -95,12 +100,14 @@ class _Parsed:
     message: Consumed
     message_id: str
     saga_id: UUID | None
-    input: StartTransfer | RejectTransfer | Unparseable | StepReply
+    input: StartSaga | RejectSaga | Unparseable | StepReply
+    # The saga type whose start topic the record came from (None for a reply).
+    saga_type: str | None = None
 
 
 class OrchestratorWorker:
     def __init__(self, settings: Settings, engine: AsyncEngine, producer: KafkaProducer,
-                 sagas: Mapping[str, SagaDefinition]) -> None:
+                 sagas: Sequence[SagaType[Any]] | SagaTypes) -> None:
         self.settings = settings
         self.engine = engine
         self.producer = producer
@@ -110,16 +117,15 @@ class OrchestratorWorker:
         # connection for the one-statement writes of the known-state path.
         self.known: OrderedDict[UUID, SagaState] = OrderedDict()
         self.held = store.HeldConnection(engine)
-        if len(sagas) != 1:
-            raise ConfigurationError(f"one saga type per intake topic for now, not {sorted(sagas)}")
-        self.definition = next(iter(sagas.values()))
+        self.sagas = sagas if isinstance(sagas, SagaTypes) else SagaTypes(sagas)
         self.actor = settings.worker_name or "orchestrator"
-        self.commands_topic = settings.topic(TOPIC_TRANSFER_COMMANDS)
+        # Each saga type's start topic (prefixed, as consumed) -> the type.
+        self.start_topics = {settings.topic(t.start_topic): t for t in self.sagas.values()}
         self.replies_topic = settings.topic(TOPIC_REPLIES)
 
     @property
     def topics(self) -> list[str]:
-        return [self.commands_topic, self.replies_topic]
+        return [*self.start_topics, self.replies_topic]
 
     async def handle_batch(self, batch: Sequence[Consumed]) -> None:
         """The subscriber's entry point: process the batch, setting aside poison records."""
@@ -173,13 +179,10 @@ class OrchestratorWorker:
             if redrive:  # an operator redrove it: a new message, decided once more
                 message_id += f":redrive:{redrive}"
             return _Parsed(message, message_id, reply.saga_id, reply)
-        intake = classify(message.value, message.timestamp_ms)
-        saga_id = None
-        if isinstance(intake, StartTransfer):
-            saga_id = saga_id_for_transfer(intake.request.transfer_id)
-        elif isinstance(intake, RejectTransfer):
-            saga_id = saga_id_for_transfer(intake.transfer_id)
-        return _Parsed(message, message_id_of(message), saga_id, intake)
+        saga_type = self.start_topics[message.topic]
+        intake = classify(saga_type, message.value, message.timestamp_ms)
+        saga_id = None if isinstance(intake, Unparseable) else intake.saga_id
+        return _Parsed(message, message_id_of(message), saga_id, intake, saga_type.name)
 
     async def _record(self, parsed: Sequence[_Parsed], tags: Sequence[str] = ()
                       ) -> tuple[list[int], list[store.OutboxRow]]:
@@ -246,7 +249,7 @@ class OrchestratorWorker:
             if isinstance(item.input, StepReply):
                 if item.saga_id is None or item.saga_id not in self.known:
                     return None
-            elif not isinstance(item.input, StartTransfer):
+            elif not isinstance(item.input, StartSaga):
                 return None
             if item.saga_id is not None and item.saga_id in self.known:
                 states[item.saga_id] = self.known[item.saga_id]
@@ -281,12 +284,15 @@ class OrchestratorWorker:
 
     def _decide(self, item: _Parsed, state: SagaState | None, now: datetime) -> Decision:
         value = item.input
-        if isinstance(value, StartTransfer):
-            return decide_start(self.definition, state, value, now)
-        if isinstance(value, RejectTransfer):
+        if isinstance(value, StartSaga):
+            # New sagas start on the type's current version; a duplicate or a conflict is
+            # told from the saga's state, whatever version it runs on.
+            return decide_start(self.sagas[value.saga_type].current, state, value, now)
+        if isinstance(value, RejectSaga):
             return decide_reject(state, value)
         if isinstance(value, StepReply):
-            return decide_reply(self.definition, state, value, now)
+            definition = None if state is None else self.sagas.definition_of(state)
+            return decide_reply(definition, state, value, now)
         return Decision(Verdict.REJECTED, rejection=(value.code, value.reason))
 
     def _apply(self, item: _Parsed, state: SagaState | None, decision: Decision, now: datetime,
@@ -298,8 +304,11 @@ class OrchestratorWorker:
         if state is not None and decision.events:
             states[state.saga_id] = state
             writes.touched[state.saga_id] = state
-        writes.outbox += [command_row(self.settings, self.definition, command)
-                          for command in decision.commands]
+        if decision.commands:
+            assert state is not None  # a command is only ever sent for a saga
+            definition = self.sagas.definition_of(state)
+            writes.outbox += [command_row(self.settings, definition, command)
+                              for command in decision.commands]
         rejection = decision.rejection
         if decision.saga_failed and state is not None:
             code = (RejectionCode.COMPENSATION_FAILED if state.direction is Direction.COMPENSATE
@@ -317,17 +326,15 @@ class OrchestratorWorker:
                      rejection: tuple[RejectionCode, str], now: datetime,
                      writes: _BatchWrites) -> None:
         code, reason = rejection
-        transfer_id = None
-        if isinstance(item.input, StartTransfer):
-            transfer_id = item.input.request.transfer_id
-        elif isinstance(item.input, RejectTransfer):
-            transfer_id = item.input.transfer_id
+        saga_type, business_key = item.saga_type, None
+        if isinstance(item.input, StartSaga | RejectSaga):
+            business_key = item.input.business_key
         elif state is not None:
-            transfer_id = state.transfer_id
+            saga_type, business_key = state.saga_type, state.business_key
         stage = "reply" if item.message.topic == self.replies_topic else "intake"
         letter = dead_letter_for(item.message, code, reason, f"{stage}.{code.value}", now,
-                                 saga_id=item.saga_id, transfer_id=transfer_id,
-                                 message_id=item.message_id)
+                                 saga_id=item.saga_id, saga_type=saga_type,
+                                 business_key=business_key, message_id=item.message_id)
         record = dead_letter_record(self.settings, item.message, letter)
         writes.dead_letters.append(store.DeadLetterRow(
             dead_letter_id=letter.dead_letter_id, stage=stage, reason_code=code.value,
@@ -335,7 +342,7 @@ class OrchestratorWorker:
             original_partition=item.message.partition, original_offset=item.message.offset,
             original_key=letter.original_key, payload=item.message.value,
             headers=encode_headers(item.message.headers), failed_at=now,
-            saga_id=item.saga_id, transfer_id=transfer_id,
+            saga_id=item.saga_id, saga_type=saga_type, business_key=business_key,
         ))
         writes.outbox.append(store.OutboxRow(record.topic, record.key, record.value,
                                              encode_headers(record.headers), item.saga_id))

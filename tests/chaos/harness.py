@@ -294,9 +294,9 @@ class World:
     async def statuses(self, ids: list[str]) -> dict[str, str]:
         async with self.engine.connect() as conn:
             rows = await conn.execute(text(
-                "SELECT transfer_id::text AS transfer_id, status FROM sagas"
-                " WHERE transfer_id = ANY(CAST(:ids AS uuid[]))"), {"ids": ids})
-            return {row.transfer_id: row.status for row in rows}
+                "SELECT business_key, status FROM sagas"
+                " WHERE saga_type = 'transfer' AND business_key = ANY(:ids)"), {"ids": ids})
+            return {row.business_key: row.status for row in rows}
 
     async def wait_accepted(self, ids: list[str], timeout_s: float) -> None:
         """Until every transfer has a saga (the orchestrator took the request)."""
@@ -337,9 +337,9 @@ class World:
     async def last_to_end(self, ids: list[str]) -> str:
         async with self.engine.connect() as conn:
             last = (await conn.execute(text(
-                "SELECT s.transfer_id::text FROM sagas s JOIN saga_events e"
+                "SELECT s.business_key FROM sagas s JOIN saga_events e"
                 " ON e.saga_id = s.saga_id AND e.seq = s.version"
-                " WHERE s.transfer_id = ANY(CAST(:ids AS uuid[]))"
+                " WHERE s.saga_type = 'transfer' AND s.business_key = ANY(:ids)"
                 " ORDER BY e.recorded_at DESC LIMIT 1"), {"ids": ids})).scalar_one()
         return (f"{self.name}: the saga that ended last:\n"
                 + render_timeline(await timeline(self.engine, last)))

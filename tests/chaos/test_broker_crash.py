@@ -151,7 +151,7 @@ async def test_a_broker_crash_under_steady_traffic_loses_nothing_acknowledged_af
     await world.verdict("broker crash under traffic", kept, back_at, BOUND_S, expected,
                         details=details)
     # Every request acknowledged after the restart has exactly one saga (the verdict found one
-    # for each; transfer_id is unique in `sagas`).
+    # for each; (saga_type, business_key) is unique in `sagas`).
     after = [p.transfer_id for p in plans if publisher.acked_at[p.transfer_id] >= back_at]
     with_saga = await world.statuses(after)
     assert all(t in with_saga for t in after)

@@ -157,10 +157,12 @@ class Harness:
         return raw
 
     async def saga(self, transfer_id: str) -> Any:
+        """The transfer's saga: of type "transfer", with the transfer id as its business key."""
         async with self.engine.connect() as conn:
             return (await conn.execute(text(
-                "SELECT saga_id, status, version, state FROM sagas WHERE transfer_id = :t"),
-                {"t": uuid.UUID(transfer_id)})).one_or_none()
+                "SELECT saga_id, status, version, definition_version, state FROM sagas"
+                " WHERE saga_type = 'transfer' AND business_key = :t"),
+                {"t": str(uuid.UUID(transfer_id))})).one_or_none()
 
     async def wait_terminal(self, transfer_id: str, timeout_s: float = 30) -> Any:
         deadline = time.monotonic() + timeout_s

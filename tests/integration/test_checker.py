@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import text
 
 from orchestrator.consuming.handling import REDRIVE_HEADER, message_id_of
-from orchestrator.core.saga import StartTransfer, decide_start, evolve, request_hash
+from orchestrator.core.saga import decide_start, evolve
 from orchestrator.kafka.consumer import Consumed, encode_headers, ensure_topics
 from orchestrator.ops.checker import check
 from orchestrator.postgres import store
@@ -27,7 +27,7 @@ from orchestrator.workers.runner import run_worker
 from orchestrator.workers.saga_worker import CONSUMER
 from schemas import TOPIC_TRANSFER_COMMANDS, TransferRequested
 from steps import APPLICATION
-from steps.saga import TRANSFER
+from steps.saga import TRANSFER, TRANSFER_TYPE
 from tests.integration.conftest import Harness, Isolated
 from tests.integration.test_cli import saga_cli
 
@@ -50,7 +50,7 @@ async def consume_start(isolated: Isolated, offset: int) -> tuple[Consumed, uuid
                                 destination_account="b", amount="1.00", currency="EUR",
                                 requested_by="it")
     message = record(request.model_dump_json().encode(), offset)
-    decision = decide_start(TRANSFER, None, StartTransfer(request, request_hash(request)), now)
+    decision = decide_start(TRANSFER, None, TRANSFER_TYPE.start(request), now)
     state = None
     events = []
     for event in decision.events:
@@ -75,7 +75,7 @@ async def consume_refused(isolated: Isolated, message: Consumed, dead_letter: bo
         reason="not JSON", error_class="intake.SCHEMA_VIOLATION", original_topic=COMMANDS,
         original_partition=0, original_offset=message.offset, original_key=None,
         payload=message.value, headers=encode_headers(message.headers), failed_at=now,
-        saga_id=None, transfer_id=None)] if dead_letter else []
+        saga_id=None, saga_type="transfer")] if dead_letter else []
     async with isolated.engine.begin() as conn:
         await store.write_batch(conn, CONSUMER, [inbox], [], [], [], letters, now)
 
@@ -168,16 +168,17 @@ async def test_against_topic_reports_requests_nobody_read_until_the_orchestrator
     # Fresh records are not judged within the grace: the orchestrator may just be behind.
     code, report = await check_against_topic(settings)
     assert code == 0, report
-    assert (report["topic"]["records"], report["topic"]["too_recent"],
-            report["topic"]["missing"]) == (5, 5, 0)
+    [topic] = report["topics"]  # the one saga type's start topic
+    assert (topic["records"], topic["too_recent"], topic["missing"]) == (5, 5, 0)
 
     code, report = await check_against_topic(settings, "--grace", "0")
     assert code == 1
-    topic = report["topic"]
-    assert topic["topic"] == settings.topic(TOPIC_TRANSFER_COMMANDS)
+    [topic] = report["topics"]
+    assert (topic["topic"], topic["saga_type"]) == (
+        settings.topic(TOPIC_TRANSFER_COMMANDS), "transfer")
     assert (topic["records"], topic["missing"], topic["too_recent"]) == (5, 5, 0)
     sample = topic["missing_sample"]
-    assert sorted(m["transfer_id"] or "" for m in sample) == sorted(
+    assert sorted(m["business_key"] or "" for m in sample) == sorted(
         ["", *(r["transfer_id"] for r in requests), requests[0]["transfer_id"]])
     assert len({(m["partition"], m["offset"]) for m in sample}) == 5
     assert not any(m["consumed"] for m in sample)
@@ -217,6 +218,7 @@ async def test_against_topic_reports_requests_nobody_read_until_the_orchestrator
 
     code, report = await check_against_topic(settings, "--grace", "0")
     assert code == 0, report
-    assert (report["topic"]["records"], report["topic"]["missing"]) == (5, 0)
-    assert report["topic"]["missing_sample"] == []
+    [topic] = report["topics"]
+    assert (topic["records"], topic["missing"]) == (5, 0)
+    assert topic["missing_sample"] == []
     assert report["counts"]["requests_consumed"] == 4  # the exact re-send is one message

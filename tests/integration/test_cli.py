@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from orchestrator.core.saga import StartTransfer, decide_start, evolve, request_hash
+from orchestrator.core.saga import decide_start, evolve
 from orchestrator.postgres import store
 from schemas import TransferRequested
-from steps.saga import TRANSFER
+from steps.saga import TRANSFER, TRANSFER_TYPE
 from tests.integration.conftest import Harness, Isolated
 
 pytestmark = pytest.mark.integration
@@ -54,20 +54,21 @@ async def completed(harness: Harness) -> Any:
     return saga, request["transfer_id"]
 
 
-async def test_timeline_by_transfer_id_as_json(harness: Harness, completed: Any) -> None:
+async def test_timeline_by_business_key_as_json(harness: Harness, completed: Any) -> None:
     saga, transfer_id = completed
 
     data = _ok(await saga_cli(harness, "timeline", transfer_id, "--json"))
 
-    assert (data["saga_id"], data["transfer_id"]) == (str(saga.saga_id), transfer_id)
-    assert (data["status"], data["saga_type"], data["version"]) == (
-        "COMPLETED", "transfer", saga.version)
+    assert (data["saga_id"], data["business_key"]) == (str(saga.saga_id), transfer_id)
+    assert (data["status"], data["saga_type"], data["definition_version"], data["version"]) == (
+        "COMPLETED", "transfer", 1, saga.version)
     assert data["runs"] == []  # waits on nothing any more
     events = data["events"]
     assert [e["seq"] for e in events] == list(range(1, saga.version + 1))
     assert [e["type"] for e in events] == [e.type for e in await harness.events(saga.saga_id)]
     assert events[0]["type"] == "SagaStarted" and events[-1]["type"] == "SagaCompleted"
-    assert "12.34 EUR" in events[0]["detail"]
+    # the transfer type describes its start message itself
+    assert events[0]["detail"].startswith("definition v1: 12.34 EUR ")
     started = [e for e in events if e["type"] == "StepStarted"]
     assert [e["step"] for e in started] == ["screen", "reserve", "credit", "settle", "notify"]
     assert all(e["attempt"] == 1 for e in started)
@@ -89,7 +90,7 @@ async def test_timeline_by_saga_id_as_text(harness: Harness, completed: Any) -> 
 
     assert result.returncode == 0, result.stderr
     first, *rest = result.stdout.splitlines()
-    assert first == f"saga {saga.saga_id}  transfer {transfer_id}  COMPLETED"
+    assert first == f"saga {saga.saga_id}  transfer {transfer_id}  COMPLETED  definition v1"
     assert "SagaCompleted" in result.stdout
     assert sum("StepStarted" in line for line in rest) == 5
 
@@ -115,8 +116,9 @@ async def test_list_completed_contains_the_saga(harness: Harness, completed: Any
 
     assert {r["status"] for r in rows} == {"COMPLETED"}
     [row] = [r for r in rows if r["saga_id"] == str(saga.saga_id)]
-    assert (row["transfer_id"], row["amount"], row["currency"], row["version"]) == (
-        transfer_id, "12.34", "EUR", saga.version)
+    assert (row["saga_type"], row["business_key"], row["definition_version"],
+            row["version"]) == ("transfer", transfer_id, 1, saga.version)
+    assert (row["input"]["amount"], row["input"]["currency"]) == ("12.34", "EUR")
     assert [r["updated_at"] for r in rows] == sorted((r["updated_at"] for r in rows),
                                                      reverse=True)
 
@@ -125,6 +127,35 @@ async def test_list_respects_its_limit(harness: Harness, completed: Any) -> None
     rows = _ok(await saga_cli(harness, "list", "--json", "--limit", "1"))
 
     assert len(rows) == 1
+
+
+async def test_list_filters_by_type_business_key_and_definition_version(
+        harness: Harness, completed: Any) -> None:
+    saga, transfer_id = completed
+
+    [row] = _ok(await saga_cli(harness, "list", "--json", "--type", "transfer", "--key",
+                               transfer_id, "--definition-version", "1"))
+    assert row["saga_id"] == str(saga.saga_id)
+    assert _ok(await saga_cli(harness, "list", "--json", "--type", "payout", "--key",
+                              transfer_id)) == []
+    assert _ok(await saga_cli(harness, "list", "--json", "--key", transfer_id,
+                              "--definition-version", "2")) == []
+    as_text = await saga_cli(harness, "list", "--key", transfer_id)
+    assert as_text.returncode == 0, as_text.stderr
+    header, line = as_text.stdout.splitlines()
+    assert header.split()[:4] == ["saga", "id", "type", "business"]
+    assert line.split()[:5] == [str(saga.saga_id), "transfer", transfer_id, "v1", "COMPLETED"]
+
+
+async def test_timeline_takes_the_type_of_a_business_key(harness: Harness,
+                                                         completed: Any) -> None:
+    saga, transfer_id = completed
+
+    data = _ok(await saga_cli(harness, "timeline", transfer_id, "--type", "transfer",
+                              "--json"))
+    assert data["saga_id"] == str(saga.saga_id)
+    other = await saga_cli(harness, "timeline", transfer_id, "--type", "payout")
+    assert other.returncode == 3 and "of type payout" in other.stderr
 
 
 async def test_check_passes_on_a_healthy_store(harness: Harness, completed: Any) -> None:
@@ -155,7 +186,7 @@ async def _start_saga_at(isolated: Isolated, at: datetime) -> uuid.UUID:
     request = TransferRequested(transfer_id=uuid.uuid4(), source_account="a",
                                 destination_account="b", amount="1.00", currency="EUR",
                                 requested_by="it")
-    decision = decide_start(TRANSFER, None, StartTransfer(request, request_hash(request)), at)
+    decision = decide_start(TRANSFER, None, TRANSFER_TYPE.start(request), at)
     state = None
     events = []
     for event in decision.events:

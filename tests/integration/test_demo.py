@@ -141,8 +141,8 @@ async def test_sagas_in_flight_counts_running_sagas_of_the_given_transfers(
     running = await _start_saga_at(isolated, datetime.now(UTC))
     other = await _start_saga_at(isolated, datetime.now(UTC))
     async with isolated.engine.connect() as conn:
-        transfers = {row.saga_id: str(row.transfer_id) for row in await conn.execute(text(
-            "SELECT saga_id, transfer_id FROM sagas"))}
+        transfers = {row.saga_id: row.business_key for row in await conn.execute(text(
+            "SELECT saga_id, business_key FROM sagas WHERE saga_type = 'transfer'"))}
     unknown = str(uuid.uuid4())
 
     assert await sagas_in_flight(isolated.engine, [transfers[running], unknown]) == 1

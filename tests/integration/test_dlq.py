@@ -99,7 +99,7 @@ class Letter:
     headers: tuple[tuple[str, bytes], ...] = ()
     failed_at: datetime | None = None
     redriven_at: datetime | None = None
-    transfer_id: uuid.UUID | None = None
+    business_key: str | None = None
     dead_letter_id: uuid.UUID | None = None
 
 
@@ -110,15 +110,17 @@ async def insert_letter(engine: AsyncEngine, letter: Letter) -> uuid.UUID:
         await conn.execute(text(
             "INSERT INTO dead_letters (dead_letter_id, stage, reason_code, reason, error_class,"
             " original_topic, original_partition, original_offset, original_key, payload,"
-            " headers, first_failed_at, last_failed_at, transfer_id, redriven_at) VALUES (:id,"
-            " :stage, :code, :reason, :error_class, :topic, 0, :offset, :key, :payload,"
-            " CAST(:headers AS jsonb), :at, :at, :transfer_id, :redriven_at)"),
+            " headers, first_failed_at, last_failed_at, saga_type, business_key, redriven_at)"
+            " VALUES (:id, :stage, :code, :reason, :error_class, :topic, 0, :offset, :key,"
+            " :payload, CAST(:headers AS jsonb), :at, :at, :saga_type, :business_key,"
+            " :redriven_at)"),
             {"id": dead_letter_id, "stage": letter.stage, "code": letter.reason_code,
              "reason": f"test: {letter.reason_code.lower()}",
              "error_class": f"{letter.stage}.{letter.reason_code}", "topic": letter.topic,
              "offset": 10**9 + uuid.uuid4().int % 10**6, "key": letter.key,
              "payload": letter.payload, "headers": json.dumps(encode_headers(letter.headers)),
-             "at": at, "transfer_id": letter.transfer_id, "redriven_at": letter.redriven_at})
+             "at": at, "saga_type": "transfer" if letter.business_key else None,
+             "business_key": letter.business_key, "redriven_at": letter.redriven_at})
     return dead_letter_id
 
 
@@ -149,6 +151,8 @@ async def test_a_bad_request_is_listed_shown_and_redriven_once(
     assert (item["stage"], item["original_topic"], item["original_partition"],
             item["original_offset"], item["attempts"], item["redriven_at"]) == (
         "intake", topic, row.original_partition, row.original_offset, 1, None)
+    # malformed: no business key to name, but the saga type of the topic it arrived on
+    assert (item["saga_type"], item["business_key"]) == ("transfer", None)
 
     # show, by the short id the table prints: everything, payload and headers readable.
     shown = _json_ok(await saga_cli(harness, "dlq", "show", str(dead_letter_id)[:8], "--json"))
@@ -252,7 +256,7 @@ async def test_a_valid_transfer_redriven_twice_at_once_applies_exactly_once(
     # of a copy that an earlier redrive had republished.
     dead_letter_id = await insert_letter(harness.engine, Letter(
         payload=payload, topic=topic, key=request["transfer_id"],
-        transfer_id=uuid.UUID(request["transfer_id"]),
+        business_key=request["transfer_id"],
         headers=(("traceparent", b"00-valid-01"), ("dlq-reason-code", b"PROCESSING_FAILED"),
                  (REDRIVE_HEADER, str(uuid.uuid4()).encode()))))
 
@@ -271,8 +275,9 @@ async def test_a_valid_transfer_redriven_twice_at_once_applies_exactly_once(
 
     assert saga.status == "COMPLETED"
     async with harness.engine.connect() as conn:
-        sagas = (await conn.execute(text("SELECT count(*) FROM sagas WHERE transfer_id = :t"),
-                                    {"t": uuid.UUID(request["transfer_id"])})).scalar_one()
+        sagas = (await conn.execute(text(
+            "SELECT count(*) FROM sagas WHERE saga_type = 'transfer' AND business_key = :t"),
+            {"t": request["transfer_id"]})).scalar_one()
     assert sagas == 1
     events = await harness.events(saga.saga_id)
     assert [e.seq for e in events] == list(range(1, saga.version + 1))
@@ -412,7 +417,8 @@ async def test_list_is_newest_first_filtered_and_limited(isolated: Isolated) -> 
     assert table.returncode == 0, table.stderr
     header, *lines = table.stdout.splitlines()
     assert header.split() == ["id", "last", "failed", "(UTC)", "stage", "reason", "att",
-                              "original", "record", "transfer", "id", "redriven", "(UTC)"]
+                              "original", "record", "saga", "type", "business", "key",
+                              "redriven", "(UTC)"]
     assert [line[:8] for line in lines] == [str(i)[:8] for i in (redriven, middle, oldest)]
     assert "MALFORMED_JSON" in lines[1] and "transfers.commands.v1[0]@" in lines[1]
     assert lines[0].endswith(now.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"))

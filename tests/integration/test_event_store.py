@@ -43,8 +43,8 @@ async def test_projection_rebuilt_from_events_equals_the_live_one(harness: Harne
         harness.publish(request)
     for request in requests:
         await harness.wait_terminal(request["transfer_id"])
-    columns = ("saga_id, transfer_id, saga_type, status, current_step, direction, attempt,"
-               " version, deadline_at, requested_at, state")
+    columns = ("saga_id, saga_type, business_key, definition_version, status, current_step,"
+               " direction, attempt, version, deadline_at, requested_at, state")
 
     async with harness.engine.connect() as conn:
         # Hold off the workers' writes so both reads see the same history.

@@ -40,7 +40,7 @@ from orchestrator.core.saga import (
     SagaStatus,
     command_id_for,
     fold,
-    saga_id_for_transfer,
+    saga_id_for,
 )
 from orchestrator.dev.processes import WorkerProcesses
 from orchestrator.errors import ConcurrencyConflict
@@ -212,7 +212,7 @@ class Rig:
         """Start `count` sagas in one batch (so their deadlines are equal)."""
         transfer_ids = [uuid.uuid4() for _ in range(count)]
         await self.orchestrator.handle_batch([self.intake(t) for t in transfer_ids])
-        return [saga_id_for_transfer(t) for t in transfer_ids]
+        return [saga_id_for("transfer", str(t)) for t in transfer_ids]
 
     async def saga(self, saga_id: uuid.UUID) -> tuple[SagaState, Any]:
         async with self.engine.connect() as conn:
@@ -527,12 +527,12 @@ async def test_a_reserve_that_never_answers_is_released_and_a_release_that_never
 
     async with rig.engine.connect() as conn:
         letters = (await conn.execute(text(
-            "SELECT stage, reason_code, original_topic, transfer_id, payload FROM dead_letters"
-            " WHERE saga_id = :s"), {"s": saga_id})).all()
+            "SELECT stage, reason_code, original_topic, saga_type, business_key, payload"
+            " FROM dead_letters WHERE saga_id = :s"), {"s": saga_id})).all()
     assert len(letters) == 1
     letter = letters[0]
-    assert (letter.stage, letter.reason_code, letter.transfer_id) == (
-        "recovery", "STEP_TIMED_OUT", state.transfer_id)
+    assert (letter.stage, letter.reason_code, letter.saga_type, letter.business_key) == (
+        "recovery", "STEP_TIMED_OUT", "transfer", state.business_key)
     assert SagaState.from_json(json.loads(bytes(letter.payload))) == state
 
     [record] = await rig.on_topic(rig.settings.topic(TOPIC_DEAD_LETTERS), saga_id, 1)

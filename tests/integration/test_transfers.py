@@ -156,7 +156,7 @@ async def test_conflicting_duplicate_is_refused_and_original_untouched(
     letter = await harness.wait_dead_letter(conflicting)
 
     assert letter.reason_code == "CONFLICTING_DUPLICATE"
-    assert str(letter.transfer_id) == request["transfer_id"]
+    assert (letter.saga_type, letter.business_key) == ("transfer", request["transfer_id"])
     after = await harness.saga(request["transfer_id"])
     assert (after.status, after.version, after.state) == (
         original.status, original.version, original.state)

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from uuid import UUID, uuid4
+from uuid import UUID, uuid4, uuid5
 
 import pytest
 from hypothesis import event, given, settings
@@ -25,10 +25,10 @@ from hypothesis import strategies as st
 from orchestrator.core.definition import SagaDefinition, Step
 from orchestrator.core.saga import (
     Decision,
-    RejectTransfer,
+    RejectSaga,
     SagaState,
     SagaStatus,
-    StartTransfer,
+    StartSaga,
     Verdict,
     command_id_for,
     decide_due,
@@ -40,7 +40,7 @@ from orchestrator.core.saga import (
     outstanding_command,
     participant_of,
     request_hash,
-    saga_id_for_transfer,
+    saga_id_for,
 )
 from schemas import (
     SAGA_EVENT_ADAPTER,
@@ -64,7 +64,7 @@ from schemas import (
     StepTimedOut,
     TransferRequested,
 )
-from steps.saga import SAGAS
+from steps.saga import SAGAS, TRANSFER_TYPE
 from steps.saga import TRANSFER as TRANSFER_IN_USE
 
 # The transfer saga's steps, in order, without its parallel group.
@@ -91,8 +91,16 @@ def a_request(**changes: object) -> TransferRequested:
     return TransferRequested.model_validate(fields)
 
 
-def start_of(request: TransferRequested) -> StartTransfer:
-    return StartTransfer(request, request_hash(request), NOW)
+def start_of(request: TransferRequested) -> StartSaga:
+    return TRANSFER_TYPE.start(request, NOW)
+
+
+def reject_of(transfer_id: UUID, code: RejectionCode, reason: str) -> RejectSaga:
+    return TRANSFER_TYPE.reject(str(transfer_id), code, reason)
+
+
+def saga_id_for_transfer(transfer_id: UUID) -> UUID:
+    return saga_id_for("transfer", str(transfer_id))
 
 
 def state_of(events: Sequence[SagaEvent]) -> SagaState:
@@ -260,8 +268,9 @@ def test_start_records_the_request_and_screens_first() -> None:
     assert decision == Decision(
         Verdict.STARTED,
         events=(
-            SagaStarted(saga_type="transfer", transfer_id=request.transfer_id, input=payload,
-                        request_hash=message.request_hash, requested_at=NOW),
+            SagaStarted(saga_type="transfer", business_key=str(request.transfer_id),
+                        definition_version=1, input=payload,
+                        request_hash=request_hash(request), requested_at=NOW),
             started,
         ),
         commands=(command,),
@@ -586,7 +595,7 @@ def test_the_recovery_worker_leaves_a_finished_saga_alone() -> None:
     compensated.receive(refused(compensated.state, "INSUFFICIENT_FUNDS"))
     failed = at("notify")
     failed.time_out_until_given_up()
-    rejected = decide_reject(None, RejectTransfer(uuid4(), RejectionCode.SAME_ACCOUNT, "a->a"))
+    rejected = decide_reject(None, reject_of(uuid4(), RejectionCode.SAME_ACCOUNT, "a->a"))
     a_year_later = NOW + timedelta(days=365)
 
     for state in (completed.state, compensated.state, failed.state, state_of(rejected.events)):
@@ -944,13 +953,14 @@ def test_the_same_transfer_id_with_another_payload_is_a_conflict() -> None:
 
 def test_reject_on_a_fresh_id_records_a_rejected_saga() -> None:
     transfer_id = uuid4()
-    message = RejectTransfer(transfer_id, RejectionCode.UNKNOWN_CURRENCY, "XYZ is no currency")
+    message = reject_of(transfer_id, RejectionCode.UNKNOWN_CURRENCY, "XYZ is no currency")
 
     decision = decide_reject(None, message)
 
     assert decision == Decision(
         Verdict.REJECTED,
-        events=(SagaRejected(transfer_id=transfer_id, reason_code=RejectionCode.UNKNOWN_CURRENCY,
+        events=(SagaRejected(saga_type="transfer", business_key=str(transfer_id),
+                             reason_code=RejectionCode.UNKNOWN_CURRENCY,
                              reason="XYZ is no currency"),),
         rejection=(RejectionCode.UNKNOWN_CURRENCY, "XYZ is no currency"),
     )
@@ -964,7 +974,7 @@ def test_reject_on_an_existing_saga_records_nothing() -> None:
     request = a_request()
     saga = Saga()
     saga.start(request)
-    message = RejectTransfer(request.transfer_id, RejectionCode.SCHEMA_VIOLATION, "bad")
+    message = reject_of(request.transfer_id, RejectionCode.SCHEMA_VIOLATION, "bad")
 
     decision = decide_reject(saga.state, message)
 
@@ -975,7 +985,7 @@ def test_reject_on_an_existing_saga_records_nothing() -> None:
 def test_a_rejected_transfer_id_cannot_be_reused() -> None:
     request = a_request()
     rejected = decide_reject(
-        None, RejectTransfer(request.transfer_id, RejectionCode.INVALID_AMOUNT, "0.001"))
+        None, reject_of(request.transfer_id, RejectionCode.INVALID_AMOUNT, "0.001"))
 
     decision = decide_start(TRANSFER, state_of(rejected.events), start_of(request), NOW)
 
@@ -999,11 +1009,24 @@ def test_deciding_twice_on_the_same_input_gives_the_same_decision() -> None:
     assert first.commands and first.commands[0].command_id == second.commands[0].command_id
 
 
-def test_the_saga_id_is_derived_from_the_transfer_id() -> None:
+def test_the_saga_id_is_derived_from_the_saga_type_and_business_key() -> None:
     transfer_id = uuid4()
     assert saga_id_for_transfer(transfer_id) == saga_id_for_transfer(transfer_id)
     assert saga_id_for_transfer(transfer_id) != saga_id_for_transfer(uuid4())
     assert saga_id_for_transfer(transfer_id) != transfer_id
+    # the same key in another saga type is another saga
+    assert saga_id_for("payout", str(transfer_id)) != saga_id_for_transfer(transfer_id)
+
+
+def test_a_transfer_saga_keeps_the_id_it_had_before_saga_types_were_generic() -> None:
+    """Sagas started before were named uuid5(namespace, "transfer:<transfer id>"): a
+    redelivered old request must still find its saga."""
+    namespace = UUID("6f1c3a52-8d0e-4f7b-9a51-2c0d9e7b4a10")
+    request = a_request()
+    old_id = uuid5(namespace, f"transfer:{request.transfer_id}")
+    assert saga_id_for_transfer(request.transfer_id) == old_id
+    assert start_of(request).saga_id == old_id
+    assert state_of(decide_start(TRANSFER, None, start_of(request), NOW).events).saga_id == old_id
 
 
 def _assert_json_round_trip(state: SagaState) -> None:
@@ -1021,7 +1044,7 @@ def test_state_json_round_trip_at_every_point_of_a_saga() -> None:
     assert saga.state.resends == 1
     while not saga.state.terminal:
         saga.receive(ok(saga.state))
-    rejected = decide_reject(None, RejectTransfer(uuid4(), RejectionCode.SAME_ACCOUNT, "a->a"))
+    rejected = decide_reject(None, reject_of(uuid4(), RejectionCode.SAME_ACCOUNT, "a->a"))
 
     histories = [saga.events[:n] for n in range(1, len(saga.events) + 1)]
     histories.append(list(rejected.events))
@@ -1044,8 +1067,11 @@ def test_a_history_cannot_begin_with_a_step_event() -> None:
         fold([SagaCompleted()])
 
 
-def test_the_transfer_saga_is_registered_by_name() -> None:
-    assert SAGAS == {"transfer": TRANSFER_IN_USE}
+def test_the_transfer_saga_type_is_registered() -> None:
+    assert SAGAS == (TRANSFER_TYPE,)
+    assert (TRANSFER_TYPE.name, TRANSFER_TYPE.current, TRANSFER_TYPE.versions) == (
+        "transfer", TRANSFER_IN_USE, (1,))
+    assert TRANSFER_TYPE.start_topic == "transfers.commands.v1"
     assert TRANSFER.stages == tuple((step,) for step in TRANSFER_IN_USE.all_steps)
 
 

@@ -285,7 +285,7 @@ def account(account_id: str = "alice", *, balance: str = "100.00", held: str = "
 
 def _actions_used() -> set[Action]:
     used = set()
-    for definition in SAGAS.values():
+    for definition in (d for saga_type in SAGAS for d in saga_type.definitions):
         for step in definition.all_steps:
             used.add(step.action)
             if step.compensation is not None:

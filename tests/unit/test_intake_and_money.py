@@ -1,4 +1,5 @@
-"""Intake classification of raw `transfers.commands.v1` records, and money on the wire."""
+"""Intake classification of raw `transfers.commands.v1` records (the transfer saga type's intake
+rules, applied by the generic intake), and money on the wire."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestrator.core.intake import Unparseable, classify
-from orchestrator.core.saga import RejectTransfer, StartTransfer
+from orchestrator.core.saga import RejectSaga, StartSaga
 from schemas import (
     CURRENCY_EXPONENTS,
     MoneyError,
@@ -23,6 +24,7 @@ from schemas import (
     parse_amount,
 )
 from schemas.money import MAX_AMOUNT, UnknownCurrency
+from steps.saga import TRANSFER_TYPE
 
 # Deterministic (a fixed seed per test) and without an example database: unit tests do no I/O.
 PROPERTY = settings(deadline=None, database=None, derandomize=True)
@@ -45,21 +47,28 @@ def a_request(**changes: Any) -> dict[str, Any]:
     return document
 
 
-def classify_document(document: object) -> StartTransfer | RejectTransfer | Unparseable:
-    return classify(json.dumps(document).encode(), TIMESTAMP_MS)
+def classify_value(value: bytes, timestamp_ms: int | None = TIMESTAMP_MS
+                   ) -> StartSaga | RejectSaga | Unparseable:
+    return classify(TRANSFER_TYPE, value, timestamp_ms)
 
 
-def rejected(document: dict[str, Any]) -> RejectTransfer:
-    """Expect: refused, attached to the document's transfer id."""
+def classify_document(document: object) -> StartSaga | RejectSaga | Unparseable:
+    return classify_value(json.dumps(document).encode())
+
+
+def rejected(document: dict[str, Any]) -> RejectSaga:
+    """Expect: refused, attached to the document's transfer id (the transfer's business key)."""
     result = classify_document(document)
-    assert isinstance(result, RejectTransfer), result
-    assert result.transfer_id == UUID(document["transfer_id"])
+    assert isinstance(result, RejectSaga), result
+    assert (result.saga_type, result.business_key) == (
+        "transfer", str(UUID(document["transfer_id"])))
     return result
 
 
-def started(document: dict[str, Any]) -> StartTransfer:
+def started(document: dict[str, Any]) -> StartSaga:
     result = classify_document(document)
-    assert isinstance(result, StartTransfer), result
+    assert isinstance(result, StartSaga), result
+    assert (result.saga_type, result.business_key) == ("transfer", document["transfer_id"])
     return result
 
 
@@ -68,7 +77,7 @@ def started(document: dict[str, Any]) -> StartTransfer:
 
 @pytest.mark.parametrize("value", [b"{not json", b"", b'{"transfer_id": ', b"\xff\xfe\x00"])
 def test_malformed_json_is_refused_without_a_transfer_id(value: bytes) -> None:
-    result = classify(value, TIMESTAMP_MS)
+    result = classify_value(value)
 
     assert isinstance(result, Unparseable)
     assert result.code is RejectionCode.MALFORMED_JSON
@@ -77,7 +86,7 @@ def test_malformed_json_is_refused_without_a_transfer_id(value: bytes) -> None:
 
 @pytest.mark.parametrize("value", [b"[1, 2]", b'"transfer"', b"null", b"42"])
 def test_json_that_is_not_an_object_is_a_schema_violation(value: bytes) -> None:
-    result = classify(value, TIMESTAMP_MS)
+    result = classify_value(value)
 
     assert isinstance(result, Unparseable)
     assert result.code is RejectionCode.SCHEMA_VIOLATION
@@ -191,7 +200,7 @@ def test_amount_spellings_outside_the_published_pattern_are_refused() -> None:
     spellings = ["1_000", "\u0661\u0660", "+10", " 10", "10 ", "1E+2", "10.", ".5"]
 
     accepted = [s for s in spellings
-                if isinstance(classify_document(a_request(amount=s)), StartTransfer)]
+                if isinstance(classify_document(a_request(amount=s)), StartSaga)]
 
     assert accepted == [], f"intake accepts amounts its published schema refuses: {accepted!r}"
 
@@ -211,9 +220,9 @@ def test_a_valid_request_starts_a_transfer() -> None:
 
 
 def test_without_a_kafka_timestamp_the_request_time_is_unknown() -> None:
-    result = classify(json.dumps(a_request()).encode(), None)
+    result = classify_value(json.dumps(a_request()).encode(), None)
 
-    assert isinstance(result, StartTransfer)
+    assert isinstance(result, StartSaga)
     assert result.requested_at is None
 
 
@@ -233,9 +242,9 @@ def test_the_request_hash_is_stable_and_follows_the_content() -> None:
 
 def test_the_timestamp_does_not_change_the_request_hash() -> None:
     value = json.dumps(a_request()).encode()
-    first, second = classify(value, TIMESTAMP_MS), classify(value, TIMESTAMP_MS + 60_000)
+    first, second = classify_value(value), classify_value(value, TIMESTAMP_MS + 60_000)
 
-    assert isinstance(first, StartTransfer) and isinstance(second, StartTransfer)
+    assert isinstance(first, StartSaga) and isinstance(second, StartSaga)
     assert first.request_hash == second.request_hash
 
 

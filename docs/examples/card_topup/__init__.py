@@ -10,8 +10,8 @@ onto their prepaid card. docs/writing-a-saga.md walks through it.
 It registers itself as `APPLICATION` (`SAGA_APPLICATION=card_topup:APPLICATION`, with
 `docs/examples` on the Python path). Its participants run today (`saga worker participant
 wallet`), and `tests/integration/test_example_participant.py` drives them on the real broker
-and PostgreSQL. The engine takes saga types with their own start topic and business key next;
-until then its orchestrator worker starts transfers only.
+and PostgreSQL, and `tests/integration/test_example_saga_end_to_end.py` runs whole top-ups:
+published to `cards.topups.v1`, run by the engine's own workers.
 """
 
 from __future__ import annotations
@@ -19,15 +19,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from card_topup.cards import CARDS
-from card_topup.saga import CARD_TOPUP
+from card_topup.saga import CARD_TOPUP, CARD_TOPUP_TYPE
 from card_topup.wallet import WALLET
 from orchestrator.application import Application
 
 APPLICATION = Application(
     name="card_topups",
-    sagas={CARD_TOPUP.name: CARD_TOPUP},
+    sagas=(CARD_TOPUP_TYPE,),
     participants={"wallet": lambda _settings: WALLET, "cards": lambda _settings: CARDS},
     migrations=(Path(__file__).parent / "migrations",),
 )
 
-__all__ = ["APPLICATION", "CARDS", "CARD_TOPUP", "WALLET"]
+__all__ = ["APPLICATION", "CARDS", "CARD_TOPUP", "CARD_TOPUP_TYPE", "WALLET"]

@@ -25,8 +25,8 @@ from pydantic_core import PydanticCustomError
 from schemas import MoneyError, StepCommand, format_amount, parse_amount
 
 # Persisted names: never rename. Upstream publishes requests to START_TOPIC, keyed by the
-# business key; the outcome of each top-up is to go to EVENTS_TOPIC. Both wait for the engine's
-# saga types with their own start topic (docs/writing-a-saga.md, the status note).
+# business key; the outcome of each top-up is to go to EVENTS_TOPIC (outcome events are not
+# published yet).
 START_TOPIC = "cards.topups.v1"
 EVENTS_TOPIC = "cards.topup-events.v1"
 
@@ -88,3 +88,13 @@ def business_key(request: CardTopUpRequested) -> str:
     """What identifies a top-up to the outside: the saga's id derives from it, and its outcome
     event is keyed by it."""
     return str(request.topup_id)
+
+
+def key_of_refused(document: object) -> str | None:
+    """The top-up id of a request refused at intake, if it names a usable one."""
+    if not isinstance(document, dict):
+        return None
+    try:
+        return str(UUID(str(document.get("topup_id"))))
+    except ValueError:
+        return None
