@@ -19,7 +19,7 @@ from schemas import Direction, Outcome, StepCommand
 from steps.ledger import LEDGER, AccountView, Entry, after, clearing_account, decide_entry
 from steps.notify import NOTIFY
 from steps.registry import Action, ledger, notify, risk
-from steps.saga import SAGAS, TRANSFER
+from steps.saga import DEFINITIONS, SAGAS, TRANSFER
 
 # Deterministic (a fixed seed per test) and without an example database: unit tests do no I/O.
 PROPERTY = settings(deadline=None, database=None, derandomize=True)
@@ -302,7 +302,7 @@ def test_every_action_has_a_handler() -> None:
     assert {a.participant for a in used} <= set(participants)
     for name, participant in participants.items():
         assert participant.name == name
-    for definition in SAGAS.values():
+    for definition in DEFINITIONS:
         for step in definition.all_steps:
             for action, direction in ((step.action, Direction.FORWARD),
                                       (step.compensation, Direction.COMPENSATE)):

@@ -46,7 +46,7 @@ def test_the_example_is_an_application_of_its_own() -> None:
     application = card_topup.APPLICATION
 
     assert isinstance(application, Application)
-    assert set(application.sagas) == {"card_topup"}
+    assert set(application.saga_types) == {"card_topup"}
     assert application.worker_kinds[-2:] == ("participant:wallet", "participant:cards")
     # Its own tables, by names that no other migration folder uses (migrate refuses twins).
     [folder] = application.migrations

@@ -24,7 +24,7 @@ from orchestrator.core.saga import (
     Decision,
     SagaState,
     SagaStatus,
-    StartTransfer,
+    StartSaga,
     StepRun,
     Verdict,
     command_id_for,
@@ -110,8 +110,9 @@ class Saga:
 
     def start(self) -> Decision:
         request = a_request()
-        decision = decide_start(self.definition, None,
-                                StartTransfer(request, request_hash(request), NOW), self.now)
+        start = StartSaga(self.definition.name, str(request.transfer_id), request,
+                          request_hash(request), NOW)
+        decision = decide_start(self.definition, None, start, self.now)
         self._record(decision)
         return decision
 

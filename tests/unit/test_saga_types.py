@@ -52,7 +52,9 @@ NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 NAMESPACE = UUID("6f1c3a52-8d0e-4f7b-9a51-2c0d9e7b4a10")
 
 # Version 2 of the transfer: screening moved upstream, so it starts at `reserve`.
-TRANSFER_V2 = SagaDefinition(name="transfer", version=2, steps=TRANSFER.steps[1:])
+# Version 2 drops the screening: the hold alone, then the rest as in version 1.
+TRANSFER_V2 = SagaDefinition(name="transfer", version=2,
+                             steps=(TRANSFER.step("reserve"), *TRANSFER.steps[1:]))
 TRANSFER_V1_V2 = SagaType(
     name="transfer", definitions=(TRANSFER, TRANSFER_V2), start_model=TransferRequested,
     start_topic="transfers.commands.v1", business_key=lambda r: str(r.transfer_id),

@@ -25,7 +25,7 @@ from orchestrator.core.definition import SagaDefinition
 from orchestrator.core.saga import (
     Decision,
     SagaState,
-    StartTransfer,
+    StartSaga,
     decide_due,
     decide_reply,
     decide_start,
@@ -85,8 +85,8 @@ def record() -> list[dict[str, Any]]:
             transfer_id=UUID(int=n + 1), source_account="alice", destination_account="bob",
             amount="25.10", currency="EUR", reference=f"golden {n}", requested_by="test")
         now = NOW
-        decision = decide_start(definition, None, StartTransfer(request, request_hash(request),
-                                                                NOW), now)
+        decision = decide_start(definition, None, StartSaga(
+            "transfer", str(request.transfer_id), request, request_hash(request), NOW), now)
         state: SagaState | None = None
         for event in decision.events:
             state = evolve(state, event)
