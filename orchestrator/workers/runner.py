@@ -32,12 +32,19 @@ from orchestrator.settings import Settings, worker_name
 from orchestrator.workers.recovery import RecoveryWorker
 from orchestrator.workers.relay import OutboxRelay
 from orchestrator.workers.saga_worker import OrchestratorWorker
+from schemas import step_topic
 
 log = logging.getLogger(__name__)
 
 def _require_addresses(settings: Settings) -> None:
     if not settings.database_url or not settings.kafka_bootstrap:
         raise ConfigurationError("SAGA_DATABASE_URL and SAGA_KAFKA_BOOTSTRAP must both be set")
+
+
+def application_topics(application: Application) -> list[str]:
+    """The topics an application's saga types and participants need (before the prefix)."""
+    return sorted({*(saga_type.start_topic for saga_type in application.sagas),
+                   *(step_topic(name) for name in application.participants)})
 
 
 async def prepare(settings: Settings, application: Application) -> AsyncEngine:
@@ -47,9 +54,9 @@ async def prepare(settings: Settings, application: Application) -> AsyncEngine:
                            settings.db_idle_in_transaction_timeout_s)
     await migrate(engine, application.migrations)
     await asyncio.to_thread(ensure_topics, settings)
-    # Every saga type's start topic (the engine's own list knows the transfer's only).
-    await asyncio.to_thread(ensure_named_topics, settings,
-                            [saga_type.start_topic for saga_type in application.sagas])
+    # Every saga type's start topic and every participant's command topic: the application's
+    # (the engine's own list knows the transfer's only).
+    await asyncio.to_thread(ensure_named_topics, settings, application_topics(application))
     return engine
 
 

@@ -5,8 +5,8 @@ The application gets a database of its own (the engine's migrations and its own,
 transfer's) and a topic prefix of its own. The test plays the orchestrator's part from the
 outside: it publishes step commands to the participants' topics with a plain Kafka client,
 reads the replies and the dead-letter topic, and checks the tables with its own SQL. The saga
-run end to end (a start message in, the saga completed or compensated) waits for the engine's
-saga types with their own start topic.
+run end to end (a start message in, the saga completed or compensated) is
+`test_example_saga_end_to_end.py`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from typing import Any
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -182,14 +181,6 @@ async def topups(stack_settings: Settings, engine: AsyncEngine) -> AsyncIterator
         hide_password=False)
     settings = stack_settings.model_copy(update={"database_url": url,
                                                  "topic_prefix": f"topup-{run_id}."})
-    # The engine creates the topics of the participants it knows; this application's are
-    # created by whoever deploys it, as here.
-    assert settings.kafka_bootstrap
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
-    for future in admin.create_topics(
-            [NewTopic(settings.topic(step_topic(name)), settings.topic_partitions, 1)
-             for name in card_topup.APPLICATION.participants]).values():
-        future.result(30)
     stop = asyncio.Event()
     tasks = [asyncio.create_task(run_worker(
         kind, settings.model_copy(update={"worker_name": f"topup-{kind}"}), stop,
