@@ -34,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from orchestrator.cli import build_parser, cmd_check
 from orchestrator.consuming import message_id_of
-from orchestrator.core.saga import StartTransfer, decide_start, evolve, request_hash
+from orchestrator.core.saga import decide_start, evolve
 from orchestrator.kafka.consumer import Consumed, ensure_topics
 from orchestrator.ops.checker import check
 from orchestrator.ops.dlq import redrive
@@ -45,6 +45,7 @@ from orchestrator.workers.runner import run_worker, workers_ready
 from orchestrator.workers.saga_worker import CONSUMER
 from schemas import TOPIC_TRANSFER_COMMANDS, TransferRequested
 from steps import APPLICATION, TRANSFER
+from steps.saga import TRANSFER_TYPE
 from tests.integration.conftest import Harness
 from tests.integration.test_cli import saga_cli
 from tests.integration.test_dlq import eventually, redriven_message_id
@@ -285,7 +286,7 @@ async def start_saga(conn: AsyncConnection, first_events: int | None = None) -> 
                                 requested_by="it")
     message = Consumed(f"trip.{TOPIC_TRANSFER_COMMANDS}", 0, 0, None,
                        request.model_dump_json().encode(), (), None)
-    decision = decide_start(TRANSFER, None, StartTransfer(request, request_hash(request)), now)
+    decision = decide_start(TRANSFER, None, TRANSFER_TYPE.start(request), now)
     state = None
     events = []
     for event in decision.events[:first_events]:
@@ -370,10 +371,12 @@ async def status_column_edited(conn: AsyncConnection, h: Healthy) -> None:
 async def projection_without_events(conn: AsyncConnection, h: Healthy) -> None:
     phantom = uuid.uuid4()
     await conn.execute(text(
-        "INSERT INTO sagas (saga_id, transfer_id, saga_type, status, current_step, direction,"
-        " attempt, version, deadline_at, due_at, requested_at, created_at, updated_at, state)"
-        " SELECT :phantom, gen_random_uuid(), saga_type, status, current_step, direction,"
-        " attempt, version, deadline_at, due_at, requested_at, created_at, updated_at, state"
+        "INSERT INTO sagas (saga_id, saga_type, business_key, definition_version, status,"
+        " current_step, direction, attempt, version, deadline_at, due_at, requested_at,"
+        " created_at, updated_at, state)"
+        " SELECT :phantom, saga_type, gen_random_uuid()::text, definition_version, status,"
+        " current_step, direction, attempt, version, deadline_at, due_at, requested_at,"
+        " created_at, updated_at, state"
         " FROM sagas WHERE saga_id = :s"), {"phantom": phantom, "s": h.completed})
 
 
