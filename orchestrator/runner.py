@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orchestrator.bus import ORCHESTRATOR_GROUP, ensure_topics, make_broker, subscribe_batches
+from orchestrator.bus import ORCHESTRATOR_GROUP, BatchConsumer, ensure_topics
 from orchestrator.errors import ConfigurationError
 from orchestrator.producer import KafkaProducer
 from orchestrator.recovery import RecoveryWorker
@@ -96,36 +96,36 @@ async def run_worker(kind: str, settings: Settings, stop: asyncio.Event,
         if producer is not None:
             producer.close()
         raise
-    loop = asyncio.get_running_loop()
 
-    def on_assign(*_args: Any) -> None:
-        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(_mark_ready(engine, name, kind)))
+    async def ready() -> None:
+        await _mark_ready(engine, name, kind)
 
     try:
         if kind in ("relay", "recovery"):  # database pollers: no consumer, no partitions
             poller = (OutboxRelay if kind == "relay" else RecoveryWorker)(settings, engine,
                                                                          producer)
-            await _mark_ready(engine, name, kind)
+            await ready()
             await poller.run(stop)
             return
-        broker = make_broker(settings)
         worker: OrchestratorWorker | ParticipantWorker
         if kind == "orchestrator":
             worker = OrchestratorWorker(settings, engine, producer)
-            subscribe_batches(broker, settings, worker.topics, ORCHESTRATOR_GROUP,
-                              worker.handle_batch, on_assign)
+            consumer = BatchConsumer(settings, worker.topics, ORCHESTRATOR_GROUP,
+                                     worker.handle_batch, ready)
         else:
             from steps.runtime import ParticipantWorker
 
             worker = ParticipantWorker(
                 settings, engine, make_participant(kind.split(":", 1)[1], settings), producer)
-            subscribe_batches(broker, settings, [worker.topic], worker.group_id,
-                              worker.handle_batch, on_assign)
-        await broker.start()
-        log.info("%s started", name)
-        await stop.wait()
-        await broker.stop()
-        await worker.close()
+            consumer = BatchConsumer(settings, [worker.topic], worker.group_id,
+                                     worker.handle_batch, ready)
+        try:
+            await consumer.start()
+            log.info("%s started", name)
+            await stop.wait()
+        finally:
+            await consumer.stop()
+            await worker.close()
     finally:
         producer.close()
         try:
