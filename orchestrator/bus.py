@@ -237,6 +237,9 @@ def consumer_config(settings: Settings, group_id: str,
         "topic.metadata.refresh.interval.ms": 1000,
         "fetch.error.backoff.ms": 100,
         "check.crcs": True,
+        # No producer here is transactional: every record is committed as it is written, and
+        # the fetch need not wait for a last stable offset (librdkafka's default waits).
+        "isolation.level": "read_uncommitted",
         # How a lost broker is noticed (see `BatchConsumer._resume_after_broker_loss`).
         "error_cb": error_cb,
     }
@@ -366,7 +369,7 @@ class BatchConsumer:
     async def _run(self) -> None:
         while not self._stopping.is_set():
             try:
-                raw = await self._call(self._next_batch)
+                raw, spans = await self._call(self._next_batch)
             except Exception:
                 # Not expected from librdkafka (it reports trouble as events); never the end of
                 # the loop, whatever it is.
@@ -375,7 +378,6 @@ class BatchConsumer:
                 continue
             if not raw or self._stopping.is_set():
                 continue  # a batch read while stopping is not handled, nor committed
-            spans = self._spans(raw)
             batch = [Consumed.from_confluent(message) for message in raw]
             try:
                 await self.handler(batch)
@@ -386,18 +388,6 @@ class BatchConsumer:
                 await self._pause(self.retry_pause_s)
             else:
                 self._outcome = _Outcome(spans, handled=True)
-
-    def _spans(self, raw: Sequence[Message]) -> dict[PartitionKey, _Span]:
-        # Runs between two executor calls: the epochs cannot change meanwhile.
-        spans: dict[PartitionKey, _Span] = {}
-        for message in raw:
-            key = (message.topic() or "", message.partition() or 0)
-            offset = message.offset() or 0
-            span = spans.get(key)
-            spans[key] = (_Span(offset, offset + 1, self._epochs.get(key, 0)) if span is None
-                          else _Span(min(span.first, offset), max(span.end, offset + 1),
-                                     span.epoch))
-        return spans
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -476,9 +466,24 @@ class BatchConsumer:
         self._settle()
         self.client.close()
 
-    def _next_batch(self) -> list[Message]:
-        """Settle the last batch, then read the next one (empty: nothing came, or positions
-        moved and the records read are read again from there)."""
+    def _next_batch(self) -> tuple[list[Message], dict[PartitionKey, _Span]]:
+        """Settle the last batch, then read the next one, with its spans (empty: nothing came,
+        or positions moved and the records read are read again from there)."""
+        raw = self._read()
+        return raw, self._spans(raw)
+
+    def _spans(self, raw: Sequence[Message]) -> dict[PartitionKey, _Span]:
+        spans: dict[PartitionKey, _Span] = {}
+        for message in raw:
+            key = (message.topic() or "", message.partition() or 0)
+            offset = message.offset() or 0
+            span = spans.get(key)
+            spans[key] = (_Span(offset, offset + 1, self._epochs.get(key, 0)) if span is None
+                          else _Span(min(span.first, offset), max(span.end, offset + 1),
+                                     span.epoch))
+        return spans
+
+    def _read(self) -> list[Message]:
         # A zero-wait poll first serves the callbacks waiting (a lost broker among them), so
         # no batch is committed to a broker that restarted unnoticed (the residual window of
         # ADR 0007); it may return the next batch's first record.
