@@ -76,11 +76,15 @@ def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> None:
         request_timeout=timeout_s,
     )
     for name, future in futures.items():
-        try:
-            future.result(timeout_s)
-        except KafkaException as error:
-            if error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise BusError(f"cannot create topic {name}: {error}") from error
+        # `exception()`, not `result()` in a try: a re-raised error's traceback holds this
+        # frame, whose `futures` hold the error: a cycle that kept the admin client (a thread
+        # and a broker connection) alive in every worker until the next full GC.
+        error = future.exception(timeout_s)
+        if error is None:
+            continue
+        if not (isinstance(error, KafkaException)
+                and error.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS):
+            raise BusError(f"cannot create topic {name}: {error}") from error
 
 
 def listed_topics(admin: AdminClient, timeout_s: float) -> set[str]:
