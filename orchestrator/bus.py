@@ -5,7 +5,7 @@ A batch's offsets are committed only after its handler returned, that is after t
 transaction that recorded it committed. A handler that raises gets its batch again from its
 first offsets, so handlers raise only for infrastructure faults, never for bad input (bad input
 is dead-lettered inside the transaction). Why this loop is ours and not a framework's:
-ADR 0009.
+ADR 0013.
 """
 
 from __future__ import annotations
