@@ -1,11 +1,11 @@
-"""The Kafka edge: topic setup and faststream batch subscribers (the producer is in
-`orchestrator.kafka.producer`).
+"""The Kafka edge: topic setup, and the consuming workers' batch loop (`BatchConsumer`, on
+confluent-kafka directly; the producer is in `orchestrator.kafka.producer`).
 
-Consumers are faststream batch subscribers on confluent-kafka with manual acknowledgement: a batch
-is acknowledged (its offsets committed) only after the handler returned, that is after the
-database transaction that recorded it committed. A handler that raises is nacked: faststream seeks
-back and the batch is redelivered, so handlers raise only for infrastructure faults, never for bad
-input (bad input is dead-lettered inside the transaction).
+A batch's offsets are committed only after its handler returned, that is after the database
+transaction that recorded it committed. A handler that raises gets its batch again from its
+first offsets, so handlers raise only for infrastructure faults, never for bad input (bad input
+is dead-lettered inside the transaction). Why this loop is ours and not a framework's:
+ADR 0013.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -28,18 +29,16 @@ from confluent_kafka import (
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
-from faststream import AckPolicy
-from faststream.confluent import KafkaBroker
-from faststream.confluent.annotations import KafkaMessage
-from faststream.confluent.helpers.client import AsyncConfluentConsumer, check_msg_error
 
 from orchestrator.errors import BusError, ConfigurationError
 from orchestrator.metrics import CONSUMER_REWINDS
 from orchestrator.postgres.leases import Partition, PartitionLeases
 from orchestrator.settings import Settings
+from orchestrator.throttle import LogThrottle
 from schemas import TOPIC_DEAD_LETTERS, TOPIC_REPLIES, TOPIC_TRANSFER_COMMANDS, step_topic
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 PARTICIPANTS = ("risk", "ledger", "notify")
 ORCHESTRATOR_GROUP = "saga-orchestrator"
@@ -77,11 +76,15 @@ def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> None:
         request_timeout=timeout_s,
     )
     for name, future in futures.items():
-        try:
-            future.result(timeout_s)
-        except KafkaException as error:
-            if error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise BusError(f"cannot create topic {name}: {error}") from error
+        # `exception()`, not `result()` in a try: a re-raised error's traceback holds this
+        # frame, whose `futures` hold the error: a cycle that kept the admin client (a thread
+        # and a broker connection) alive in every worker until the next full GC.
+        error = future.exception(timeout_s)
+        if error is None:
+            continue
+        if not (isinstance(error, KafkaException)
+                and error.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS):
+            raise BusError(f"cannot create topic {name}: {error}") from error
 
 
 def listed_topics(admin: AdminClient, timeout_s: float) -> set[str]:
@@ -187,143 +190,386 @@ def encode_headers(headers: Sequence[tuple[str, bytes]]) -> list[list[str]]:
 def decode_headers(stored: Sequence[Sequence[str]]) -> tuple[tuple[str, bytes], ...]:
     return tuple((name, base64.b64decode(value)) for name, value in stored)
 
-
-async def _raw_decoder(message: KafkaMessage) -> tuple[Message, ...]:
-    # The handlers parse bytes themselves (bad input must be dead-lettered, not crash decoding):
-    # the "decoded" body is the raw batch.
-    return message.raw_message  # type: ignore[return-value]
-
-
 BatchHandler = Callable[[list[Consumed]], Awaitable[None]]
+OnReady = Callable[[], Awaitable[None]]
+PartitionKey = tuple[str, int]
 
 
-class DrainingConsumer(AsyncConfluentConsumer):
-    """faststream's consumer, with a batch read that does not wait for a full batch.
+@dataclass(frozen=True)
+class _Span:
+    """A batch's records of one partition: the first offset, the offset after the last, and
+    the partition's epoch when the batch was handed out (see `BatchConsumer._epochs`)."""
 
-    faststream's `getmany` is librdkafka's batch consume, which blocks for its whole timeout
-    unless the batch fills: the poll interval became a latency floor on every hop and, set
-    small, a busy loop. This one blocks until the *first* record arrives (or `timeout` passes),
-    then takes whatever else is already queued without waiting: one record costs no extra
-    wait, and under load the batches still fill from the prefetch queue.
+    first: int
+    end: int
+    epoch: int
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What became of the last batch handed out: its spans, and whether its handler returned
+    (commit them) or raised (read them again)."""
+
+    spans: dict[PartitionKey, _Span]
+    handled: bool
+
+
+def consumer_config(settings: Settings, group_id: str,
+                    error_cb: Callable[[KafkaError], None]) -> dict[str, Any]:
+    """The librdkafka configuration of a worker's consumer."""
+    assert settings.kafka_bootstrap
+    return {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "client.id": settings.worker_name or "saga",
+        # Offsets live in Kafka under the group id, whether partitions come from the group or
+        # from leases (ADR 0004); the loop commits them itself, after the handler returned.
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        # A partition its group never committed is read from the start: nothing skipped.
+        "auto.offset.reset": "earliest",
+        "fetch.wait.max.ms": settings.kafka_fetch_wait_ms,
+        "session.timeout.ms": settings.kafka_session_timeout_ms,
+        "heartbeat.interval.ms": max(500, settings.kafka_session_timeout_ms // 6),
+        "partition.assignment.strategy": "roundrobin",
+        # Topics are created only by `ensure_topics`, with `topic_partitions`. A consumer that
+        # may auto-create them re-creates its topics on its first metadata request after a
+        # broker restart, with the broker's default partition count (4 on the embedded one):
+        # the recovery worker then finds them existing, and partitions above it never return.
+        "allow.auto.create.topics": False,
+        # A topic created again after a broker loss is seen within a second, and a failed
+        # fetch is tried again after 100 ms (librdkafka's defaults: 5 min, 500 ms).
+        "topic.metadata.refresh.interval.ms": 1000,
+        "fetch.error.backoff.ms": 100,
+        "check.crcs": True,
+        # No producer here is transactional: every record is committed as it is written, and
+        # the fetch need not wait for a last stable offset (librdkafka's default waits).
+        "isolation.level": "read_uncommitted",
+        # How a lost broker is noticed (see `BatchConsumer._resume_after_broker_loss`).
+        "error_cb": error_cb,
+    }
+
+
+class BatchConsumer:
+    """A worker's consuming loop: batches from `topics` handed to `handler`, one at a time.
+
+    Guarantees, for every owned partition:
+
+    - **commit after the handler**: a batch's offsets (exactly the batch's, never librdkafka's
+      stored ones) are committed only after `handler` returned, that is after the database
+      transaction that recorded the batch committed. A worker killed before that reads the
+      batch again; the inbox and the participants' stored replies make that harmless.
+    - **nothing skipped**: a handler that raises (infrastructure trouble: handlers dead-letter
+      bad input themselves) gets the batch again, from its first offset, after
+      `retry_pause_s`; the loop itself never ends on an error. After a broker loss or under a
+      shortened log the partitions are read again from what the broker says was committed, or
+      the log's start (ADR 0007).
+    - **generation guard**: every move of a partition's position that this loop did not ask
+      for (a resume, a rewind, a rebuilt client, a fresh assignment) bumps that partition's
+      epoch; a batch handed out under an older epoch is neither committed nor sought on that
+      partition (its offsets may belong to a log the broker no longer has).
+
+    Every librdkafka call of this consumer runs on its one executor thread, so the calls never
+    overlap and the epochs are only ever read and changed there. Each turn of the loop is one
+    hop to that thread: settle the previous batch (commit or seek back), then read the next:
+    block until the *first* record arrives (or `consume_poll_s` passes), then take whatever
+    else is already queued without waiting, up to `consume_batch_max` (ADR 0002: one record
+    costs no extra wait; under load the batches fill from the prefetch queue).
+
+    Partitions are owned through PostgreSQL leases (`orchestrator.leases`, ADR 0004) or, with
+    `partition_ownership=group`, through consumer-group membership.
     """
 
-    # Starvation watchdog (see `_starving`): how long without a record, while the broker holds
-    # records past our position, before the fetch wait is doubled, and up to what wait.
+    # Starvation watchdog (see `_check_starvation`): how long without a record, while the
+    # broker holds records past our position, before the fetch wait is doubled, and up to what.
     stall_after_s = 3.0
     max_fetch_wait_ms = 256
-
-    # Set (by `make_broker`) when partitions are owned through PostgreSQL leases rather than
-    # consumer-group membership (see `orchestrator.postgres.leases`).
-    lease_settings: Settings | None = None
-    leases: PartitionLeases | None = None
-    # Set by `make_broker` from `kafka_trust_watermarks` (see `_rewind_shortened_logs`).
-    trust_watermarks = True
     # How often the positions are compared with the ends of the logs, in seconds.
     log_check_every_s = 2.0
+    # How long after a handler raised its batch is read again (a database outage must not spin
+    # a core), and how long `stop` lets a batch in hand finish.
+    retry_pause_s = 0.5
+    stop_grace_s = 10.0
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # The same consumer, with an error callback: it is how a lost broker is noticed (see
-        # `_resume_after_broker_loss`). faststream builds its config and client in one go.
-        self.config = {**self.config, "error_cb": self._on_error}
-        old, self.consumer = self.consumer, Consumer(self.config, logger=log)
-        old.close()
+    def __init__(self, settings: Settings, topics: Sequence[str], group_id: str,
+                 handler: BatchHandler, on_ready: OnReady | None = None) -> None:
+        if settings.partition_ownership == "lease" and not settings.database_url:
+            raise ConfigurationError("partition_ownership=lease needs SAGA_DATABASE_URL "
+                                     "(or set SAGA_PARTITION_OWNERSHIP=group)")
+        self.settings = settings
+        self.topics = list(topics)
+        self.group_id = group_id
+        self.handler = handler
+        self.on_ready = on_ready
+        self.config = consumer_config(settings, group_id, self._on_error)
+        self.trust_watermarks = settings.kafka_trust_watermarks
+        self.batch_max = max(1, settings.consume_batch_max)
+        self.leases: PartitionLeases | None = None
+        self.rewinds = 0  # partitions read again from their committed offset or start
+        self._executor = ThreadPoolExecutor(max_workers=1,
+                                            thread_name_prefix=f"consumer-{group_id}")
+        self._consumer: Consumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = asyncio.Event()
+        self._background: set[asyncio.Future[Any]] = set()
+        # Below: touched only on the executor thread (or before it starts, or after it ended).
+        self._epochs: dict[PartitionKey, int] = {}
+        self._outcome: _Outcome | None = None
         self._brokers_lost = False
-        self._positions_at_loss: dict[tuple[str, int], int] | None = None
-        # Bumped whenever positions are moved back: a batch handed out before is not
-        # committed (its offsets may belong to a log the broker no longer has).
-        self._generation = 0
-        self._handed_out_generation = 0
+        self._positions_at_loss: dict[PartitionKey, int] | None = None
         self._next_log_check = time.monotonic() + self.log_check_every_s
-        self.rewinds = 0
+        self._last_record_at: float | None = None
+        self._errors = LogThrottle()
 
-    def _on_error(self, error: KafkaError) -> None:
-        # Called by librdkafka on the consumer's own thread, inside poll().
-        if error.code() == KafkaError._ALL_BROKERS_DOWN:
-            self._brokers_lost = True
+    # -- the event loop's side ----------------------------------------------------------------
 
     async def start(self) -> None:
-        if self.lease_settings is None:
-            await super().start()
-            return
-        loop = asyncio.get_running_loop()
-        names = [t.name for t in self.topics]
-
-        def describe() -> list[Partition]:
-            metadata = self.consumer.list_topics(timeout=10)
-            found: list[Partition] = []
-            for name in names:
-                topic = metadata.topics.get(name)
-                if topic is None or topic.error is not None:
-                    raise BusError(f"topic {name} is missing: create it first (ensure_topics)")
-                found += [Partition(name, p) for p in sorted(topic.partitions)]
-            return found
-
-        partitions = await loop.run_in_executor(self._thread_pool, describe)
-        self.leases = PartitionLeases(self.lease_settings, str(self.config["group.id"]),
-                                      partitions, self._reassign)
-        await self.leases.start()
-        await self.leases.wait_first_pass()
-        if self._on_assign is not None:
-            self._on_assign(self.consumer, [])
-
-    async def _reassign(self, acquired: Sequence[Partition], released: Sequence[Partition]
-                        ) -> None:
-        """Apply lease changes to the librdkafka consumer, on its own thread."""
-
-        def apply() -> None:
-            if released:
-                self.consumer.incremental_unassign(
-                    [TopicPartition(p.topic, p.partition) for p in released])
-            if acquired:
-                # No offset given: each partition resumes from the group's committed offset.
-                self.consumer.incremental_assign(
-                    [TopicPartition(p.topic, p.partition) for p in acquired])
-
-        await asyncio.get_running_loop().run_in_executor(self._thread_pool, apply)
+        """Create the client, take partitions (leases: after the first lease pass), call
+        `on_ready` once partitions are owned, and start the loop."""
+        self._loop = asyncio.get_running_loop()
+        self._consumer = await self._call(self._new_client)
+        if self.settings.partition_ownership == "lease":
+            partitions = await self._call(self._describe)
+            self.leases = PartitionLeases(self.settings, self.group_id, partitions,
+                                          self._reassign)
+            await self.leases.start()
+            await self.leases.wait_first_pass()
+            if self.on_ready is not None:
+                await self.on_ready()
+        else:
+            await self._call(self._subscribe)
+        self._task = asyncio.create_task(self._run(), name=f"consumer:{self.group_id}")
 
     async def stop(self) -> None:
+        """Let a batch in hand finish (up to `stop_grace_s`), commit it, close the client, then
+        give the leases back: a partition is never read without its lease."""
+        self._stopping.set()
+        task, self._task = self._task, None
+        if task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(task), self.stop_grace_s)
+            except TimeoutError:
+                log.warning("consumer %s: a batch was still in hand after %.0f s; cancelled "
+                            "(it is read again)", self.group_id, self.stop_grace_s)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         leases, self.leases = self.leases, None
         if leases is not None:
-            leases.on_change = _ignore_changes  # the consumer is closing with its assignment
+            leases.on_change = _ignore_changes  # the client is closing with its assignment
         try:
-            await super().stop()
+            if self._consumer is not None:
+                await self._call(self._close)
         finally:
+            self._executor.shutdown(wait=False)
             if leases is not None:
                 await leases.stop()
 
-    async def getmany(self, timeout: float = 0.1, max_records: int | None = 10  # noqa: ASYNC109
-                      ) -> tuple[Message, ...]:
-        limit = max(1, max_records or 10)
+    @property
+    def running(self) -> bool:
+        """Whether the loop runs (it ends only when stopped)."""
+        return self._task is not None and not self._task.done()
 
-        def first_then_queued() -> list[Message | None]:
-            first = self.consumer.poll(timeout)
-            if self._brokers_lost:
-                # Whatever this poll returned is read again from the resumed positions.
-                self._resume_after_broker_loss()
-                return []
-            if time.monotonic() >= self._next_log_check:
-                self._next_log_check = time.monotonic() + self.log_check_every_s
-                if self._rewind_shortened_logs():
-                    return []
-            if first is None:
-                self._check_starvation()
-                return [first]
-            self._last_record_at = time.monotonic()
-            if limit == 1:
-                return [first]
-            return [first, *self.consumer.consume(num_messages=limit - 1, timeout=0)]
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                raw, spans = await self._call(self._next_batch)
+            except Exception:
+                # Not expected from librdkafka (it reports trouble as events); never the end of
+                # the loop, whatever it is.
+                log.exception("consumer %s: reading failed; trying again", self.group_id)
+                await self._pause(1.0)
+                continue
+            if not raw or self._stopping.is_set():
+                continue  # a batch read while stopping is not handled, nor committed
+            batch = [Consumed.from_confluent(message) for message in raw]
+            try:
+                await self.handler(batch)
+            except Exception:
+                log.exception("batch of %d from %s failed; it will be redelivered", len(batch),
+                              self.group_id)
+                self._outcome = _Outcome(spans, handled=False)
+                await self._pause(self.retry_pause_s)
+            else:
+                self._outcome = _Outcome(spans, handled=True)
 
-        loop = asyncio.get_running_loop()
-        raw = await loop.run_in_executor(self._thread_pool, first_then_queued)
-        batch = tuple(m for m in map(check_msg_error, raw) if m is not None)
-        handed_out: dict[tuple[str, int], int] = {}
-        for message in batch:
-            key = (str(message.topic()), int(message.partition() or 0))
-            handed_out[key] = max(handed_out.get(key, -1), int(message.offset() or 0) + 1)
-        self._handed_out = handed_out
-        self._handed_out_generation = self._generation
-        return batch
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _call(self, function: Callable[..., _T], *args: Any) -> _T:
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._executor, function, *args)
+
+    async def _reassign(self, acquired: Sequence[Partition], released: Sequence[Partition]
+                        ) -> None:
+        """Apply lease changes to the client (called by `PartitionLeases`)."""
+        await self._call(self._apply_leases, acquired, released)
+
+    def _ready_from_thread(self) -> None:
+        """The group assigned partitions (called on the executor thread, inside a poll)."""
+        if self.on_ready is None or self._loop is None:
+            return
+        on_ready = self.on_ready
+
+        def schedule() -> None:
+            future = asyncio.ensure_future(on_ready())
+            self._background.add(future)
+            future.add_done_callback(self._background.discard)
+
+        self._loop.call_soon_threadsafe(schedule)
+
+    # -- the executor thread's side -----------------------------------------------------------
+
+    @property
+    def client(self) -> Consumer:
+        assert self._consumer is not None, "the consumer is not started"
+        return self._consumer
+
+    def _new_client(self) -> Consumer:
+        return Consumer(self.config, logger=log)
+
+    def _describe(self) -> list[Partition]:
+        metadata = self.client.list_topics(timeout=10)
+        found: list[Partition] = []
+        for name in self.topics:
+            topic = metadata.topics.get(name)
+            if topic is None or topic.error is not None:
+                raise BusError(f"topic {name} is missing: create it first (ensure_topics)")
+            found += [Partition(name, p) for p in sorted(topic.partitions)]
+        return found
+
+    def _subscribe(self) -> None:
+        def on_assign(_consumer: Consumer, partitions: list[TopicPartition]) -> None:
+            self._bump(partitions)  # they start from the committed offsets
+            self._ready_from_thread()
+
+        def on_revoke(_consumer: Consumer, partitions: list[TopicPartition]) -> None:
+            self._bump(partitions)
+
+        self.client.subscribe(self.topics, on_assign=on_assign, on_revoke=on_revoke,
+                              on_lost=on_revoke)
+
+    def _apply_leases(self, acquired: Sequence[Partition], released: Sequence[Partition]
+                      ) -> None:
+        if released:
+            self.client.incremental_unassign(
+                [TopicPartition(p.topic, p.partition) for p in released])
+        if acquired:
+            # No offset given: each partition resumes from the group's committed offset.
+            assigned = [TopicPartition(p.topic, p.partition) for p in acquired]
+            self._bump(assigned)
+            self.client.incremental_assign(assigned)
+
+    def _bump(self, partitions: Sequence[TopicPartition]) -> None:
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            self._epochs[key] = self._epochs.get(key, 0) + 1
+
+    def _close(self) -> None:
+        self._settle()
+        self.client.close()
+
+    def _next_batch(self) -> tuple[list[Message], dict[PartitionKey, _Span]]:
+        """Settle the last batch, then read the next one, with its spans (empty: nothing came,
+        or positions moved and the records read are read again from there)."""
+        raw = self._read()
+        return raw, self._spans(raw)
+
+    def _spans(self, raw: Sequence[Message]) -> dict[PartitionKey, _Span]:
+        spans: dict[PartitionKey, _Span] = {}
+        for message in raw:
+            key = (message.topic() or "", message.partition() or 0)
+            offset = message.offset() or 0
+            span = spans.get(key)
+            spans[key] = (_Span(offset, offset + 1, self._epochs.get(key, 0)) if span is None
+                          else _Span(min(span.first, offset), max(span.end, offset + 1),
+                                     span.epoch))
+        return spans
+
+    def _read(self) -> list[Message]:
+        # A zero-wait poll first serves the callbacks waiting (a lost broker among them), so
+        # no batch is committed to a broker that restarted unnoticed (the residual window of
+        # ADR 0007); it may return the next batch's first record.
+        first = self._record_or_none(self.client.poll(0))
+        if self._brokers_lost:
+            self._resume_after_broker_loss()
+            first = None  # read again from the resumed positions
+        moved: set[PartitionKey] = set()
+        if time.monotonic() >= self._next_log_check:
+            # Before the settle: a batch of a log shortened under it is not committed.
+            self._next_log_check = time.monotonic() + self.log_check_every_s
+            moved = self._rewind_shortened_logs()
+        moved |= self._settle()
+        if first is not None and (first.topic(), first.partition()) in moved:
+            first = None  # its partition was sought back: it comes again
+        if first is None:
+            first = self._record_or_none(self.client.poll(self.settings.consume_poll_s))
+        if self._brokers_lost:
+            self._resume_after_broker_loss()
+            return []
+        if first is None:
+            self._check_starvation()
+            return []
+        self._last_record_at = time.monotonic()
+        raw = [first]
+        if self.batch_max > 1:
+            raw += self.client.consume(num_messages=self.batch_max - 1, timeout=0)
+        if self._brokers_lost:
+            self._resume_after_broker_loss()
+            return []
+        return [message for message in raw if self._record_or_none(message) is not None]
+
+    def _record_or_none(self, message: Message | None) -> Message | None:
+        """The message if it is a record; an error event (an unknown topic, a failed fetch:
+        no record, nothing skipped) is logged, at most once per `LogThrottle` interval."""
+        if message is None:
+            return None
+        error = message.error()
+        if error is None:
+            return message
+        left_out = self._errors.admit(error.code())
+        if left_out is not None:
+            log.warning("consumer %s: %s (%d more like it left out)", self.group_id, error,
+                        left_out)
+        return None
+
+    def _settle(self) -> set[PartitionKey]:
+        """Commit the last batch's offsets if its handler returned, or seek its partitions
+        back to its first offsets if it raised; on each partition only if its epoch is still
+        the batch's. Returns the partitions sought back."""
+        outcome, self._outcome = self._outcome, None
+        if outcome is None:
+            return set()
+        current = {key: span for key, span in outcome.spans.items()
+                   if self._epochs.get(key, 0) == span.epoch}
+        if not current:
+            return set()
+        if outcome.handled:
+            offsets = [TopicPartition(t, p, span.end) for (t, p), span in current.items()]
+            try:
+                # Sent by librdkafka's own thread; closing the client waits for it.
+                self.client.commit(offsets=offsets, asynchronous=True)
+            except KafkaException as error:
+                # Not committed: read again later, which the inbox makes harmless.
+                log.warning("consumer %s: commit failed: %s", self.group_id, error)
+            return set()
+        owned = {(tp.topic, tp.partition) for tp in self.client.assignment()}
+        targets = [TopicPartition(t, p, span.first) for (t, p), span in current.items()
+                   if (t, p) in owned]
+        try:
+            self._reposition(targets)
+        except KafkaException as error:
+            # Its committed offset is at or before the batch: resume from there instead.
+            log.warning("consumer %s: cannot seek back a failed batch (%s); resuming from the "
+                        "committed offsets", self.group_id, error)
+            self._brokers_lost = True
+        return {(tp.topic, tp.partition) for tp in targets}
+
+    def _on_error(self, error: KafkaError) -> None:
+        # Called by librdkafka on the executor thread, inside poll() or consume().
+        if error.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._brokers_lost = True
 
     def _resume_after_broker_loss(self) -> None:
         """Every broker was lost (a restart, a crash, a network cut): read every owned
@@ -332,24 +578,24 @@ class DrainingConsumer(AsyncConfluentConsumer):
         offsets this consumer already passed; reading from its own position would skip them
         for ever (issue 9: 367 acknowledged requests never became sagas). A broker that kept
         everything costs a second reading of the uncommitted tail, which the inbox and the
-        participants' stored replies make harmless. Runs on the consumer's own thread; while
-        the broker is still away, it is tried again at the next poll."""
+        participants' stored replies make harmless. While the broker is still away, it is
+        tried again at the next poll."""
         self._brokers_lost = False
-        assignment = self.consumer.assignment()
+        assignment = self.client.assignment()
         if not assignment:
             return
         if self._positions_at_loss is None:  # where it was, for the log and the count
             self._positions_at_loss = {(tp.topic, tp.partition): tp.offset
-                                       for tp in self.consumer.position(assignment)}
+                                       for tp in self.client.position(assignment)}
         try:
-            committed = self.consumer.committed(assignment, timeout=2)
+            committed = self.client.committed(assignment, timeout=2)
             targets = [self._resume_target(tp) for tp in committed]
             self._reposition(targets)
         except KafkaException as error:
             self._brokers_lost = True  # still away: again at the next poll
-            log.warning("cannot resume %s yet: %s", self.config.get("group.id"), error)
+            log.warning("cannot resume %s yet: %s", self.group_id, error)
             return
-        self._generation += 1
+        self._bump(assignment)
         positions, self._positions_at_loss = self._positions_at_loss, None
         moved = [t for t in targets
                  if positions.get((t.topic, t.partition), -1) != t.offset]
@@ -358,13 +604,13 @@ class DrainingConsumer(AsyncConfluentConsumer):
     def _reposition(self, targets: Sequence[TopicPartition]) -> None:
         for target in targets:
             try:
-                self.consumer.seek(target)
+                self.client.seek(target)
             except KafkaException:
                 # A partition that has not started fetching cannot be sought; assigned again
                 # with an offset, it starts there.
                 bare = TopicPartition(target.topic, target.partition)
-                self.consumer.incremental_unassign([bare])
-                self.consumer.incremental_assign([target])
+                self.client.incremental_unassign([bare])
+                self.client.incremental_assign([target])
 
     def _resume_target(self, committed: TopicPartition) -> TopicPartition:
         """Where to read a partition again: its committed offset if the log still reaches it,
@@ -373,7 +619,7 @@ class DrainingConsumer(AsyncConfluentConsumer):
             raise KafkaException(committed.error)
         offset = committed.offset
         if offset >= 0 and self.trust_watermarks:
-            low, high = self.consumer.get_watermark_offsets(
+            low, high = self.client.get_watermark_offsets(
                 TopicPartition(committed.topic, committed.partition), timeout=2)
             if not low <= offset <= high:
                 offset = OFFSET_BEGINNING
@@ -385,94 +631,66 @@ class DrainingConsumer(AsyncConfluentConsumer):
             offset = OFFSET_BEGINNING
         return TopicPartition(committed.topic, committed.partition, offset)
 
-    def _rewind_shortened_logs(self) -> bool:
+    def _rewind_shortened_logs(self) -> set[PartitionKey]:
         """Compare each owned partition's position with the end of its log: a position past
         the end means the log was shortened or re-created under a running consumer (a topic
         deleted and created again, retention, an unclean leader election); the partition is
         read again from its committed offset, or its start. Only where the broker's high
-        watermark can be trusted (tansu's cannot: it reports ends below records it serves)."""
+        watermark can be trusted (tansu's cannot: it reports ends below records it serves).
+        Returns the partitions read again."""
         if not self.trust_watermarks:
-            return False
+            return set()
         try:
             shortened = []
-            for tp in self.consumer.position(self.consumer.assignment()):
+            for tp in self.client.position(self.client.assignment()):
                 if tp.offset < 0:
                     continue  # nothing fetched yet: it starts from the committed offset
                 # As the last fetch response told it: no request on the hot path.
-                _low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+                _low, high = self.client.get_watermark_offsets(tp, cached=True)
                 if 0 <= high < tp.offset:
                     shortened.append(tp)
             if not shortened:
-                return False
-            committed = self.consumer.committed(shortened, timeout=2)
+                return set()
+            committed = self.client.committed(shortened, timeout=2)
             targets = [self._resume_target(tp) for tp in committed]
             self._reposition(targets)
         except KafkaException as error:
             log.debug("cannot compare positions with the logs' ends: %s", error)
-            return False
-        self._generation += 1
+            return set()
+        self._bump(targets)
         self._count_rewinds(targets, "its log is shorter than its position")
-        return True
+        return {(tp.topic, tp.partition) for tp in targets}
 
     def _count_rewinds(self, targets: Sequence[TopicPartition], why: str) -> None:
         if not targets:
             return
         self.rewinds += len(targets)
-        group = str(self.config.get("group.id"))
-        CONSUMER_REWINDS.add(len(targets), {"group": group})
+        CONSUMER_REWINDS.add(len(targets), {"group": self.group_id})
         where = ", ".join(
             f"{t.topic}[{t.partition}]@" + ("start" if t.offset < 0 else str(t.offset))
             for t in targets)
-        log.warning("consumer %s reads %d partitions again because %s: %s", group,
+        log.warning("consumer %s reads %d partitions again because %s: %s", self.group_id,
                     len(targets), why, where)
 
-    async def commit(self, asynchronous: bool = True) -> None:
-        """Commit exactly the batch last handed out, the one its handler just finished
-        (faststream acknowledges a batch before it asks for the next one).
-
-        Not librdkafka's commit without offsets: that commits the offsets *stored* when its
-        own thread serves the request, and by then the next poll may have stored the offsets
-        of records nobody has handled yet. A worker killed while handling those (say, after
-        storing a step's reply and before sending it) left them committed: the reply was
-        never sent and the command never consumed again, until the step's deadline made the
-        recovery worker re-send it (seen as a rare 10 s recovery in bench/recovery.py)."""
-        offsets = [TopicPartition(topic, partition, offset)
-                   for (topic, partition), offset in getattr(self, "_handed_out", {}).items()]
-        if not offsets or self._brokers_lost or self._handed_out_generation != self._generation:
-            # Positions were moved back since this batch was handed out: its offsets may be
-            # past the end of the broker's new log, and committing them would skip records.
-            return
-
-        def commit() -> None:
-            # Two calls, not `asynchronous=asynchronous`: the library's stubs type `commit`
-            # by the literal value (the synchronous one returns the committed offsets).
-            if asynchronous:
-                self.consumer.commit(offsets=offsets, asynchronous=True)
-            else:
-                self.consumer.commit(offsets=offsets, asynchronous=False)
-
-        await asyncio.get_running_loop().run_in_executor(self._thread_pool, commit)
-
     def _check_starvation(self) -> None:
-        """Runs on the consumer's own thread, between polls.
+        """Runs between polls that returned nothing.
 
-        The embedded broker (tansu, memory storage) scans a partition's log to answer a fetch,
+        The embedded broker tansu (memory storage) scans a partition's log to answer a fetch,
         and answers *empty* if the scan outlasts fetch.wait.max.ms; the scan grows with the log
         (measured: a 1 ms wait fails from ~3,000 single-record batches, 5 ms from ~12,000), so
-        a consumer with a short wait eventually starves for good while records wait. When no
-        record came for `stall_after_s` although the broker holds some past our position, the
-        librdkafka consumer is rebuilt with twice the wait; its partitions resume from the
-        committed offsets (everything after them is redelivered and deduplicated).
+        a consumer with a short wait eventually starves for good while records wait (ADR 0003).
+        When no record came for `stall_after_s` although the broker holds some past our
+        position, the librdkafka client is rebuilt with twice the wait; its partitions resume
+        from the committed offsets (everything after them is read again and deduplicated).
         """
         now = time.monotonic()
-        last = getattr(self, "_last_record_at", None)
-        if last is None:
+        if self._last_record_at is None:
             self._last_record_at = now
             return
-        if now - last < self.stall_after_s:
+        if now - self._last_record_at < self.stall_after_s:
             return
         self._last_record_at = now  # check again only after another quiet period
-        wait_ms = int(self.config.get("fetch.wait.max.ms", 500))
+        wait_ms = int(self.config["fetch.wait.max.ms"])
         if wait_ms >= self.max_fetch_wait_ms or not self._records_waiting():
             return
         new_wait = min(wait_ms * 2, self.max_fetch_wait_ms)
@@ -480,22 +698,19 @@ class DrainingConsumer(AsyncConfluentConsumer):
             "consumer %s got nothing for %.0f s while the broker holds records past its "
             "position: the broker cannot answer within fetch.wait.max.ms=%d ms; rebuilding the "
             "consumer with %d ms (set SAGA_KAFKA_FETCH_WAIT_MS to start there)",
-            self.config.get("group.id"), self.stall_after_s, wait_ms, new_wait)
+            self.group_id, self.stall_after_s, wait_ms, new_wait)
         self.config = {**self.config, "fetch.wait.max.ms": new_wait}
-        old, self.consumer = self.consumer, Consumer(self.config, logger=log)
-        with contextlib.suppress(Exception):
-            old.close()
-        self._generation += 1  # the new consumer starts from the committed offsets
+        old, self._consumer = self._consumer, self._new_client()
+        if old is not None:
+            with contextlib.suppress(Exception):
+                self._bump(old.assignment())  # the new client starts from the committed offsets
+                old.close()
         if self.leases is not None:
-            self.consumer.assign([TopicPartition(p.topic, p.partition)
-                                  for p in sorted(self.leases.owned)])
-            return
-        subscribe: dict[str, Any] = {"topics": [t.name for t in self.topics]}
-        for name, callback in (("on_assign", self._on_assign), ("on_revoke", self._on_revoke),
-                               ("on_lost", self._on_lost)):
-            if callback is not None:
-                subscribe[name] = callback
-        self.consumer.subscribe(**subscribe)
+            owned = [TopicPartition(p.topic, p.partition) for p in sorted(self.leases.owned)]
+            self._bump(owned)
+            self.client.assign(owned)
+        else:
+            self._subscribe()
 
     def _records_waiting(self) -> bool:
         """Whether the broker holds records past where this consumer reads. A partition with
@@ -504,11 +719,11 @@ class DrainingConsumer(AsyncConfluentConsumer):
         such partition with the start of the log took each idle, freshly assigned consumer
         for a starved one: issue 9)."""
         try:
-            assignment = self.consumer.assignment()
+            assignment = self.client.assignment()
             committed = {(tp.topic, tp.partition): tp.offset
-                         for tp in self.consumer.committed(assignment, timeout=2)}
-            for tp in self.consumer.position(assignment):
-                low, high = self.consumer.get_watermark_offsets(tp, timeout=2)
+                         for tp in self.client.committed(assignment, timeout=2)}
+            for tp in self.client.position(assignment):
+                low, high = self.client.get_watermark_offsets(tp, timeout=2)
                 reads_from = tp.offset if tp.offset >= 0 else committed.get(
                     (tp.topic, tp.partition), -1)
                 if high > (reads_from if reads_from >= 0 else low):
@@ -521,78 +736,3 @@ class DrainingConsumer(AsyncConfluentConsumer):
 async def _ignore_changes(_acquired: Sequence[Partition], _released: Sequence[Partition]
                           ) -> None:
     return None
-
-
-def make_broker(settings: Settings) -> KafkaBroker:
-    assert settings.kafka_bootstrap
-    broker = KafkaBroker(
-        settings.kafka_bootstrap,
-        client_id=settings.worker_name or "saga",
-        logger=None,
-        # No dependency injection on the handlers: they take the raw batch. FastDepends'
-        # argument validation cost ~0.5 ms per consumed batch, on every hop of every saga.
-        apply_types=False,
-        config={"linger.ms": 0},
-        # Topics are created only by `ensure_topics`, with `topic_partitions`. A consumer that
-        # may auto-create them re-creates its topics on its first metadata request after a
-        # broker restart, with the broker's default partition count (4 on the embedded one):
-        # the recovery worker then finds them existing, and partitions above it never return.
-        allow_auto_create_topics=False,
-    )
-    config = broker.config.broker_config
-    default_builder: Any = config.builder  # faststream's ConsumerBuilder: config, admin, logger
-
-    def build(*topics: Any, **kwargs: Any) -> DrainingConsumer:
-        consumer = DrainingConsumer(*topics, config=default_builder.config,
-                                    admin_service=default_builder.admin,
-                                    logger=default_builder.logger, **kwargs)
-        if settings.partition_ownership == "lease":
-            if not settings.database_url:
-                raise ConfigurationError("partition_ownership=lease needs SAGA_DATABASE_URL "
-                                         "(or set SAGA_PARTITION_OWNERSHIP=group)")
-            consumer.lease_settings = settings
-        consumer.trust_watermarks = settings.kafka_trust_watermarks
-        return consumer
-
-    config.builder = build
-    return broker
-
-
-def subscribe_batches(
-    broker: KafkaBroker,
-    settings: Settings,
-    topics: Sequence[str],
-    group_id: str,
-    handler: BatchHandler,
-    on_assign: Callable[..., None] | None = None,
-) -> None:
-    """Register `handler` for batches from `topics` in consumer group `group_id`.
-
-    `on_assign` is called (on the consumer's thread) when the group hands it partitions.
-    """
-
-    @broker.subscriber(
-        *topics,
-        group_id=group_id,
-        batch=True,
-        max_records=settings.consume_batch_max,
-        polling_interval=settings.consume_poll_s,
-        fetch_max_wait_ms=settings.kafka_fetch_wait_ms,
-        auto_offset_reset="earliest",
-        session_timeout_ms=settings.kafka_session_timeout_ms,
-        heartbeat_interval_ms=max(500, settings.kafka_session_timeout_ms // 6),
-        ack_policy=AckPolicy.NACK_ON_ERROR,
-        decoder=_raw_decoder,
-        on_assign=on_assign,
-        title=f"{group_id}:{','.join(topics)}",
-    )
-    async def _on_batch(raw_batch: tuple[Message, ...]) -> None:
-        consumed = [Consumed.from_confluent(raw) for raw in raw_batch]
-        try:
-            await handler(consumed)
-        except Exception:
-            log.exception("batch of %d from %s failed; it will be redelivered", len(consumed),
-                          group_id)
-            # Redelivery is immediate; a short pause keeps a database outage from spinning a core.
-            await asyncio.sleep(0.5)
-            raise

@@ -1,7 +1,7 @@
 """The producing half of the Kafka edge: an idempotent producer and the record it sends.
 
 Kept apart from `orchestrator.kafka.consumer` so that a worker can create its producer first thing,
-before the heavy imports (SQLAlchemy, faststream): a fresh idempotent producer gets its producer id
+before the heavy imports (SQLAlchemy above all): a fresh idempotent producer gets its producer id
 only ~0.5 s after it is created (librdkafka retries its first InitProducerId on a fixed 500 ms
 timer, before any broker connection is up), and every record waits for that id. Created at process
 start, the id arrives while the rest of the worker starts, not in front of its first publish, which

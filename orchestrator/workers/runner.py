@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -18,12 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from orchestrator.application import Application, load_application
 from orchestrator.core.saga_type import SagaTypes
 from orchestrator.errors import ConfigurationError
-from orchestrator.kafka.consumer import (
-    ORCHESTRATOR_GROUP,
-    ensure_topics,
-    make_broker,
-    subscribe_batches,
-)
+from orchestrator.kafka.consumer import ORCHESTRATOR_GROUP, BatchConsumer, ensure_topics
 from orchestrator.kafka.producer import KafkaProducer
 from orchestrator.kafka.topics import ensure_named_topics
 from orchestrator.participant.runtime import ParticipantWorker
@@ -120,36 +114,35 @@ async def run_worker(kind: str, settings: Settings, stop: asyncio.Event,
             producer.close()
             await engine.dispose()
             raise
-    loop = asyncio.get_running_loop()
-
-    def on_assign(*_args: Any) -> None:
-        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(_mark_ready(engine, name, kind)))
+    async def ready() -> None:
+        await _mark_ready(engine, name, kind)
 
     try:
         if kind in ("relay", "recovery"):  # database pollers: no consumer, no partitions
             poller: OutboxRelay | RecoveryWorker = (
                 OutboxRelay(settings, engine, producer) if kind == "relay"
                 else RecoveryWorker(settings, engine, producer, application.saga_types))
-            await _mark_ready(engine, name, kind)
+            await ready()
             await poller.run(stop)
             return
-        broker = make_broker(settings)
         worker: OrchestratorWorker | ParticipantWorker
         if kind == "orchestrator":
             worker = OrchestratorWorker(settings, engine, producer, application.saga_types)
-            subscribe_batches(broker, settings, worker.topics, ORCHESTRATOR_GROUP,
-                              worker.handle_batch, on_assign)
+            consumer = BatchConsumer(settings, worker.topics, ORCHESTRATOR_GROUP,
+                                     worker.handle_batch, ready)
         else:
             worker = ParticipantWorker(
                 settings, engine, application.participant(kind.split(":", 1)[1], settings),
                 producer)
-            subscribe_batches(broker, settings, [worker.topic], worker.group_id,
-                              worker.handle_batch, on_assign)
-        await broker.start()
-        log.info("%s started", name)
-        await stop.wait()
-        await broker.stop()
-        await worker.close()
+            consumer = BatchConsumer(settings, [worker.topic], worker.group_id,
+                                     worker.handle_batch, ready)
+        try:
+            await consumer.start()
+            log.info("%s started", name)
+            await stop.wait()
+        finally:
+            await consumer.stop()
+            await worker.close()
     finally:
         producer.close()
         try:

@@ -18,7 +18,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from orchestrator.dev.embedded import EmbeddedBroker
-from orchestrator.kafka.consumer import Consumed, DrainingConsumer, make_broker, subscribe_batches
+from orchestrator.kafka.consumer import BatchConsumer, Consumed
 from orchestrator.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -54,7 +54,7 @@ async def test_a_starving_consumer_widens_its_fetch_wait_and_gets_every_record(
         tansu: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     own_broker = tansu
-    monkeypatch.setattr(DrainingConsumer, "stall_after_s", 1.0)
+    monkeypatch.setattr(BatchConsumer, "stall_after_s", 1.0)
     topic = new_topic(own_broker, "long")
     records = 5000
     producer = Producer({"bootstrap.servers": own_broker.bootstrap, "linger.ms": 0})
@@ -74,15 +74,14 @@ async def test_a_starving_consumer_widens_its_fetch_wait_and_gets_every_record(
         if len(received) == records:
             all_in.set()
 
-    broker = make_broker(settings)
-    subscribe_batches(broker, settings, [topic], "watchdog-test", handler)
+    consumer = BatchConsumer(settings, [topic], "watchdog-test", handler)
     caplog.set_level(logging.WARNING, logger="orchestrator.kafka.consumer")
-    await broker.start()
+    await consumer.start()
     try:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(all_in.wait(), 90)
     finally:
-        await broker.stop()
+        await consumer.stop()
 
     assert len(received) == records
     assert any("rebuilding the consumer" in r.getMessage() for r in caplog.records), (
@@ -94,7 +93,7 @@ async def test_an_offset_is_committed_only_for_records_whose_handler_finished(
     """While a batch is being handled, the group's committed offset must not cover it: a worker
     killed then must get the batch again. librdkafka's commit without offsets commits what is
     stored when its own thread serves the request, which can already include the next poll's
-    records; the consumer therefore commits explicit offsets (`DrainingConsumer.commit`)."""
+    records; the consumer therefore commits explicit offsets (`BatchConsumer._settle`)."""
     topic = new_topic(own_broker, "commit")
     records = 60
     producer = Producer({"bootstrap.servers": own_broker.bootstrap, "linger.ms": 0})
@@ -124,13 +123,12 @@ async def test_an_offset_is_committed_only_for_records_whose_handler_finished(
         if handled >= records:
             done.set()
 
-    broker = make_broker(settings)
-    subscribe_batches(broker, settings, [topic], group, handler)
-    await broker.start()
+    consumer = BatchConsumer(settings, [topic], group, handler)
+    await consumer.start()
     try:
         await asyncio.wait_for(done.wait(), 60)
     finally:
-        await broker.stop()
+        await consumer.stop()
         observer.close()
     assert handled >= records
     assert not overreaching, f"(record in hand, committed offset): {overreaching[:5]}"

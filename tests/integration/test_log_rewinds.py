@@ -3,8 +3,8 @@
 seconds on noida), after a topic deleted and created again under it, and it never takes an
 idle, freshly assigned partition for a starved one.
 
-Each test runs a real consumer (`make_broker` + `subscribe_batches`, partitions owned through
-PostgreSQL leases as in the workers) against a broker of its own, which it kills or changes.
+Each test runs a real consumer (`BatchConsumer`, partitions owned through PostgreSQL leases as
+in the workers) against a broker of its own, which it kills or changes.
 """
 
 from __future__ import annotations
@@ -20,16 +20,13 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
-from faststream.confluent import KafkaBroker
 
 from orchestrator.dev.embedded import EmbeddedBroker
 from orchestrator.kafka.consumer import (
     ORCHESTRATOR_GROUP,
+    BatchConsumer,
     Consumed,
-    DrainingConsumer,
     ensure_topics,
-    make_broker,
-    subscribe_batches,
     trim_committed,
 )
 from orchestrator.settings import Settings
@@ -102,18 +99,10 @@ class Collector:
 
 
 async def start_consumer(settings: Settings, topic: str, group: str, collector: Collector
-                         ) -> KafkaBroker:
-    kafka = make_broker(settings)
-    subscribe_batches(kafka, settings, [topic], group, collector.handle)
+                         ) -> BatchConsumer:
+    kafka = BatchConsumer(settings, [topic], group, collector.handle)
     await kafka.start()
     return kafka
-
-
-def consumer_of(kafka: KafkaBroker) -> DrainingConsumer:
-    [subscriber] = kafka.subscribers
-    consumer = subscriber.consumer  # type: ignore[attr-defined]
-    assert isinstance(consumer, DrainingConsumer)
-    return consumer
 
 
 def settings_for_broker(broker: EmbeddedBroker, database_url: str) -> Settings:
@@ -150,10 +139,10 @@ async def test_after_a_broker_crash_every_record_of_the_new_log_is_read(
         await asyncio.to_thread(create_topic, broker.bootstrap, topic)
         kept = await asyncio.to_thread(records_on, broker.bootstrap, topic)
         for _ in range(150):  # no publish yet: the consumer must notice by itself
-            if consumer_of(kafka).rewinds or kept == len(before):
+            if kafka.rewinds or kept == len(before):
                 break
             await asyncio.sleep(0.2)
-        rewinds_before_publishing = consumer_of(kafka).rewinds
+        rewinds_before_publishing = kafka.rewinds
         after = [f"after-{i}".encode() for i in range(20)]
         await asyncio.to_thread(publish, broker.bootstrap, topic, after)
         missing = await collector.wait_for(set(after), 60)
@@ -254,8 +243,7 @@ async def test_idle_freshly_assigned_consumers_keep_their_fetch_wait(
         kafka = await start_consumer(settings, topic, group, idle)
         try:
             await asyncio.sleep(60)
-            consumer = consumer_of(kafka)
-            wait_ms = int(consumer.config["fetch.wait.max.ms"])
+            wait_ms = int(kafka.config["fetch.wait.max.ms"])
         finally:
             await kafka.stop()
     finally:
