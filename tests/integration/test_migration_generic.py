@@ -30,6 +30,7 @@ import pytest
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from orchestrator.core.definition import SagaDefinition
 from orchestrator.core.saga import (
     Decision,
     SagaState,
@@ -61,6 +62,11 @@ from steps.saga import TRANSFER, TRANSFER_TYPE
 from tests.integration.conftest import Harness
 
 pytestmark = pytest.mark.integration
+
+# The transfer as the code before generic saga types ran it: its steps one after the other
+# (screen and reserve became a parallel group later; a saga started before goes on from its own
+# history, ADR 0012).
+OLD_TRANSFER = SagaDefinition(name="transfer", steps=TRANSFER.all_steps)
 
 OLD_MIGRATIONS = Path(__file__).parent / "fixtures" / "migrations_before_generic"
 TERMINAL = ("COMPLETED", "COMPENSATED", "REJECTED", "FAILED")
@@ -142,7 +148,7 @@ class OldSaga:
 
     def start(self) -> OldSaga:
         message = TRANSFER_TYPE.start(self.request, self.at)
-        return self._record(decide_start(TRANSFER, None, message, self.at))
+        return self._record(decide_start(OLD_TRANSFER, None, message, self.at))
 
     def reply(self, outcome: Outcome = Outcome.SUCCEEDED, code: str | None = None,
               retryable: bool = False, **result: str) -> OldSaga:
@@ -150,19 +156,19 @@ class OldSaga:
         reply = StepReply(
             reply_id=uuid.uuid5(command.command_id, "reply"), command_id=command.command_id,
             saga_id=command.saga_id, step=command.step, direction=command.direction,
-            attempt=command.attempt, participant=participant_of(TRANSFER, command),
+            attempt=command.attempt, participant=participant_of(OLD_TRANSFER, command),
             outcome=outcome, retryable=retryable, code=code,
             reason=f"refused: {code}" if code else None, result=result)
         if not retryable:  # a participant stores what is final, never a retryable refusal
             self.replies.append((reply.participant, reply))
         self.at += timedelta(milliseconds=15)
-        return self._record(decide_reply(TRANSFER, self.state, reply, self.at))
+        return self._record(decide_reply(OLD_TRANSFER, self.state, reply, self.at))
 
     def due(self) -> OldSaga:
         due_at = self.state.due_at
         assert due_at is not None
         self.at = max(self.at, due_at)
-        decision = decide_due(TRANSFER, self.state, self.at)
+        decision = decide_due(OLD_TRANSFER, self.state, self.at)
         assert decision is not None
         return self._record(decision)
 
@@ -177,6 +183,8 @@ async def write_old(conn: AsyncConnection, saga: OldSaga, settings: Settings,
     projection row, the inbox row of its request, the participants' stored replies, and (when
     `outbox_published` is given) the outbox row of its outstanding command."""
     state = saga.state
+    # The old orchestrator recorded the consumed request's message id as each event's cause.
+    request_id = "sha256:" + hashlib.sha256(saga.raw).hexdigest()
     for seq, (event, at) in enumerate(saga.events, start=1):
         await conn.execute(text(
             "INSERT INTO saga_events (saga_id, seq, type, step, attempt, payload, actor,"
@@ -184,7 +192,7 @@ async def write_old(conn: AsyncConnection, saga: OldSaga, settings: Settings,
             " CAST(:payload AS jsonb), 'orchestrator-old', :cause, :at)"),
             {"s": state.saga_id, "seq": seq, "type": event.type,
              "step": getattr(event, "step", None), "attempt": getattr(event, "attempt", None),
-             "payload": json.dumps(old_payload(event)), "cause": saga.label, "at": at})
+             "payload": json.dumps(old_payload(event)), "cause": request_id, "at": at})
     await conn.execute(text(
         "INSERT INTO sagas (saga_id, transfer_id, saga_type, status, current_step, direction,"
         " attempt, version, deadline_at, due_at, requested_at, created_at, updated_at, state)"
@@ -211,7 +219,7 @@ async def write_old(conn: AsyncConnection, saga: OldSaga, settings: Settings,
              "reply": reply.model_dump_json()})
     if outbox_published is not None:
         (command,) = saga.commands
-        row = command_row(settings, TRANSFER, command)
+        row = command_row(settings, OLD_TRANSFER, command)
         await conn.execute(text(
             "INSERT INTO outbox (topic, key, value, headers, saga_id, published_at) VALUES"
             " (:topic, :key, :value, CAST(:headers AS jsonb), :s, :published)"),

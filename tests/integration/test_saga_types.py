@@ -33,7 +33,9 @@ from tests.integration.test_cli import saga_cli
 pytestmark = pytest.mark.integration
 
 # Version 2 of the transfer: screening moved upstream, so it starts at `reserve`.
-TRANSFER_V2 = SagaDefinition(name="transfer", version=2, steps=TRANSFER.steps[1:])
+# Version 2 drops the screening: the hold alone, then the rest as in version 1.
+TRANSFER_V2 = SagaDefinition(name="transfer", version=2,
+                             steps=(TRANSFER.step("reserve"), *TRANSFER.steps[1:]))
 V1_AND_V2 = dataclasses.replace(APPLICATION, sagas=(
     dataclasses.replace(TRANSFER_TYPE, definitions=(TRANSFER, TRANSFER_V2)),))
 V2_ONLY = dataclasses.replace(APPLICATION, sagas=(
