@@ -13,7 +13,6 @@ from orchestrator.kafka.consumer import (
     trim_committed,
 )
 from orchestrator.kafka.producer import MESSAGE_MAX_BYTES, KafkaProducer, Record
-from orchestrator.kafka.topics import ensure_named_topics
 
 __all__ = [
     "MESSAGE_MAX_BYTES",
@@ -25,7 +24,6 @@ __all__ = [
     "consuming_groups",
     "decode_headers",
     "encode_headers",
-    "ensure_named_topics",
     "ensure_topics",
     "participant_group",
     "trim_committed",

@@ -15,7 +15,7 @@ import base64
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -66,12 +66,15 @@ def all_topics(settings: Settings) -> list[str]:
     return [settings.topic(name) for name in names]
 
 
-def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> None:
-    """Create the topics if missing. Idempotent; an existing topic is left as it is."""
+def ensure_topics(settings: Settings, extra: Iterable[str] = (), timeout_s: float = 30.0) -> None:
+    """Create the engine's topics and `extra` (an application's start and step topics, before
+    `SAGA_TOPIC_PREFIX`) if missing, in one request. Idempotent; an existing topic is left as it
+    is."""
     assert settings.kafka_bootstrap
+    wanted = sorted({*all_topics(settings), *(settings.topic(name) for name in extra)})
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
     futures = admin.create_topics(
-        [NewTopic(name, settings.topic_partitions, 1) for name in all_topics(settings)],
+        [NewTopic(name, settings.topic_partitions, 1) for name in wanted],
         operation_timeout=timeout_s,
         request_timeout=timeout_s,
     )

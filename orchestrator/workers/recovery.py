@@ -53,7 +53,6 @@ from orchestrator.kafka.consumer import (
     trim_committed,
 )
 from orchestrator.kafka.producer import KafkaProducer, Record
-from orchestrator.kafka.topics import ensure_named_topics
 from orchestrator.metrics import DEAD_LETTERS, RECOVERY_ACTIONS, SAGAS_FAILED
 from orchestrator.postgres import store
 from orchestrator.settings import Settings
@@ -310,9 +309,8 @@ class RecoveryWorker:
                 if missing:
                     log.warning("topics missing on the broker (restarted?): %s; creating them",
                                 ", ".join(missing))
-                    await asyncio.to_thread(ensure_topics, self.settings)
                     # every saga type's start topic, not only those the engine lists
-                    await asyncio.to_thread(ensure_named_topics, self.settings, start_topics)
+                    await asyncio.to_thread(ensure_topics, self.settings, start_topics)
                     lost.set()
                 await asyncio.to_thread(admin.poll, 0)  # serves the error callback
                 if not self.broker_reachable:

@@ -19,7 +19,6 @@ from orchestrator.core.saga_type import SagaTypes
 from orchestrator.errors import ConfigurationError
 from orchestrator.kafka.consumer import ORCHESTRATOR_GROUP, BatchConsumer, ensure_topics
 from orchestrator.kafka.producer import KafkaProducer
-from orchestrator.kafka.topics import ensure_named_topics
 from orchestrator.participant.runtime import ParticipantWorker
 from orchestrator.postgres.store import create_engine, in_flight_definitions, migrate
 from orchestrator.settings import Settings, worker_name
@@ -47,10 +46,9 @@ async def prepare(settings: Settings, application: Application) -> AsyncEngine:
     engine = create_engine(settings.database_url, settings.db_pool_size,
                            settings.db_idle_in_transaction_timeout_s)
     await migrate(engine, application.migrations)
-    await asyncio.to_thread(ensure_topics, settings)
-    # Every saga type's start topic and every participant's command topic: the application's
-    # (the engine's own list knows the transfer's only).
-    await asyncio.to_thread(ensure_named_topics, settings, application_topics(application))
+    # With every saga type's start topic and every participant's command topic: the
+    # application's (the engine's own list knows the transfer's only).
+    await asyncio.to_thread(ensure_topics, settings, application_topics(application))
     return engine
 
 
