@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from orchestrator import metrics
 from orchestrator.consuming.handling import (
     REDRIVE_HEADER,
     dead_letter_for,
@@ -50,7 +51,8 @@ from orchestrator.crash import crash_point, step_tags
 from orchestrator.errors import ConcurrencyConflict
 from orchestrator.kafka.consumer import Consumed, encode_headers
 from orchestrator.kafka.producer import KafkaProducer
-from orchestrator.metrics import DEAD_LETTERS, SAGAS_FAILED
+from orchestrator.logs import saga_fields
+from orchestrator.metrics import DEAD_LETTERS, SAGA_DURATION, SAGAS_FAILED, STEP_LATENCY
 from orchestrator.postgres import store
 from orchestrator.settings import Settings
 from orchestrator.throttle import LogThrottle
@@ -86,6 +88,15 @@ def command_row(settings: Settings, definition: SagaDefinition, command: StepCom
     )
 
 
+def observe_ended(states: Iterable[SagaState], now: datetime) -> None:
+    """Record the duration of each saga of `states` that is terminal: states written by one
+    committed batch or pass, so each became terminal there (a terminal saga never changes)."""
+    for state in states:
+        if state.terminal and state.requested_at is not None:
+            SAGA_DURATION.record((now - state.requested_at).total_seconds(), {
+                "saga_type": state.saga_type, "outcome": state.status.value.lower()})
+
+
 @dataclass
 class _BatchWrites:
     inbox: list[store.InboxRow] = field(default_factory=list)
@@ -93,6 +104,8 @@ class _BatchWrites:
     outbox: list[store.OutboxRow] = field(default_factory=list)
     dead_letters: list[store.DeadLetterRow] = field(default_factory=list)
     touched: dict[UUID, SagaState] = field(default_factory=dict)
+    # Step latencies to record once the batch committed (only while metrics record).
+    latencies: list[tuple[float, dict[str, str]]] | None = None
 
 
 @dataclass
@@ -213,7 +226,7 @@ class OrchestratorWorker:
                 log.info("the known-state path lost a race on a batch of %d; deciding it "
                          "again from the database", len(parsed))
             else:
-                self._committed(writes)
+                self._committed(writes, now)
                 return ids, writes.outbox
         writes = _BatchWrites()
         async with self.engine.begin() as conn:
@@ -233,7 +246,7 @@ class OrchestratorWorker:
                 writes.outbox, writes.dead_letters, now,
             )
             crash_point("orchestrator.before_commit", tags)
-        self._committed(writes)
+        self._committed(writes, now)
         return ids, writes.outbox
 
     def _decide_from_known(self, parsed: Sequence[_Parsed], now: datetime) -> _BatchWrites | None:
@@ -268,7 +281,11 @@ class OrchestratorWorker:
             self._apply(item, state, decision, now, writes, states)
         return None if writes.dead_letters else writes
 
-    def _committed(self, writes: _BatchWrites) -> None:
+    def _committed(self, writes: _BatchWrites, now: datetime) -> None:
+        if metrics.RECORDING:
+            observe_ended(writes.touched.values(), now)
+            for seconds, attributes in writes.latencies or ():
+                STEP_LATENCY.record(seconds, attributes)
         for row in writes.dead_letters:
             DEAD_LETTERS.add(1, {"stage": row.stage, "reason": row.reason_code})
         for state in writes.touched.values():
@@ -297,6 +314,8 @@ class OrchestratorWorker:
 
     def _apply(self, item: _Parsed, state: SagaState | None, decision: Decision, now: datetime,
                writes: _BatchWrites, states: dict[UUID, SagaState]) -> None:
+        if metrics.RECORDING and state is not None and decision.events:
+            self._observe_latency(item.input, state, now, writes)
         for event in decision.events:
             state = evolve(state, event)
             writes.events.append(store.NewEvent(state.saga_id, state.version, event, self.actor,
@@ -321,6 +340,23 @@ class OrchestratorWorker:
             partition=item.message.partition, offset=item.message.offset,
             verdict=decision.verdict.value, saga_id=state.saga_id if state else item.saga_id,
         ))
+
+    def _observe_latency(self, value: object, state: SagaState, now: datetime,
+                         writes: _BatchWrites) -> None:
+        """The round trip of the step run a reply answers: its command was sent (or re-sent)
+        `timeout_s` before its deadline."""
+        if not isinstance(value, StepReply):
+            return
+        for run in state.runs:
+            if run.command_id == value.command_id and run.deadline_at is not None:
+                step = self.sagas.definition_of(state).step(run.step)
+                sent_at = run.deadline_at - timedelta(seconds=step.timeout_s)
+                if writes.latencies is None:
+                    writes.latencies = []
+                writes.latencies.append(((now - sent_at).total_seconds(), {
+                    "saga_type": state.saga_type, "step": run.step,
+                    "direction": run.direction.value, "outcome": value.outcome.value}))
+                return
 
     def _dead_letter(self, item: _Parsed, state: SagaState | None,
                      rejection: tuple[RejectionCode, str], now: datetime,
@@ -347,4 +383,7 @@ class OrchestratorWorker:
         writes.outbox.append(store.OutboxRow(record.topic, record.key, record.value,
                                              encode_headers(record.headers), item.saga_id))
         log.warning("dead-lettered %s record at %s/%s: %s: %s", stage, item.message.partition,
-                    item.message.offset, code.value, reason)
+                    item.message.offset, code.value, reason,
+                    extra=saga_fields(saga_type, item.saga_id,
+                                      item.input.step if isinstance(item.input, StepReply)
+                                      else None))
