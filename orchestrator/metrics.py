@@ -102,11 +102,15 @@ SAMPLES = _Samples()
 
 def store_gauges(in_flight: dict[tuple[str, str], int], outbox_backlog: int,
                  outbox_oldest_age_s: float, dead_letters_pending: dict[str, int]) -> None:
-    """The latest sample of the database's gauges (taken by the recovery worker)."""
-    SAMPLES.in_flight = in_flight
+    """The latest sample of the database's gauges (taken by the recovery worker). A series
+    that was reported before and is absent now reports 0: the last saga of a status ended,
+    the last dead letter of a reason was redriven (a series that stops is read as its last
+    value)."""
+    SAMPLES.in_flight = {**dict.fromkeys(SAMPLES.in_flight, 0), **in_flight}
     SAMPLES.outbox_backlog = outbox_backlog
     SAMPLES.outbox_oldest_age_s = outbox_oldest_age_s
-    SAMPLES.dead_letters_pending = dead_letters_pending
+    SAMPLES.dead_letters_pending = {**dict.fromkeys(SAMPLES.dead_letters_pending, 0),
+                                    **dead_letters_pending}
 
 
 def consumer_lag(group: str, stats_json: str) -> None:

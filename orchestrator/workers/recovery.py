@@ -361,7 +361,10 @@ class RecoveryWorker:
         the outbox backlog and its oldest row's age (through `outbox_pending`), and the dead
         letters not redriven yet by reason. One read-only transaction of three statements."""
         async with self.engine.connect() as conn:
-            in_flight = {(row.saga_type, row.status): row.n for row in await conn.execute(text(
+            # Every type's in-flight statuses, 0 when none: a dashboard sees them drain.
+            in_flight = {(name, status): 0 for name in self.sagas
+                         for status in ("RUNNING", "COMPENSATING")}
+            in_flight |= {(row.saga_type, row.status): row.n for row in await conn.execute(text(
                 "SELECT saga_type, status, count(*) AS n FROM sagas"
                 " WHERE status IN ('RUNNING', 'COMPENSATING') GROUP BY 1, 2"))}
             backlog = (await conn.execute(text(
