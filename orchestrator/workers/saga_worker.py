@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+from opentelemetry.metrics import Histogram
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -104,8 +105,8 @@ class _BatchWrites:
     outbox: list[store.OutboxRow] = field(default_factory=list)
     dead_letters: list[store.DeadLetterRow] = field(default_factory=list)
     touched: dict[UUID, SagaState] = field(default_factory=dict)
-    # Step latencies to record once the batch committed (only while metrics record).
-    latencies: list[tuple[float, dict[str, str]]] | None = None
+    # Histogram values to record once the batch committed (only while metrics record).
+    observed: list[tuple[Histogram, float, dict[str, str]]] | None = None
 
 
 @dataclass
@@ -284,8 +285,8 @@ class OrchestratorWorker:
     def _committed(self, writes: _BatchWrites, now: datetime) -> None:
         if metrics.RECORDING:
             observe_ended(writes.touched.values(), now)
-            for seconds, attributes in writes.latencies or ():
-                STEP_LATENCY.record(seconds, attributes)
+            for histogram, seconds, attributes in writes.observed or ():
+                histogram.record(seconds, attributes)
         for row in writes.dead_letters:
             DEAD_LETTERS.add(1, {"stage": row.stage, "reason": row.reason_code})
         for state in writes.touched.values():
@@ -314,8 +315,8 @@ class OrchestratorWorker:
 
     def _apply(self, item: _Parsed, state: SagaState | None, decision: Decision, now: datetime,
                writes: _BatchWrites, states: dict[UUID, SagaState]) -> None:
-        if metrics.RECORDING and state is not None and decision.events:
-            self._observe_latency(item.input, state, now, writes)
+        if metrics.RECORDING and decision.events:
+            self._observe(item, state, now, writes)
         for event in decision.events:
             state = evolve(state, event)
             writes.events.append(store.NewEvent(state.saga_id, state.version, event, self.actor,
@@ -341,22 +342,28 @@ class OrchestratorWorker:
             verdict=decision.verdict.value, saga_id=state.saga_id if state else item.saga_id,
         ))
 
-    def _observe_latency(self, value: object, state: SagaState, now: datetime,
-                         writes: _BatchWrites) -> None:
-        """The round trip of the step run a reply answers: its command was sent (or re-sent)
-        `timeout_s` before its deadline."""
-        if not isinstance(value, StepReply):
-            return
-        for run in state.runs:
-            if run.command_id == value.command_id and run.deadline_at is not None:
-                step = self.sagas.definition_of(state).step(run.step)
-                sent_at = run.deadline_at - timedelta(seconds=step.timeout_s)
-                if writes.latencies is None:
-                    writes.latencies = []
-                writes.latencies.append(((now - sent_at).total_seconds(), {
-                    "saga_type": state.saga_type, "step": run.step,
-                    "direction": run.direction.value, "outcome": value.outcome.value}))
-                return
+    def _observe(self, item: _Parsed, state: SagaState | None, now: datetime,
+                 writes: _BatchWrites) -> None:
+        """What a decision that records events shows on the histograms: a reply, the round
+        trip of the step run it answers (its command was sent, or re-sent, `timeout_s` before
+        its deadline); a refusal at intake, the duration of a saga that never ran (a saga
+        that ran is timed from its state when it ends: `observe_ended`)."""
+        value = item.input
+        if writes.observed is None:
+            writes.observed = []
+        if isinstance(value, StepReply) and state is not None:
+            for run in state.runs:
+                if run.command_id == value.command_id and run.deadline_at is not None:
+                    step = self.sagas.definition_of(state).step(run.step)
+                    sent_at = run.deadline_at - timedelta(seconds=step.timeout_s)
+                    writes.observed.append((STEP_LATENCY, (now - sent_at).total_seconds(), {
+                        "saga_type": state.saga_type, "step": run.step,
+                        "direction": run.direction.value, "outcome": value.outcome.value}))
+                    return
+        elif isinstance(value, RejectSaga) and item.message.timestamp_ms is not None:
+            requested_at = datetime.fromtimestamp(item.message.timestamp_ms / 1000, tz=UTC)
+            writes.observed.append((SAGA_DURATION, (now - requested_at).total_seconds(), {
+                "saga_type": value.saga_type, "outcome": "rejected"}))
 
     def _dead_letter(self, item: _Parsed, state: SagaState | None,
                      rejection: tuple[RejectionCode, str], now: datetime,

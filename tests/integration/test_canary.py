@@ -184,6 +184,12 @@ async def test_no_marker_leaves_the_database_through_logs_metrics_or_dead_letter
     assert {"saga.duration", "saga.step.latency", "saga.dead_letters", "saga.recovery.actions",
             "saga.outbox.backlog", "saga.outbox.oldest_age", "saga.dead_letters.pending",
             "saga.consumer.lag"} <= exported, sorted(exported)
+    outcomes = {point["attributes"]["outcome"] for line in lines
+                for resource in line.get("resource_metrics", ())
+                for scope in resource["scope_metrics"] for metric in scope["metrics"]
+                if metric["name"] == "saga.duration"
+                for point in metric["data"]["data_points"]}
+    assert outcomes == {"completed", "compensated", "rejected"}, outcomes
     assert {code for code, _ in reasons} >= {"CONFLICTING_DUPLICATE", "SAME_ACCOUNT",
                                              "PROCESSING_FAILED"}, reasons
     assert len(dlq_reasons) >= 3, "the dead letters never reached the dead-letter topic"
