@@ -190,6 +190,19 @@ async def test_no_marker_leaves_the_database_through_logs_metrics_or_dead_letter
                 if metric["name"] == "saga.duration"
                 for point in metric["data"]["data_points"]}
     assert outcomes == {"completed", "compensated", "rejected"}, outcomes
+    # The gauges tell the truth: at the end (every saga ended, every record handled) the last
+    # values exported say so.
+    pending = last_points(output["recovery.log"], "saga.dead_letters.pending")
+    assert pending == {(("reason", "CONFLICTING_DUPLICATE"),): 1, (("reason", "SAME_ACCOUNT"),): 1,
+                       (("reason", "PROCESSING_FAILED"),): 1}, pending
+    in_flight = last_points(output["recovery.log"], "saga.in_flight")
+    assert in_flight and set(in_flight.values()) == {0}, in_flight
+    lags = {key: value for text_ in output.values()
+            for key, value in last_points(text_, "saga.consumer.lag").items()}
+    assert {dict(key)["group"] for key in lags} == {
+        "saga-orchestrator", "saga-participant-risk", "saga-participant-ledger",
+        "saga-participant-notify"}, lags
+    assert set(lags.values()) == {0}, lags
     assert {code for code, _ in reasons} >= {"CONFLICTING_DUPLICATE", "SAME_ACCOUNT",
                                              "PROCESSING_FAILED"}, reasons
     assert len(dlq_reasons) >= 3, "the dead letters never reached the dead-letter topic"
@@ -223,6 +236,22 @@ async def test_no_marker_leaves_the_database_through_logs_metrics_or_dead_letter
     assert entries >= 4  # the happy transfer's hold, credit and settle, the other holds
     assert references == 5  # every saga that started
     assert payloads == 3  # each dead letter keeps its original bytes
+
+
+def last_points(output: str, name: str) -> dict[tuple[tuple[str, Any], ...], Any]:
+    """The last exported value of each series of the metric `name` in one worker's output."""
+    points: dict[tuple[tuple[str, Any], ...], Any] = {}
+    for line in output.splitlines():
+        if not line.startswith('{"resource_metrics"'):
+            continue
+        for resource in json.loads(line)["resource_metrics"]:
+            for scope in resource["scope_metrics"]:
+                for metric in scope["metrics"]:
+                    if metric["name"] == name:
+                        for point in metric["data"]["data_points"]:
+                            key = tuple(sorted(point["attributes"].items()))
+                            points[key] = point["value"]
+    return points
 
 
 async def run_every_path(c: Canary) -> None:
