@@ -1,5 +1,11 @@
 """OpenTelemetry instruments, and the exporter a worker process sends them to.
 
+Counters of rare events (failures, dead letters, recovery actions, set-aside rows, rewinds);
+histograms of saga duration and step round trips, recorded per saga and per reply only while
+`RECORDING`; gauges served from samples taken elsewhere (the recovery worker samples the
+database, each consumer hands in librdkafka's statistics), never computed in an export. What
+each one answers: docs/operations/runbook.md#7-metrics; ADR 0016.
+
 The instruments are created against the API's global provider. Until a worker calls
 `configure_metrics` they cost nothing (the API's no-op). `configure_metrics` reads the SDK's
 standard variables:
