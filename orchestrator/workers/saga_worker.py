@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+from opentelemetry.metrics import Histogram
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from orchestrator import metrics
 from orchestrator.consuming.handling import (
     REDRIVE_HEADER,
     dead_letter_for,
@@ -50,7 +52,8 @@ from orchestrator.crash import crash_point, step_tags
 from orchestrator.errors import ConcurrencyConflict
 from orchestrator.kafka.consumer import Consumed, encode_headers
 from orchestrator.kafka.producer import KafkaProducer
-from orchestrator.metrics import DEAD_LETTERS, SAGAS_FAILED
+from orchestrator.logs import saga_fields
+from orchestrator.metrics import DEAD_LETTERS, SAGA_DURATION, SAGAS_FAILED, STEP_LATENCY
 from orchestrator.postgres import store
 from orchestrator.settings import Settings
 from orchestrator.throttle import LogThrottle
@@ -86,6 +89,15 @@ def command_row(settings: Settings, definition: SagaDefinition, command: StepCom
     )
 
 
+def observe_ended(states: Iterable[SagaState], now: datetime) -> None:
+    """Record the duration of each saga of `states` that is terminal: states written by one
+    committed batch or pass, so each became terminal there (a terminal saga never changes)."""
+    for state in states:
+        if state.terminal and state.requested_at is not None:
+            SAGA_DURATION.record((now - state.requested_at).total_seconds(), {
+                "saga_type": state.saga_type, "outcome": state.status.value.lower()})
+
+
 @dataclass
 class _BatchWrites:
     inbox: list[store.InboxRow] = field(default_factory=list)
@@ -93,6 +105,8 @@ class _BatchWrites:
     outbox: list[store.OutboxRow] = field(default_factory=list)
     dead_letters: list[store.DeadLetterRow] = field(default_factory=list)
     touched: dict[UUID, SagaState] = field(default_factory=dict)
+    # Histogram values to record once the batch committed (only while metrics record).
+    observed: list[tuple[Histogram, float, dict[str, str]]] | None = None
 
 
 @dataclass
@@ -213,7 +227,7 @@ class OrchestratorWorker:
                 log.info("the known-state path lost a race on a batch of %d; deciding it "
                          "again from the database", len(parsed))
             else:
-                self._committed(writes)
+                self._committed(writes, now)
                 return ids, writes.outbox
         writes = _BatchWrites()
         async with self.engine.begin() as conn:
@@ -233,7 +247,7 @@ class OrchestratorWorker:
                 writes.outbox, writes.dead_letters, now,
             )
             crash_point("orchestrator.before_commit", tags)
-        self._committed(writes)
+        self._committed(writes, now)
         return ids, writes.outbox
 
     def _decide_from_known(self, parsed: Sequence[_Parsed], now: datetime) -> _BatchWrites | None:
@@ -268,7 +282,11 @@ class OrchestratorWorker:
             self._apply(item, state, decision, now, writes, states)
         return None if writes.dead_letters else writes
 
-    def _committed(self, writes: _BatchWrites) -> None:
+    def _committed(self, writes: _BatchWrites, now: datetime) -> None:
+        if metrics.RECORDING:
+            observe_ended(writes.touched.values(), now)
+            for histogram, seconds, attributes in writes.observed or ():
+                histogram.record(seconds, attributes)
         for row in writes.dead_letters:
             DEAD_LETTERS.add(1, {"stage": row.stage, "reason": row.reason_code})
         for state in writes.touched.values():
@@ -297,6 +315,8 @@ class OrchestratorWorker:
 
     def _apply(self, item: _Parsed, state: SagaState | None, decision: Decision, now: datetime,
                writes: _BatchWrites, states: dict[UUID, SagaState]) -> None:
+        if metrics.RECORDING and decision.events:
+            self._observe(item, state, now, writes)
         for event in decision.events:
             state = evolve(state, event)
             writes.events.append(store.NewEvent(state.saga_id, state.version, event, self.actor,
@@ -321,6 +341,29 @@ class OrchestratorWorker:
             partition=item.message.partition, offset=item.message.offset,
             verdict=decision.verdict.value, saga_id=state.saga_id if state else item.saga_id,
         ))
+
+    def _observe(self, item: _Parsed, state: SagaState | None, now: datetime,
+                 writes: _BatchWrites) -> None:
+        """What a decision that records events shows on the histograms: a reply, the round
+        trip of the step run it answers (its command was sent, or re-sent, `timeout_s` before
+        its deadline); a refusal at intake, the duration of a saga that never ran (a saga
+        that ran is timed from its state when it ends: `observe_ended`)."""
+        value = item.input
+        if writes.observed is None:
+            writes.observed = []
+        if isinstance(value, StepReply) and state is not None:
+            for run in state.runs:
+                if run.command_id == value.command_id and run.deadline_at is not None:
+                    step = self.sagas.definition_of(state).step(run.step)
+                    sent_at = run.deadline_at - timedelta(seconds=step.timeout_s)
+                    writes.observed.append((STEP_LATENCY, (now - sent_at).total_seconds(), {
+                        "saga_type": state.saga_type, "step": run.step,
+                        "direction": run.direction.value, "outcome": value.outcome.value}))
+                    return
+        elif isinstance(value, RejectSaga) and item.message.timestamp_ms is not None:
+            requested_at = datetime.fromtimestamp(item.message.timestamp_ms / 1000, tz=UTC)
+            writes.observed.append((SAGA_DURATION, (now - requested_at).total_seconds(), {
+                "saga_type": value.saga_type, "outcome": "rejected"}))
 
     def _dead_letter(self, item: _Parsed, state: SagaState | None,
                      rejection: tuple[RejectionCode, str], now: datetime,
@@ -347,4 +390,7 @@ class OrchestratorWorker:
         writes.outbox.append(store.OutboxRow(record.topic, record.key, record.value,
                                              encode_headers(record.headers), item.saga_id))
         log.warning("dead-lettered %s record at %s/%s: %s: %s", stage, item.message.partition,
-                    item.message.offset, code.value, reason)
+                    item.message.offset, code.value, reason,
+                    extra=saga_fields(saga_type, item.saga_id,
+                                      item.input.step if isinstance(item.input, StepReply)
+                                      else None))
