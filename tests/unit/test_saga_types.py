@@ -28,6 +28,7 @@ from orchestrator.core.saga import (
     decide_start,
     evolve,
     fold,
+    request_hash,
     saga_id_for,
 )
 from orchestrator.core.saga_type import BUSINESS_KEY_MAX, IntakeRules, Refusal, SagaType, SagaTypes
@@ -228,8 +229,11 @@ def test_intake_applies_each_types_own_rules() -> None:
     long_key = of({"notice_id": "n" * (BUSINESS_KEY_MAX + 1), "destination_account": "bob"})
 
     assert isinstance(good, StartSaga) and (good.saga_type, good.business_key) == ("notice", "n-1")
+    # refused by a check, so it was a valid start message: its hash goes with its refusal
+    shouted = NOTICE_TYPE.start_model.model_validate(
+        {"notice_id": "n-2", "destination_account": "bob", "reference": "HELLO"})
     assert shouting == RejectSaga("notice", "n-2", RejectionCode.SCHEMA_VIOLATION,
-                                  "reference: no shouting")
+                                  "reference: no shouting", request_hash(shouted))
     assert isinstance(no_account, RejectSaga) and no_account.code is RejectionCode.SAME_ACCOUNT
     assert isinstance(no_key, Unparseable) and no_key.code is RejectionCode.SCHEMA_VIOLATION
     assert isinstance(long_key, Unparseable) and "business key" in long_key.reason
