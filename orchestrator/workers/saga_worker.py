@@ -252,10 +252,18 @@ class OrchestratorWorker:
                 sorted({p.saga_id for p in parsed if p.saga_id is not None}),
             )
             for item in parsed:
-                if item.message_id in seen:
-                    continue  # redelivered after a crash, or a byte-identical duplicate
-                seen.add(item.message_id)
                 state = states.get(item.saga_id) if item.saga_id else None
+                if item.message_id in seen:
+                    # Redelivered after a crash, or a byte-identical duplicate: recorded
+                    # already. A request whose saga ended is answered with its outcome event
+                    # again (the same event id), so a client that asks again hears it.
+                    if state is not None and state.terminal and isinstance(
+                            item.input, StartSaga | RejectSaga):
+                        writes.outbox += [
+                            outcome_row(self.settings, self.sagas, outcome)
+                            for outcome in self._decide(item, state, now).outcomes]
+                    continue
+                seen.add(item.message_id)
                 decision = self._decide(item, state, now)
                 self._apply(item, state, decision, now, writes, states)
             ids = await store.write_batch(
