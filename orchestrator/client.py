@@ -85,7 +85,8 @@ class SagaClient:
         self._consumer: Consumer | None = None
         # Every librdkafka call of the reader on one thread: they never overlap.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saga-client")
-        self._waiters: dict[tuple[str, str], list[tuple[str, asyncio.Future[SagaOutcome]]]] = {}
+        self._waiters: dict[tuple[str, str],
+                            list[tuple[str | None, asyncio.Future[SagaOutcome]]]] = {}
         self._reader: asyncio.Task[None] | None = None
         # Each events topic (prefixed) -> its saga type: a record's topic and key find its
         # waiters before its value is parsed.
@@ -123,6 +124,9 @@ class SagaClient:
             # Offsets are never committed: the client positions itself on each start.
             "group.id": f"{self._client_id}-{uuid.uuid4()}",
             "enable.auto.commit": False,
+            # A broker that lost its log (the embedded one, restarted) puts the position past
+            # the new end: read the log again rather than skip what is published again there.
+            "auto.offset.reset": "earliest",
             "allow.auto.create.topics": False,
             "fetch.wait.max.ms": self._settings.kafka_fetch_wait_ms,
             "topic.metadata.refresh.interval.ms": 1000,
@@ -170,8 +174,8 @@ class SagaClient:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reader
             self._reader = None
-        for waiters in self._waiters.values():
-            for _, future in waiters:
+        for waiters in list(self._waiters.values()):
+            for _, future in list(waiters):
                 if not future.done():
                     future.cancel()
         self._waiters.clear()
@@ -189,6 +193,22 @@ class SagaClient:
             raise ConfigurationError(f"this client was not given saga type {name!r}")
         return self._types[name]
 
+    def expect(self, saga_type: SagaType[Any] | str, business_key: str,
+               request_hash: str | None = None) -> asyncio.Future[SagaOutcome]:
+        """The future of the next outcome on `business_key` that answers the request with
+        `request_hash` (None: any outcome on the key). Register it *before* publishing the
+        request: an outcome read before its waiter exists is not kept. For requests this
+        client does not publish itself (a producer of raw bytes, a test)."""
+        if self._reader is None:
+            raise ConfigurationError("start the client first (async with SagaClient(...))")
+        kind = self._saga_type(saga_type)
+        future: asyncio.Future[SagaOutcome] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault((kind.name, business_key), []).append(
+            (request_hash, future))
+        future.add_done_callback(
+            lambda done: self._forget(kind.name, business_key, done))
+        return future
+
     async def publish(self, saga_type: SagaType[Any] | str, request: BaseModel
                       ) -> tuple[Submitted, asyncio.Future[SagaOutcome]]:
         """Publish `request` and return what identifies it with the future of its outcome
@@ -200,16 +220,14 @@ class SagaClient:
             raise TypeError(f"a {kind.name} saga starts with a {kind.start_model.__name__}, "
                             f"not a {type(request).__name__}")
         submitted = Submitted(kind.name, kind.key_of(request), request_hash(request))
-        future: asyncio.Future[SagaOutcome] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault((kind.name, submitted.business_key), []).append(
-            (submitted.request_hash, future))
+        future = self.expect(kind, submitted.business_key, submitted.request_hash)
         try:
             await self._producer.send([Record(
                 topic=self._settings.topic(kind.start_topic),
                 key=submitted.business_key.encode(),
                 value=request.model_dump_json().encode())])
         except BaseException:
-            self._forget(submitted, future)
+            future.cancel()
             raise
         return submitted, future
 
@@ -218,25 +236,27 @@ class SagaClient:
         """Publish `request` and return its outcome event; OutcomeTimeout if none came within
         `timeout_s` (submitting the same request again is safe)."""
         submitted, future = await self.publish(saga_type, request)
+        return await self.wait(submitted.saga_type, submitted.business_key, future, timeout_s)
+
+    @staticmethod
+    async def wait(saga_type: str, business_key: str, future: asyncio.Future[SagaOutcome],
+                   timeout_s: float) -> SagaOutcome:
+        """`future`'s outcome; OutcomeTimeout (and the waiter dropped) after `timeout_s`."""
         try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
+            return await asyncio.wait_for(future, timeout_s)
         except TimeoutError:
             raise OutcomeTimeout(
-                f"no outcome for {submitted.saga_type} {submitted.business_key} within "
-                f"{timeout_s} s; the request was published, and submitting it again is safe"
-            ) from None
-        finally:
-            self._forget(submitted, future)
+                f"no outcome for {saga_type} {business_key} within {timeout_s} s; the request"
+                " was published, and submitting it again is safe") from None
 
-    def _forget(self, submitted: Submitted, future: asyncio.Future[SagaOutcome]) -> None:
-        key = (submitted.saga_type, submitted.business_key)
+    def _forget(self, saga_type: str, business_key: str,
+                future: asyncio.Future[SagaOutcome]) -> None:
+        key = (saga_type, business_key)
         waiters = [w for w in self._waiters.get(key, ()) if w[1] is not future]
         if waiters:
             self._waiters[key] = waiters
         else:
             self._waiters.pop(key, None)
-        if not future.done():
-            future.cancel()
 
     async def _read(self) -> None:
         loop = asyncio.get_running_loop()
@@ -271,10 +291,10 @@ class SagaClient:
             log.warning("not an outcome event on %s [%d] @%d: %s", message.topic(),
                         message.partition(), message.offset(), error.errors()[0]["msg"])
             return
-        for wanted_hash, future in waiters:
+        for wanted_hash, future in list(waiters):
             if future.done():
                 continue
-            if outcome.request_hash is None or outcome.request_hash == wanted_hash:
+            if None in (outcome.request_hash, wanted_hash) or outcome.request_hash == wanted_hash:
                 future.set_result(outcome)
 
 
