@@ -39,13 +39,13 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from pydantic import BaseModel, ValidationError
 
 from orchestrator.core.saga import request_hash
 from orchestrator.core.saga_type import SagaType
 from orchestrator.errors import ConfigurationError, OutcomeTimeout
-from orchestrator.kafka.producer import KafkaProducer, Record
+from orchestrator.kafka.producer import DELIVERY_TIMEOUT_S, delivery_error
 from orchestrator.settings import Settings
 from schemas import SAGA_OUTCOME_ADAPTER, SagaOutcome
 
@@ -81,7 +81,7 @@ class SagaClient:
             raise ConfigurationError("the client needs at least one saga type")
         self._client_id = client_id
         self._ready_timeout_s = ready_timeout_s
-        self._producer: KafkaProducer | None = None
+        self._producer: Producer | None = None
         self._consumer: Consumer | None = None
         # Every librdkafka call of the reader on one thread: they never overlap.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saga-client")
@@ -118,7 +118,13 @@ class SagaClient:
         if self._reader is not None:
             return
         loop = asyncio.get_running_loop()
-        self._producer = KafkaProducer(self._settings, self._client_id)
+        # Idempotent, as the workers' producer; a request's delivery report is served by the
+        # reader's loop, so a publish does not wait for it (a failed one fails its outcome).
+        self._producer = Producer({
+            "bootstrap.servers": self._settings.kafka_bootstrap,
+            "client.id": self._client_id, "enable.idempotence": True, "acks": "all",
+            "linger.ms": 0, "message.timeout.ms": DELIVERY_TIMEOUT_S * 1000,
+            "allow.auto.create.topics": False})
         consumer = Consumer({
             "bootstrap.servers": self._settings.kafka_bootstrap,
             # Offsets are never committed: the client positions itself on each start.
@@ -184,7 +190,7 @@ class SagaClient:
             await asyncio.get_running_loop().run_in_executor(self._executor, consumer.close)
         producer, self._producer = self._producer, None
         if producer is not None:
-            producer.close()
+            await asyncio.get_running_loop().run_in_executor(None, producer.flush, 5)
         self._executor.shutdown(wait=False)
 
     def _saga_type(self, saga_type: SagaType[Any] | str) -> SagaType[Any]:
@@ -221,14 +227,25 @@ class SagaClient:
                             f"not a {type(request).__name__}")
         submitted = Submitted(kind.name, kind.key_of(request), request_hash(request))
         future = self.expect(kind, submitted.business_key, submitted.request_hash)
-        try:
-            await self._producer.send([Record(
-                topic=self._settings.topic(kind.start_topic),
-                key=submitted.business_key.encode(),
-                value=request.model_dump_json().encode())])
-        except BaseException:
-            future.cancel()
-            raise
+        loop = asyncio.get_running_loop()
+        topic = self._settings.topic(kind.start_topic)
+
+        def on_delivery(error: KafkaError | None, _message: Message) -> None:
+            # On the thread that polled the producer: hand the refusal to the event loop.
+            if error is not None:
+                loop.call_soon_threadsafe(_fail, future, delivery_error(error, topic))
+
+        while True:
+            try:
+                self._producer.produce(topic, key=submitted.business_key.encode(),
+                                       value=request.model_dump_json().encode(),
+                                       on_delivery=on_delivery)
+                break
+            except BufferError:  # the local queue is full: let deliveries drain
+                await asyncio.sleep(0.01)
+            except KafkaException as error:
+                future.cancel()
+                raise delivery_error(error.args[0], topic) from error
         return submitted, future
 
     async def submit(self, saga_type: SagaType[Any] | str, request: BaseModel,
@@ -272,6 +289,8 @@ class SagaClient:
                 continue
             for message in messages:
                 self._deliver(message)
+            if self._producer is not None:
+                self._producer.poll(0)  # serves the requests' delivery reports
 
     def _deliver(self, message: Message) -> None:
         if message.error() is not None:
@@ -296,6 +315,11 @@ class SagaClient:
                 continue
             if None in (outcome.request_hash, wanted_hash) or outcome.request_hash == wanted_hash:
                 future.set_result(outcome)
+
+
+def _fail(future: asyncio.Future[SagaOutcome], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
 
 
 __all__ = ["SagaClient", "Submitted"]
