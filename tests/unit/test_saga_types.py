@@ -255,6 +255,26 @@ def test_an_application_checks_its_types_together() -> None:
                           business_key=lambda r: r.notice_id)
     with pytest.raises(ConfigurationError, match="each needs a topic of its own"):
         SagaTypes([NOTICE_TYPE, same_topic])
+    same_events = SagaType(name="other", definitions=(SagaDefinition("other", NOTICE.steps),),
+                           start_model=NoticeRequested, start_topic="others.v1",
+                           business_key=lambda r: r.notice_id,
+                           events_topic="notices.events.v1")
+    with pytest.raises(ConfigurationError, match=r"publishes its outcomes on notices\.events\.v1"):
+        SagaTypes([NOTICE_TYPE, same_events])
+
+
+def test_each_type_has_an_events_topic_derived_from_its_start_topic_unless_named() -> None:
+    def of(start_topic: str, **named: str) -> str:
+        return SagaType(name="notice", definitions=(NOTICE,), start_model=NoticeRequested,
+                        start_topic=start_topic, business_key=lambda r: r.notice_id,
+                        **named).events_topic
+
+    assert TRANSFER_TYPE.events_topic == "transfers.events.v1"
+    assert NOTICE_TYPE.events_topic == "notices.events.v1"
+    assert of("cards.topups.v1") == "notice.events.v1"  # no "commands" in it: by the name
+    assert of("cards.topups.v1", events_topic="cards.done.v2") == "cards.done.v2"
+    with pytest.raises(SagaDefinitionError, match="on its start topic"):
+        of("cards.topups.v1", events_topic="cards.topups.v1")
 
 
 @pytest.mark.parametrize(("changes", "message"), [
