@@ -10,7 +10,11 @@ batch."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -262,15 +266,21 @@ async def test_the_outcome_row_commits_with_the_terminal_event_or_not_at_all(
     assert [SAGA_OUTCOME_ADAPTER.validate_json(r.value()) for r in records] == [row]
 
 
-async def test_a_failed_saga_publishes_failed_then_resolved_once(
-        rig: Rig) -> None:  # noqa: F811 (the fixture)
+async def failed_saga(rig: Rig) -> uuid.UUID:  # noqa: F811 (the fixture's class)
+    """A saga whose notify step (after the pivot) was refused: FAILED, for an operator."""
     [saga_id] = await rig.start()
     for participant, step in (("risk", "screen"), ("ledger", "reserve"), ("ledger", "credit"),
                               ("ledger", "settle")):
         command = next(c for c in await rig.commands(saga_id, participant) if c.step == step)
         await rig.orchestrator.handle_batch([rig.reply(command)])
     [notify] = await rig.commands(saga_id, "notify")
-    await rig.orchestrator.handle_batch([rig.reply(notify, Outcome.FAILED)])  # after the pivot
+    await rig.orchestrator.handle_batch([rig.reply(notify, Outcome.FAILED)])
+    return saga_id
+
+
+async def test_a_failed_saga_publishes_failed_then_resolved_once(
+        rig: Rig) -> None:  # noqa: F811 (the fixture)
+    saga_id = await failed_saga(rig)
 
     [failed] = await _outcome_rows(rig.engine, rig.settings, saga_id)
     assert failed.outcome == "failed" and failed.step == "notify"
@@ -312,3 +322,32 @@ async def test_the_client_page_example_runs_as_written(harness: Harness) -> None
 
     assert said[0] == "done"
     assert said[1].startswith("turned back at reserve: INSUFFICIENT_FUNDS")
+
+
+async def test_saga_resolve_closes_a_failed_saga_once_from_the_command_line(
+        rig: Rig) -> None:  # noqa: F811 (the fixture)
+    saga_id = await failed_saga(rig)
+    state, _ = await rig.saga(saga_id)
+    assert rig.settings.database_url and rig.settings.kafka_bootstrap
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGA_")} | {
+        "SAGA_DATABASE_URL": rig.settings.database_url,
+        "SAGA_KAFKA_BOOTSTRAP": rig.settings.kafka_bootstrap,
+        "SAGA_TOPIC_PREFIX": rig.settings.topic_prefix, "USER": "carol"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], env=env,
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    first = await asyncio.to_thread(cli, "resolve", state.business_key, "--note",
+                                    "INC-9: notified by phone", "--json")
+    second = await asyncio.to_thread(cli, "resolve", str(saga_id), "--note", "again")
+
+    assert first.returncode == 0, first.stderr
+    said = json.loads(first.stdout)
+    assert (said["status"], said["resolved_by"], said["saga_id"]) == (
+        "RESOLVED", "carol", str(saga_id))
+    assert said["outcome"]["outcome"] == "resolved"
+    assert second.returncode == 2 and "only a FAILED saga" in second.stderr
+    rows = await _outcome_rows(rig.engine, rig.settings, saga_id)
+    assert [r.outcome for r in rows] == ["failed", "resolved"]
+    assert (await rig.assert_consistent(saga_id)).status is SagaStatus.RESOLVED
