@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from orchestrator.application import load_application
-from orchestrator.errors import ConfigurationError, NotFound, SagaError
+from orchestrator.errors import ConfigurationError, NotFound, OperatorActionRefused, SagaError
 from orchestrator.logs import configure_logging, set_worker
 from orchestrator.settings import Settings, worker_name
 
@@ -347,6 +347,31 @@ async def cmd_dlq_redrive(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def cmd_resolve(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestrator.ops.queries import resolve_saga_id
+    from orchestrator.ops.resolve import resolve_saga
+
+    actor = (args.actor if args.actor is not None else _default_actor()).strip()
+    if not actor:
+        raise ConfigurationError("who is resolving? $USER is not set: pass --actor NAME")
+    if not args.note.strip():
+        raise ConfigurationError("say what was done (--note), e.g. the incident ticket")
+    sagas = load_application(settings.application).saga_types
+    engine = _engine(settings)
+    try:
+        saga_id = await resolve_saga_id(engine, args.id, args.type)
+        # One transaction: the event, the projection and the outcome's outbox row; the relay
+        # publishes the outcome after the commit.
+        async with engine.begin() as conn:
+            result = await resolve_saga(conn, settings, sagas, saga_id, actor, args.note)
+    finally:
+        await engine.dispose()
+    _print(result.to_json(), args.json,
+           lambda r: f"saga {r['saga_id']} ({r['saga_type']} {r['business_key']}) RESOLVED by "
+                     f"{r['resolved_by']}; outcome event {r['outcome']['event_id']} queued")
+    return 0
+
+
 def _positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -456,6 +481,17 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--json", action="store_true")
     ck.set_defaults(run=cmd_check)
 
+    rs = sub.add_parser("resolve", help="close a FAILED saga once its leftovers were set right "
+                                        "(publishes its 'resolved' outcome)")
+    rs.add_argument("id", help="saga id or business key")
+    rs.add_argument("--type", help="the saga type, when a business key names several")
+    rs.add_argument("--note", required=True,
+                    help="what was done, for the record (an incident ticket, say)")
+    rs.add_argument("--actor", metavar="NAME",
+                    help="who resolves it, recorded as the event's actor (default: $USER)")
+    rs.add_argument("--json", action="store_true")
+    rs.set_defaults(run=cmd_resolve)
+
     ob = sub.add_parser("outbox", help="outbox rows set aside after the broker refused them")
     ob_commands = ob.add_subparsers(dest="outbox_command", required=True)
     retry = ob_commands.add_parser(
@@ -500,7 +536,7 @@ def _main(argv: list[str] | None = None) -> int:
     except NotFound as error:
         print(f"saga: {error}", file=sys.stderr)
         return 3
-    except ConfigurationError as error:
+    except (ConfigurationError, OperatorActionRefused) as error:
         print(f"saga: {error}", file=sys.stderr)
         return 2
     except SagaError as error:

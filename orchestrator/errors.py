@@ -13,7 +13,11 @@
     │       └── TopicRefused      refused for where it goes (unknown topic or partition, not
     │                             authorized): may heal when the topic is created (retryable)
     ├── InvariantViolation        `saga check` found money or history that is not right
-    └── NotFound                  no saga, dead letter or account with that id
+    ├── NotFound                  no saga, dead letter or account with that id
+    ├── OperatorActionRefused     an operator action that does not apply to the saga as it is
+    │                             (resolving a saga that is not FAILED)
+    └── OutcomeTimeout            the client saw no outcome for its request in time (retryable:
+                                  submitting the same request again is safe)
 
 Whether an error is worth retrying is an attribute of its class (`retryable`), never decided by
 matching its message.
@@ -91,3 +95,11 @@ class InvariantViolation(SagaError):
 
 class NotFound(SagaError):
     pass
+
+
+class OperatorActionRefused(SagaError):
+    pass
+
+
+class OutcomeTimeout(SagaError):
+    retryable = True

@@ -31,6 +31,8 @@ from schemas.money import MoneyError, format_amount, parse_amount
 TOPIC_TRANSFER_COMMANDS = "transfers.commands.v1"
 TOPIC_REPLIES = "saga.replies.v1"
 TOPIC_DEAD_LETTERS = "transfers.dlq.v1"
+# The transfers' outcome events (`schemas.outcomes`).
+TOPIC_TRANSFER_EVENTS = "transfers.events.v1"
 
 
 def step_topic(participant: str) -> str:

@@ -50,7 +50,8 @@ def classify(
     for check in saga_type.intake.checks:
         refusal = check(request)
         if refusal is not None:
-            return saga_type.reject(start.business_key, refusal.code, refusal.reason)
+            return saga_type.reject(start.business_key, refusal.code, refusal.reason,
+                                    start.request_hash)
     return start
 
 

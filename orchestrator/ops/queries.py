@@ -88,6 +88,8 @@ def _detail(event_type: str, payload: dict[str, Any],
         return f"{payload['reason_code']}: {payload['reason']}"
     if event_type == "SagaFailed":
         return f"at {payload['step']}: {payload['reason']}"
+    if event_type == "SagaResolved":
+        return f"closed by {payload['resolved_by']}: {payload['note']}"
     if event_type == "StepRetryScheduled":
         return (f"{payload['direction']} attempt {payload['attempt']} not before "
                 f"{payload['not_before']}")

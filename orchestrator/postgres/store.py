@@ -32,9 +32,6 @@ from orchestrator.errors import (
 )
 from schemas import SAGA_EVENT_ADAPTER, SagaEvent
 
-# Payload: "<saga type>:<business key>" of a saga that just reached a terminal state (sent at
-# commit).
-TERMINAL_CHANNEL = "saga_terminal"
 _MIGRATION_LOCK = 0x5A6A0001
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
@@ -282,8 +279,6 @@ WITH new_inbox AS (
         attempt = EXCLUDED.attempt, version = EXCLUDED.version,
         deadline_at = EXCLUDED.deadline_at, due_at = EXCLUDED.due_at,
         updated_at = EXCLUDED.updated_at, state = EXCLUDED.state
-), ended AS (
-    SELECT pg_notify(:terminal_channel, t) FROM unnest(CAST(:ended AS text[])) AS t
 ), new_outbox AS (
     INSERT INTO outbox (topic, key, value, headers, saga_id)
     SELECT * FROM unnest(
@@ -292,8 +287,6 @@ WITH new_inbox AS (
     RETURNING id
 )
 SELECT id FROM new_outbox
-UNION ALL  -- a row-less select whose condition makes the notifications run
-SELECT NULL WHERE (SELECT count(*) FROM ended) < 0
 """)
 
 
@@ -313,7 +306,7 @@ async def write_batch(
     Raises ConcurrencyConflict if another writer recorded part of it first.
     """
     params = {
-        "consumer": consumer, "now": now, "terminal_channel": TERMINAL_CHANNEL,
+        "consumer": consumer, "now": now,
         "i_id": [r.message_id for r in inbox], "i_topic": [r.topic for r in inbox],
         "i_partition": [r.partition for r in inbox], "i_offset": [r.offset for r in inbox],
         "i_verdict": [r.verdict for r in inbox], "i_saga": [r.saga_id for r in inbox],
@@ -334,7 +327,6 @@ async def write_batch(
         "s_due": [s.due_at for s in states],
         "s_requested": [s.requested_at for s in states],
         "s_state": [json.dumps(s.to_json()) for s in states],
-        "ended": [f"{s.saga_type}:{s.business_key}" for s in states if s.terminal],
         "o_topic": [o.topic for o in outbox], "o_key": [o.key for o in outbox],
         "o_value": [o.value for o in outbox],
         "o_headers": [json.dumps(o.headers) for o in outbox],

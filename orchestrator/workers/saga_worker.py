@@ -59,9 +59,11 @@ from orchestrator.settings import Settings
 from orchestrator.throttle import LogThrottle
 from orchestrator.workers.relay import PublishedMarker, publish_committed
 from schemas import (
+    OUTCOME_RECORD_TYPE,
     TOPIC_REPLIES,
     Direction,
     RejectionCode,
+    SagaOutcome,
     StepCommand,
     StepReply,
     step_topic,
@@ -96,6 +98,20 @@ def observe_ended(states: Iterable[SagaState], now: datetime) -> None:
         if state.terminal and state.requested_at is not None:
             SAGA_DURATION.record((now - state.requested_at).total_seconds(), {
                 "saga_type": state.saga_type, "outcome": state.status.value.lower()})
+
+
+def outcome_row(settings: Settings, sagas: SagaTypes, outcome: SagaOutcome) -> store.OutboxRow:
+    """The outbox row of an outcome event: on its saga type's events topic, keyed by the
+    business key (one partition keeps a key's outcomes in order), its event id as the message
+    id. Written in the transaction of the decision that made it, never on its own."""
+    return store.OutboxRow(
+        topic=settings.topic(sagas[outcome.saga_type].events_topic),
+        key=outcome.business_key.encode(),
+        value=outcome.model_dump_json().encode(),
+        headers=encode_headers([("message-id", str(outcome.event_id).encode()),
+                                ("type", OUTCOME_RECORD_TYPE.encode())]),
+        saga_id=outcome.saga_id,
+    )
 
 
 @dataclass
@@ -236,10 +252,18 @@ class OrchestratorWorker:
                 sorted({p.saga_id for p in parsed if p.saga_id is not None}),
             )
             for item in parsed:
-                if item.message_id in seen:
-                    continue  # redelivered after a crash, or a byte-identical duplicate
-                seen.add(item.message_id)
                 state = states.get(item.saga_id) if item.saga_id else None
+                if item.message_id in seen:
+                    # Redelivered after a crash, or a byte-identical duplicate: recorded
+                    # already. A request whose saga ended is answered with its outcome event
+                    # again (the same event id), so a client that asks again hears it.
+                    if state is not None and state.terminal and isinstance(
+                            item.input, StartSaga | RejectSaga):
+                        writes.outbox += [
+                            outcome_row(self.settings, self.sagas, outcome)
+                            for outcome in self._decide(item, state, now).outcomes]
+                    continue
+                seen.add(item.message_id)
                 decision = self._decide(item, state, now)
                 self._apply(item, state, decision, now, writes, states)
             ids = await store.write_batch(
@@ -329,6 +353,8 @@ class OrchestratorWorker:
             definition = self.sagas.definition_of(state)
             writes.outbox += [command_row(self.settings, definition, command)
                               for command in decision.commands]
+        for outcome in decision.outcomes:
+            writes.outbox.append(outcome_row(self.settings, self.sagas, outcome))
         rejection = decision.rejection
         if decision.saga_failed and state is not None:
             code = (RejectionCode.COMPENSATION_FAILED if state.direction is Direction.COMPENSATE
