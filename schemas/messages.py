@@ -166,8 +166,9 @@ class StepReply(WireModel):
     replayed: bool = Field(
         default=False, description="True when this is the stored reply of an effect applied earlier"
     )
+    # No length limit: a reply must never be refused for its sender's name (a long host name).
     applied_by: str | None = Field(
-        default=None, max_length=256,
+        default=None,
         description="The participant instance (its worker name) that decided this outcome; in a"
         " replayed reply, the one that decided it first. For operators reading a timeline.",
     )
