@@ -179,8 +179,9 @@ def _by(payload: Mapping[str, Any]) -> str:
 
 async def timeline(engine: AsyncEngine, any_id: str, saga_type: str | None = None,
                    sagas: Mapping[str, SagaType[Any]] | None = None) -> dict[str, Any]:
-    """Every event of one saga (by saga id or business key), each with what it says in a line.
-    `sagas` (the application's types) lets a type describe its start message itself."""
+    """Every event of one saga (by saga id, id prefix or business key: `resolve_saga_id`),
+    each with what it says in a line, then the dead letters in its name, each with the command
+    that shows it. `sagas` (the application's types) lets a type describe its start message."""
     saga_id = await resolve_saga_id(engine, any_id, saga_type)
     async with engine.connect() as conn:
         saga = (await conn.execute(text(
@@ -194,10 +195,13 @@ async def timeline(engine: AsyncEngine, any_id: str, saga_type: str | None = Non
         # What was refused in this saga's name: its own rejected request, a conflicting
         # re-send of its business key (the saga is unchanged, so no event records it), a
         # reply or command set aside, its FAILED record. Each leads to `saga dlq show`.
+        # Intake dead letters written before 0009 name no saga id, only the (backfilled) key.
         letters = (await conn.execute(text(
             "SELECT dead_letter_id, stage, reason_code, reason, first_failed_at,"
             " last_failed_at, attempts, redriven_at FROM dead_letters WHERE saga_id = :id"
-            " ORDER BY first_failed_at, dead_letter_id"), {"id": saga_id})).all()
+            " OR (saga_id IS NULL AND saga_type = :type AND business_key = :key)"
+            " ORDER BY first_failed_at, dead_letter_id"),
+            {"id": saga_id, "type": saga.saga_type, "key": saga.business_key})).all()
     started_at: dict[str, datetime] = {}
     previous: datetime | None = None
     events = []
