@@ -108,6 +108,9 @@ class StepSucceeded(_Event):
     attempt: int
     command_id: UUID
     result: dict[str, JsonValue] = Field(default_factory=dict)
+    applied_by: str | None = Field(
+        default=None, description="The participant instance (its worker name) that decided"
+        " this outcome, as its reply said; none in events recorded before replies said it")
 
 
 class StepFailed(_Event):
@@ -118,6 +121,9 @@ class StepFailed(_Event):
     code: str
     reason: str
     retryable: bool
+    applied_by: str | None = Field(
+        default=None, description="The participant instance (its worker name) that decided"
+        " this outcome, as its reply said; none in events recorded before replies said it")
 
 
 class StepCompensated(_Event):
@@ -125,6 +131,9 @@ class StepCompensated(_Event):
     step: str
     attempt: int
     command_id: UUID
+    applied_by: str | None = Field(
+        default=None, description="The participant instance (its worker name) that decided"
+        " this outcome, as its reply said; none in events recorded before replies said it")
 
 
 class CompensationFailed(_Event):
@@ -135,6 +144,9 @@ class CompensationFailed(_Event):
     code: str
     reason: str
     retryable: bool
+    applied_by: str | None = Field(
+        default=None, description="The participant instance (its worker name) that decided"
+        " this outcome, as its reply said; none in events recorded before replies said it")
 
 
 class StepRetryScheduled(_Event):

@@ -92,10 +92,12 @@ class TransferRequested(WireModel):
         # Decimal() also reads "1_000", "+10", " 10", "1E+2" and non-ASCII digits: refuse every
         # spelling outside the pattern the published JSON Schema promises.
         if not _AMOUNT_RE.fullmatch(value):
+            # The template takes `{name}` placeholders only (no `!r` conversion, no format
+            # spec: those stay in the message as written), so the value goes in quoted already.
             raise PydanticCustomError(
                 "invalid_amount",
-                "amount {value!r} is not written as digits with an optional decimal point",
-                {"value": value},
+                "amount {value} is not written as digits with an optional decimal point",
+                {"value": repr(value)},
             )
         return value
 
@@ -165,6 +167,12 @@ class StepReply(WireModel):
     result: dict[str, JsonValue] = Field(default_factory=dict)
     replayed: bool = Field(
         default=False, description="True when this is the stored reply of an effect applied earlier"
+    )
+    # No length limit: a reply must never be refused for its sender's name (a long host name).
+    applied_by: str | None = Field(
+        default=None,
+        description="The participant instance (its worker name) that decided this outcome; in a"
+        " replayed reply, the one that decided it first. For operators reading a timeline.",
     )
 
 

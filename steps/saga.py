@@ -87,6 +87,7 @@ TRANSFER_TYPE: SagaType[TransferRequested] = SagaType(
     business_key=transfer_key,
     intake=TRANSFER_INTAKE,
     describe=describe_transfer,
+    account_fields=("source_account", "destination_account"),
 )
 
 SAGAS: tuple[SagaType[TransferRequested], ...] = (TRANSFER_TYPE,)

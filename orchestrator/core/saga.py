@@ -761,7 +761,8 @@ def _forward_reply(
 ) -> Decision:
     if reply.outcome is Outcome.SUCCEEDED:
         succeeded = StepSucceeded(step=step.name, attempt=run.attempt,
-                                  command_id=reply.command_id, result=dict(reply.result))
+                                  command_id=reply.command_id, result=dict(reply.result),
+                                  applied_by=reply.applied_by)
         state = evolve(state, succeeded)
         events, commands, saga_failed = _stage_settled(definition, state, step, now)
         return Decision(Verdict.APPLIED, events=(succeeded, *events), commands=commands,
@@ -769,7 +770,7 @@ def _forward_reply(
 
     failed = StepFailed(step=step.name, attempt=run.attempt, command_id=reply.command_id,
                         code=reply.code or "FAILED", reason=reply.reason or "",
-                        retryable=reply.retryable)
+                        retryable=reply.retryable, applied_by=reply.applied_by)
     # A sibling already failed for good: the stage turns back, so nothing is retried.
     turning_back = state.turning_back
     state = evolve(state, failed)
@@ -828,13 +829,14 @@ def _compensation_reply(
 ) -> Decision:
     if reply.outcome is Outcome.SUCCEEDED:
         compensated = StepCompensated(step=step.name, attempt=run.attempt,
-                                      command_id=reply.command_id)
+                                      command_id=reply.command_id, applied_by=reply.applied_by)
         state = evolve(state, compensated)
         events, commands = _next_compensation(definition, state, now)
         return Decision(Verdict.APPLIED, events=(compensated, *events), commands=commands)
     failed = CompensationFailed(step=step.name, attempt=run.attempt,
                                 command_id=reply.command_id, code=reply.code or "FAILED",
-                                reason=reply.reason or "", retryable=reply.retryable)
+                                reason=reply.reason or "", retryable=reply.retryable,
+                                applied_by=reply.applied_by)
     state = evolve(state, failed)
     if reply.retryable and _attempts_left(run, step):
         return Decision(Verdict.APPLIED, events=(failed, _schedule_retry(state, run, step, now)))

@@ -17,6 +17,9 @@ A `SagaType` registers, all pure values and functions (no I/O):
                      `SAGA_TOPIC_PREFIX`), keyed by business key; by default its start topic with
                      `commands` made `events` (`transfers.commands.v1` -> `transfers.events.v1`),
                      or `<name>.events.v1`
+    account_fields   optional: the fields of its start message that name accounts (dotted paths
+                     into the message's JSON, e.g. "source_account"), so that operators can
+                     find a saga by account (`saga list --account`, `search_sagas`)
 
 The saga id is `uuid5(namespace, f"{name}:{business_key}")` (`saga_id_for`): one saga per key and
 type, fenced by the event table's primary key.
@@ -90,6 +93,7 @@ class SagaType(Generic[M]):
     # Shown to on-call engineers: no personal data beyond what the timeline's payload holds.
     describe: Callable[[Mapping[str, Any]], str] | None = None
     events_topic: str = ""
+    account_fields: tuple[str, ...] = ()
     _by_version: dict[int, SagaDefinition] = field(init=False, repr=False)
     _current: int = field(init=False, repr=False)
 
@@ -123,6 +127,13 @@ class SagaType(Generic[M]):
         if self.events_topic == self.start_topic:
             raise SagaDefinitionError(
                 f"saga type {self.name!r} cannot publish its outcomes on its start topic")
+        # A misspelt field would make every search by account of this type find nothing.
+        unknown = [path for path in self.account_fields
+                   if path.split(".")[0] not in self.start_model.model_fields]
+        if isinstance(self.account_fields, str) or unknown:
+            raise SagaDefinitionError(
+                f"saga type {self.name!r}: account_fields must be a tuple of fields of"
+                f" {self.start_model.__name__}; not fields of it: {unknown or self.account_fields}")
 
     @property
     def current(self) -> SagaDefinition:

@@ -33,7 +33,7 @@ from orchestrator.consuming.handling import (
     retrying,
 )
 from orchestrator.core.definition import SagaDefinition
-from orchestrator.core.intake import Unparseable, classify
+from orchestrator.core.intake import Unparseable, classify, unreadable
 from orchestrator.core.saga import (
     Decision,
     RejectSaga,
@@ -201,9 +201,10 @@ class OrchestratorWorker:
             try:
                 reply = StepReply.model_validate_json(message.value)
             except ValidationError as error:
-                return _Parsed(message, message_id_of(message), None,
-                               Unparseable(RejectionCode.SCHEMA_VIOLATION,
-                                           f"not a StepReply: {error.errors()[0]['msg']}"))
+                problem = unreadable(message.value)
+                return _Parsed(message, message_id_of(message), None, Unparseable(
+                    RejectionCode.MALFORMED_JSON if problem else RejectionCode.SCHEMA_VIOLATION,
+                    problem or f"not a StepReply: {error.errors()[0]['msg']}"))
             message_id = f"reply:{reply.reply_id}"
             redrive = message.header(REDRIVE_HEADER)
             if redrive:  # an operator redrove it: a new message, decided once more

@@ -1427,3 +1427,31 @@ def test_nothing_is_outstanding_while_a_retry_waits_or_after_the_end() -> None:
     finished.receive(ok(finished.state))
     assert finished.state.terminal
     assert outstanding_command(TRANSFER, finished.state) is None
+
+
+# ---------------------------------------------------------------- who applied a step
+
+
+def test_each_step_outcome_names_the_participant_instance_its_reply_named() -> None:
+    """Given replies that name the instance that decided them, every outcome event records it,
+    forward and compensating, succeeded and failed, so a timeline can say who applied what."""
+    saga = at("credit")
+    credited = ok(saga.state).model_copy(update={"applied_by": "participant:ledger@host-a:11"})
+    saga.receive(credited)
+    refusal = refused(saga.state, "DAILY_LIMIT_EXCEEDED", "over the limit").model_copy(
+        update={"applied_by": "participant:ledger@host-b:22"})
+    saga.receive(refusal)
+    undone = ok(saga.state).model_copy(update={"applied_by": "participant:ledger@host-a:11"})
+
+    decision = saga.receive(undone)
+
+    outcomes = [(type(e).__name__, e.step, e.applied_by) for e in saga.events
+                if isinstance(e, StepSucceeded | StepFailed | StepCompensated)]
+    assert outcomes[-3:] == [
+        ("StepSucceeded", "credit", "participant:ledger@host-a:11"),
+        ("StepFailed", "settle", "participant:ledger@host-b:22"),
+        ("StepCompensated", "credit", "participant:ledger@host-a:11"),
+    ]
+    assert isinstance(decision.events[0], StepCompensated)
+    # a reply that names nobody (a participant of an older release) records nobody
+    assert next(e.applied_by for e in saga.events if isinstance(e, StepSucceeded)) is None
