@@ -135,9 +135,11 @@ def _preview(console: Console, principal: Principal, detail: dlq.DeadLetterDetai
     value = payload.value
     if not principal.sees_accounts:
         mask = console.mask
+        accounts = mask.values_in_text(value) if payload.encoding == "utf-8" else set()
         value = mask.text(value) if payload.encoding == "utf-8" else ""
-        data = mask.json({key: item for key, item in data.items() if key != "payload"})
-        data["headers"] = [{**header, "value": mask.text(header["value"])}
+        data = mask.json({key: item for key, item in data.items() if key != "payload"},
+                         also=accounts)
+        data["headers"] = [{**header, "value": mask.text(header["value"], accounts)}
                            if header["encoding"] == "utf-8" else {**header, "value": ""}
                            for header in data["headers"]]
     limit = console.settings.console_payload_preview_bytes

@@ -37,12 +37,27 @@ class AccountMask:
     def is_masked_field(self, name: str) -> bool:
         return self._field.search(name) is not None
 
-    def json(self, data: Any) -> Any:
+    def json(self, data: Any, also: set[str] | None = None) -> Any:
         """A copy of `data` (JSON-like) with the named fields masked, and their values masked
-        wherever else they occur in its strings."""
-        seen: set[str] = set()
+        wherever else they occur in its strings. `also`: values known to be account ids from
+        elsewhere (a dead letter's payload, for its reason and headers)."""
+        seen = set(also or ())
         self._collect(data, seen)
         return self._apply(data, _Replacer(seen))
+
+    def values_in_text(self, text: str) -> set[str]:
+        """The values of the named fields in a payload's text, parsed as JSON or not."""
+        seen: set[str] = set()
+        try:
+            document = json.loads(text)
+        except ValueError:
+            document = None
+        if isinstance(document, dict | list):
+            self._collect(document, seen)
+        else:
+            seen.update(match.group(3) for match in _PAIR.finditer(text)
+                        if self.is_masked_field(match.group(1)) and match.group(3))
+        return seen
 
     def text(self, text: str, also: set[str] | None = None) -> str:
         """A payload's text: as JSON if it parses (re-serialized), else by its `"field":

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from orchestrator.console.security import SESSION_COOKIE
 from orchestrator.errors import (
     Conflict,
     IssuerUnreachable,
@@ -76,7 +77,7 @@ def install(app: FastAPI) -> None:
     async def not_authenticated(request: Request, error: Exception) -> JSONResponse:
         # RFC 6750: say which scheme to use, and why a token that was sent is refused.
         challenge = f'Bearer realm="{REALM}"'
-        if request.headers.get("authorization") or request.cookies:
+        if request.headers.get("authorization") or request.cookies.get(SESSION_COOKIE):
             challenge += f', error="invalid_token", error_description="{_quoted(str(error))}"'
         return problem(401, "not_authenticated", "Not authenticated", str(error), request,
                        headers={"WWW-Authenticate": challenge})

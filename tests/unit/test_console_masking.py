@@ -46,3 +46,13 @@ def test_the_field_rule_is_configurable() -> None:
 
     assert iban_only.json({"iban": "DE00123456789", "source_account": "a-1"}) == {
         "iban": "****6789", "source_account": "a-1"}
+
+
+def test_account_ids_of_a_payload_are_found_for_the_rest_of_its_dead_letter() -> None:
+    payload = '{"destination_account": "acc-dest-3333", "amount": "1"'  # malformed
+
+    found = MASK.values_in_text(payload)
+    masked = MASK.json({"reason": "account acc-dest-3333 is closed"}, also=found)
+
+    assert found == {"acc-dest-3333"}
+    assert masked == {"reason": "account ****3333 is closed"}
