@@ -7,6 +7,7 @@ the same the CLI runs.
 from __future__ import annotations
 
 import base64
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -21,6 +22,7 @@ from orchestrator.errors import ConfigurationError, Conflict, NotAllowed, NotFou
 from orchestrator.ops import dlq, queries
 from orchestrator.ops.overview import overview, saga_id_by_prefix
 
+log = logging.getLogger(__name__)
 Viewer = Annotated[Principal, Depends(require(Role.VIEWER))]
 Operator = Annotated[Principal, Depends(require(Role.OPERATOR))]
 Admin = Annotated[Principal, Depends(require(Role.ADMIN))]
@@ -192,6 +194,8 @@ async def _redrive(console: Console, ids: list[str] | dlq.Select, actor: str) ->
             result = await dlq.redrive(conn, ids, actor=actor)
     except ConfigurationError as error:  # the dead letter of a FAILED saga: no message
         raise Conflict(str(error)) from error
+    # The record of who acted is the outbox row's header; this line is for the console's log.
+    log.info("redrive by %s: %s", actor, result.describe())
     return result.to_json()
 
 

@@ -21,8 +21,10 @@ DESCRIPTION = (
 
 
 def create_app(console: Console, dev: DevIdentityProvider | None = None) -> FastAPI:
+    # No Swagger UI: it loads its scripts from a CDN at run time. The document itself is public
+    # (it is committed in the repository); every route it describes needs a token.
     app = FastAPI(title=TITLE, version=VERSION, description=DESCRIPTION,
-                  docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json")
+                  docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     app.state.console = console
     problems.install(app)
     app.include_router(api.router)

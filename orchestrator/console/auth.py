@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ import jwt
 from jwt import PyJWK, PyJWKSet
 
 from orchestrator.errors import IssuerUnreachable, NotAllowed, NotAuthenticated
+
+log = logging.getLogger(__name__)
 
 # Algorithms with a public key only: an HMAC algorithm would let anyone holding the "key" (the
 # JWKS is public) sign tokens.
@@ -118,9 +121,13 @@ class StaticKeys:
 
 
 class RemoteKeys:
-    """The issuer's JWKS over HTTP(S), cached for `cache_s` and refreshed at once for a key id
-    it lacks (at most once per `min_refresh_s`). Found from the issuer's discovery document
-    unless `jwks_url` is given."""
+    """The issuer's JWKS over HTTP(S), found from its discovery document unless `jwks_url` is
+    given. Cached for `cache_s`; refreshed at once for a key id it lacks (the issuer rotated);
+    never fetched more often than once per `min_refresh_s`, whether the fetch worked or not, so
+    neither made-up key ids nor an issuer that is down make every request wait on the issuer.
+    While the issuer cannot be reached, the cached keys stay in use for up to another `cache_s`
+    (refusing everyone at once over a blip is worse); after that, or with no keys yet, requests
+    get `IssuerUnreachable` (HTTP 503)."""
 
     def __init__(self, issuer: str, *, jwks_url: str | None, cache_s: float, min_refresh_s: float,
                  client: httpx.AsyncClient | None = None,
@@ -133,35 +140,52 @@ class RemoteKeys:
         self._clock = clock
         self._keys: dict[str | None, PyJWK] | None = None
         self._fetched_at = float("-inf")
+        self._attempted_at = float("-inf")
+        self._failure: IssuerUnreachable | None = None
         self._lock = asyncio.Lock()
         self.fetches = 0  # how many times the key set was fetched (for tests and logs)
 
     async def key(self, kid: str | None) -> PyJWK:
         if self._keys is None or self._clock() - self._fetched_at > self._cache_s:
-            await self._refresh(self._fetched_at)
-        assert self._keys is not None
-        found = _pick(self._keys, kid)
-        if found is None and self._clock() - self._fetched_at >= self._min_refresh_s:
-            await self._refresh(self._fetched_at)  # the issuer may have rotated its keys
-            found = _pick(self._keys, kid)
+            await self._refresh_if_due()
+        found = _pick(self._keys, kid) if self._keys is not None else None
+        if found is None and self._keys is not None:
+            await self._refresh_if_due()  # the issuer may have rotated its keys
+            found = _pick(self._keys, kid) if self._keys is not None else None
+        if self._keys is None:
+            raise self._failure or IssuerUnreachable(f"no key set from {self.issuer} yet")
         if found is None:
             raise NotAuthenticated(f"the token is signed with key {kid!r}, which the issuer"
                                    " does not publish")
         return found
 
-    async def _refresh(self, seen_fetched_at: float) -> None:
+    async def _refresh_if_due(self) -> None:
         async with self._lock:
-            if self._fetched_at != seen_fetched_at:
-                return  # another request refreshed while this one waited for the lock
-            url = self._jwks_url or str((await self._get_json(
-                self.issuer.rstrip("/") + "/.well-known/openid-configuration")).get("jwks_uri")
-                or "")
-            if not url:
-                raise IssuerUnreachable(f"the discovery document of {self.issuer} names no"
-                                        " jwks_uri: set SAGA_CONSOLE_OIDC_JWKS_URL")
-            self._keys = parse_key_set(await self._get_json(url))
-            self._fetched_at = self._clock()
+            # Also true for requests that waited on the lock while another one fetched.
+            if self._clock() - self._attempted_at < self._min_refresh_s:
+                return
+            self._attempted_at = self._clock()
+            try:
+                keys = await self._fetch()
+            except IssuerUnreachable as error:
+                self._failure = error
+                if self._keys is not None and (
+                        self._clock() - self._fetched_at <= 2 * self._cache_s):
+                    log.warning("keeping the cached keys of %s: %s", self.issuer, error)
+                    return
+                self._keys = None
+                raise
+            self._keys, self._fetched_at, self._failure = keys, self._clock(), None
             self.fetches += 1
+
+    async def _fetch(self) -> dict[str | None, PyJWK]:
+        url = self._jwks_url or str((await self._get_json(
+            self.issuer.rstrip("/") + "/.well-known/openid-configuration")).get("jwks_uri")
+            or "")
+        if not url:
+            raise IssuerUnreachable(f"the discovery document of {self.issuer} names no"
+                                    " jwks_uri: set SAGA_CONSOLE_OIDC_JWKS_URL")
+        return parse_key_set(await self._get_json(url))
 
     async def _get_json(self, url: str) -> dict[str, Any]:
         try:

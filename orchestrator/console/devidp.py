@@ -128,7 +128,8 @@ def dev_router(provider: DevIdentityProvider, *, secure_cookies: bool) -> APIRou
                 " identity provider is a key made at start. Sign in as:</p>"
                 f"<ul>{links}</ul></body></html>")
         token = provider.mint(Role.named(role))
-        response = RedirectResponse(AFTER_LOGIN, status_code=303)
+        response = RedirectResponse(AFTER_LOGIN, status_code=303,
+                                    headers={"Cache-Control": "no-store"})
         response.set_cookie(SESSION_COOKIE, token, max_age=TOKEN_TTL_S, httponly=True,
                             samesite="strict", secure=secure_cookies, path="/")
         # Readable by the console's own scripts, which copy it into X-CSRF-Token.
@@ -140,7 +141,8 @@ def dev_router(provider: DevIdentityProvider, *, secure_cookies: bool) -> APIRou
     async def token(body: TokenRequest) -> JSONResponse:
         provider.check_login_key(body.key)
         return JSONResponse({"access_token": provider.mint(Role.named(body.role), body.subject),
-                             "token_type": "Bearer", "expires_in": TOKEN_TTL_S})
+                             "token_type": "Bearer", "expires_in": TOKEN_TTL_S},
+                            headers={"Cache-Control": "no-store"})
 
     return router
 

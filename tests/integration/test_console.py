@@ -24,6 +24,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.console import ConsoleServer
+from orchestrator.console.openapi import build_document
 from orchestrator.kafka.consumer import decode_headers
 from orchestrator.postgres.store import json_value
 from orchestrator.settings import Settings
@@ -95,6 +96,10 @@ async def test_no_token_is_401_with_a_bearer_challenge(api: httpx.AsyncClient) -
     assert response.headers["www-authenticate"] == 'Bearer realm="saga-console"'
     not_bearer = await api.get("/api/v1/sagas", headers={"Authorization": "Basic YTpi"})
     assert "Bearer <token>" in problem_of(not_bearer, 401)["detail"]
+    # the API's description is public (it is committed in docs/); there is no Swagger UI
+    described = await api.get("/api/openapi.json")
+    assert described.json() == build_document()
+    assert (await api.get("/api/docs")).status_code == 404
 
 
 @pytest.mark.parametrize(("token_of", "why"), [

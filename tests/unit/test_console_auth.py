@@ -125,3 +125,29 @@ def test_symmetric_algorithms_cannot_be_configured(issuer: OidcIssuer) -> None:
     with pytest.raises(ValueError, match="HS256"):
         TokenVerifier(keys, issuer=issuer.url, audience=AUDIENCE, roles_claim="roles",
                       role_names=ROLE_NAMES, algorithms=["HS256"], leeway_s=0)
+
+
+async def test_an_issuer_that_goes_down_is_not_asked_on_every_request(
+        issuer: OidcIssuer) -> None:
+    now = [1000.0]
+    keys = RemoteKeys(issuer.url, jwks_url=f"{issuer.url}/jwks", cache_s=60,
+                      min_refresh_s=10, clock=lambda: now[0])
+    verifier = verifier_for(keys, issuer)
+    token = issuer.token("viewer")
+    try:
+        await verifier.verify(token)
+        issuer.close()  # the issuer is gone
+
+        now[0] += 61  # the cache expired: one failed fetch, the cached keys still serve
+        assert (await verifier.verify(token)).role is Role.VIEWER
+        now[0] += 5  # too soon to ask again: not even tried
+        assert (await verifier.verify(token)).role is Role.VIEWER
+        assert keys.fetches == 1
+
+        now[0] += 60  # past twice the cache time: stale keys are dropped
+        with pytest.raises(IssuerUnreachable, match="cannot fetch"):
+            await verifier.verify(token)
+        with pytest.raises(IssuerUnreachable):  # remembered, not fetched again at once
+            await verifier.verify(token)
+    finally:
+        await keys.close()
