@@ -60,7 +60,8 @@ async def _list_sagas(console: Console, status: str | None, saga_type: str | Non
             summary="sagas, most recently changed first")
 async def list_sagas(
         principal: Viewer, console: Ctx,
-        status: Annotated[models.SagaStatus | None, Query()] = None,
+        status: Annotated[models.SagaStatus | None, Query(description=(
+            "in any case: `completed` is `COMPLETED`"))] = None,
         saga_type: Annotated[str | None, Query(alias="type", max_length=200)] = None,
         definition_version: Annotated[int | None, Query(ge=1)] = None,
         key: Annotated[str | None, Query(max_length=500, description="a business key")] = None,
@@ -87,7 +88,7 @@ async def get_saga(
         saga_id = await saga_id_by_prefix(engine, saga_ref)
         if saga_id is None:
             raise
-        data = await queries.timeline(engine, str(saga_id), None, console.sagas)
+        data = await queries.timeline(engine, str(saga_id), saga_type, console.sagas)
     except ConfigurationError as error:  # a business key several types share
         raise Conflict(str(error).replace("pass --type", "pass ?type=")) from error
     return {**_masked(console, principal, data), "accounts_masked": not principal.sees_accounts}

@@ -4,11 +4,14 @@ UTC; money stays as the decimal strings the events hold, never a float."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 
-SagaStatus = Literal["RUNNING", "COMPENSATING", "COMPLETED", "COMPENSATED", "REJECTED", "FAILED"]
+# Statuses are spelled in capitals; a query may spell them in any case.
+SagaStatus = Annotated[
+    Literal["RUNNING", "COMPENSATING", "COMPLETED", "COMPENSATED", "REJECTED", "FAILED"],
+    BeforeValidator(lambda value: value.upper() if isinstance(value, str) else value)]
 
 
 class Run(BaseModel):

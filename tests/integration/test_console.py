@@ -161,7 +161,7 @@ async def test_one_saga_by_id_prefix_or_key_and_in_the_list(
         assert response.json()["saga_id"] == transfer["saga_id"], (ref, response.text)
 
     listed = await api.get("/api/v1/sagas", headers=headers, params={
-        "key": transfer["transfer_id"], "type": "transfer", "status": "COMPLETED"})
+        "key": transfer["transfer_id"], "type": "transfer", "status": "completed"})
     [row] = listed.json()["sagas"]
     assert (row["saga_id"], row["input"]["source_account"]) == (
         transfer["saga_id"], "****" + transfer["source_account"][-4:])
