@@ -398,3 +398,35 @@ async def _use_dev_console(info: dict[str, Any], env: dict[str, str]) -> None:
             "X-CSRF-Token": client.cookies["saga_csrf"], "Origin": url})
         assert allowed.status_code == 200, allowed.text
         assert allowed.json()["actor"] == "dev-admin"
+
+
+async def test_serve_with_an_issuer_verifies_its_tokens(harness: Harness, oidc: OidcIssuer,
+                                                        tmp_path: Path) -> None:
+    """`saga serve` as deployed: the issuer's keys found through its discovery document."""
+    env = {**_saga_env(harness, tmp_path), "SAGA_CONSOLE_OIDC_ISSUER": oidc.url,
+           "SAGA_CONSOLE_OIDC_AUDIENCE": AUDIENCE,
+           "SAGA_CONSOLE_ROLE_NAMES": json.dumps({"viewer": "ro", "operator": "rw",
+                                                  "admin": "root"})}
+    log = tmp_path / "serve.log"
+    with log.open("w") as stderr:
+        server = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "orchestrator.cli", "serve", "--port", "0", "--json",
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=stderr)
+        try:
+            assert server.stdout is not None
+            line = await asyncio.wait_for(server.stdout.readline(), 60)
+            assert line, log.read_text()
+            info = json.loads(line)
+            assert "login_url" not in info
+            async with httpx.AsyncClient(base_url=info["console_url"], timeout=30) as client:
+                me = await client.get("/api/v1/whoami", headers=auth(oidc.token("rw", sub="o")))
+                default_names = await client.get("/api/v1/whoami",
+                                                 headers=auth(oidc.token("operator")))
+                no_dev = await client.get("/dev/login")
+        finally:
+            server.terminate()
+            await asyncio.wait_for(server.wait(), 30)
+    assert me.json() == {"subject": "o", "role": "operator", "accounts_masked": False}
+    assert problem_of(default_names, 403)["code"] == "not_allowed"  # names are configured
+    assert no_dev.status_code == 404  # no development identity provider outside --dev
+    assert server.returncode == 0, log.read_text()
