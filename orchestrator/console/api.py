@@ -189,7 +189,7 @@ async def download_dead_letter_payload(principal: Viewer, console: Ctx,
         "Content-Disposition": f'attachment; filename="dead-letter-{dead_letter_id}.bin"'})
 
 
-async def _redrive(console: Console, ids: list[str] | dlq.Select, actor: str) -> dict[str, Any]:
+async def redrive(console: Console, ids: list[str] | dlq.Select, actor: str) -> dict[str, Any]:
     try:
         async with console.database().begin() as conn:
             result = await dlq.redrive(conn, ids, actor=actor)
@@ -206,7 +206,7 @@ async def _redrive(console: Console, ids: list[str] | dlq.Select, actor: str) ->
                         409: {"description": "it records a FAILED saga: nothing to redrive"}})
 async def redrive_one(principal: Operator, console: Ctx,
                       dead_letter_ref: DeadLetterRef) -> dict[str, Any]:
-    result = await _redrive(console, [dead_letter_ref], principal.subject)
+    result = await redrive(console, [dead_letter_ref], principal.subject)
     if result["not_found"]:
         raise NotFound(f"no dead letter with id {dead_letter_ref}")
     return result
@@ -221,5 +221,5 @@ async def redrive_bulk(principal: Admin, console: Ctx,
         raise RequestValidationError([{
             "loc": ("body",), "msg": "give either `ids` or `all: true`, not both or neither",
             "type": "value_error"}])
-    return await _redrive(console, body.ids if body.ids is not None else dlq.ALL_PENDING,
+    return await redrive(console, body.ids if body.ids is not None else dlq.ALL_PENDING,
                           principal.subject)

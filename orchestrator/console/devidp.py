@@ -43,8 +43,8 @@ from orchestrator.errors import ConfigurationError, NotAllowed
 
 DEV_SUBJECT_PREFIX: Final = "dev-"
 TOKEN_TTL_S: Final = 8 * 3600
-# Where a dev session lands after logging in (the console's pages will live at `/`).
-AFTER_LOGIN: Final = "/api/v1/whoami"
+# Where a dev session lands after logging in: the console's saga list.
+AFTER_LOGIN: Final = "/sagas"
 
 
 def _nested(path: str, value: Any) -> dict[str, Any]:

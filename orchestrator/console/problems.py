@@ -21,7 +21,7 @@ from typing import Any, Final
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -60,9 +60,15 @@ class Problem(BaseModel):
 
 
 def problem(status: int, code: str, title: str, detail: str, request: Request | None = None,
-            headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+            headers: dict[str, str] | None = None, **extra: Any) -> Response:
     body = Problem(title=title, status=status, detail=detail, code=code,
                    instance=request.url.path if request is not None else None, **extra)
+    # A browser asking for a page gets the error as a page (orchestrator.console.pages).
+    page = getattr(request.app.state, "error_page", None) if request is not None else None
+    if page is not None:
+        shown = page(request, status, title, detail, headers)
+        if isinstance(shown, Response):
+            return shown
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status,
                         media_type=PROBLEM_JSON, headers=headers)
 
@@ -74,7 +80,7 @@ def _quoted(text: str) -> str:
 def install(app: FastAPI) -> None:
     """Register the handlers that turn every error into problem details."""
 
-    async def not_authenticated(request: Request, error: Exception) -> JSONResponse:
+    async def not_authenticated(request: Request, error: Exception) -> Response:
         # RFC 6750: say which scheme to use, and why a token that was sent is refused.
         challenge = f'Bearer realm="{REALM}"'
         if request.headers.get("authorization") or request.cookies.get(SESSION_COOKIE):
@@ -82,20 +88,20 @@ def install(app: FastAPI) -> None:
         return problem(401, "not_authenticated", "Not authenticated", str(error), request,
                        headers={"WWW-Authenticate": challenge})
 
-    async def not_allowed(request: Request, error: Exception) -> JSONResponse:
+    async def not_allowed(request: Request, error: Exception) -> Response:
         return problem(403, "not_allowed", "Not allowed", str(error), request)
 
-    async def not_found(request: Request, error: Exception) -> JSONResponse:
+    async def not_found(request: Request, error: Exception) -> Response:
         return problem(404, "not_found", "Not found", str(error), request)
 
-    async def conflict(request: Request, error: Exception) -> JSONResponse:
+    async def conflict(request: Request, error: Exception) -> Response:
         return problem(409, "conflict", "Conflict", str(error), request)
 
-    async def unreachable(request: Request, error: Exception) -> JSONResponse:
+    async def unreachable(request: Request, error: Exception) -> Response:
         return problem(503, "issuer_unreachable", "Identity provider unreachable", str(error),
                        request, headers={"Retry-After": "5"})
 
-    async def invalid(request: Request, error: Exception) -> JSONResponse:
+    async def invalid(request: Request, error: Exception) -> Response:
         assert isinstance(error, RequestValidationError)
         errors = [ParameterError(where=".".join(str(part) for part in e.get("loc", ())),
                                  message=str(e.get("msg", "invalid")))
@@ -104,7 +110,7 @@ def install(app: FastAPI) -> None:
         return problem(422, "invalid_parameters", "Invalid parameters", detail, request,
                        errors=errors)
 
-    async def http_error(request: Request, error: Exception) -> JSONResponse:
+    async def http_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, StarletteHTTPException)
         if error.status_code == 404:
             return problem(404, "not_found", "Not found", f"no such path: {request.url.path}",
@@ -112,7 +118,7 @@ def install(app: FastAPI) -> None:
         return problem(error.status_code, f"http_{error.status_code}", str(error.detail),
                        str(error.detail), request, headers=dict(error.headers or {}))
 
-    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+    async def unexpected(request: Request, error: Exception) -> Response:
         error_id = uuid.uuid4().hex[:12]
         log.exception("console request %s %s failed (error id %s)", request.method,
                       request.url.path, error_id, exc_info=error)

@@ -383,10 +383,10 @@ async def _use_dev_console(info: dict[str, Any], env: dict[str, str]) -> None:
         # a browser session by the printed link, as a viewer
         page = await client.get(info["login_url"])
         assert page.status_code == 200 and "operator" in page.text
-        signed_in = await client.get(f"{info['login_url']}&role=admin",
-                                     follow_redirects=True)
-        assert signed_in.json() == {"subject": "dev-admin", "role": "admin",
-                                    "accounts_masked": False}
+        signed_in = await client.get(f"{info['login_url']}&role=admin")
+        assert (signed_in.status_code, signed_in.headers["location"]) == (303, "/sagas")
+        assert (await client.get("/api/v1/whoami")).json() == {
+            "subject": "dev-admin", "role": "admin", "accounts_masked": False}
         # acting with the session cookie needs the CSRF header; with it, auth passes
         act = "/api/v1/dead-letters/redrive"
         without = await client.post(act, json={"ids": [str(uuid.uuid4())]})
