@@ -9,8 +9,11 @@ would. Skipped, with the reason, only when no Chromium can be launched on this m
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,9 +24,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.console import ConsoleServer, Role
 from orchestrator.settings import Settings
+from orchestrator.workers.runner import prepare, run_worker, workers_ready
 from schemas import TOPIC_TRANSFER_COMMANDS
 from steps import APPLICATION
-from tests.integration.conftest import Harness
+from tests.integration.conftest import Harness, Isolated
 from tests.integration.test_dlq import redrive_outbox_rows
 
 playwright_api = pytest.importorskip("playwright.async_api")
@@ -217,3 +221,72 @@ async def test_an_operator_redrives_a_dead_letter_from_its_page(
         assert await page.locator("form[data-action=redrive]").count() == 0
     finally:
         await page.context.close()
+
+
+@contextlib.asynccontextmanager
+async def running(kinds: list[str], settings: Settings, engine: AsyncEngine
+                  ) -> AsyncIterator[None]:
+    """Real workers of these kinds, in this process, until the block ends."""
+    stop = asyncio.Event()
+    names = {kind: f"browser-{kind}-{uuid.uuid4().hex[:6]}" for kind in kinds}
+    tasks = [asyncio.create_task(run_worker(kind, settings.model_copy(
+        update={"worker_name": names[kind]}), stop), name=names[kind]) for kind in kinds]
+    try:
+        deadline = time.monotonic() + 60
+        while not await workers_ready(engine, set(names.values())):
+            for task in tasks:
+                if task.done():
+                    task.result()
+            assert time.monotonic() < deadline, f"{kinds} not ready in 60 s"
+            await asyncio.sleep(0.1)
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+
+
+async def test_a_running_sagas_timeline_follows_it_live_until_it_ends(
+        browser: Any, stack_settings: Settings, isolated: Isolated) -> None:
+    """A database and topics of their own (worker groups are per database), with an
+    orchestrator but no participant yet: the saga waits on its parallel stage while its page
+    is open; then the participants start, and the page, never reloaded by the test, follows
+    the saga to its end."""
+    settings = isolated.harness.settings.model_copy(
+        update={"topic_prefix": f"live-{uuid.uuid4().hex[:6]}."})
+    await (await prepare(settings, APPLICATION)).dispose()  # its topics
+    harness = Harness(settings, isolated.engine)
+    source = await harness.open("live-src", "100.00")
+    destination = await harness.open("live-dst", "0.00")
+    request = harness.request(source, destination, "7.00")
+    async with ConsoleServer(settings, isolated.engine, APPLICATION.saga_types, port=0,
+                             dev=True) as console:
+        page = await signed_in(browser, console, Role.OPERATOR)
+        try:
+            async with running(["orchestrator"], settings, isolated.engine):
+                harness.publish(request)
+                deadline = time.monotonic() + 30
+                while (saga := await harness.saga(request["transfer_id"])) is None:
+                    assert time.monotonic() < deadline, "no saga started"
+                    await asyncio.sleep(0.05)
+                await page.goto(f"{console.url}/sagas/{saga.saga_id}")
+                assert "RUNNING" in await page.inner_text(".state")
+                assert "live: updated every 2 s" in await page.inner_text(".live-note")
+                assert await page.get_attribute("#live .live-root", "data-terminal") == "false"
+                waiting = page.locator(".chart .step-row[data-outcome=awaiting]")
+                assert sorted([await waiting.nth(i).get_attribute("data-step")
+                               for i in range(await waiting.count())]) == ["reserve", "screen"]
+
+                participants = [k for k in APPLICATION.worker_kinds
+                                if k.startswith("participant")]
+                async with running(participants, settings, isolated.engine):
+                    await page.wait_for_selector(
+                        "#live .live-root[data-status=COMPLETED]", timeout=30_000)
+            await page.wait_for_load_state("load")
+            assert "COMPLETED" in await page.inner_text(".state")
+            rows = page.locator(".chart .step-row")
+            assert [await rows.nth(i).get_attribute("data-step")
+                    for i in range(await rows.count())][2:] == ["credit", "settle", "notify"]
+            assert await page.locator(".live-note").count() == 0
+        finally:
+            await page.context.close()
+            harness.close()
