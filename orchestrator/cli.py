@@ -156,6 +156,62 @@ async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestrator.console.server import ConsoleServer, require_identity_provider
+
+    # Refused before anything is connected or bound: no door opens without an issuer.
+    require_identity_provider(settings, dev=args.dev)
+    engine = _engine(settings)
+    try:
+        server = ConsoleServer(settings, engine,
+                               load_application(settings.application).saga_types,
+                               host=args.host, port=args.port, dev=args.dev)
+        async with server, contextlib.AsyncExitStack() as stack:
+            info: dict[str, Any] = {"console_url": server.url,
+                                    "api": f"{server.url}/api/v1",
+                                    "openapi": f"{server.url}/api/openapi.json"}
+            if server.dev is not None:
+                from orchestrator.console.devidp import dev_state_path, write_dev_state
+
+                state = dev_state_path()
+                write_dev_state(state, server.dev)
+                # The login key dies with the server that made it.
+                stack.callback(state.unlink, missing_ok=True)
+                info.update(login_url=server.dev.login_url(), dev_state=str(state),
+                            issuer=server.dev.issuer)
+            if args.json:
+                print(json.dumps(info), flush=True)
+            else:
+                lines = [f"console      {info['console_url']}", f"api          {info['api']}"]
+                if server.dev is not None:
+                    lines += [f"dev login    {info['login_url']}",
+                              "dev tokens   saga dev token --role viewer|operator|admin",
+                              "(development identity provider: a key made at start, loopback"
+                              " only)"]
+                print("\n".join(lines) + "\nrunning; Ctrl-C stops it", flush=True)
+            stop = await _stop_on_signals()
+            waiting = asyncio.create_task(stop.wait())
+            serving = asyncio.create_task(server.wait())
+            await asyncio.wait({waiting, serving}, return_when=asyncio.FIRST_COMPLETED)
+            waiting.cancel()
+            if serving.done():
+                serving.result()
+    finally:
+        await engine.dispose()
+    return 0
+
+
+async def cmd_dev_token(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestrator.console.auth import Role
+    from orchestrator.console.devidp import dev_state_path, dev_token_from_state
+
+    state = args.state or dev_state_path()
+    token = dev_token_from_state(state, Role.named(args.role), args.subject)
+    _print({"access_token": token, "token_type": "Bearer", "role": args.role}, args.json,
+           lambda data: str(data["access_token"]))
+    return 0
+
+
 async def cmd_timeline(args: argparse.Namespace, settings: Settings) -> int:
     from orchestrator.ops.queries import render_timeline, timeline
 
@@ -571,6 +627,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="one JSON object when ready (its addresses, worker pids, `logs`) and "
                           "one when stopped (`stopped`, `logs`)")
     dev.set_defaults(run=cmd_dev)
+    dev_commands = dev.add_subparsers(dest="dev_command")
+    token = dev_commands.add_parser(
+        "token", help="a bearer token from the running `saga serve --dev`, for scripts")
+    token.add_argument("--role", required=True, choices=["viewer", "operator", "admin"])
+    token.add_argument("--subject", metavar="NAME", help="the token's sub (default dev-ROLE)")
+    token.add_argument("--state", type=Path, metavar="FILE",
+                       help="the dev console's state file (default: the one it wrote)")
+    token.add_argument("--json", action="store_true")
+    token.set_defaults(run=cmd_dev_token)
+
+    serve = sub.add_parser("serve", help="the console's HTTP API, every request authenticated")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080, help="0: a free port")
+    serve.add_argument("--dev", action="store_true",
+                       help="a development identity provider of its own (loopback only): a key"
+                            " made at start, a login link, `saga dev token`")
+    serve.add_argument("--json", action="store_true", help="print the addresses as JSON")
+    serve.set_defaults(run=cmd_serve)
 
     worker = sub.add_parser("worker", help="run one worker against the configured stack")
     worker.add_argument("kind", choices=["orchestrator", "relay", "recovery", "participant"])
