@@ -125,6 +125,8 @@ async def main() -> None:
                                  key=request["transfer_id"].encode())
                 await asyncio.sleep(0.15)  # spread over time, as traffic is
             producer.produce(topic, b'{"transfer_id": "8c1f", "amount": 12', key=b"8c1f")
+            producer.produce(topic, b"\xff\xfe not even text", key=b"0042")
+            producer.produce(topic, b"", key=b"0043")
             producer.flush(10)
             await wait_terminal(engine, len(sent))
             # Of the transfers over their daily limit, the one with most events (retries).
@@ -151,6 +153,8 @@ async def main() -> None:
                 await shoot(page, "saga-timeline-compensated.png")
                 await page.goto(f"{console.url}/sagas/{denied}")
                 await shoot(page, "saga-timeline-parallel-denied.png")
+                await page.goto(f"{console.url}/dead-letters")
+                await shoot(page, "dead-letters.png")
                 await page.goto(f"{console.url}/dead-letters/{letter}")
                 await shoot(page, "dead-letter.png")
                 viewer = await browser.new_page(viewport=VIEWPORT)
