@@ -331,3 +331,23 @@ async def test_the_action_route_checks_role_csrf_and_reason_like_the_api(
     assert done.status_code == 200 and "Redriven by dev-operator" in done.text
     # redriven already: the form is no longer offered, and the route says why
     assert again.status_code == 409 and "does not apply" in again.json()["detail"]
+
+
+async def test_a_rejected_requests_page_says_no_step_ran_and_why(
+        browser: Any, console: ConsoleServer, harness: Harness) -> None:
+    source = await harness.open("rejected-src", "10.00")
+    request = harness.request(source, harness.account("rejected-dst"), "12,50")
+    harness.publish(request)
+    saga = await harness.wait_terminal(request["transfer_id"])
+    assert saga.status == "REJECTED"
+    page = await signed_in(browser, console, Role.OPERATOR)
+    try:
+        await page.goto(f"{console.url}/sagas/{request['transfer_id']}")
+        assert "REJECTED" in await page.inner_text(".state")
+        assert "Rejected at intake" in await page.inner_text(".callout")
+        assert "INVALID_AMOUNT" in await page.inner_text(".callout")
+        assert await page.inner_text("#live .empty") == (
+            "No step ran: the request was refused at intake.")
+        assert await page.locator(".chart").count() == 0
+    finally:
+        await page.context.close()
