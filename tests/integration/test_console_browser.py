@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -290,3 +291,63 @@ async def test_a_running_sagas_timeline_follows_it_live_until_it_ends(
         finally:
             await page.context.close()
             harness.close()
+
+
+async def test_the_action_route_checks_role_csrf_and_reason_like_the_api(
+        console: ConsoleServer, harness: Harness) -> None:
+    """What the pages' forms post to, sent by hand: the same refusals as the API's."""
+    assert console.dev is not None
+    payload = f'{{"transfer_id": "{uuid.uuid4()}", "source_account": '.encode()
+    harness.publish(payload, key="browser-route")
+    letter = await harness.wait_dead_letter(payload)
+    url = f"/dead-letters/{letter.dead_letter_id}/actions/redrive"
+    form = {"reason": "checking the route", "action_id": str(uuid.uuid4())}
+    viewer = {"Authorization": f"Bearer {console.dev.mint(Role.VIEWER)}"}
+    operator = {"Authorization": f"Bearer {console.dev.mint(Role.OPERATOR)}"}
+    async with httpx.AsyncClient(base_url=console.url, timeout=30) as client:
+        as_viewer = await client.post(url, json=form, headers=viewer)
+        unknown = await client.post(f"/dead-letters/{letter.dead_letter_id}/actions/delete",
+                                    json=form, headers=operator)
+        no_reason = await client.post(url, json={**form, "reason": ""}, headers=operator)
+        # a cookie session must repeat the CSRF cookie in the header, as for the API
+        await client.get(console.dev.login_url(Role.OPERATOR))
+        forged = await client.post(url, json=form)
+        async with harness.engine.connect() as conn:
+            untouched = (await conn.execute(text(
+                "SELECT redriven_at FROM dead_letters WHERE dead_letter_id = :id"),
+                {"id": letter.dead_letter_id})).scalar_one()
+        done = await client.post(url, json=form,
+                                 headers={"X-CSRF-Token": client.cookies["saga_csrf"]})
+        again = await client.post(url, json=form,
+                                  headers={"X-CSRF-Token": client.cookies["saga_csrf"]})
+
+    assert (as_viewer.status_code, as_viewer.json()["code"]) == (403, "not_allowed")
+    assert "needs operator" in as_viewer.json()["detail"]
+    assert (unknown.status_code, unknown.json()["detail"]) == (
+        404, "there is no action 'delete' on dead-letters")
+    assert no_reason.status_code == 422 and "body.reason" in no_reason.json()["detail"]
+    assert forged.status_code == 403 and "X-CSRF-Token" in forged.json()["detail"]
+    assert untouched is None
+    assert done.status_code == 200 and "Redriven by dev-operator" in done.text
+    # redriven already: the form is no longer offered, and the route says why
+    assert again.status_code == 409 and "does not apply" in again.json()["detail"]
+
+
+async def test_a_rejected_requests_page_says_no_step_ran_and_why(
+        browser: Any, console: ConsoleServer, harness: Harness) -> None:
+    source = await harness.open("rejected-src", "10.00")
+    request = harness.request(source, harness.account("rejected-dst"), "12,50")
+    harness.publish(request)
+    saga = await harness.wait_terminal(request["transfer_id"])
+    assert saga.status == "REJECTED"
+    page = await signed_in(browser, console, Role.OPERATOR)
+    try:
+        await page.goto(f"{console.url}/sagas/{request['transfer_id']}")
+        assert "REJECTED" in await page.inner_text(".state")
+        assert "Rejected at intake" in await page.inner_text(".callout")
+        assert "INVALID_AMOUNT" in await page.inner_text(".callout")
+        assert await page.inner_text("#live .empty") == (
+            "No step ran: the request was refused at intake.")
+        assert await page.locator(".chart").count() == 0
+    finally:
+        await page.context.close()
