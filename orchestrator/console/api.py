@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from pydantic import AwareDatetime, ValidationError
 
 from orchestrator.console import models
 from orchestrator.console.auth import Principal, Role
@@ -48,16 +49,8 @@ async def whoami(principal: Viewer) -> dict[str, Any]:
             "accounts_masked": not principal.sees_accounts}
 
 
-async def _list_sagas(console: Console, status: str | None, saga_type: str | None,
-                      definition_version: int | None, business_key: str | None,
-                      limit: int) -> list[dict[str, Any]]:
-    """The one place the list endpoint reads sagas from."""
-    return await queries.list_sagas(console.database(), status, limit, saga_type,
-                                    definition_version, business_key)
-
-
 @router.get("/sagas", response_model=models.SagaList,
-            summary="sagas, most recently changed first")
+            summary="sagas, most recently changed first, one page at a time")
 async def list_sagas(
         principal: Viewer, console: Ctx,
         status: Annotated[models.SagaStatus | None, Query(description=(
@@ -65,10 +58,33 @@ async def list_sagas(
         saga_type: Annotated[str | None, Query(alias="type", max_length=200)] = None,
         definition_version: Annotated[int | None, Query(ge=1)] = None,
         key: Annotated[str | None, Query(max_length=500, description="a business key")] = None,
-        limit: Limit = 50) -> dict[str, Any]:
-    rows = await _list_sagas(console, status, saga_type, definition_version, key, limit)
+        account: Annotated[str | None, Query(min_length=1, max_length=200, description=(
+            "an account id any of the saga's account fields holds (`SagaType.account_fields`:"
+            " a transfer's source or destination)"))] = None,
+        since: Annotated[AwareDatetime | None, Query(description=(
+            "started at or after this time (ISO 8601 with a time zone)"))] = None,
+        until: Annotated[AwareDatetime | None, Query(description=(
+            "started before this time (ISO 8601 with a time zone)"))] = None,
+        limit: Limit = 50,
+        offset: Annotated[int, Query(ge=0, description="rows of the listing to skip")] = 0,
+) -> dict[str, Any]:
+    try:
+        wanted = queries.SagaFilter(
+            status=status, saga_type=saga_type, business_key=key,
+            definition_version=definition_version, account=account, since=since, until=until,
+            limit=limit, offset=offset)
+    except ValidationError as error:  # since after until: a bad parameter, not a fault
+        raise RequestValidationError(
+            [{**e, "loc": ("query", *e["loc"])} for e in error.errors()]) from None
+    try:
+        rows = await queries.search_sagas(console.database(), wanted, console.sagas)
+    except ConfigurationError as error:  # a type that declares no account fields
+        raise RequestValidationError([{"loc": ("query", "account"), "msg": str(error),
+                                       "type": "value_error"}]) from None
     return {"sagas": _masked(console, principal, rows),
-            "accounts_masked": not principal.sees_accounts}
+            "accounts_masked": not principal.sees_accounts,
+            "offset": offset,
+            "next_offset": offset + len(rows) if len(rows) == limit else None}
 
 
 @router.get("/sagas/{saga_ref}", response_model=models.Saga,
@@ -163,7 +179,8 @@ def _preview(console: Console, principal: Principal, detail: dlq.DeadLetterDetai
 async def show_dead_letter(principal: Viewer, console: Ctx, request: Request,
                            dead_letter_ref: DeadLetterRef) -> dict[str, Any]:
     async with console.database().connect() as conn:
-        detail = await dlq.show_dead_letter(conn, dead_letter_ref)
+        # Whole: the preview is cut below, after masking, to the console's own size.
+        detail = await dlq.show_dead_letter(conn, dead_letter_ref, limit=None)
     url = str(request.url_for("download_dead_letter_payload",
                               dead_letter_ref=str(detail.summary.dead_letter_id)).path)
     return _preview(console, principal, detail, url)
@@ -175,7 +192,7 @@ async def show_dead_letter(principal: Viewer, console: Ctx, request: Request,
 async def download_dead_letter_payload(principal: Viewer, console: Ctx,
                                        dead_letter_ref: DeadLetterRef) -> Response:
     async with console.database().connect() as conn:
-        detail = await dlq.show_dead_letter(conn, dead_letter_ref)
+        detail = await dlq.show_dead_letter(conn, dead_letter_ref, limit=None)
     dead_letter_id = detail.summary.dead_letter_id
     if principal.sees_accounts:
         body = (detail.payload.value.encode() if detail.payload.encoding == "utf-8"

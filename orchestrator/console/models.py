@@ -43,6 +43,8 @@ class SagaSummary(BaseModel):
 class SagaList(BaseModel):
     sagas: list[SagaSummary]
     accounts_masked: bool
+    offset: int
+    next_offset: int | None = Field(description="the offset of the next page; null on the last")
 
 
 class TimelineEvent(BaseModel):

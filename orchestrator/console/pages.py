@@ -26,9 +26,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, BeforeValidator, Field
@@ -41,6 +43,7 @@ from orchestrator.console.security import Console, console_of, require
 from orchestrator.console.timeline import TERMINAL, format_ms, layout
 from orchestrator.core.definition import SagaDefinition
 from orchestrator.errors import Conflict, NotAllowed, NotFound
+from orchestrator.ops import queries
 from orchestrator.ops.overview import overview
 
 log = logging.getLogger(__name__)
@@ -185,15 +188,40 @@ async def saga_list(
         saga_type: Annotated[str | None, Blank, Query(alias="type", max_length=200)] = None,
         definition_version: Annotated[int | None, Blank, Query(ge=1)] = None,
         key: Annotated[str | None, Blank, Query(max_length=500)] = None,
-        limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> HTMLResponse:
-    listed = await api.list_sagas(principal, console, status, saga_type or None,
-                                  definition_version, key or None, limit)
+        account: Annotated[str | None, Blank, Query(max_length=200)] = None,
+        since: Annotated[str | None, Blank, Query(max_length=40)] = None,
+        until: Annotated[str | None, Blank, Query(max_length=40)] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0) -> HTMLResponse:
+    listed = await api.list_sagas(
+        principal, console, status=status, saga_type=saga_type, key=key,
+        definition_version=definition_version, account=account,
+        since=_point_in_time("since", since), until=_point_in_time("until", until),
+        limit=limit, offset=offset)
     rows = [{**row, "summary": summary(console, row["saga_type"], row["input"]),
              "money": money(row["input"])} for row in listed["sagas"]]
     counts = (await overview(console.database()))["by_status"]
+    filters = {"status": status or "", "type": saga_type or "", "key": key or "",
+               "account": account or "", "since": since or "", "until": until or "",
+               "definition_version": definition_version or "", "limit": limit}
+    next_page = None
+    if listed["next_offset"] is not None:
+        next_page = "/sagas?" + urlencode({**{k: v for k, v in filters.items() if v},
+                                           "offset": listed["next_offset"]})
     return _page(request, "sagas.html", principal, console, rows=rows, counts=counts,
-                 filters={"status": status or "", "type": saga_type or "", "key": key or "",
-                          "definition_version": definition_version or "", "limit": limit})
+                 filters=filters, offset=offset, next_page=next_page)
+
+
+def _point_in_time(name: str, value: str | None) -> datetime | None:
+    """A filter's time as the CLI takes it: ISO 8601 (UTC without an offset) or an age such
+    as `15m`, `2h`, `3d`; a bad one is a 422 naming the field."""
+    if value is None:
+        return None
+    try:
+        return queries.parse_time(value, datetime.now(UTC))
+    except ValueError as error:
+        raise RequestValidationError([{"loc": ("query", name), "msg": str(error),
+                                       "type": "value_error"}]) from None
 
 
 async def _saga_view(console: Console, principal: Principal, saga_ref: str,

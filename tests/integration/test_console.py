@@ -15,6 +15,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +168,34 @@ async def test_one_saga_by_id_prefix_or_key_and_in_the_list(
         transfer["saga_id"], "****" + transfer["source_account"][-4:])
 
 
+async def test_the_list_searches_by_account_and_time_one_page_at_a_time(
+        api: httpx.AsyncClient, oidc: OidcIssuer, harness: Harness) -> None:
+    source = await harness.open("console-paged", "100.00")
+    destination = await harness.open("console-paged-dst", "0.00")
+    started = datetime.now(UTC)
+    saga_ids = set()
+    for _ in range(3):
+        request = harness.request(source, destination, "1.00")
+        harness.publish(request)
+        saga_ids.add(str((await harness.wait_terminal(request["transfer_id"])).saga_id))
+    headers = auth(oidc.token("operator"))
+
+    pages, offset = [], 0
+    while offset is not None:
+        response = await api.get("/api/v1/sagas", headers=headers, params={
+            "account": destination, "since": started.isoformat(), "limit": 2,
+            "offset": offset})
+        body = response.json()
+        pages.append([row["saga_id"] for row in body["sagas"]])
+        offset = body["next_offset"]
+    # 2 + 1, no saga twice, and only the sagas that touched this account since then
+    assert [len(page) for page in pages[:2]] == [2, 1], pages
+    assert {saga for page in pages for saga in page} == saga_ids
+    later = await api.get("/api/v1/sagas", headers=headers, params={
+        "account": destination, "until": started.isoformat()})
+    assert later.json()["sagas"] == []
+
+
 async def test_a_viewer_may_not_act(api: httpx.AsyncClient, oidc: OidcIssuer,
                                     harness: Harness) -> None:
     dead_letter_id = await insert_letter(harness.engine, Letter(payload=b'{"broken":'))
@@ -282,6 +311,10 @@ async def test_a_dead_letter_is_shown_truncated_with_a_download_of_the_whole(
     ("/api/v1/sagas", {"limit": "-1"}, "query.limit"),
     ("/api/v1/sagas", {"status": "rejected-ish"}, "query.status"),
     ("/api/v1/sagas", {"definition_version": "0"}, "query.definition_version"),
+    ("/api/v1/sagas", {"offset": "-1"}, "query.offset"),
+    ("/api/v1/sagas", {"since": "2026-12-05T10:00:00"}, "query.since"),  # no time zone
+    ("/api/v1/sagas", {"since": "2026-12-05T10:00:00Z", "until": "2026-12-05T09:00:00Z"},
+     "query"),
     ("/api/v1/stuck", {"grace_s": "-1"}, "query.grace_s"),
     ("/api/v1/dead-letters", {"reason": "nope; drop table"}, "query.reason"),
     ("/api/v1/dead-letters/abc", {}, "path.dead_letter_ref"),

@@ -140,12 +140,11 @@ async def test_without_a_session_the_page_says_how_to_sign_in(
 
 async def test_an_operator_finds_a_compensated_saga_and_reads_its_timeline(
         browser: Any, console: ConsoleServer, compensated: dict[str, Any]) -> None:
-    # Found by its business key: the list API has no account filter yet (issue 12, point 2 is
-    # another change); the list shows the accounts, which is how a person spots it.
+    # Found by its account, as an on-call engineer asked about an account's transfer does.
     page = await signed_in(browser, console, Role.OPERATOR)
     try:
         await page.select_option("select[name=status]", "compensated")
-        await page.fill("input[name=key]", compensated["transfer_id"])
+        await page.fill("input[name=account]", compensated["source_account"])
         await page.click("form.filters button")
         row = page.locator(f"tr[data-saga-id='{compensated['saga_id']}']")
         listed = await row.inner_text()
