@@ -19,13 +19,17 @@ import sys
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.application import load_application
 from orchestrator.core.saga import SagaStatus
 from orchestrator.errors import ConfigurationError, NotFound, OperatorActionRefused, SagaError
 from orchestrator.logs import configure_logging, set_worker
 from orchestrator.settings import Settings, worker_name
+
+if TYPE_CHECKING:
+    # Imported when a command needs it: the workers never load the console's web stack.
+    from orchestrator.console.server import ConsoleServer
 
 
 def _engine(settings: Settings) -> Any:
@@ -113,6 +117,7 @@ def _keep_server_logs(stack_root: Path, logs: Path) -> None:
 
 
 async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestrator.console.server import ConsoleServer
     from orchestrator.dev.embedded import EmbeddedStack, settings_for
     from orchestrator.dev.processes import WorkerProcesses
     from orchestrator.postgres.store import create_engine, migrate
@@ -124,25 +129,33 @@ async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
     engine = create_engine(stack.postgres.url)
     workers = WorkerProcesses(settings, logs)
     try:
-        await migrate(engine, load_application(settings.application).migrations)
+        application = load_application(settings.application)
+        await migrate(engine, application.migrations)
         workers.start()
         await workers.wait_ready(engine)
         # Before saying it is ready: a script that reads that line and signals at once stops
         # it cleanly, not by a KeyboardInterrupt.
         stop = await _stop_on_signals()
-        info = {"kafka_bootstrap": stack.broker.bootstrap, "database_url": stack.postgres.url,
-                "workers": {k: p.pid for k, p in workers.processes.items()},
-                "logs": str(logs)}
-        if args.json:
-            print(json.dumps(info), flush=True)
-        else:
-            print(f"kafka bootstrap   {info['kafka_bootstrap']}\n"
-                  f"database url      {info['database_url']}\n"
-                  f"logs              {info['logs']} (kept when stopped)\n\n"
-                  f"export SAGA_KAFKA_BOOTSTRAP={info['kafka_bootstrap']} "
-                  f"SAGA_DATABASE_URL={info['database_url']}\n"
-                  "running; Ctrl-C stops everything", flush=True)
-        await stop.wait()
+        console = ConsoleServer(settings, engine, application.saga_types,
+                                port=args.console_port, dev=True)
+        async with console, contextlib.AsyncExitStack() as cleanup:
+            info = {"kafka_bootstrap": stack.broker.bootstrap,
+                    "database_url": stack.postgres.url,
+                    "workers": {k: p.pid for k, p in workers.processes.items()},
+                    "logs": str(logs), **_dev_console(console, cleanup)}
+            if args.json:
+                print(json.dumps(info), flush=True)
+            else:
+                print(f"kafka bootstrap   {info['kafka_bootstrap']}\n"
+                      f"database url      {info['database_url']}\n"
+                      f"logs              {info['logs']} (kept when stopped)\n"
+                      f"console           {info['console_url']}\n"
+                      f"console login     {info['login_url']}\n"
+                      f"dev tokens        {info['token_command']}\n\n"
+                      f"export SAGA_KAFKA_BOOTSTRAP={info['kafka_bootstrap']} "
+                      f"SAGA_DATABASE_URL={info['database_url']}\n"
+                      "running; Ctrl-C stops everything", flush=True)
+            await _until_stopped(stop, console)
     finally:
         workers.stop()
         await engine.dispose()
@@ -154,6 +167,31 @@ async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
         else:
             print(f"stopped; the workers' and servers' logs are kept in {logs}", flush=True)
     return 0
+
+
+def _dev_console(server: ConsoleServer, cleanup: contextlib.AsyncExitStack) -> dict[str, str]:
+    """What a person or a script needs to use a console started with the development identity
+    provider; its state file (for `saga dev token`) lives as long as the server."""
+    from orchestrator.console.devidp import dev_state_path, write_dev_state
+
+    assert server.dev is not None
+    state = dev_state_path()
+    write_dev_state(state, server.dev)
+    # The login key dies with the server that made it.
+    cleanup.callback(state.unlink, missing_ok=True)
+    return {"console_url": server.url, "login_url": server.dev.login_url(),
+            "dev_state": str(state), "issuer": server.dev.issuer,
+            "token_command": "saga dev token --role viewer|operator|admin"}
+
+
+async def _until_stopped(stop: asyncio.Event, server: ConsoleServer) -> None:
+    """Until a signal, or until the console's server ends on its own (its error raised)."""
+    waiting = asyncio.create_task(stop.wait())
+    serving = asyncio.create_task(server.wait())
+    await asyncio.wait({waiting, serving}, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    if serving.done():
+        serving.result()
 
 
 async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -171,14 +209,7 @@ async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
                                     "api": f"{server.url}/api/v1",
                                     "openapi": f"{server.url}/api/openapi.json"}
             if server.dev is not None:
-                from orchestrator.console.devidp import dev_state_path, write_dev_state
-
-                state = dev_state_path()
-                write_dev_state(state, server.dev)
-                # The login key dies with the server that made it.
-                stack.callback(state.unlink, missing_ok=True)
-                info.update(login_url=server.dev.login_url(), dev_state=str(state),
-                            issuer=server.dev.issuer)
+                info.update(_dev_console(server, stack))
             if args.json:
                 print(json.dumps(info), flush=True)
             else:
@@ -189,13 +220,7 @@ async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
                               "(development identity provider: a key made at start, loopback"
                               " only)"]
                 print("\n".join(lines) + "\nrunning; Ctrl-C stops it", flush=True)
-            stop = await _stop_on_signals()
-            waiting = asyncio.create_task(stop.wait())
-            serving = asyncio.create_task(server.wait())
-            await asyncio.wait({waiting, serving}, return_when=asyncio.FIRST_COMPLETED)
-            waiting.cancel()
-            if serving.done():
-                serving.result()
+            await _until_stopped(await _stop_on_signals(), server)
     finally:
         await engine.dispose()
     return 0
@@ -620,6 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=cmd_demo)
 
     dev = sub.add_parser("dev", help="run the embedded stack and all workers in the foreground")
+    dev.add_argument("--console-port", type=int, default=0, metavar="PORT",
+                     help="the console's port on 127.0.0.1 (default: a free one)")
     dev.add_argument("--logs", metavar="DIR",
                      help="keep the workers' and servers' logs in DIR (default: a new folder "
                           ".saga/dev-<start time>-<pid>/logs); kept when it stops")

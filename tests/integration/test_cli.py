@@ -9,6 +9,8 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -416,9 +418,11 @@ async def test_timeline_refuses_an_ambiguous_prefix_listing_the_sagas(
     assert first["saga_id"] == str(twins[0])
 
 
-def test_dev_keeps_the_logs_in_a_named_folder_and_says_where(tmp_path: Path) -> None:
+def test_dev_serves_the_console_and_keeps_the_logs_in_a_named_folder(tmp_path: Path) -> None:
     """`saga dev` deleted the workers' logs when it stopped. They stay in a folder named for the
-    start, under .saga/ of the directory it runs in, said when ready and when stopped."""
+    start, under .saga/ of the directory it runs in, said when ready and when stopped. It also
+    serves the console behind its development identity provider: `console_url` in its JSON,
+    no request without a token, and `saga dev token` gives a script one per role."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SAGA_")}
     with (open(tmp_path / "stderr.txt", "wb") as stderr,
           subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "dev", "--json"],
@@ -431,6 +435,18 @@ def test_dev_keeps_the_logs_in_a_named_folder_and_says_where(tmp_path: Path) -> 
             assert logs.parent.parent == tmp_path / ".saga"
             assert re.fullmatch(r"dev-\d{8}T\d{6}Z-\d+", logs.parent.name)
             assert set(ready["workers"]) >= {"orchestrator", "relay", "recovery"}
+            whoami = f"{ready['console_url']}/api/v1/whoami"
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(whoami, timeout=10)
+            assert refused.value.code == 401
+            refused.value.close()
+            minted = subprocess.run(
+                [sys.executable, "-m", "orchestrator.cli", "dev", "token", "--role", "operator",
+                 "--json"], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+            token = json.loads(minted.stdout)["access_token"]
+            with urllib.request.urlopen(urllib.request.Request(
+                    whoami, headers={"Authorization": f"Bearer {token}"}), timeout=10) as answer:
+                assert json.load(answer)["role"] == "operator"
             process.send_signal(signal.SIGINT)
             stopped = json.loads(process.stdout.readline())
             assert process.wait(60) == 0, (tmp_path / "stderr.txt").read_text()
