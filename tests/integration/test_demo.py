@@ -67,6 +67,13 @@ async def test_demo_on_its_own_embedded_stack_ends_clean() -> None:
     assert {k: summary[k] for k in ("completed", "compensated", "rejected", "failed")} == {
         "completed": expected["completed"], "compensated": expected["compensated"],
         "rejected": expected["rejected"], "failed": 0}
+    # One trace per saga: every saga but the unparseable requests' (which have none) wrote its
+    # events in one trace of its own.
+    malformed = sum(p.kind == "invalid:malformed"
+                    for p in plan_transfers(TRANSFERS, "any-", random.Random(SEED)))
+    assert summary["sagas"] == TRANSFERS - malformed
+    assert summary["traces"] == summary["sagas"]
+    assert summary["sagas_not_in_one_trace"] == 0
     assert {"p50_ms", "p99_ms", "elapsed_s", "sagas_per_s"} <= set(summary)
     assert 0 <= summary["p50_ms"] <= summary["p99_ms"]
     assert summary["elapsed_s"] > 0 and summary["sagas_per_s"] > 0
