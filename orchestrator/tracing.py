@@ -354,14 +354,21 @@ def messaging_attributes(operation: str, topic: str, partition: int | None = Non
     return attributes
 
 
-@contextlib.contextmanager
-def database_span(parent: Span | None, operation: str, summary: str) -> Iterator[None]:
+_NOTHING = contextlib.nullcontext()  # reusable: the hot path allocates nothing when off
+
+
+def database_span(parent: Span | None, operation: str,
+                  summary: str) -> contextlib.AbstractContextManager[None]:
     """A client span around one database round trip, under `parent` (OpenTelemetry's database
     conventions; the statement's text is summarised, never its parameters). Nothing when
     tracing is off or there is no parent."""
     if not ENABLED or parent is None:
-        yield
-        return
+        return _NOTHING
+    return _database_span(parent, operation, summary)
+
+
+@contextlib.contextmanager
+def _database_span(parent: Span, operation: str, summary: str) -> Iterator[None]:
     span = _tracer.start_span(
         f"{operation} {summary}", context=trace.set_span_in_context(parent),
         kind=SpanKind.CLIENT,
