@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import os
 import sys
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -360,8 +361,9 @@ _NOTHING = contextlib.nullcontext()  # reusable: the hot path allocates nothing 
 def database_span(parent: Span | None, operation: str,
                   summary: str) -> contextlib.AbstractContextManager[None]:
     """A client span around one database round trip, under `parent` (OpenTelemetry's database
-    conventions; the statement's text is summarised, never its parameters). Nothing when
-    tracing is off or there is no parent."""
+    conventions; the statement's text is summarised, never its parameters), ended when the
+    block ends. Nothing when tracing is off or there is no parent. For a parent that is only
+    ended once its batch committed, use `deferred_database_span`."""
     if not ENABLED or parent is None:
         return _NOTHING
     return _database_span(parent, operation, summary)
@@ -371,10 +373,7 @@ def database_span(parent: Span | None, operation: str,
 def _database_span(parent: Span, operation: str, summary: str) -> Iterator[None]:
     span = _tracer.start_span(
         f"{operation} {summary}", context=trace.set_span_in_context(parent),
-        kind=SpanKind.CLIENT,
-        attributes={"db.system.name": "postgresql", "db.system": "postgresql",
-                    "db.operation.name": operation, "db.query.summary": f"{operation} {summary}",
-                    "db.collection.name": summary})
+        kind=SpanKind.CLIENT, attributes=_database_attributes(operation, summary))
     try:
         yield
     except BaseException as error:
@@ -383,6 +382,56 @@ def _database_span(parent: Span, operation: str, summary: str) -> Iterator[None]
         raise
     finally:
         span.end()
+
+
+def _database_attributes(operation: str, summary: str) -> dict[str, Any]:
+    return {"db.system.name": "postgresql", "db.system": "postgresql",
+            "db.operation.name": operation, "db.query.summary": f"{operation} {summary}",
+            "db.collection.name": summary}
+
+
+class DeferredDatabaseSpan:
+    """A database round trip timed now and exported by `emit`, once the batch it wrote is
+    committed and its parent is exported with it: a write that is undone (a lost race decided
+    again, a failed commit) leaves no span whose parent never comes."""
+
+    __slots__ = ("_ended_ns", "_ok", "_operation", "_parent", "_started_ns", "_summary")
+
+    def __init__(self, parent: Span, operation: str, summary: str) -> None:
+        self._parent, self._operation, self._summary = parent, operation, summary
+        self._started_ns = self._ended_ns = 0
+        self._ok = False
+
+    def __enter__(self) -> None:
+        self._started_ns = time.time_ns()
+
+    def __exit__(self, kind: object, error: object, traceback: object) -> None:
+        self._ended_ns = time.time_ns()
+        self._ok = kind is None
+
+    def emit(self) -> None:
+        if not self._ok:
+            return
+        span = _tracer.start_span(
+            f"{self._operation} {self._summary}",
+            context=trace.set_span_in_context(self._parent), kind=SpanKind.CLIENT,
+            attributes=_database_attributes(self._operation, self._summary),
+            start_time=self._started_ns)
+        span.end(end_time=self._ended_ns)
+
+
+def deferred_database_span(parent: Span | None, operation: str, summary: str
+                           ) -> DeferredDatabaseSpan | contextlib.nullcontext[None]:
+    """`DeferredDatabaseSpan` when tracing is on and there is a parent, else a shared no-op
+    (pass it to `emit`, which ignores it)."""
+    if not ENABLED or parent is None:
+        return _NOTHING
+    return DeferredDatabaseSpan(parent, operation, summary)
+
+
+def emit(write: DeferredDatabaseSpan | contextlib.nullcontext[None]) -> None:
+    if isinstance(write, DeferredDatabaseSpan):
+        write.emit()
 
 
 def end_all(spans: Sequence[Span]) -> None:

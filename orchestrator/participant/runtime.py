@@ -250,8 +250,8 @@ class ParticipantWorker:
         spans: dict[UUID, Span] = {}
         for command in commands:
             trace = traces.get(command.command_id)
-            if trace is None:
-                continue
+            if trace is None or command.command_id in spans:
+                continue  # a copy of a command in the batch (a re-send) shares its span
             message = origins[command.command_id]
             span = tracing.start_span(
                 f"process {self.topic}", trace, SpanKind.CONSUMER,

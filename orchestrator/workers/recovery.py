@@ -189,11 +189,14 @@ class RecoveryWorker:
                              | {(run.step, run.direction.value) for s in touched
                                 for run in s.runs})
             crash_point("recovery.before_commit", tags)
-            with tracing.database_span(spans[0] if spans else None, "INSERT", "saga_events"):
+            write = tracing.deferred_database_span(spans[0] if spans else None, "INSERT",
+                                                   "saga_events")
+            with write:
                 ids = await store.write_batch(conn, "recovery", [], events, states, outbox,
                                               dead_letters, now, traces)
         crash_point("recovery.after_commit", tags)
         if spans:
+            tracing.emit(write)
             tracing.end_all(spans)
             ended = datetime.now(UTC)
             for state in states:

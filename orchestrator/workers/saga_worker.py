@@ -246,10 +246,11 @@ class OrchestratorWorker:
         if writes is not None:
             crash_point("orchestrator.before_commit", tags)  # as in a transaction: nothing written
             spans = self._open_spans(writes, now, len(parsed)) if tracing.ENABLED else []
+            write = tracing.deferred_database_span(spans[0] if spans else None, "INSERT",
+                                                   "saga_events")
             try:
                 async with self.held.use() as conn:
-                    with tracing.database_span(spans[0] if spans else None, "INSERT",
-                                               "saga_events"):
+                    with write:
                         ids = await store.write_batch(
                             conn, CONSUMER, writes.inbox, writes.events,
                             list(writes.touched.values()), writes.outbox, [], now,
@@ -263,6 +264,7 @@ class OrchestratorWorker:
             else:
                 self._committed(writes)
                 if spans:
+                    tracing.emit(write)
                     self._close_spans(spans, writes, now)
                 return ids, writes.outbox
         writes = _BatchWrites()
@@ -279,7 +281,9 @@ class OrchestratorWorker:
                 decision = self._decide(item, state, now)
                 self._apply(item, state, decision, now, writes, states)
             spans = self._open_spans(writes, now, len(parsed)) if tracing.ENABLED else []
-            with tracing.database_span(spans[0] if spans else None, "INSERT", "saga_events"):
+            write = tracing.deferred_database_span(spans[0] if spans else None, "INSERT",
+                                                   "saga_events")
+            with write:
                 ids = await store.write_batch(
                     conn, CONSUMER, writes.inbox, writes.events, list(writes.touched.values()),
                     writes.outbox, writes.dead_letters, now, writes.traces,
@@ -287,6 +291,7 @@ class OrchestratorWorker:
             crash_point("orchestrator.before_commit", tags)
         self._committed(writes)
         if spans:
+            tracing.emit(write)
             self._close_spans(spans, writes, now)
         return ids, writes.outbox
 
