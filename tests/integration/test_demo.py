@@ -113,6 +113,10 @@ async def test_chaos_demo_kills_workers_and_still_ends_clean() -> None:
     assert summary["stuck_in_flight"] == 0
     assert (summary["money_conserved"], summary["duplicate_effects"], summary["stuck"]) == (
         True, 0, 0)
+    # Killed workers change nothing of the traces: the context is stored and travels with the
+    # messages, so a saga is still one trace.
+    assert summary["traces"] == summary["sagas"] > 0
+    assert summary["sagas_not_in_one_trace"] == 0
     assert summary["invariants_ok"] is True, summary["violations"]
     expected = expected_outcomes()
     assert {k: summary[k] for k in ("completed", "compensated", "rejected", "failed")} == {
