@@ -26,8 +26,10 @@ Read by the workers, the participant runtime and the Kafka adapter; never by the
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -64,7 +66,8 @@ INSTRUMENTATION_NAME = "saga-orchestrator"
 ENABLED = False
 _tracer: trace.Tracer = trace.NoOpTracer()
 
-_HEX = frozenset("0123456789abcdef")
+# version-trace-parent-flags; a later version may append fields (read by its first four).
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
 
@@ -104,13 +107,11 @@ def parse_traceparent(value: str | None, state: str | None = None) -> TraceConte
     Versions above 00 are read by their first four fields, as the recommendation asks."""
     if not value:
         return None
-    parts = value.strip().lower().split("-")
-    if len(parts) < 4:
+    match = _TRACEPARENT.fullmatch(value.strip().lower())
+    if match is None:
         return None
-    version, trace_id, span_id, flags = parts[0], parts[1], parts[2], parts[3]
-    if (len(version) != 2 or version == "ff" or len(trace_id) != 32 or len(span_id) != 16
-            or len(flags) != 2 or (version == "00" and len(parts) != 4)
-            or not _HEX.issuperset(version + trace_id + span_id + flags)
+    version, trace_id, span_id, flags, rest = match.groups()
+    if (version == "ff" or (version == "00" and rest)
             or trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN):
         return None
     return TraceContext(trace_id, span_id, flags, state or None)
@@ -142,11 +143,14 @@ def _derived(saga_id: UUID, purpose: bytes, size: int) -> str:
     return hashlib.sha256(saga_id.bytes + purpose).hexdigest()[:size * 2]
 
 
+@functools.lru_cache(maxsize=4096)
 def saga_trace_id(saga_id: UUID) -> str:
     """The trace id of a saga whose request carried no trace context."""
     return _derived(saga_id, b"trace", 16)
 
 
+# Cached: asked on every hop of a saga (a saga in flight is asked again within seconds).
+@functools.lru_cache(maxsize=65536)
 def saga_span_id(saga_id: UUID) -> str:
     """The id of the saga's own span, emitted when the saga ends."""
     return _derived(saga_id, b"saga", 8)

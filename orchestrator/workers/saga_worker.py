@@ -436,7 +436,10 @@ class OrchestratorWorker:
             writes.touched[state.saga_id] = state
             if trace is not None:
                 writes.contexts[state.saga_id] = trace
-                writes.traces[state.saga_id] = store.StoredTrace(trace.traceparent, trace.state)
+                # Stored once (the row keeps the first); a saga this worker wrote has it.
+                if state.saga_id not in self.known:
+                    writes.traces[state.saga_id] = store.StoredTrace(trace.traceparent,
+                                                                     trace.state)
         if tracing.ENABLED:
             writes.handled.append((item, decision, trace))
         if decision.commands:
