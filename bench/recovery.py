@@ -240,10 +240,21 @@ def _first_log_line_after(path: Path, after: float, needle: str) -> float | None
     """When the worker logged a line containing `needle`, first after `after` (epoch s)."""
     with contextlib.suppress(OSError):
         for line in path.read_text(errors="replace").splitlines():
-            match = _LOG_TIME.match(line)
-            if match is None or needle not in line:
+            if needle not in line:
                 continue
-            # The CLI logs local time with milliseconds.
+            if line.startswith("{"):
+                # A worker's log file holds JSON lines (orchestrator/logs.py), time in UTC.
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    record = json.loads(line)
+                    if needle in record["message"]:
+                        at = datetime.fromisoformat(record["time"]).timestamp()
+                        if at >= after:
+                            return at
+                continue
+            match = _LOG_TIME.match(line)
+            if match is None:
+                continue
+            # Plain text (a terminal): local time with milliseconds.
             at = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
             if at >= after:
                 return at

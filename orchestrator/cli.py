@@ -20,6 +20,7 @@ from typing import Any
 
 from orchestrator.application import load_application
 from orchestrator.errors import ConfigurationError, NotFound, SagaError
+from orchestrator.logs import configure_logging, set_worker
 from orchestrator.settings import Settings, worker_name
 
 
@@ -50,6 +51,7 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     if args.kind == "participant" and not args.name:
         raise ConfigurationError("usage: saga worker participant NAME (risk, ledger, notify)")
     settings = settings.model_copy(update={"worker_name": worker_name(kind, settings)})
+    set_worker(settings.worker_name)
     # The producer first, before the heavy imports of `orchestrator.workers.runner`: it gets its
     # producer id while they run (see `orchestrator.kafka.producer`), so a restarted worker's first
     # publish does not wait for it. `run_worker` takes it over and closes it.
@@ -492,9 +494,9 @@ def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so `finally` blocks stop child processes and servers.
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose or args.command == "worker" else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # JSON lines unless a person watches stderr (orchestrator/logs.py).
+    configure_logging(
+        logging.INFO if args.verbose or args.command == "worker" else logging.WARNING)
     run: Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]] = args.run
     try:
         settings = Settings()

@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     # The recovery worker: how often it scans for due sagas, and how many per transaction.
     recovery_poll_s: float = Field(default=0.2, gt=0)
     recovery_batch_max: int = Field(default=200, gt=0)
+    # With metrics on: how often the recovery worker samples the database's gauges (sagas in
+    # flight, outbox backlog, dead letters pending), and how often each consumer's librdkafka
+    # reports its statistics (the consumer lag gauge).
+    metrics_sample_s: float = Field(default=15.0, gt=0)
 
     # After the broker was lost, outbox rows published this long before its last answer are
     # published again: a crashed broker may have lost its last seconds (noida keeps a snapshot

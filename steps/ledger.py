@@ -35,7 +35,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from orchestrator.participant import Decided, EffectTable, ParticipantService, StepResult
-from schemas import Direction, StepCommand, format_amount
+from orchestrator.redact import mask_account
+from schemas import Direction, StepCommand
 from steps.registry import ledger
 from steps.saga import DEFINITIONS
 
@@ -104,21 +105,24 @@ def decide_entry(command: StepCommand, account: AccountView | None
     t = TransferInput.of(command)
     action = command.action
     if account is None:
-        return None, StepResult.refused("UNKNOWN_ACCOUNT",
-                                        f"account {account_in_question(command)} does not exist")
+        return None, StepResult.refused(
+            "UNKNOWN_ACCOUNT", f"account {mask_account(account_in_question(command))} does not"
+                               " exist")
     base = Entry(step=command.step, direction=command.direction, currency=t.currency,
                  amount=t.amount)
     if account.currency != t.currency:
         return None, StepResult.refused(
-            "CURRENCY_MISMATCH", f"account {account.account_id} holds {account.currency}")
+            "CURRENCY_MISMATCH",
+            f"account {mask_account(account.account_id)} holds {account.currency}")
     if action == ledger.RESERVE.name:
         if account.closed:
-            return None, StepResult.refused("ACCOUNT_CLOSED", f"{account.account_id} is closed")
+            return None, StepResult.refused(
+                "ACCOUNT_CLOSED", f"account {mask_account(account.account_id)} is closed")
         if account.available < t.amount:
             return None, StepResult.refused(
                 "INSUFFICIENT_FUNDS",
-                f"{account.account_id} has {format_amount(account.available, t.currency)}"
-                f" available, needs {t.amount}")
+                f"account {mask_account(account.account_id)} has less than {t.amount}"
+                " available")
         return replace(base, hold_account=t.source, hold_delta=t.amount), StepResult.ok(
             held=str(t.amount))
     if action == ledger.RELEASE.name:
@@ -126,15 +130,16 @@ def decide_entry(command: StepCommand, account: AccountView | None
             released=str(t.amount))
     if action == ledger.CREDIT.name:
         if account.closed:
-            return None, StepResult.refused("ACCOUNT_CLOSED", f"{account.account_id} is closed")
+            return None, StepResult.refused(
+                "ACCOUNT_CLOSED", f"account {mask_account(account.account_id)} is closed")
         return replace(base, debit_account=clearing_account(t.currency),
                        credit_account=t.destination), StepResult.ok(credited=str(t.amount))
     if action == ledger.REVERSE_CREDIT.name:
         if account.available < t.amount:
             return None, StepResult.refused(
                 "INSUFFICIENT_FUNDS_FOR_REVERSAL",
-                f"{account.account_id} has only {format_amount(account.available, t.currency)}"
-                f" left to reverse {t.amount}")
+                f"account {mask_account(account.account_id)} has less than {t.amount} left"
+                " to reverse")
         return replace(base, debit_account=t.destination,
                        credit_account=clearing_account(t.currency)), StepResult.ok(
             reversed=str(t.amount))
@@ -143,8 +148,8 @@ def decide_entry(command: StepCommand, account: AccountView | None
         if limit is not None and account.settled_today + t.amount > limit:
             return None, StepResult.refused(
                 "DAILY_LIMIT_EXCEEDED",
-                f"{account.account_id} settled {format_amount(account.settled_today, t.currency)}"
-                f" today; {t.amount} more exceeds its limit of {format_amount(limit, t.currency)}")
+                f"account {mask_account(account.account_id)}: {t.amount} more today would"
+                " exceed its daily outflow limit")
         # Debit the source and consume its hold: the hold guaranteed the funds are there.
         return replace(base, debit_account=t.source, credit_account=clearing_account(t.currency),
                        hold_account=t.source, hold_delta=-t.amount), StepResult.ok(

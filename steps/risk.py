@@ -16,6 +16,7 @@ from uuid import UUID
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from orchestrator.participant import ParticipantService, ServiceParticipant, StepResult
+from orchestrator.redact import mask_account
 from orchestrator.settings import Settings
 from schemas import StepCommand
 from steps.registry import risk
@@ -49,7 +50,9 @@ def screening(command: StepCommand, answered: bool, denied: frozenset[str]) -> S
                str(command.payload.get("destination_account"))}
     hits = sorted(parties & denied)
     if hits:
-        return StepResult.refused("SANCTIONS_HIT", f"party on the deny list: {', '.join(hits)}")
+        # Masked: the reason reaches logs and dead letters; the accounts are in the saga's input.
+        return StepResult.refused("SANCTIONS_HIT", "party on the deny list: "
+                                  + ", ".join(mask_account(hit) for hit in hits))
     return StepResult.ok(screened=True)
 
 

@@ -19,6 +19,7 @@ from orchestrator.kafka.consumer import Consumed, encode_headers
 from orchestrator.kafka.producer import MESSAGE_MAX_BYTES, Record, record_size
 from orchestrator.metrics import DEAD_LETTERS
 from orchestrator.postgres import store
+from orchestrator.redact import describe_error
 from orchestrator.settings import Settings
 from schemas import TOPIC_DEAD_LETTERS, DeadLetter, RejectionCode
 
@@ -94,7 +95,7 @@ def poison_dead_letter(settings: Settings, stage: str, message: Consumed, error:
     now = datetime.now(UTC)
     message_id = message_id_of(message)
     letter = dead_letter_for(message, RejectionCode.PROCESSING_FAILED,
-                             f"{type(error).__name__}: {error}"[:2000],
+                             describe_error(error)[:2000],
                              f"{stage}.{type(error).__qualname__}", now,
                              message_id=message_id).model_copy(
         update={"attempts": attempts, "first_failed_at": first_failed_at})

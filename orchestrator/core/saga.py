@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID, uuid5
 
 from pydantic import BaseModel
@@ -53,6 +53,28 @@ from schemas import (
 )
 
 _SAGA_NAMESPACE = UUID("6f1c3a52-8d0e-4f7b-9a51-2c0d9e7b4a10")
+
+
+_Frozen = TypeVar("_Frozen", "StepRun", "SagaState")
+_FIELD_NAMES: dict[type, frozenset[str]] = {}
+
+
+def _replace(obj: _Frozen, **changes: Any) -> _Frozen:
+    """`dataclasses.replace` for the state's frozen dataclasses, without their generated
+    `__init__`: a frozen `__init__` sets every field through `object.__setattr__`, and the
+    ~50 replacements a saga's events cause were a third of the core's time (docs/performance.md).
+    These classes validate nothing at construction, so copying the fields is the same value;
+    unknown names are refused as `replace` would."""
+    cls = type(obj)
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = frozenset(f.name for f in fields(cls))
+    if not changes.keys() <= names:
+        raise TypeError(f"{cls.__name__} has no field(s) {sorted(changes.keys() - names)}")
+    new = object.__new__(cls)
+    new.__dict__.update(obj.__dict__)
+    new.__dict__.update(changes)
+    return new
 
 
 class SagaStatus(StrEnum):
@@ -262,7 +284,7 @@ class SagaState:
         if "runs" not in data:
             # A row cached before parallel groups: a sequential saga between two decisions has
             # one run (a command out, or a retry waiting) or none (ended), as its fields say.
-            state = replace(state, runs=_legacy_runs(state))
+            state = _replace(state, runs=_legacy_runs(state))
         return state
 
 
@@ -318,7 +340,7 @@ def evolve(state: SagaState | None, event: SagaEvent) -> SagaState:
         )
     if state is None:
         raise ValueError(f"{event.type} cannot start a saga's history")
-    return _current_run(_evolve(replace(state, version=state.version + 1), event))
+    return _current_run(_evolve(state, event), version=state.version + 1)
 
 
 def _evolve(state: SagaState, event: SagaEvent) -> SagaState:
@@ -338,7 +360,7 @@ def _evolve(state: SagaState, event: SagaEvent) -> SagaState:
         resends = 0 if event.attempt == 1 else (earlier.resends if earlier else state.resends)
         run = StepRun(event.step, event.direction, event.attempt, event.command_id,
                       event.deadline_at, resends)
-        return replace(
+        return _replace(
             state,
             status=status,
             step=event.step,
@@ -356,57 +378,57 @@ def _evolve(state: SagaState, event: SagaEvent) -> SagaState:
         )
         earlier = _run(state, event.step, event.direction) or StepRun(
             event.step, event.direction, state.attempt, resends=state.resends)
-        run = replace(earlier, command_id=None, deadline_at=None,
-                      next_attempt_at=event.not_before)
-        return replace(state, status=status, step=event.step, direction=event.direction,
-                       command_id=None, deadline_at=None, next_attempt_at=event.not_before,
-                       runs=_put(state.runs, run))
+        run = _replace(earlier, command_id=None, deadline_at=None,
+                       next_attempt_at=event.not_before)
+        return _replace(state, status=status, step=event.step, direction=event.direction,
+                        command_id=None, deadline_at=None, next_attempt_at=event.not_before,
+                        runs=_put(state.runs, run))
     if isinstance(event, StepTimedOut):
         if not event.gave_up:
             runs = _changed(state.runs, event.step, event.direction, resends=event.resend,
                             deadline_at=event.deadline_at)
-            return replace(state, resends=event.resend, deadline_at=event.deadline_at, runs=runs)
+            return _replace(state, resends=event.resend, deadline_at=event.deadline_at, runs=runs)
         applied = state.applied
         if event.direction is Direction.FORWARD and event.step not in applied:
             applied = (*applied, event.step)  # outcome unknown: compensate it to be sure
         runs = _changed(state.runs, event.step, event.direction, command_id=None,
                         deadline_at=None)
-        state = replace(state, command_id=None, deadline_at=None, applied=applied, runs=runs)
+        state = _replace(state, command_id=None, deadline_at=None, applied=applied, runs=runs)
         if keeps_failure:
             return state
-        return replace(state, failed_step=event.step,
-                       failure=f"TIMED_OUT: no reply to attempt {event.attempt} of "
-                               f"{event.step} ({event.direction.value})")
+        return _replace(state, failed_step=event.step,
+                        failure=f"TIMED_OUT: no reply to attempt {event.attempt} of "
+                                f"{event.step} ({event.direction.value})")
     if isinstance(event, StepSucceeded):
-        state = replace(state, applied=(*state.applied, event.step), command_id=None,
-                        deadline_at=None,
-                        runs=_without(state.runs, event.step, Direction.FORWARD))
+        state = _replace(state, applied=(*state.applied, event.step), command_id=None,
+                         deadline_at=None,
+                         runs=_without(state.runs, event.step, Direction.FORWARD))
         if state.failed_step in (None, event.step):
             # A retry of this step succeeded; another step's failure still stands.
-            state = replace(state, failed_step=None, failure=None)
+            state = _replace(state, failed_step=None, failure=None)
         return state
     if isinstance(event, StepFailed):
         runs = _changed(state.runs, event.step, Direction.FORWARD, command_id=None,
                         deadline_at=None)
-        state = replace(state, command_id=None, deadline_at=None, runs=runs)
+        state = _replace(state, command_id=None, deadline_at=None, runs=runs)
         if keeps_failure:
             return state
-        return replace(state, failed_step=event.step, failure=f"{event.code}: {event.reason}")
+        return _replace(state, failed_step=event.step, failure=f"{event.code}: {event.reason}")
     if isinstance(event, StepCompensated):
         applied = tuple(s for s in state.applied if s != event.step)
-        return replace(state, applied=applied, command_id=None, deadline_at=None,
-                       runs=_without(state.runs, event.step, Direction.COMPENSATE))
+        return _replace(state, applied=applied, command_id=None, deadline_at=None,
+                        runs=_without(state.runs, event.step, Direction.COMPENSATE))
     if isinstance(event, CompensationFailed):
         runs = _changed(state.runs, event.step, Direction.COMPENSATE, command_id=None,
                         deadline_at=None)
-        return replace(state, command_id=None, deadline_at=None, runs=runs)
+        return _replace(state, command_id=None, deadline_at=None, runs=runs)
     if isinstance(event, SagaCompleted):
-        return replace(state, status=SagaStatus.COMPLETED, step=None, direction=None, runs=())
+        return _replace(state, status=SagaStatus.COMPLETED, step=None, direction=None, runs=())
     if isinstance(event, SagaCompensated):
-        return replace(state, status=SagaStatus.COMPENSATED, step=None, direction=None, runs=())
+        return _replace(state, status=SagaStatus.COMPENSATED, step=None, direction=None, runs=())
     if isinstance(event, SagaFailed):
-        return replace(state, status=SagaStatus.FAILED, failure=f"{event.step}: {event.reason}",
-                       runs=())
+        return _replace(state, status=SagaStatus.FAILED, failure=f"{event.step}: {event.reason}",
+                        runs=())
     raise TypeError(f"unknown event {event!r}")  # pragma: no cover - the union is closed
 
 
@@ -428,7 +450,7 @@ def _put(runs: tuple[StepRun, ...], run: StepRun) -> tuple[StepRun, ...]:
 def _changed(runs: tuple[StepRun, ...], step: str, direction: Direction, **changes: Any
              ) -> tuple[StepRun, ...]:
     """`runs` with the step's run in that direction changed as given (if it has one)."""
-    return tuple(replace(run, **changes) if (run.step, run.direction) == (step, direction)
+    return tuple(_replace(run, **changes) if (run.step, run.direction) == (step, direction)
                  else run for run in runs)
 
 
@@ -437,17 +459,19 @@ def _without(runs: tuple[StepRun, ...], step: str, direction: Direction
     return tuple(run for run in runs if (run.step, run.direction) != (step, direction))
 
 
-def _current_run(state: SagaState) -> SagaState:
-    """The single-step fields follow the run due first (by due time, then the order the runs
-    started in). For a sequential saga that is its one run, whose fields the event just set
-    the same way, so they read exactly as they did before parallel groups."""
+def _current_run(state: SagaState, version: int) -> SagaState:
+    """`state` at `version`, its single-step fields following the run due first (by due time,
+    then the order the runs started in). For a sequential saga that is its one run, whose
+    fields the event just set the same way, so they read exactly as they did before parallel
+    groups. One replacement for both: they are the core's main cost."""
     due = _due_runs(state)
     if not due:
-        return state
+        return _replace(state, version=version)
     _, _, run = min(due, key=lambda item: (item[1], item[0]))
-    return replace(state, step=run.step, direction=run.direction, attempt=run.attempt,
-                   command_id=run.command_id, deadline_at=run.deadline_at,
-                   resends=run.resends, next_attempt_at=run.next_attempt_at)
+    return _replace(state, version=version, step=run.step, direction=run.direction,
+                    attempt=run.attempt, command_id=run.command_id,
+                    deadline_at=run.deadline_at, resends=run.resends,
+                    next_attempt_at=run.next_attempt_at)
 
 
 def fold(events: Iterable[SagaEvent]) -> SagaState | None:

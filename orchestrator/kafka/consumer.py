@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -30,6 +31,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+from orchestrator import metrics
 from orchestrator.errors import BusError, ConfigurationError
 from orchestrator.metrics import CONSUMER_REWINDS
 from orchestrator.postgres.leases import Partition, PartitionLeases
@@ -221,7 +223,7 @@ def consumer_config(settings: Settings, group_id: str,
                     error_cb: Callable[[KafkaError], None]) -> dict[str, Any]:
     """The librdkafka configuration of a worker's consumer."""
     assert settings.kafka_bootstrap
-    return {
+    config: dict[str, Any] = {
         "bootstrap.servers": settings.kafka_bootstrap,
         "client.id": settings.worker_name or "saga",
         # Offsets live in Kafka under the group id, whether partitions come from the group or
@@ -250,6 +252,12 @@ def consumer_config(settings: Settings, group_id: str,
         # How a lost broker is noticed (see `BatchConsumer._resume_after_broker_loss`).
         "error_cb": error_cb,
     }
+    if metrics.RECORDING:
+        # The consumer lag gauge, from librdkafka's own statistics (served by the loop's
+        # polls on the consumer's thread): no request to the broker and nothing per record.
+        config["statistics.interval.ms"] = max(1000, int(settings.metrics_sample_s * 1000))
+        config["stats_cb"] = functools.partial(metrics.consumer_lag, group_id)
+    return config
 
 
 class BatchConsumer:

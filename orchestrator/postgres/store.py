@@ -49,8 +49,10 @@ def create_engine(url: str, pool_size: int = 5,
     if idle_in_transaction_timeout_s is not None:
         timeout_ms = str(int(idle_in_transaction_timeout_s * 1000))
         connect_args["server_settings"] = {"idle_in_transaction_session_timeout": timeout_ms}
+    # hide_parameters: a statement's error names the statement, never its values (account
+    # ids, amounts, payloads), since such errors are logged and may become dead-letter reasons.
     return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size,
-                               connect_args=connect_args)
+                               connect_args=connect_args, hide_parameters=True)
 
 
 class HeldConnection:

@@ -35,7 +35,7 @@ from opentelemetry.trace import Span
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orchestrator import tracing
+from orchestrator import metrics, tracing
 from orchestrator.consuming.handling import fit_dead_letter
 from orchestrator.core.saga import (
     SagaState,
@@ -55,13 +55,14 @@ from orchestrator.kafka.consumer import (
     trim_committed,
 )
 from orchestrator.kafka.producer import KafkaProducer, Record
+from orchestrator.logs import saga_fields
 from orchestrator.metrics import DEAD_LETTERS, RECOVERY_ACTIONS, SAGAS_FAILED
 from orchestrator.postgres import store
 from orchestrator.settings import Settings
 from orchestrator.throttle import LogThrottle
 from orchestrator.tracing import TraceContext
 from orchestrator.workers.relay import OutboxRelay, PublishedMarker, publish_committed
-from orchestrator.workers.saga_worker import traced_command_rows
+from orchestrator.workers.saga_worker import observe_ended, traced_command_rows
 from schemas import (
     TOPIC_DEAD_LETTERS,
     DeadLetter,
@@ -128,7 +129,7 @@ class RecoveryWorker:
         async with self.engine.begin() as conn:
             rows = (await conn.execute(
                 text(
-                    "SELECT state, traceparent, tracestate FROM sagas"
+                    "SELECT saga_id, saga_type, state, traceparent, tracestate FROM sagas"
                     " WHERE status IN ('RUNNING', 'COMPENSATING')"
                     " AND due_at <= :now ORDER BY due_at LIMIT :n FOR UPDATE SKIP LOCKED"
                 ),
@@ -145,8 +146,9 @@ class RecoveryWorker:
                     # a newer deployment, a state it cannot parse) must not stop recovery of
                     # the rest.
                     done.unreadable += 1
-                    log.exception("cannot decide on a due saga (row skipped): %s",
-                                  str(row.state)[:200])
+                    # Its id only: the state holds the saga's input (accounts, reference).
+                    log.exception("cannot decide on a due saga (row skipped)",
+                                  extra=saga_fields(row.saga_type, row.saga_id))
                     continue
                 if decision is None:
                     continue  # not due after all: the row's due_at was older than its state
@@ -212,9 +214,12 @@ class RecoveryWorker:
                 RECOVERY_ACTIONS.add(count, {"action": action})
         for dead in dead_letters:
             DEAD_LETTERS.add(1, {"stage": dead.stage, "reason": dead.reason_code})
+        if metrics.RECORDING:
+            observe_ended(states, now)
         for saga_id in done.failed:
             SAGAS_FAILED.add(1, {"stage": "recovery"})
-            log.error("saga %s FAILED in recovery and was dead-lettered", saga_id)
+            log.error("saga %s FAILED in recovery and was dead-lettered", saga_id,
+                      extra={"saga_id": str(saga_id)})
         await publish_committed(self.producer, self.marker, self._throttle, outbox, ids,
                                 "recovery")
         return done
@@ -288,7 +293,7 @@ class RecoveryWorker:
                 " AND set_aside_at IS NULL AND NOT topic = ANY(:step_topics)"),
                 {"since": since, "step_topics": step_topics})).rowcount
             rows = (await conn.execute(text(
-                "SELECT state, traceparent, tracestate FROM sagas"
+                "SELECT saga_id, saga_type, state, traceparent, tracestate FROM sagas"
                 " WHERE status IN ('RUNNING', 'COMPENSATING')"))).all()
             spans: list[Span] = []
             for row in rows:
@@ -297,8 +302,8 @@ class RecoveryWorker:
                     definition = self.sagas.definition_of(state)
                     commands = outstanding_commands(definition, state)
                 except Exception:
-                    log.exception("cannot read an in-flight saga (skipped): %s",
-                                  str(row.state)[:200])
+                    log.exception("cannot read an in-flight saga (skipped)",
+                                  extra=saga_fields(row.saga_type, row.saga_id))
                     continue
                 # Re-sent in the saga's trace (from spans of their own, with tracing on).
                 outbox += traced_command_rows(
@@ -386,12 +391,48 @@ class RecoveryWorker:
                     log.warning("could not trim the broker's logs (%s); %d such lines left out",
                                 error, left_out)
 
+    async def sample_gauges(self) -> None:
+        """Read what the database gauges show (`orchestrator.metrics.store_gauges`): sagas in
+        flight by type and status (through the partial index of the in-flight statuses),
+        the outbox backlog and its oldest row's age (through `outbox_pending`), and the dead
+        letters not redriven yet by reason. One read-only transaction of three statements."""
+        async with self.engine.connect() as conn:
+            # Every type's in-flight statuses, 0 when none: a dashboard sees them drain.
+            in_flight = {(name, status): 0 for name in self.sagas
+                         for status in ("RUNNING", "COMPENSATING")}
+            in_flight |= {(row.saga_type, row.status): row.n for row in await conn.execute(text(
+                "SELECT saga_type, status, count(*) AS n FROM sagas"
+                " WHERE status IN ('RUNNING', 'COMPENSATING') GROUP BY 1, 2"))}
+            backlog = (await conn.execute(text(
+                "SELECT count(*) AS n, COALESCE(EXTRACT(EPOCH FROM clock_timestamp()"
+                " - min(created_at)), 0) AS age_s FROM outbox"
+                " WHERE published_at IS NULL AND set_aside_at IS NULL"))).one()
+            pending = {row.reason_code: row.n for row in await conn.execute(text(
+                "SELECT reason_code, count(*) AS n FROM dead_letters WHERE redriven_at IS NULL"
+                " GROUP BY 1"))}
+        metrics.store_gauges(in_flight, int(backlog.n), float(backlog.age_s), pending)
+
+    async def keep_gauges_sampled(self, stop: asyncio.Event) -> None:
+        """Sample the database gauges every `metrics_sample_s` while metrics are exported;
+        an export serves the last sample, so no export and no message waits for this query."""
+        while metrics.RECORDING and not stop.is_set():
+            try:
+                await self.sample_gauges()
+            except Exception as error:
+                if (left_out := self._throttle.admit("gauges")) is not None:
+                    log.warning("could not sample the database gauges (%s); %d such lines "
+                                "left out", type(error).__name__, left_out)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.settings.metrics_sample_s)
+
     async def run(self, stop: asyncio.Event) -> None:
         """Scan for due sagas every `recovery_poll_s` (at once again after a full batch), and
-        sweep the outbox, keep the topics and trim the logs beside it, until `stop` is set."""
+        sweep the outbox, keep the topics, trim the logs and sample the database's gauges
+        beside it, until `stop` is set."""
         relay = asyncio.create_task(self.relay.run(stop), name="recovery-outbox-sweep")
         topics = asyncio.create_task(self.keep_topics(stop), name="recovery-topics")
         trim = asyncio.create_task(self.keep_logs_trimmed(stop), name="recovery-trim")
+        gauges = asyncio.create_task(self.keep_gauges_sampled(stop), name="recovery-gauges")
         try:
             while not stop.is_set():
                 if not self.broker_reachable:
@@ -416,4 +457,5 @@ class RecoveryWorker:
             await relay
             await topics
             await trim
+            await gauges
             await self.marker.close()

@@ -13,17 +13,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+from opentelemetry.metrics import Histogram
 from opentelemetry.trace import Span, SpanKind
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orchestrator import tracing
+from orchestrator import metrics, tracing
 from orchestrator.consuming.handling import (
     REDRIVE_HEADER,
     dead_letter_for,
@@ -53,7 +54,8 @@ from orchestrator.crash import crash_point, step_tags
 from orchestrator.errors import ConcurrencyConflict
 from orchestrator.kafka.consumer import Consumed, encode_headers
 from orchestrator.kafka.producer import KafkaProducer
-from orchestrator.metrics import DEAD_LETTERS, SAGAS_FAILED
+from orchestrator.logs import saga_fields
+from orchestrator.metrics import DEAD_LETTERS, SAGA_DURATION, SAGAS_FAILED, STEP_LATENCY
 from orchestrator.postgres import store
 from orchestrator.settings import Settings
 from orchestrator.throttle import LogThrottle
@@ -118,6 +120,15 @@ def traced_command_rows(settings: Settings, definition: SagaDefinition,
     return rows
 
 
+def observe_ended(states: Iterable[SagaState], now: datetime) -> None:
+    """Record the duration of each saga of `states` that is terminal: states written by one
+    committed batch or pass, so each became terminal there (a terminal saga never changes)."""
+    for state in states:
+        if state.terminal and state.requested_at is not None:
+            SAGA_DURATION.record((now - state.requested_at).total_seconds(), {
+                "saga_type": state.saga_type, "outcome": state.status.value.lower()})
+
+
 @dataclass
 class _BatchWrites:
     inbox: list[store.InboxRow] = field(default_factory=list)
@@ -133,6 +144,8 @@ class _BatchWrites:
     # Only with tracing on: what each message decided, and the spans of the commands sent.
     handled: list[tuple[_Parsed, Decision, TraceContext | None]] = field(default_factory=list)
     spans: list[Span] = field(default_factory=list)
+    # Histogram values to record once the batch committed (only while metrics record).
+    observed: list[tuple[Histogram, float, dict[str, str]]] | None = None
 
 
 @dataclass
@@ -262,7 +275,7 @@ class OrchestratorWorker:
                 log.info("the known-state path lost a race on a batch of %d; deciding it "
                          "again from the database", len(parsed))
             else:
-                self._committed(writes)
+                self._committed(writes, now)
                 if spans:
                     tracing.emit(write)
                     self._close_spans(spans, writes, now)
@@ -289,7 +302,7 @@ class OrchestratorWorker:
                     writes.outbox, writes.dead_letters, now, writes.traces,
                 )
             crash_point("orchestrator.before_commit", tags)
-        self._committed(writes)
+        self._committed(writes, now)
         if spans:
             tracing.emit(write)
             self._close_spans(spans, writes, now)
@@ -381,7 +394,11 @@ class OrchestratorWorker:
             self._apply(item, state, decision, now, writes, states)
         return None if writes.dead_letters else writes
 
-    def _committed(self, writes: _BatchWrites) -> None:
+    def _committed(self, writes: _BatchWrites, now: datetime) -> None:
+        if metrics.RECORDING:
+            observe_ended(writes.touched.values(), now)
+            for histogram, seconds, attributes in writes.observed or ():
+                histogram.record(seconds, attributes)
         for row in writes.dead_letters:
             DEAD_LETTERS.add(1, {"stage": row.stage, "reason": row.reason_code})
         for state in writes.touched.values():
@@ -425,6 +442,8 @@ class OrchestratorWorker:
 
     def _apply(self, item: _Parsed, state: SagaState | None, decision: Decision, now: datetime,
                writes: _BatchWrites, states: dict[UUID, SagaState]) -> None:
+        if metrics.RECORDING and decision.events:
+            self._observe(item, state, now, writes)
         trace = self._trace_of(item, state, writes)
         trace_id = trace.trace_id if trace is not None else None
         for event in decision.events:
@@ -460,6 +479,29 @@ class OrchestratorWorker:
             verdict=decision.verdict.value, saga_id=state.saga_id if state else item.saga_id,
         ))
 
+    def _observe(self, item: _Parsed, state: SagaState | None, now: datetime,
+                 writes: _BatchWrites) -> None:
+        """What a decision that records events shows on the histograms: a reply, the round
+        trip of the step run it answers (its command was sent, or re-sent, `timeout_s` before
+        its deadline); a refusal at intake, the duration of a saga that never ran (a saga
+        that ran is timed from its state when it ends: `observe_ended`)."""
+        value = item.input
+        if writes.observed is None:
+            writes.observed = []
+        if isinstance(value, StepReply) and state is not None:
+            for run in state.runs:
+                if run.command_id == value.command_id and run.deadline_at is not None:
+                    step = self.sagas.definition_of(state).step(run.step)
+                    sent_at = run.deadline_at - timedelta(seconds=step.timeout_s)
+                    writes.observed.append((STEP_LATENCY, (now - sent_at).total_seconds(), {
+                        "saga_type": state.saga_type, "step": run.step,
+                        "direction": run.direction.value, "outcome": value.outcome.value}))
+                    return
+        elif isinstance(value, RejectSaga) and item.message.timestamp_ms is not None:
+            requested_at = datetime.fromtimestamp(item.message.timestamp_ms / 1000, tz=UTC)
+            writes.observed.append((SAGA_DURATION, (now - requested_at).total_seconds(), {
+                "saga_type": value.saga_type, "outcome": "rejected"}))
+
     def _dead_letter(self, item: _Parsed, state: SagaState | None,
                      rejection: tuple[RejectionCode, str], now: datetime,
                      writes: _BatchWrites, trace: TraceContext | None = None) -> None:
@@ -488,4 +530,7 @@ class OrchestratorWorker:
         writes.outbox.append(store.OutboxRow(record.topic, record.key, record.value,
                                              encode_headers(record.headers), item.saga_id))
         log.warning("dead-lettered %s record at %s/%s: %s: %s", stage, item.message.partition,
-                    item.message.offset, code.value, reason)
+                    item.message.offset, code.value, reason,
+                    extra=saga_fields(saga_type, item.saga_id,
+                                      item.input.step if isinstance(item.input, StepReply)
+                                      else None))

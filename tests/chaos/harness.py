@@ -84,7 +84,8 @@ def transfer_ids(plans: Iterable[Planned]) -> list[str]:
 
 async def create_database(stack: EmbeddedStack, name: str) -> str:
     """A fresh database on the stack's server: the checker then judges this world alone."""
-    admin = create_async_engine(stack.postgres.url, isolation_level="AUTOCOMMIT")
+    admin = create_async_engine(stack.postgres.url, isolation_level="AUTOCOMMIT",
+                                hide_parameters=True)
     try:
         async with admin.connect() as conn:
             await conn.execute(text(f'CREATE DATABASE "{name}"'))

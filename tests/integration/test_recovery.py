@@ -35,6 +35,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from orchestrator import metrics as saga_metrics
 from orchestrator.core.saga import (
     SagaState,
     SagaStatus,
@@ -884,3 +885,42 @@ async def test_a_recovery_worker_process_exports_its_actions_to_an_otlp_collecto
     finally:
         processes.stop()
         receiver.close()
+
+
+async def test_the_gauges_sample_what_the_database_holds(rig: Rig) -> None:
+    """`sample_gauges` (the recovery worker's, every SAGA_METRICS_SAMPLE_S while metrics are
+    exported) against our own SQL: sagas in flight by status, the outbox backlog and the age of
+    its oldest row, dead letters not redriven by reason."""
+    [running, turning] = await rig.start(2)
+    # The screen is refused for good; once the hold is placed, it is released: COMPENSATING.
+    [screen] = await rig.commands(turning, "risk")
+    await rig.orchestrator.handle_batch([rig.reply(screen, Outcome.FAILED)])
+    [reserve] = await rig.commands(turning, "ledger")
+    await rig.orchestrator.handle_batch([rig.reply(reserve)])
+    unreadable = Consumed(topic=rig.settings.topic(TOPIC_TRANSFER_COMMANDS), partition=0,
+                          offset=next(rig.offsets), key=None, value=b"{not json",
+                          headers=(), timestamp_ms=None)
+    await rig.orchestrator.handle_batch([unreadable])
+    await rig.orchestrator.marker.flush()
+    async with rig.engine.begin() as conn:
+        await conn.execute(text(
+            "INSERT INTO outbox (topic, value, created_at) VALUES"
+            " ('it-nowhere', 'x', clock_timestamp() - interval '90 seconds')"))
+
+    await rig.recovery.sample_gauges()
+
+    async with rig.engine.connect() as conn:
+        statuses = {row.status: row.n for row in await conn.execute(text(
+            "SELECT status, count(*) AS n FROM sagas GROUP BY status"))}
+        backlog = (await conn.execute(text(
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL"
+            " AND set_aside_at IS NULL"))).scalar_one()
+    assert statuses == {"RUNNING": 1, "COMPENSATING": 1}
+    assert saga_metrics.SAMPLES.in_flight == {("transfer", "RUNNING"): 1,
+                                         ("transfer", "COMPENSATING"): 1}
+    assert saga_metrics.SAMPLES.outbox_backlog == backlog >= 1
+    assert saga_metrics.SAMPLES.outbox_oldest_age_s is not None
+    assert 90 <= saga_metrics.SAMPLES.outbox_oldest_age_s < 150
+    assert {reason: count for reason, count in saga_metrics.SAMPLES.dead_letters_pending.items()
+            if count} == {"MALFORMED_JSON": 1}
+    assert running != turning

@@ -36,7 +36,7 @@ WORKERS = {
     "participant-ledger": ["participant", "ledger"],
     "participant-notify": ["participant", "notify"],
 }
-INFRASTRUCTURE = ("kafka", "postgres", "otel-collector", "jaeger")
+INFRASTRUCTURE = ("kafka", "postgres", "otel-collector", "prometheus", "grafana", "jaeger")
 PREFIX = Settings.model_config.get("env_prefix", "")
 
 # Compose's interpolation: `$$` is a literal dollar; `${VAR}`, `${VAR:-default}`, `${VAR-default}`

@@ -14,6 +14,7 @@ import steps
 from orchestrator.core.definition import Backoff, Parallel, SagaDefinition, Step
 from orchestrator.errors import SagaDefinitionError, SagaError
 from orchestrator.participant import StepResult
+from orchestrator.redact import mask_account
 from orchestrator.settings import Settings
 from schemas import Direction, Outcome, StepCommand
 from steps.ledger import LEDGER, AccountView, Entry, after, clearing_account, decide_entry
@@ -372,7 +373,10 @@ def test_reserve_beyond_the_available_funds_is_refused() -> None:
 
     assert entry is None
     assert refusal(result) == "INSUFFICIENT_FUNDS"
-    assert result.reason is not None and "29.99 available" in result.reason
+    # The reason names the amount asked for, never the balance (it reaches logs and dead
+    # letters: orchestrator.redact).
+    assert result.reason is not None and "less than 30.00 available" in result.reason
+    assert "29.99" not in result.reason
 
 
 def test_reserve_on_a_closed_account_is_refused() -> None:
@@ -398,7 +402,9 @@ def test_an_unknown_account_is_refused(action: Action, missing: str) -> None:
 
     assert entry is None
     assert refusal(result) == "UNKNOWN_ACCOUNT"
-    assert result.reason == f"account {missing} does not exist"
+    # Masked: a refusal's reason reaches logs and dead letters (orchestrator.redact).
+    assert result.reason == f"account {mask_account(missing)} does not exist"
+    assert result.reason is not None and missing not in result.reason
 
 
 def test_credit_moves_money_from_clearing_to_the_destination() -> None:
@@ -476,7 +482,9 @@ def test_settle_over_the_daily_limit_is_refused() -> None:
 
     assert entry is None
     assert refusal(result) == "DAILY_LIMIT_EXCEEDED"
-    assert result.reason is not None and "limit of 50.00" in result.reason
+    # The amount asked for, neither the limit nor what was settled (account data).
+    assert result.reason is not None and "30.00 more today" in result.reason
+    assert "50.00" not in result.reason and "20.01" not in result.reason
 
 
 def test_clearing_accounts_are_per_currency() -> None:
