@@ -381,8 +381,8 @@ def _database_span(parent: Span, operation: str, summary: str) -> Iterator[None]
     try:
         yield
     except BaseException as error:
+        # The error's class only: a driver's message may quote a row (account ids, amounts).
         span.set_status(Status(StatusCode.ERROR, type(error).__name__))
-        span.record_exception(error)
         raise
     finally:
         span.end()
@@ -454,6 +454,7 @@ def emit_saga_span(saga_id: UUID, saga_type: str, business_key: str, status: str
                       {**saga_attributes(saga_type, saga_id, business_key),
                        "saga.status": status},
                       span_id=saga_span_id(saga_id), start=started or ended)
-    if status in ("FAILED",):
-        span.set_status(Status(StatusCode.ERROR, failure or status))
+    if status == "FAILED":
+        # The reason's code only (its text may name accounts): the timeline has the rest.
+        span.set_status(Status(StatusCode.ERROR, (failure or status).split(":", 1)[0]))
     span.end(end_time=int(ended.timestamp() * 1e9))
