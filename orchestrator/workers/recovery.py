@@ -219,7 +219,7 @@ class RecoveryWorker:
         for saga_id in done.failed:
             SAGAS_FAILED.add(1, {"stage": "recovery"})
             log.error("saga %s FAILED in recovery and was dead-lettered", saga_id,
-                      extra={"saga_id": str(saga_id)})
+                      extra={"saga_id": str(saga_id), "trace_id": contexts[saga_id].trace_id})
         await publish_committed(self.producer, self.marker, self._throttle, outbox, ids,
                                 "recovery")
         return done

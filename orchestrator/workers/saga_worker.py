@@ -533,4 +533,4 @@ class OrchestratorWorker:
                     item.message.offset, code.value, reason,
                     extra=saga_fields(saga_type, item.saga_id,
                                       item.input.step if isinstance(item.input, StepReply)
-                                      else None))
+                                      else None, trace.trace_id if trace else None))
