@@ -5,9 +5,10 @@
                              [--no-compare-standby] [--no-compare-group] [--json]
 
 A closed-loop driver keeps C transfers in flight until K have ended (as bench/saga_throughput.py
-does: it learns of a saga's end from the `saga_terminal` notification, with a database sweep for a
-notification that never arrives). In a killed run, once `--kill-after` transfers have ended, the
-worker of one kind is SIGKILLed and started again at once (`WorkerProcesses.restart`). Recovery is
+does: it learns of a saga's end from its outcome event, through `SagaClient`, with a database
+sweep for an outcome that does not arrive in time). In a killed run, once `--kill-after`
+transfers have ended, the worker of one kind is SIGKILLed and started again at once
+(`WorkerProcesses.restart`). Recovery is
 the time from the SIGKILL until every saga that was in flight at that moment is terminal (the
 commit of its terminal event, read from the event store). The same load without a kill gives the
 clean wall time; the killed run's extra wall time is measured against it.
@@ -49,13 +50,15 @@ from confluent_kafka import Producer
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from orchestrator.client import SagaClient
 from orchestrator.dev.embedded import EmbeddedStack, settings_for
 from orchestrator.dev.processes import WorkerProcesses
 from orchestrator.ops.checker import check
-from orchestrator.postgres.store import TERMINAL_CHANNEL, create_engine, migrate
+from orchestrator.postgres.store import create_engine, migrate
 from orchestrator.settings import Settings
 from schemas import TOPIC_TRANSFER_COMMANDS
 from steps import APPLICATION
+from steps.saga import TRANSFER_TYPE
 
 ACCOUNTS = 200
 WARM_UP = 100
@@ -133,6 +136,9 @@ async def drive(settings: Settings, engine: AsyncEngine, producer: Producer,
                 "destination_account": accounts[(i * 7 + 1) % len(accounts)], "amount": "1.00",
                 "currency": "EUR", "reference": "bench", "requested_by": "bench"}
         sent.add(transfer_id)
+        # Its waiter before its publish: the outcome cannot slip past.
+        client.expect(TRANSFER_TYPE, transfer_id).add_done_callback(
+            lambda outcome: finished(transfer_id) if not outcome.cancelled() else None)
         producer.produce(topic, value=json.dumps(body).encode(), key=transfer_id.encode())
         producer.poll(0)
 
@@ -145,13 +151,8 @@ async def drive(settings: Settings, engine: AsyncEngine, producer: Producer,
         else:
             publish_next()
 
-    def on_terminal(_conn: object, _pid: int, _channel: str, payload: str) -> None:
-        saga_type, _, business_key = payload.partition(":")  # "transfer:<transfer id>"
-        if saga_type == "transfer":
-            finished(business_key)
-
     async def sweep_missed() -> None:
-        """Sagas that ended without their notification reaching us."""
+        """Sagas that ended without their outcome event reaching us."""
         waiting = list(sent - ended)
         if not waiting:
             return
@@ -164,10 +165,7 @@ async def drive(settings: Settings, engine: AsyncEngine, producer: Producer,
         for transfer_id in rows:
             finished(str(transfer_id))
 
-    async with engine.connect() as conn:
-        raw = (await conn.get_raw_connection()).driver_connection
-        assert raw is not None
-        await raw.add_listener(TERMINAL_CHANNEL, on_terminal)
+    async with SagaClient(settings, [TRANSFER_TYPE], client_id="bench-recovery") as client:
         started = time.perf_counter()
         for _ in range(concurrency):
             publish_next()
@@ -190,7 +188,6 @@ async def drive(settings: Settings, engine: AsyncEngine, producer: Producer,
                 print(f"  no progress for 30 s: {len(sent - ended)} sagas stuck", file=sys.stderr)
                 break
         result.elapsed_s = time.perf_counter() - started
-        await raw.remove_listener(TERMINAL_CHANNEL, on_terminal)
     producer.flush(5)
     result.ended, result.stuck = len(ended), transfers - len(ended)
     return result

@@ -4,9 +4,9 @@
     python bench/saga_throughput.py --sustain-s 300 --concurrency 32 [--json]
 
 For each concurrency C, a closed-loop driver keeps C transfers in flight until K completed:
-it publishes a request, learns of the saga's end from the orchestrator's `saga_terminal`
-notification, and publishes the next. Latency is end to end as the upstream sees it: from
-publishing the request to the saga's terminal commit. Workers are separate processes, as in
+it submits a request with `SagaClient`, awaits the saga's outcome event on
+`transfers.events.v1`, and submits the next. Latency is end to end as the upstream sees it:
+from publishing the request to reading its outcome event. Workers are separate processes, as in
 production. Every figure printed is the median of `--runs` runs; the invariants are checked
 after each run.
 
@@ -38,16 +38,21 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from sqlalchemy import text
 
+from orchestrator.client import SagaClient
 from orchestrator.dev.embedded import EmbeddedStack, settings_for
 from orchestrator.dev.processes import WorkerProcesses
+from orchestrator.errors import OutcomeTimeout
 from orchestrator.ops.checker import check
-from orchestrator.postgres.store import TERMINAL_CHANNEL, create_engine, migrate
+from orchestrator.postgres.store import create_engine, migrate
 from orchestrator.settings import Settings
-from schemas import TOPIC_TRANSFER_COMMANDS
+from schemas import TransferRequested
 from steps import APPLICATION
 from steps.demo import percentile
+from steps.saga import TRANSFER_TYPE
 
 ACCOUNTS = 200
+# A request with no outcome event this long after it was published counts as stuck.
+STUCK_AFTER_S = 30.0
 
 
 @dataclass
@@ -81,109 +86,74 @@ async def run_once(settings: Settings, engine, concurrency: int, transfers: int,
     async with engine.begin() as conn:
         for account in accounts:
             await open_account(conn, account, "EUR", Decimal("1000000.00"))
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 0,
-                         "enable.idempotence": True})
-    topic = settings.topic(TOPIC_TRANSFER_COMMANDS)
-    sent_at: dict[str, float] = {}  # wall-clock seconds, comparable with the database's clock
     latencies: list[float] = []
     ended: list[tuple[str, float, float]] = []
-    done = asyncio.Event()
-    loop = asyncio.get_running_loop()
+    stuck: list[str] = []
     next_index = 0
     started_at = time.time()
 
-    def publish_next() -> bool:
-        """Publish the next request, if the run wants one; whether it did."""
+    def take() -> int | None:
+        """The index of the next request, if the run wants one."""
         nonlocal next_index
         if duration_s is not None:
             if time.time() - started_at >= duration_s:
-                return False
+                return None
         elif next_index >= transfers:
-            return False
-        i = next_index
+            return None
         next_index += 1
-        transfer_id = str(uuid.uuid4())
-        body = {"transfer_id": transfer_id, "source_account": accounts[i % ACCOUNTS],
-                "destination_account": accounts[(i * 7 + 1) % ACCOUNTS], "amount": "1.00",
-                "currency": "EUR", "reference": "bench", "requested_by": "bench"}
-        sent_at[transfer_id] = time.time()
-        producer.produce(topic, value=json.dumps(body).encode(), key=transfer_id.encode())
-        producer.poll(0)
-        return True
+        return next_index - 1
 
-    def finished(transfer_id: str, at: float) -> None:
-        started = sent_at.pop(transfer_id, None)
-        if started is None:
-            return
-        latencies.append((at - started) * 1000)
-        ended.append((transfer_id, at, latencies[-1]))
-        if not publish_next() and not sent_at:
-            loop.call_soon(done.set)
+    async def driver(client: SagaClient) -> None:
+        """One of the C closed loops: submit a request, await its outcome event, go on."""
+        while (i := take()) is not None:
+            request = TransferRequested(
+                transfer_id=uuid.uuid4(), source_account=accounts[i % ACCOUNTS],
+                destination_account=accounts[(i * 7 + 1) % ACCOUNTS], amount=Decimal("1.00"),
+                currency="EUR", reference="bench", requested_by="bench")
+            sent = time.time()
+            try:
+                await client.submit(TRANSFER_TYPE, request, timeout_s=STUCK_AFTER_S)
+            except OutcomeTimeout:
+                stuck.append(str(request.transfer_id))
+                continue
+            at = time.time()
+            latencies.append((at - sent) * 1000)
+            ended.append((str(request.transfer_id), at, latencies[-1]))
 
-    def on_terminal(_conn, _pid, _channel, payload: str) -> None:
-        saga_type, _, business_key = payload.partition(":")  # "transfer:<transfer id>"
-        if saga_type == "transfer":
-            finished(business_key, time.time())
-
-    async def sweep_missed() -> int:
-        """Sagas that ended without their notification reaching us (counted and reported)."""
-        if not sent_at:
-            return 0
-        async with engine.connect() as conn:
-            rows = (await conn.execute(text(
-                "SELECT s.business_key, extract(epoch FROM e.recorded_at) AS at FROM sagas s"
-                " JOIN saga_events e ON e.saga_id = s.saga_id AND e.seq = s.version"
-                " WHERE s.saga_type = 'transfer' AND s.business_key = ANY(:ids)"
-                " AND s.status IN ('COMPLETED', 'COMPENSATED', 'REJECTED', 'FAILED')"
-                " AND e.recorded_at < now() - interval '1 second'"),
-                {"ids": list(sent_at)})).all()
-        for row in rows:
-            finished(row.business_key, float(row.at))
-        return len(rows)
-
-    async with engine.connect() as conn:
-        raw = (await conn.get_raw_connection()).driver_connection
-        await raw.add_listener(TERMINAL_CHANNEL, on_terminal)
-        started = time.perf_counter()
-        started_at = time.time()
-        for _ in range(concurrency):
-            publish_next()
-        reported = 0  # sustained: full minutes already shown on stderr
-        producer.flush(5)
-        # Keep the producer's delivery reports moving while we wait; a run that makes no
-        # progress for 30 s is reported with its stuck sagas rather than waited on for ever.
-        last_progress, last_count = time.perf_counter(), 0
-        last_sweep, missed = time.perf_counter(), 0
-        while not done.is_set():
-            producer.poll(0)
+    async def minutes(stop: asyncio.Event) -> None:
+        """Sustained: each full minute on stderr as it ends."""
+        reported = 0
+        while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), 0.005)
-            if time.perf_counter() - last_sweep > 1.0:
-                missed += await sweep_missed()
-                last_sweep = time.perf_counter()
-            if duration_s is not None and time.time() - started_at >= 60 * (reported + 1):
+                await asyncio.wait_for(stop.wait(), 0.5)
+            if time.time() - started_at >= 60 * (reported + 1):
                 minute = [ms for _, at, ms in ended
                           if 60 * reported <= at - started_at < 60 * (reported + 1)]
                 print(_sustained_status(reported, minute, 60.0), file=sys.stderr, flush=True)
                 reported += 1
-            if len(latencies) != last_count:
-                last_progress, last_count = time.perf_counter(), len(latencies)
-            elif time.perf_counter() - last_progress > 30:
-                print(f"  no progress for 30 s: {len(sent_at)} sagas stuck: "
-                      f"{list(sent_at)[:5]}", file=sys.stderr)
-                break
+
+    # Outcomes come as an upstream service sees them: on transfers.events.v1, through the
+    # client (positioned before the first request), not from the database.
+    async with SagaClient(settings, [TRANSFER_TYPE], client_id=f"bench-{run_id}") as client:
+        stop = asyncio.Event()
+        reporter = asyncio.create_task(minutes(stop)) if duration_s is not None else None
+        started = time.perf_counter()
+        started_at = time.time()
+        await asyncio.gather(*(driver(client) for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-        await raw.remove_listener(TERMINAL_CHANNEL, on_terminal)
-    if missed:
-        print(f"  {missed} saga ends were found by polling, not notification", file=sys.stderr)
-    producer.flush(5)
+        stop.set()
+        if reporter is not None:
+            await reporter
+    if stuck:
+        print(f"  no outcome within {STUCK_AFTER_S:g} s for {len(stuck)} sagas: {stuck[:5]}",
+              file=sys.stderr)
     report = await check(engine, APPLICATION)
     for failure in report.failures():
         print(f"  VIOLATION {failure.invariant} {failure.name}: {failure.detail}", file=sys.stderr)
-    published = transfers if duration_s is None else len(latencies) + len(sent_at)
+    published = transfers if duration_s is None else len(latencies) + len(stuck)
     return RunResult(concurrency, published, elapsed,
                      len(latencies) / elapsed, percentile(latencies, 50),
-                     percentile(latencies, 99), report.ok, stuck=len(sent_at),
+                     percentile(latencies, 99), report.ok, stuck=len(stuck),
                      p95_ms=percentile(latencies, 95), ended=ended, started_at=started_at)
 
 

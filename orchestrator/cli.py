@@ -13,13 +13,17 @@ import getpass
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from orchestrator.application import load_application
-from orchestrator.errors import ConfigurationError, NotFound, SagaError
+from orchestrator.core.saga import SagaStatus
+from orchestrator.errors import ConfigurationError, NotFound, OperatorActionRefused, SagaError
 from orchestrator.logs import configure_logging, set_worker
 from orchestrator.settings import Settings, worker_name
 
@@ -34,8 +38,13 @@ def _engine(settings: Settings) -> Any:
     return create_engine(settings.database_url, pool_size=2)
 
 
+def _json_default(value: Any) -> Any:
+    """What JSON cannot spell itself: times in ISO 8601, anything else (ids, amounts) as text."""
+    return value.isoformat() if isinstance(value, datetime) else str(value)
+
+
 def _print(data: Any, as_json: bool, render: Callable[[Any], str]) -> None:
-    print(json.dumps(data, indent=2, default=str) if as_json else render(data))
+    print(json.dumps(data, indent=2, default=_json_default) if as_json else render(data))
 
 
 async def _stop_on_signals() -> asyncio.Event:
@@ -90,37 +99,120 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return await application.demo(settings, args)
 
 
+def _dev_log_dir(wanted: str | None) -> Path:
+    """Where `saga dev` keeps the logs: `--logs DIR`, else a folder named for the start time
+    under `.saga/` (which git ignores), so that one run's logs never mix with another's."""
+    if wanted:
+        return Path(wanted).resolve()
+    started = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return (Path(".saga") / f"dev-{started}-{os.getpid()}" / "logs").resolve()
+
+
+def _keep_server_logs(stack_root: Path, logs: Path) -> None:
+    """Copy the embedded servers' own logs (PostgreSQL's, the broker's) next to the workers'
+    before the stack removes its folder with its data."""
+    for log in stack_root.glob("*.log"):
+        with contextlib.suppress(OSError):
+            shutil.copyfile(log, logs / log.name)
+
+
 async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
     from orchestrator.dev.embedded import EmbeddedStack, settings_for
     from orchestrator.dev.processes import WorkerProcesses
     from orchestrator.postgres.store import create_engine, migrate
 
+    logs = _dev_log_dir(args.logs)
+    logs.mkdir(parents=True, exist_ok=True)
     stack = EmbeddedStack(keep_files=False).start()
     settings = settings_for(stack, settings)
     engine = create_engine(stack.postgres.url)
-    workers = WorkerProcesses(settings, stack.root / "logs")
+    workers = WorkerProcesses(settings, logs)
     try:
         await migrate(engine, load_application(settings.application).migrations)
         workers.start()
         await workers.wait_ready(engine)
+        # Before saying it is ready: a script that reads that line and signals at once stops
+        # it cleanly, not by a KeyboardInterrupt.
+        stop = await _stop_on_signals()
         info = {"kafka_bootstrap": stack.broker.bootstrap, "database_url": stack.postgres.url,
                 "workers": {k: p.pid for k, p in workers.processes.items()},
-                "logs": str(stack.root / "logs")}
+                "logs": str(logs)}
         if args.json:
             print(json.dumps(info), flush=True)
         else:
             print(f"kafka bootstrap   {info['kafka_bootstrap']}\n"
                   f"database url      {info['database_url']}\n"
-                  f"worker logs       {info['logs']}\n\n"
+                  f"logs              {info['logs']} (kept when stopped)\n\n"
                   f"export SAGA_KAFKA_BOOTSTRAP={info['kafka_bootstrap']} "
                   f"SAGA_DATABASE_URL={info['database_url']}\n"
                   "running; Ctrl-C stops everything", flush=True)
-        stop = await _stop_on_signals()
         await stop.wait()
     finally:
         workers.stop()
         await engine.dispose()
+        _keep_server_logs(stack.root, logs)
         stack.stop()
+        # Said on every way out, a failed start too: that is when the logs are wanted most.
+        if args.json:
+            print(json.dumps({"stopped": True, "logs": str(logs)}), flush=True)
+        else:
+            print(f"stopped; the workers' and servers' logs are kept in {logs}", flush=True)
+    return 0
+
+
+async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestrator.console.server import ConsoleServer, require_identity_provider
+
+    # Refused before anything is connected or bound: no door opens without an issuer.
+    require_identity_provider(settings, dev=args.dev)
+    engine = _engine(settings)
+    try:
+        server = ConsoleServer(settings, engine,
+                               load_application(settings.application).saga_types,
+                               host=args.host, port=args.port, dev=args.dev)
+        async with server, contextlib.AsyncExitStack() as stack:
+            info: dict[str, Any] = {"console_url": server.url,
+                                    "api": f"{server.url}/api/v1",
+                                    "openapi": f"{server.url}/api/openapi.json"}
+            if server.dev is not None:
+                from orchestrator.console.devidp import dev_state_path, write_dev_state
+
+                state = dev_state_path()
+                write_dev_state(state, server.dev)
+                # The login key dies with the server that made it.
+                stack.callback(state.unlink, missing_ok=True)
+                info.update(login_url=server.dev.login_url(), dev_state=str(state),
+                            issuer=server.dev.issuer)
+            if args.json:
+                print(json.dumps(info), flush=True)
+            else:
+                lines = [f"console      {info['console_url']}", f"api          {info['api']}"]
+                if server.dev is not None:
+                    lines += [f"dev login    {info['login_url']}",
+                              "dev tokens   saga dev token --role viewer|operator|admin",
+                              "(development identity provider: a key made at start, loopback"
+                              " only)"]
+                print("\n".join(lines) + "\nrunning; Ctrl-C stops it", flush=True)
+            stop = await _stop_on_signals()
+            waiting = asyncio.create_task(stop.wait())
+            serving = asyncio.create_task(server.wait())
+            await asyncio.wait({waiting, serving}, return_when=asyncio.FIRST_COMPLETED)
+            waiting.cancel()
+            if serving.done():
+                serving.result()
+    finally:
+        await engine.dispose()
+    return 0
+
+
+async def cmd_dev_token(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestrator.console.auth import Role
+    from orchestrator.console.devidp import dev_state_path, dev_token_from_state
+
+    state = args.state or dev_state_path()
+    token = dev_token_from_state(state, Role.named(args.role), args.subject)
+    _print({"access_token": token, "token_type": "Bearer", "role": args.role}, args.json,
+           lambda data: str(data["access_token"]))
     return 0
 
 
@@ -137,12 +229,23 @@ async def cmd_timeline(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
-    from orchestrator.ops.queries import list_sagas, steps_label
+    from pydantic import ValidationError
 
+    from orchestrator.ops.queries import SagaFilter, search_sagas, steps_label
+
+    try:
+        wanted = SagaFilter(status=args.status, saga_type=args.type,
+                            definition_version=args.definition_version, business_key=args.key,
+                            account=args.account, since=args.since, until=args.until,
+                            limit=args.limit, offset=args.offset)
+    except ValidationError as error:
+        raise ConfigurationError("; ".join(
+            f"{'--' + str(e['loc'][0]).replace('_', '-') + ': ' if e['loc'] else ''}"
+            f"{e['msg'].removeprefix('Value error, ')}" for e in error.errors())) from None
     engine = _engine(settings)
     try:
-        rows = await list_sagas(engine, args.status, args.limit, args.type,
-                                args.definition_version, args.key)
+        rows = await search_sagas(engine, wanted,
+                                  load_application(settings.application).saga_types)
     finally:
         await engine.dispose()
 
@@ -150,16 +253,24 @@ async def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
         type_width = max([len("type"), *(len(r["saga_type"]) for r in rows)])
         key_width = max([len("business key"), *(len(r["business_key"]) for r in rows)])
         lines = [f"{'saga id':<36}  {'type':<{type_width}} {'business key':<{key_width}} "
-                 f"{'def':>3}  {'status':<12} {'step':<8} updated"]
+                 f"{'def':>3}  {'status':<12} {'step':<8} {'started (UTC)':<19}  updated (UTC)"]
         lines += [f"{r['saga_id']:<36}  {r['saga_type']:<{type_width}} "
                   f"{r['business_key']:<{key_width}} "
                   f"{'v' + str(r['definition_version']) if r['definition_version'] else '':>3}  "
-                  f"{r['status']:<12} {steps_label(r):<8} {r['updated_at'][:23]}"
+                  f"{r['status']:<12} {steps_label(r):<8} {_utc_text(r['created_at']):<19}  "
+                  f"{_utc_text(r['updated_at'])}"
                   for r in rows]
+        if len(rows) == wanted.limit:
+            lines.append(f"(a full page of {wanted.limit}: the next starts at"
+                         f" --offset {wanted.offset + wanted.limit})")
         return "\n".join(lines)
 
     _print(rows, args.json, render)
     return 0
+
+
+def _utc_text(iso: str) -> str:
+    return datetime.fromisoformat(iso).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 async def cmd_stuck(args: argparse.Namespace, settings: Settings) -> int:
@@ -297,16 +408,37 @@ async def cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _write_new_file(path: str, data: bytes) -> str:
+    """Write `data` to `path`, which must not exist yet (nothing is ever overwritten); returns
+    its absolute path."""
+    try:
+        with open(path, "xb") as out:
+            out.write(data)
+    except OSError as error:
+        raise ConfigurationError(f"--out {path}: {error.strerror or error}"
+                                 " (it must name a new file)") from None
+    return os.path.abspath(path)
+
+
 async def cmd_dlq_show(args: argparse.Namespace, settings: Settings) -> int:
-    from orchestrator.ops.dlq import render_detail, show_dead_letter
+    from orchestrator.ops.dlq import SHOW_MAX_BYTES, render_detail, show_dead_letter
 
     engine = _engine(settings)
     try:
         async with engine.connect() as conn:
-            detail = await show_dead_letter(conn, args.id)
+            detail = await show_dead_letter(conn, args.id, None if args.full else SHOW_MAX_BYTES)
     finally:
         await engine.dispose()
-    print(json.dumps(detail.to_json(), indent=2) if args.json else render_detail(detail))
+    data = detail.to_json()
+    if args.out:
+        data["payload_file"] = _write_new_file(args.out, detail.original_payload)
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(render_detail(detail))
+        if args.out:
+            print(f"payload written to {data['payload_file']} "
+                  f"({detail.payload.size_bytes} bytes)")
     return 0
 
 
@@ -351,11 +483,86 @@ async def cmd_dlq_redrive(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+async def cmd_resolve(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestrator.ops.queries import resolve_saga_id
+    from orchestrator.ops.resolve import resolve_saga
+
+    actor = (args.actor if args.actor is not None else _default_actor()).strip()
+    if not actor:
+        raise ConfigurationError("who is resolving? $USER is not set: pass --actor NAME")
+    if not args.note.strip():
+        raise ConfigurationError("say what was done (--note), e.g. the incident ticket")
+    sagas = load_application(settings.application).saga_types
+    engine = _engine(settings)
+    try:
+        saga_id = await resolve_saga_id(engine, args.id, args.type)
+        # One transaction: the event, the projection and the outcome's outbox row; the relay
+        # publishes the outcome after the commit.
+        async with engine.begin() as conn:
+            result = await resolve_saga(conn, settings, sagas, saga_id, actor, args.note)
+    finally:
+        await engine.dispose()
+    _print(result.to_json(), args.json,
+           lambda r: f"saga {r['saga_id']} ({r['saga_type']} {r['business_key']}) RESOLVED by "
+                     f"{r['resolved_by']}; outcome event {r['outcome']['event_id']} queued")
+    return 0
+
+
+# Argument types: a bad value is refused by argparse (usage, the argument named, exit 2)
+# before anything connects, never by the database (a raw traceback).
+
+def _integer(value: str, low: int, high: int | None = None) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < low or (high is not None and number > high):
+        bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+        raise argparse.ArgumentTypeError(f"must be {bounds}, not {number}")
     return number
+
+
+def _positive_int(value: str) -> int:
+    return _integer(value, 1)
+
+
+def _page_size(value: str) -> int:
+    from orchestrator.ops.queries import SEARCH_LIMIT_MAX
+
+    return _integer(value, 1, SEARCH_LIMIT_MAX)
+
+
+def _non_negative_int(value: str) -> int:
+    return _integer(value, 0)
+
+
+def _non_negative_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not seconds >= 0 or seconds == float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, 0 or more, not {value}")
+    return seconds
+
+
+def _point_in_time(value: str) -> datetime:
+    from orchestrator.ops.queries import parse_time
+
+    try:
+        return parse_time(value, datetime.now(UTC))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _reason_code(value: str) -> str:
+    from schemas import RejectionCode
+
+    code = value.strip().upper()
+    if code not in RejectionCode.__members__.values():
+        raise argparse.ArgumentTypeError(
+            f"no reason code {value!r}; the codes: {', '.join(c.value for c in RejectionCode)}")
+    return code
 
 
 def _add_dlq_parser(sub: Any) -> None:
@@ -364,14 +571,19 @@ def _add_dlq_parser(sub: Any) -> None:
 
     ls = commands.add_parser("list", help="dead letters, most recently failed first")
     ls.add_argument("--all", action="store_true", help="include those already redriven")
-    ls.add_argument("--reason", type=str.upper, metavar="CODE",
-                    help="only this reason code, e.g. UNKNOWN_CURRENCY")
+    ls.add_argument("--reason", type=_reason_code, metavar="CODE",
+                    help="only this reason code, in any case, e.g. UNKNOWN_CURRENCY")
     ls.add_argument("--limit", type=_positive_int, default=50)
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(run=cmd_dlq_list)
 
     show = commands.add_parser("show", help="every field of one dead letter, headers, payload")
     show.add_argument("id", help="a dead letter id or a unique prefix of one (4+ hex digits)")
+    show.add_argument("--full", action="store_true",
+                      help="print the whole payload and headers (by default, the first "
+                           "4096 bytes of each)")
+    show.add_argument("--out", metavar="FILE",
+                      help="also write the original payload, byte for byte, to FILE (a new file)")
     show.add_argument("--json", action="store_true")
     show.set_defaults(run=cmd_dlq_show)
 
@@ -412,8 +624,31 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=cmd_demo)
 
     dev = sub.add_parser("dev", help="run the embedded stack and all workers in the foreground")
-    dev.add_argument("--json", action="store_true")
+    dev.add_argument("--logs", metavar="DIR",
+                     help="keep the workers' and servers' logs in DIR (default: a new folder "
+                          ".saga/dev-<start time>-<pid>/logs); kept when it stops")
+    dev.add_argument("--json", action="store_true",
+                     help="one JSON object when ready (its addresses, worker pids, `logs`) and "
+                          "one when stopped (`stopped`, `logs`)")
     dev.set_defaults(run=cmd_dev)
+    dev_commands = dev.add_subparsers(dest="dev_command")
+    token = dev_commands.add_parser(
+        "token", help="a bearer token from the running `saga serve --dev`, for scripts")
+    token.add_argument("--role", required=True, choices=["viewer", "operator", "admin"])
+    token.add_argument("--subject", metavar="NAME", help="the token's sub (default dev-ROLE)")
+    token.add_argument("--state", type=Path, metavar="FILE",
+                       help="the dev console's state file (default: the one it wrote)")
+    token.add_argument("--json", action="store_true")
+    token.set_defaults(run=cmd_dev_token)
+
+    serve = sub.add_parser("serve", help="the console's HTTP API, every request authenticated")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080, help="0: a free port")
+    serve.add_argument("--dev", action="store_true",
+                       help="a development identity provider of its own (loopback only): a key"
+                            " made at start, a login link, `saga dev token`")
+    serve.add_argument("--json", action="store_true", help="print the addresses as JSON")
+    serve.set_defaults(run=cmd_serve)
 
     worker = sub.add_parser("worker", help="run one worker against the configured stack")
     worker.add_argument("kind", choices=["orchestrator", "relay", "recovery", "participant"])
@@ -428,22 +663,37 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--json", action="store_true")
     tl.set_defaults(run=cmd_timeline)
 
-    ls = sub.add_parser("list", help="sagas, most recently changed first")
-    ls.add_argument("--status", choices=["RUNNING", "COMPENSATING", "COMPLETED", "COMPENSATED",
-                                         "REJECTED", "FAILED"])
+    ls = sub.add_parser("list", help="sagas, most recently changed first; filters combine")
+    ls.add_argument("--status", type=str.upper, metavar="STATUS",
+                    choices=[status.value for status in SagaStatus],
+                    help="only sagas in this status, in any case: "
+                         + ", ".join(status.value for status in SagaStatus))
     ls.add_argument("--type", metavar="SAGA_TYPE", help="only sagas of this type")
     ls.add_argument("--definition-version", type=_positive_int, metavar="N",
                     help="only sagas running (or run) on this version of their definition")
-    ls.add_argument("--key", metavar="BUSINESS_KEY", help="only sagas with this business key")
-    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--key", "--business-key", dest="key", metavar="BUSINESS_KEY",
+                    help="only sagas with this business key (a transfer's is its transfer id)")
+    ls.add_argument("--account", metavar="ACCOUNT",
+                    help="only sagas whose start message names this account (in a field its "
+                         "saga type declares: a transfer's source or destination)")
+    ls.add_argument("--since", type=_point_in_time, metavar="TIME",
+                    help="only sagas started at or after TIME: ISO 8601 (UTC unless an offset "
+                         "is given) or an age such as 15m, 2h, 3d")
+    ls.add_argument("--until", type=_point_in_time, metavar="TIME",
+                    help="only sagas started before TIME (same spellings as --since)")
+    ls.add_argument("--limit", type=_page_size, default=50,
+                    help="at most this many (1 to 1000; default 50)")
+    ls.add_argument("--offset", type=_non_negative_int, default=0,
+                    help="skip this many first: the next page starts at offset + limit")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(run=cmd_list)
 
     st = sub.add_parser("stuck", help="in-flight sagas past their due time (exit 1 if any), "
                                       "and outbox rows set aside unpublished")
-    st.add_argument("--grace", type=float, default=30.0,
-                    help="seconds past the due time before a saga counts as stuck")
-    st.add_argument("--limit", type=int, default=100)
+    st.add_argument("--grace", type=_non_negative_seconds, default=30.0,
+                    help="seconds past the due time before a saga counts as stuck (0 or more)")
+    st.add_argument("--limit", type=_positive_int, default=100,
+                    help="at most this many sagas and this many outbox rows")
     st.add_argument("--json", action="store_true")
     st.set_defaults(run=cmd_stuck)
 
@@ -454,11 +704,22 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--against-topic", action="store_true",
                     help="also read every saga type's start topic from its start and report "
                          "every request there with neither a saga nor a dead letter (I8)")
-    ck.add_argument("--grace", type=float, default=10.0,
+    ck.add_argument("--grace", type=_non_negative_seconds, default=10.0,
                     help="with --against-topic: records younger than this many seconds are not "
                          "judged yet (the orchestrator may not have read them)")
     ck.add_argument("--json", action="store_true")
     ck.set_defaults(run=cmd_check)
+
+    rs = sub.add_parser("resolve", help="close a FAILED saga once its leftovers were set right "
+                                        "(publishes its 'resolved' outcome)")
+    rs.add_argument("id", help="saga id or business key")
+    rs.add_argument("--type", help="the saga type, when a business key names several")
+    rs.add_argument("--note", required=True,
+                    help="what was done, for the record (an incident ticket, say)")
+    rs.add_argument("--actor", metavar="NAME",
+                    help="who resolves it, recorded as the event's actor (default: $USER)")
+    rs.add_argument("--json", action="store_true")
+    rs.set_defaults(run=cmd_resolve)
 
     ob = sub.add_parser("outbox", help="outbox rows set aside after the broker refused them")
     ob_commands = ob.add_subparsers(dest="outbox_command", required=True)
@@ -504,7 +765,7 @@ def _main(argv: list[str] | None = None) -> int:
     except NotFound as error:
         print(f"saga: {error}", file=sys.stderr)
         return 3
-    except ConfigurationError as error:
+    except (ConfigurationError, OperatorActionRefused) as error:
         print(f"saga: {error}", file=sys.stderr)
         return 2
     except SagaError as error:

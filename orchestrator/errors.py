@@ -13,7 +13,15 @@
     │       └── TopicRefused      refused for where it goes (unknown topic or partition, not
     │                             authorized): may heal when the topic is created (retryable)
     ├── InvariantViolation        `saga check` found money or history that is not right
-    └── NotFound                  no saga, dead letter or account with that id
+    ├── NotFound                  no saga, dead letter or account with that id
+    ├── Conflict                  an action the saga's or dead letter's state does not allow
+    │   └── OperatorActionRefused an operator action that does not apply to the saga as it is
+    │                             (resolving a saga that is not FAILED)
+    ├── OutcomeTimeout            the client saw no outcome for its request in time (retryable:
+    │                             submitting the same request again is safe)
+    ├── NotAuthenticated          the console got no token, or one it cannot trust (HTTP 401)
+    ├── NotAllowed                the token's roles do not allow what was asked (HTTP 403)
+    └── IssuerUnreachable         the console cannot fetch its issuer's keys (HTTP 503, retryable)
 
 Whether an error is worth retrying is an attribute of its class (`retryable`), never decided by
 matching its message.
@@ -91,3 +99,35 @@ class InvariantViolation(SagaError):
 
 class NotFound(SagaError):
     pass
+
+
+class Conflict(SagaError):
+    """An action that the current state of its saga or dead letter does not allow (a redrive
+    of a dead letter that records a FAILED saga, not a message). Nothing was changed."""
+
+
+class OperatorActionRefused(Conflict):
+    """An operator action the saga's state does not allow (resolving a saga that is not
+    FAILED, a second resolve). Nothing was changed; the console answers 409."""
+
+
+class OutcomeTimeout(SagaError):
+    retryable = True
+
+
+class NotAuthenticated(SagaError):
+    """A console request without a credential, or with one that is expired, for another
+    audience, signed by an unknown key or not signed right. The message says which, and never
+    echoes the token."""
+
+
+class NotAllowed(SagaError):
+    """An authenticated console request its roles do not allow (a viewer acting, an operator
+    redriving in bulk), or a browser request that failed the cross-site request check."""
+
+
+class IssuerUnreachable(SagaError):
+    """The identity provider's discovery document or key set could not be fetched: nothing is
+    wrong with the request, ask again later."""
+
+    retryable = True

@@ -88,6 +88,35 @@ class Settings(BaseSettings):
     # long-running stack stays bounded (noida rewrites a snapshot of everything it holds).
     kafka_trim_committed: bool = False
 
+    # The console (`saga serve`, docs/operations/console.md): every request carries an OpenID
+    # Connect bearer token (or a browser session holding one) that this issuer signed for this
+    # audience. Without an issuer `saga serve` refuses to start, unless `--dev`.
+    console_oidc_issuer: str | None = None
+    console_oidc_audience: str | None = None
+    # Where the issuer's signing keys are; by default the `jwks_uri` of its discovery document
+    # (<issuer>/.well-known/openid-configuration).
+    console_oidc_jwks_url: str | None = None
+    # The claim that lists a token's roles: a dotted path for nested claims, e.g.
+    # `realm_access.roles` (Keycloak). Its value is a list of names or one name.
+    console_roles_claim: str = "roles"
+    # Which name in that claim grants which console role (viewer, operator, admin).
+    console_role_names: dict[str, str] = Field(default_factory=lambda: {
+        "viewer": "saga-viewer", "operator": "saga-operator", "admin": "saga-admin"})
+    # Keys are cached this long; a token naming a key not in the cache refreshes it at once,
+    # at most once per `console_jwks_min_refresh_s` (so random key ids cannot flood the issuer).
+    console_jwks_cache_s: float = Field(default=600.0, gt=0)
+    console_jwks_min_refresh_s: float = Field(default=10.0, ge=0)
+    console_jwt_leeway_s: float = Field(default=30.0, ge=0)
+    console_jwt_algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256", "PS256",
+                                                                     "EdDSA"])
+    # JSON fields whose values a viewer sees masked to their last four characters (a regular
+    # expression matched against each field name of sagas, timelines and dead letters).
+    console_masked_fields: str = r"(^|_)(account|account_id|card_id)$"
+    # A dead letter's payload is shown up to this size; the whole is a download.
+    console_payload_preview_bytes: int = Field(default=16384, gt=0)
+    # Browser sessions' cookies carry `Secure` (only over HTTPS); the dev mode turns it off.
+    console_cookie_secure: bool = True
+
     worker_name: str = Field(default="", description="Recorded as the actor of worker events")
     # The application the workers and tools run: `module:attribute` naming an
     # `orchestrator.application.Application` (its saga types and participants).

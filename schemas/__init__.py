@@ -1,4 +1,5 @@
-"""Pydantic models of every message and event on the wire (version 1)."""
+"""Pydantic models of every message and event on the wire (version 1), and the outcome events
+upstream services read."""
 
 from schemas.events import (
     SAGA_EVENT_ADAPTER,
@@ -8,6 +9,7 @@ from schemas.events import (
     SagaEvent,
     SagaFailed,
     SagaRejected,
+    SagaResolved,
     SagaStarted,
     StepCompensated,
     StepFailed,
@@ -21,6 +23,7 @@ from schemas.messages import (
     TOPIC_DEAD_LETTERS,
     TOPIC_REPLIES,
     TOPIC_TRANSFER_COMMANDS,
+    TOPIC_TRANSFER_EVENTS,
     DeadLetter,
     Direction,
     Outcome,
@@ -31,14 +34,28 @@ from schemas.messages import (
     step_topic,
 )
 from schemas.money import CURRENCY_EXPONENTS, MoneyError, format_amount, parse_amount
+from schemas.outcomes import (
+    OUTCOME_RECORD_TYPE,
+    SAGA_OUTCOME_ADAPTER,
+    SagaCompensatedOutcome,
+    SagaCompletedOutcome,
+    SagaFailedOutcome,
+    SagaOutcome,
+    SagaRejectedOutcome,
+    SagaResolvedOutcome,
+    default_events_topic,
+)
 
 __all__ = [
     "CURRENCY_EXPONENTS",
     "DLQ_HEADER_PREFIX",
+    "OUTCOME_RECORD_TYPE",
     "SAGA_EVENT_ADAPTER",
+    "SAGA_OUTCOME_ADAPTER",
     "TOPIC_DEAD_LETTERS",
     "TOPIC_REPLIES",
     "TOPIC_TRANSFER_COMMANDS",
+    "TOPIC_TRANSFER_EVENTS",
     "CompensationFailed",
     "DeadLetter",
     "Direction",
@@ -46,10 +63,17 @@ __all__ = [
     "Outcome",
     "RejectionCode",
     "SagaCompensated",
+    "SagaCompensatedOutcome",
     "SagaCompleted",
+    "SagaCompletedOutcome",
     "SagaEvent",
     "SagaFailed",
+    "SagaFailedOutcome",
+    "SagaOutcome",
     "SagaRejected",
+    "SagaRejectedOutcome",
+    "SagaResolved",
+    "SagaResolvedOutcome",
     "SagaStarted",
     "StepCommand",
     "StepCompensated",
@@ -60,6 +84,7 @@ __all__ = [
     "StepSucceeded",
     "StepTimedOut",
     "TransferRequested",
+    "default_events_topic",
     "format_amount",
     "parse_amount",
     "step_topic",

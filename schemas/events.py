@@ -82,6 +82,9 @@ class SagaRejected(_Event):
     business_key: str = Field(min_length=1)
     reason_code: RejectionCode
     reason: str
+    request_hash: str | None = Field(
+        default=None, description="SHA-256 of the request when it was a valid start message "
+        "refused by an intake check; absent in rows written before outcome events")
 
     @model_validator(mode="before")
     @classmethod
@@ -105,6 +108,9 @@ class StepSucceeded(_Event):
     attempt: int
     command_id: UUID
     result: dict[str, JsonValue] = Field(default_factory=dict)
+    applied_by: str | None = Field(
+        default=None, description="The participant instance (its worker name) that decided"
+        " this outcome, as its reply said; none in events recorded before replies said it")
 
 
 class StepFailed(_Event):
@@ -115,6 +121,9 @@ class StepFailed(_Event):
     code: str
     reason: str
     retryable: bool
+    applied_by: str | None = Field(
+        default=None, description="The participant instance (its worker name) that decided"
+        " this outcome, as its reply said; none in events recorded before replies said it")
 
 
 class StepCompensated(_Event):
@@ -122,6 +131,9 @@ class StepCompensated(_Event):
     step: str
     attempt: int
     command_id: UUID
+    applied_by: str | None = Field(
+        default=None, description="The participant instance (its worker name) that decided"
+        " this outcome, as its reply said; none in events recorded before replies said it")
 
 
 class CompensationFailed(_Event):
@@ -132,6 +144,9 @@ class CompensationFailed(_Event):
     code: str
     reason: str
     retryable: bool
+    applied_by: str | None = Field(
+        default=None, description="The participant instance (its worker name) that decided"
+        " this outcome, as its reply said; none in events recorded before replies said it")
 
 
 class StepRetryScheduled(_Event):
@@ -187,6 +202,16 @@ class SagaFailed(_Event):
     reason: str
 
 
+class SagaResolved(_Event):
+    """An operator closed a FAILED saga after setting right what it left (in the ledger, by
+    hand). Appended by `saga resolve`; `resolved_by` is the person, `note` their record of what
+    was done (an incident ticket, say). The saga changes no more."""
+
+    type: Literal["SagaResolved"] = "SagaResolved"
+    resolved_by: str = Field(min_length=1)
+    note: str
+
+
 SagaEvent = Annotated[
     SagaStarted
     | SagaRejected
@@ -199,7 +224,8 @@ SagaEvent = Annotated[
     | StepTimedOut
     | SagaCompleted
     | SagaCompensated
-    | SagaFailed,
+    | SagaFailed
+    | SagaResolved,
     Field(discriminator="type"),
 ]
 SAGA_EVENT_ADAPTER: TypeAdapter[SagaEvent] = TypeAdapter(SagaEvent)

@@ -11,8 +11,9 @@ field's JSON type):
 - validation mode for the messages the orchestrator *consumes* from other services and validates
   on arrival: `TransferRequested` (upstream producers) and `StepReply` (participants). The schema
   then describes what a sender may send, which is what its authors need;
-- serialization mode for what the orchestrator *produces*: `StepCommand`, `DeadLetter` and the
-  saga events. The schema then describes what a reader will receive.
+- serialization mode for what the orchestrator *produces*: `StepCommand`, `DeadLetter`, the
+  saga events and the outcome events upstream services read (`saga_outcome.v1.json`). The
+  schema then describes what a reader will receive.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 
 from schemas.events import SAGA_EVENT_ADAPTER
 from schemas.messages import DeadLetter, StepCommand, StepReply, TransferRequested
+from schemas.outcomes import SAGA_OUTCOME_ADAPTER
 
 DEFAULT_DIRECTORY = Path("docs/schemas")
 _DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -41,6 +43,10 @@ def build_schemas() -> dict[str, dict[str, Any]]:
         "saga_event.v1.json": {
             "title": "SagaEvent",
             **SAGA_EVENT_ADAPTER.json_schema(mode="serialization"),
+        },
+        "saga_outcome.v1.json": {
+            "title": "SagaOutcome",
+            **SAGA_OUTCOME_ADAPTER.json_schema(mode="serialization"),
         },
     }
     return {name: {"$schema": _DIALECT, **schema} for name, schema in schemas.items()}

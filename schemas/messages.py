@@ -31,6 +31,8 @@ from schemas.money import MoneyError, format_amount, parse_amount
 TOPIC_TRANSFER_COMMANDS = "transfers.commands.v1"
 TOPIC_REPLIES = "saga.replies.v1"
 TOPIC_DEAD_LETTERS = "transfers.dlq.v1"
+# The transfers' outcome events (`schemas.outcomes`).
+TOPIC_TRANSFER_EVENTS = "transfers.events.v1"
 
 
 def step_topic(participant: str) -> str:
@@ -90,10 +92,12 @@ class TransferRequested(WireModel):
         # Decimal() also reads "1_000", "+10", " 10", "1E+2" and non-ASCII digits: refuse every
         # spelling outside the pattern the published JSON Schema promises.
         if not _AMOUNT_RE.fullmatch(value):
+            # The template takes `{name}` placeholders only (no `!r` conversion, no format
+            # spec: those stay in the message as written), so the value goes in quoted already.
             raise PydanticCustomError(
                 "invalid_amount",
-                "amount {value!r} is not written as digits with an optional decimal point",
-                {"value": value},
+                "amount {value} is not written as digits with an optional decimal point",
+                {"value": repr(value)},
             )
         return value
 
@@ -163,6 +167,12 @@ class StepReply(WireModel):
     result: dict[str, JsonValue] = Field(default_factory=dict)
     replayed: bool = Field(
         default=False, description="True when this is the stored reply of an effect applied earlier"
+    )
+    # No length limit: a reply must never be refused for its sender's name (a long host name).
+    applied_by: str | None = Field(
+        default=None,
+        description="The participant instance (its worker name) that decided this outcome; in a"
+        " replayed reply, the one that decided it first. For operators reading a timeline.",
     )
 
 

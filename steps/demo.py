@@ -3,7 +3,10 @@
 Starts PostgreSQL and the broker, the five workers as processes, opens accounts, publishes N
 transfer requests (a mix that completes, compensates at each depth, and is refused at intake),
 re-sends some of them (same payload: ignored; different payload: refused), waits until every
-transfer is terminal, checks the invariants, and prints a summary and one compensated timeline.
+transfer has its outcome event on `transfers.events.v1` (through `SagaClient`, as an upstream
+service would; a request with no readable transfer id has none, only its dead letter), checks the
+invariants, counts the distinct outcome events on the topic, and prints a summary and one
+compensated timeline.
 
 With SAGA_DATABASE_URL or SAGA_KAFKA_BOOTSTRAP set it refuses, before connecting to anything,
 unless `--allow-external-stack` asks it to write into that stack (`refuse_external_stack`).
@@ -27,10 +30,13 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TextIO
 
-from confluent_kafka import Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from pydantic import ValidationError
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from orchestrator.client import SagaClient
+from orchestrator.core import request_hash
 from orchestrator.dev.embedded import EmbeddedBroker, EmbeddedStack, settings_for
 from orchestrator.dev.processes import WorkerProcesses
 from orchestrator.errors import ConfigurationError
@@ -38,8 +44,16 @@ from orchestrator.ops.checker import check
 from orchestrator.ops.queries import render_timeline, timeline
 from orchestrator.postgres.store import create_engine, migrate
 from orchestrator.settings import Settings
-from schemas import TOPIC_TRANSFER_COMMANDS
+from schemas import (
+    SAGA_OUTCOME_ADAPTER,
+    TOPIC_TRANSFER_COMMANDS,
+    TOPIC_TRANSFER_EVENTS,
+    RejectionCode,
+    SagaOutcome,
+    TransferRequested,
+)
 from steps import APPLICATION
+from steps.saga import TRANSFER_TYPE
 
 SANCTIONED = "demo-sanctioned"
 # How long `--chaos` publishes (and kills) for, by default.
@@ -158,6 +172,73 @@ async def _progress(engine: AsyncEngine, transfer_ids: list[str], refused_payloa
     counts = {status.lower(): n for status, n in rows}
     counts["rejected"] = counts.get("rejected", 0) + refused_without_saga
     return counts
+
+
+async def _outcomes_expected(engine: AsyncEngine, transfer_ids: list[str]) -> int:
+    """How many distinct outcome events the topic must hold: one per saga that ended (a
+    refused request with a readable transfer id is a REJECTED saga), plus one per conflicting
+    re-send (refused on a key that has its saga, answered with its own `rejected`)."""
+    async with engine.connect() as conn:
+        ended = (await conn.execute(text(
+            "SELECT count(*) FROM sagas WHERE saga_type = 'transfer'"
+            " AND business_key = ANY(:ids)"
+            " AND status IN ('COMPLETED', 'COMPENSATED', 'REJECTED', 'FAILED', 'RESOLVED')"),
+            {"ids": transfer_ids})).scalar_one()
+        # By key, not by the re-sent payloads: a re-send consumed before its original (another
+        # partition) starts the saga, and the original is the one refused.
+        conflicts = (await conn.execute(text(
+            "SELECT count(DISTINCT payload) FROM dead_letters WHERE stage = 'intake'"
+            " AND reason_code = :code AND saga_type = 'transfer'"
+            " AND business_key = ANY(:ids)"),
+            {"code": RejectionCode.CONFLICTING_DUPLICATE.value,
+             "ids": transfer_ids})).scalar_one()
+    return int(ended) + int(conflicts)
+
+
+def count_outcome_events(settings: Settings, quiet_s: float = 1.0, timeout_s: float = 60.0
+                         ) -> int:
+    """The distinct outcome events (by `event_id`) on the transfers' events topic, read from
+    its start with a plain consumer until it has been quiet for `quiet_s` past every
+    partition's end as first seen. Copies of one event (published again after a crash, or to
+    answer a re-sent request) count once."""
+    topic = settings.topic(TOPIC_TRANSFER_EVENTS)
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
+                         "group.id": f"demo-outcomes-{uuid.uuid4()}",
+                         "enable.auto.commit": False, "fetch.wait.max.ms": 5})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        targets = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(partitions)]
+        ends: dict[int, int] = {}
+        for tp in targets:
+            watermarks = consumer.get_watermark_offsets(tp, timeout=10)
+            ends[tp.partition] = watermarks[1] if watermarks else 0
+        consumer.assign(targets)
+        reached: dict[int, int] = {}
+        event_ids: set[uuid.UUID] = set()
+        quiet_since = time.monotonic()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            message = consumer.poll(0.05)
+            if message is not None and not message.error():
+                event_ids.add(SAGA_OUTCOME_ADAPTER.validate_json(message.value() or b"").event_id)
+                reached[message.partition() or 0] = (message.offset() or 0) + 1
+                quiet_since = time.monotonic()
+                continue
+            caught_up = all(reached.get(p, 0) >= end for p, end in ends.items())
+            if caught_up and time.monotonic() - quiet_since >= quiet_s:
+                break
+        return len(event_ids)
+    finally:
+        consumer.close()
+
+
+def _hash_of(payload: bytes) -> str | None:
+    """The request hash the orchestrator will give a valid transfer request (its outcome
+    carries it); None for one it will refuse (its outcome carries none)."""
+    try:
+        return request_hash(TransferRequested.model_validate_json(payload))
+    except ValidationError:
+        return None
 
 
 async def _latencies_ms(engine: AsyncEngine, transfer_ids: list[str]) -> list[float]:
@@ -402,6 +483,7 @@ async def run_demo(settings: Settings, transfers: int, timeout_s: float, as_json
     log_dir = (stack.root if stack else Path(".saga")) / "logs"
     workers = WorkerProcesses(settings, log_dir)
     crasher = BrokerCrasher(stack.broker) if stack is not None and chaos_broker else None
+    closing: list[SagaClient] = []
     try:
         await migrate(engine, APPLICATION.migrations)
         print("starting workers:", ", ".join(workers.kinds), file=out)
@@ -421,6 +503,14 @@ async def run_demo(settings: Settings, transfers: int, timeout_s: float, as_json
             body = json.loads(p.payload)
             body["reference"] = body["reference"] + " (changed)"
             conflict_payloads.append(json.dumps(body).encode())
+        # Positioned at the end of the events topic, with a waiter per transfer, before anything
+        # is published: every outcome is seen.
+        client = SagaClient(settings, [TRANSFER_TYPE], client_id="demo")
+        closing.append(client)
+        await client.start()
+        waiting: dict[str, asyncio.Future[SagaOutcome]] = {
+            p.transfer_id: client.expect(TRANSFER_TYPE, p.transfer_id, _hash_of(p.payload))
+            for p in by_id if p.transfer_id}
         print(f"publishing {transfers} transfer requests (+{len(duplicates)} exact re-sends, "
               f"+{len(conflicts)} conflicting re-sends)...", file=out)
         started = time.monotonic()
@@ -452,10 +542,17 @@ async def run_demo(settings: Settings, transfers: int, timeout_s: float, as_json
         counts: dict[str, int] = {}
         terminal = 0
         last_line = 0.0
+        refused_without_key = 0
         while time.monotonic() - started < timeout_s:
-            counts = await _progress(engine, transfer_ids, refused_payloads)
-            terminal = sum(counts.get(s, 0) for s in
-                           ("completed", "compensated", "rejected", "failed"))
+            # What an upstream service sees: the outcome events, and (for requests without a
+            # readable transfer id, which have none) the dead letters.
+            outcomes = [f.result() for f in waiting.values() if f.done() and not f.cancelled()]
+            counts = dict(Counter(o.outcome for o in outcomes))
+            if refused_payloads and refused_without_key < len(refused_payloads):
+                refused_without_key = (await _progress(engine, [], refused_payloads)).get(
+                    "rejected", 0)
+            counts["rejected"] = counts.get("rejected", 0) + refused_without_key
+            terminal = len(outcomes) + refused_without_key
             now = time.monotonic()
             done = terminal >= transfers
             # On a terminal: one line redrawn in place; in a log: a line every 2 s.
@@ -470,6 +567,8 @@ async def run_demo(settings: Settings, transfers: int, timeout_s: float, as_json
                 break
             await asyncio.sleep(0.05)
         elapsed = time.monotonic() - started
+        await client.close()
+        counts = await _progress(engine, transfer_ids, refused_payloads)
         # Published rows are marked in the background and leftovers swept after a grace period:
         # give the outbox a bounded time to settle before judging it (I6). 30 s: a 2-core
         # machine under a test suite once left a dead-letter row unpublished past 10 s.
@@ -494,6 +593,10 @@ async def run_demo(settings: Settings, transfers: int, timeout_s: float, as_json
             "exact_resends": len(duplicates),
             "conflicting_resends": len(conflicts),
             "dead_letters": report.counts.get("dead_letters", 0),
+            # Distinct outcome events on transfers.events.v1, read back with a plain consumer;
+            # equal to the sagas that ended plus the conflicting re-sends when all is well.
+            "outcome_events": await asyncio.to_thread(count_outcome_events, settings),
+            "outcome_events_expected": await _outcomes_expected(engine, transfer_ids),
             # Distinct trace ids among the sagas' events: one per saga.
             "sagas": sagas,
             "traces": traces,
@@ -514,6 +617,8 @@ async def run_demo(settings: Settings, transfers: int, timeout_s: float, as_json
             summary["example_timeline"] = await timeline(engine, str(compensated))
         return summary
     finally:
+        for opened in closing:
+            await opened.close()
         workers.stop()
         await engine.dispose()
         if stack is not None:
@@ -529,8 +634,8 @@ def render_summary(summary: dict[str, Any]) -> str:
     lines = ["", "demo summary"]
     keys = ["transfers", "completed", "compensated", "rejected", "failed", "stuck",
             "stuck_in_flight", "money_conserved", "duplicate_effects", "exact_resends",
-            "conflicting_resends", "dead_letters", "sagas", "traces", "elapsed_s", "sagas_per_s",
-            "p50_ms",
+            "conflicting_resends", "dead_letters", "outcome_events",
+            "outcome_events_expected", "sagas", "traces", "elapsed_s", "sagas_per_s", "p50_ms",
             "p99_ms", "chaos_kills", "chaos_killed", "chaos_broker_crashes"]
     lines += [f"  {key:<20} {summary[key]}" for key in keys if key in summary]
     if summary.get("chaos_faults"):
@@ -557,5 +662,6 @@ async def cli_demo(settings: Settings, args: argparse.Namespace) -> int:
         print(json.dumps(compact, default=str))
     else:
         print(render_summary(summary))
-    clean = summary["stuck"] == 0 and summary["invariants_ok"]
+    clean = (summary["stuck"] == 0 and summary["invariants_ok"]
+             and summary["outcome_events"] == summary["outcome_events_expected"])
     return 0 if clean else 1

@@ -13,7 +13,7 @@ from uuid import UUID
 
 from orchestrator.core.definition import Parallel, SagaDefinition, Step
 from orchestrator.core.saga_type import IntakeRules, SagaType
-from schemas import TOPIC_TRANSFER_COMMANDS, RejectionCode, TransferRequested
+from schemas import TOPIC_TRANSFER_COMMANDS, TOPIC_TRANSFER_EVENTS, RejectionCode, TransferRequested
 from steps.registry import ledger, notify, risk
 
 TRANSFER = SagaDefinition(
@@ -83,9 +83,11 @@ TRANSFER_TYPE: SagaType[TransferRequested] = SagaType(
     definitions=(TRANSFER,),
     start_model=TransferRequested,
     start_topic=TOPIC_TRANSFER_COMMANDS,
+    events_topic=TOPIC_TRANSFER_EVENTS,
     business_key=transfer_key,
     intake=TRANSFER_INTAKE,
     describe=describe_transfer,
+    account_fields=("source_account", "destination_account"),
 )
 
 SAGAS: tuple[SagaType[TransferRequested], ...] = (TRANSFER_TYPE,)

@@ -5,7 +5,7 @@ Nothing here does I/O or reads settings: given the events so far, a message and 
 returns the events to append and the commands to send (`lint-imports` keeps it so)."""
 
 from orchestrator.core.definition import Action, Backoff, Parallel, SagaDefinition, Step
-from orchestrator.core.intake import Unparseable, classify
+from orchestrator.core.intake import Unparseable, classify, unreadable
 from orchestrator.core.saga import (
     IN_FLIGHT_STATUSES,
     TERMINAL_STATUSES,
@@ -19,9 +19,12 @@ from orchestrator.core.saga import (
     decide_due,
     decide_reject,
     decide_reply,
+    decide_resolve,
     decide_start,
     evolve,
     fold,
+    outcome_event_id,
+    outcome_of,
     outstanding_command,
     outstanding_commands,
     participant_of,
@@ -54,12 +57,16 @@ __all__ = [
     "decide_due",
     "decide_reject",
     "decide_reply",
+    "decide_resolve",
     "decide_start",
     "evolve",
     "fold",
+    "outcome_event_id",
+    "outcome_of",
     "outstanding_command",
     "outstanding_commands",
     "participant_of",
     "request_hash",
     "saga_id_for",
+    "unreadable",
 ]

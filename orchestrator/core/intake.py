@@ -34,7 +34,8 @@ def classify(
     try:
         document = json.loads(value)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        return Unparseable(RejectionCode.MALFORMED_JSON, f"not valid JSON: {error}")
+        return Unparseable(RejectionCode.MALFORMED_JSON,
+                           unreadable(value) or f"not valid JSON: {error}")
     try:
         request = saga_type.start_model.model_validate(document)
     except ValidationError as error:
@@ -50,8 +51,25 @@ def classify(
     for check in saga_type.intake.checks:
         refusal = check(request)
         if refusal is not None:
-            return saga_type.reject(start.business_key, refusal.code, refusal.reason)
+            return saga_type.reject(start.business_key, refusal.code, refusal.reason,
+                                    start.request_hash)
     return start
+
+
+def unreadable(value: bytes) -> str | None:
+    """Why `value` cannot even be read as JSON text, or None when it can (and what is wrong, if
+    anything, is its JSON): an empty record, or bytes that are not UTF-8 (RFC 8259 asks JSON
+    text to be UTF-8, and the JSON decoder's own message for both is "Expecting value",
+    which sends on-call looking for a syntax error that is not there). Called only once a
+    record failed to parse, so a valid record never pays for it."""
+    if not value:
+        return "empty payload (0 bytes): expected a JSON object"
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return (f"not UTF-8 text: byte 0x{value[error.start]:02x} at offset {error.start} of "
+                f"{len(value)} cannot be decoded (JSON must be UTF-8)")
+    return None
 
 
 def _requested_at(timestamp_ms: int | None) -> datetime | None:

@@ -15,14 +15,18 @@ Invariants kept here:
   each one succeeded, backwards when one failed for good and no sibling is still out;
 - compensations run one at a time, in the reverse order in which the forward steps' effects were
   applied (or may have been), so the groups unwind in reverse order too;
-- a terminal saga never changes again.
+- a terminal saga never changes again, except that an operator may close a FAILED one as
+  RESOLVED;
+- a saga that ends gets exactly one outcome event (`Decision.outcomes`, decided with its
+  terminal event, so the shell writes both in one transaction), with an id derived from the saga
+  id: deciding again, or answering a duplicate request of an ended saga, yields the same event.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -31,16 +35,24 @@ from uuid import UUID, uuid5
 from pydantic import BaseModel
 
 from orchestrator.core.definition import SagaDefinition, Step
+from orchestrator.errors import OperatorActionRefused
 from schemas import (
     CompensationFailed,
     Direction,
     Outcome,
     RejectionCode,
     SagaCompensated,
+    SagaCompensatedOutcome,
     SagaCompleted,
+    SagaCompletedOutcome,
     SagaEvent,
     SagaFailed,
+    SagaFailedOutcome,
+    SagaOutcome,
     SagaRejected,
+    SagaRejectedOutcome,
+    SagaResolved,
+    SagaResolvedOutcome,
     SagaStarted,
     StepCommand,
     StepCompensated,
@@ -84,11 +96,16 @@ class SagaStatus(StrEnum):
     COMPENSATED = "COMPENSATED"
     REJECTED = "REJECTED"
     FAILED = "FAILED"
+    # A FAILED saga an operator closed (`SagaResolved`).
+    RESOLVED = "RESOLVED"
 
 
 TERMINAL_STATUSES = frozenset(
-    {SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.REJECTED, SagaStatus.FAILED}
+    {SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.REJECTED, SagaStatus.FAILED,
+     SagaStatus.RESOLVED}
 )
+# The events that end a saga (SagaResolved closes one that had ended as FAILED).
+_ENDING_EVENTS = (SagaCompleted, SagaCompensated, SagaRejected, SagaFailed, SagaResolved)
 IN_FLIGHT_STATUSES = frozenset({SagaStatus.RUNNING, SagaStatus.COMPENSATING})
 
 
@@ -105,6 +122,24 @@ def saga_id_for(saga_type: str, business_key: str) -> UUID:
 
 def command_id_for(saga_id: UUID, step: str, direction: Direction, attempt: int) -> UUID:
     return uuid5(saga_id, f"{step}:{direction.value}:{attempt}")
+
+
+def outcome_event_id(saga_id: UUID) -> UUID:
+    """The id of the one outcome event of a saga that ended (completed, compensated, rejected
+    or failed): the same on every copy, so readers deduplicate on it."""
+    return uuid5(saga_id, "outcome")
+
+
+def resolved_event_id(saga_id: UUID) -> UUID:
+    """The id of the `resolved` outcome of a FAILED saga an operator closed."""
+    return uuid5(saga_id, "outcome:resolved")
+
+
+def refused_event_id(saga_id: UUID, request_identity: str) -> UUID:
+    """The id of the `rejected` outcome of a request refused on a key that already has its saga
+    (a conflicting duplicate): one per distinct request, so submitting it again is the same
+    event."""
+    return uuid5(saga_id, f"outcome:refused:{request_identity}")
 
 
 @dataclass(frozen=True)
@@ -206,6 +241,10 @@ class SagaState:
     failure: str | None = None
     requested_at: datetime | None = None
     runs: tuple[StepRun, ...] = ()
+    # How the saga ended, for its outcome event: (failed step, reason) when COMPENSATED,
+    # (reason code, reason) when REJECTED, (step, reason) when FAILED, (operator, note) when
+    # RESOLVED; None otherwise.
+    conclusion: tuple[str, str] | None = None
 
     @property
     def terminal(self) -> bool:
@@ -247,6 +286,7 @@ class SagaState:
             "failure": self.failure,
             "requested_at": self.requested_at.isoformat() if self.requested_at else None,
             "runs": [run.to_json() for run in self.runs],
+            "conclusion": list(self.conclusion) if self.conclusion else None,
         }
 
     @classmethod
@@ -280,12 +320,29 @@ class SagaState:
                 datetime.fromisoformat(data["requested_at"]) if data.get("requested_at") else None
             ),
             runs=tuple(StepRun.from_json(run) for run in data.get("runs", ())),
+            conclusion=_conclusion_from_json(data),
         )
         if "runs" not in data:
             # A row cached before parallel groups: a sequential saga between two decisions has
             # one run (a command out, or a retry waiting) or none (ended), as its fields say.
             state = _replace(state, runs=_legacy_runs(state))
         return state
+
+
+def _conclusion_from_json(data: dict[str, Any]) -> tuple[str, str] | None:
+    """A cached state's conclusion; one cached before outcome events (an ended saga a duplicate
+    request asks about) has it in `failure`, as `evolve` wrote it there."""
+    if data.get("conclusion"):
+        first, second = data["conclusion"]
+        return (first, second)
+    status = data["status"]
+    failure = data.get("failure") or ""
+    if status == SagaStatus.COMPENSATED:
+        return (data.get("failed_step") or "", failure)
+    if status in (SagaStatus.REJECTED, SagaStatus.FAILED):
+        first, _, second = failure.partition(": ")
+        return (first, second)
+    return None
 
 
 def _legacy_runs(state: SagaState) -> tuple[StepRun, ...]:
@@ -336,7 +393,9 @@ def evolve(state: SagaState | None, event: SagaEvent) -> SagaState:
             definition_version=None,
             status=SagaStatus.REJECTED,
             version=1,
+            request_hash=event.request_hash or "",
             failure=f"{event.reason_code.value}: {event.reason}",
+            conclusion=(event.reason_code.value, event.reason),
         )
     if state is None:
         raise ValueError(f"{event.type} cannot start a saga's history")
@@ -425,10 +484,14 @@ def _evolve(state: SagaState, event: SagaEvent) -> SagaState:
     if isinstance(event, SagaCompleted):
         return _replace(state, status=SagaStatus.COMPLETED, step=None, direction=None, runs=())
     if isinstance(event, SagaCompensated):
-        return _replace(state, status=SagaStatus.COMPENSATED, step=None, direction=None, runs=())
+        return _replace(state, status=SagaStatus.COMPENSATED, step=None, direction=None,
+                        runs=(), conclusion=(event.failed_step, event.reason))
     if isinstance(event, SagaFailed):
         return _replace(state, status=SagaStatus.FAILED, failure=f"{event.step}: {event.reason}",
-                        runs=())
+                        runs=(), conclusion=(event.step, event.reason))
+    if isinstance(event, SagaResolved):
+        return _replace(state, status=SagaStatus.RESOLVED,
+                        conclusion=(event.resolved_by, event.note))
     raise TypeError(f"unknown event {event!r}")  # pragma: no cover - the union is closed
 
 
@@ -505,6 +568,9 @@ class Decision:
     rejection: tuple[RejectionCode, str] | None = None
     # Set when the saga itself failed for good and must be raised to an operator.
     saga_failed: bool = False
+    # Outcome events for the saga type's events topic, written with `events` in one
+    # transaction: the saga's when it ended, or the answer to a refused or duplicate request.
+    outcomes: tuple[SagaOutcome, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -530,6 +596,8 @@ class RejectSaga:
     business_key: str
     code: RejectionCode
     reason: str
+    # The request's hash when it was a valid start message (refused by an intake check).
+    request_hash: str | None = None
 
     @property
     def saga_id(self) -> UUID:
@@ -553,14 +621,17 @@ def decide_start(
         raise ValueError(f"a {message.saga_type} start cannot run on the {definition.name} saga")
     if state is not None:
         if state.request_hash == message.request_hash:
-            return Decision(Verdict.DUPLICATE)
+            # Asked again: an ended saga answers again with the same outcome event (same id),
+            # so a client that subscribed after it was first published still hears it.
+            return Decision(Verdict.DUPLICATE,
+                            outcomes=(outcome_of(state),) if state.terminal else ())
+        reason = (f"{message.saga_type} {message.business_key} was already requested with a"
+                  " different payload; the original saga is unchanged")
         return Decision(
             Verdict.CONFLICT,
-            rejection=(
-                RejectionCode.CONFLICTING_DUPLICATE,
-                f"{message.saga_type} {message.business_key} was already requested with a"
-                " different payload; the original saga is unchanged",
-            ),
+            rejection=(RejectionCode.CONFLICTING_DUPLICATE, reason),
+            outcomes=(_refused(state, message.request_hash, RejectionCode.CONFLICTING_DUPLICATE,
+                               reason),),
         )
     started = SagaStarted(
         saga_type=definition.name,
@@ -579,10 +650,80 @@ def decide_reject(state: SagaState | None, message: RejectSaga) -> Decision:
     """A refused request: dead-letter it; record a REJECTED saga if its key is still free."""
     rejection = (message.code, message.reason)
     if state is not None:
-        return Decision(Verdict.REJECTED, rejection=rejection)
+        if (state.status is SagaStatus.REJECTED
+                and state.conclusion == (message.code.value, message.reason)
+                and state.request_hash == (message.request_hash or "")):
+            # The refused request again: the same answer as the first time.
+            return Decision(Verdict.REJECTED, rejection=rejection, outcomes=(outcome_of(state),))
+        identity = message.request_hash or hashlib.sha256(
+            f"{message.code.value}:{message.reason}".encode()).hexdigest()
+        return Decision(Verdict.REJECTED, rejection=rejection,
+                        outcomes=(_refused(state, identity, message.code, message.reason,
+                                           message.request_hash),))
     event = SagaRejected(saga_type=message.saga_type, business_key=message.business_key,
-                         reason_code=message.code, reason=message.reason)
-    return Decision(Verdict.REJECTED, events=(event,), rejection=rejection)
+                         reason_code=message.code, reason=message.reason,
+                         request_hash=message.request_hash)
+    return Decision(Verdict.REJECTED, events=(event,), rejection=rejection,
+                    outcomes=(outcome_of(evolve(None, event)),))
+
+
+def decide_resolve(state: SagaState, resolved_by: str, note: str) -> Decision:
+    """An operator closes a FAILED saga (after setting right, outside the engine, what it left):
+    a `SagaResolved` event and the `resolved` outcome. Only a FAILED saga can be resolved; a
+    saga resolved already is refused too, so the outcome is published once."""
+    if state.status is not SagaStatus.FAILED:
+        raise OperatorActionRefused(
+            f"saga {state.saga_id} is {state.status.value}: only a FAILED saga can be resolved")
+    if not resolved_by.strip():
+        raise OperatorActionRefused("say who resolves the saga (--by)")
+    event = SagaResolved(resolved_by=resolved_by, note=note)
+    return Decision(Verdict.APPLIED, events=(event,),
+                    outcomes=(outcome_of(evolve(state, event)),))
+
+
+def outcome_of(state: SagaState) -> SagaOutcome:
+    """The outcome event of a saga that ended, from its state alone, so the same state always
+    gives the same event (the first publication, and every answer to a duplicate request)."""
+    common: dict[str, Any] = {
+        "event_id": outcome_event_id(state.saga_id), "saga_id": state.saga_id,
+        "saga_type": state.saga_type, "business_key": state.business_key,
+        "request_hash": state.request_hash or None,
+    }
+    first, second = state.conclusion or ("", "")
+    if state.status is SagaStatus.COMPLETED:
+        return SagaCompletedOutcome(**common)
+    if state.status is SagaStatus.COMPENSATED:
+        return SagaCompensatedOutcome(**common, failed_step=first, reason=second)
+    if state.status is SagaStatus.REJECTED:
+        return SagaRejectedOutcome(**common, reason_code=RejectionCode(first), reason=second)
+    if state.status is SagaStatus.FAILED:
+        return SagaFailedOutcome(**common, step=first, reason=second)
+    if state.status is SagaStatus.RESOLVED:
+        return SagaResolvedOutcome(**{**common, "event_id": resolved_event_id(state.saga_id)},
+                                   resolved_by=first, note=second)
+    raise ValueError(f"saga {state.saga_id} is {state.status.value}: it has not ended")
+
+
+def _refused(state: SagaState, identity: str, code: RejectionCode, reason: str,
+             request_hash: str | None = None) -> SagaRejectedOutcome:
+    """The answer to a request refused on a key that has its saga already: about that request,
+    not the saga (which is unchanged and publishes its own outcome)."""
+    return SagaRejectedOutcome(
+        event_id=refused_event_id(state.saga_id, identity), saga_id=state.saga_id,
+        saga_type=state.saga_type, business_key=state.business_key,
+        request_hash=request_hash if code is not RejectionCode.CONFLICTING_DUPLICATE
+        else identity,
+        reason_code=code, reason=reason)
+
+
+def _concluded(state: SagaState, decision: Decision) -> Decision:
+    """`decision` with its saga's outcome event if one of its events ends the saga. Only then
+    is the state folded again: a decision that ends nothing costs one type check per event."""
+    if not any(isinstance(event, _ENDING_EVENTS) for event in decision.events):
+        return decision
+    for event in decision.events:
+        state = evolve(state, event)
+    return replace(decision, outcomes=(*decision.outcomes, outcome_of(state)))
 
 
 def decide_reply(
@@ -610,8 +751,8 @@ def decide_reply(
     # The command id matched, so the step and direction are the saga's own, not the reply's word.
     step = definition.step(run.step)
     if run.direction is Direction.FORWARD:
-        return _forward_reply(definition, state, run, step, reply, now)
-    return _compensation_reply(definition, state, run, step, reply, now)
+        return _concluded(state, _forward_reply(definition, state, run, step, reply, now))
+    return _concluded(state, _compensation_reply(definition, state, run, step, reply, now))
 
 
 def _forward_reply(
@@ -620,7 +761,8 @@ def _forward_reply(
 ) -> Decision:
     if reply.outcome is Outcome.SUCCEEDED:
         succeeded = StepSucceeded(step=step.name, attempt=run.attempt,
-                                  command_id=reply.command_id, result=dict(reply.result))
+                                  command_id=reply.command_id, result=dict(reply.result),
+                                  applied_by=reply.applied_by)
         state = evolve(state, succeeded)
         events, commands, saga_failed = _stage_settled(definition, state, step, now)
         return Decision(Verdict.APPLIED, events=(succeeded, *events), commands=commands,
@@ -628,7 +770,7 @@ def _forward_reply(
 
     failed = StepFailed(step=step.name, attempt=run.attempt, command_id=reply.command_id,
                         code=reply.code or "FAILED", reason=reply.reason or "",
-                        retryable=reply.retryable)
+                        retryable=reply.retryable, applied_by=reply.applied_by)
     # A sibling already failed for good: the stage turns back, so nothing is retried.
     turning_back = state.turning_back
     state = evolve(state, failed)
@@ -687,13 +829,14 @@ def _compensation_reply(
 ) -> Decision:
     if reply.outcome is Outcome.SUCCEEDED:
         compensated = StepCompensated(step=step.name, attempt=run.attempt,
-                                      command_id=reply.command_id)
+                                      command_id=reply.command_id, applied_by=reply.applied_by)
         state = evolve(state, compensated)
         events, commands = _next_compensation(definition, state, now)
         return Decision(Verdict.APPLIED, events=(compensated, *events), commands=commands)
     failed = CompensationFailed(step=step.name, attempt=run.attempt,
                                 command_id=reply.command_id, code=reply.code or "FAILED",
-                                reason=reply.reason or "", retryable=reply.retryable)
+                                reason=reply.reason or "", retryable=reply.retryable,
+                                applied_by=reply.applied_by)
     state = evolve(state, failed)
     if reply.retryable and _attempts_left(run, step):
         return Decision(Verdict.APPLIED, events=(failed, _schedule_retry(state, run, step, now)))
@@ -716,6 +859,7 @@ def decide_due(definition: SagaDefinition, state: SagaState, now: datetime) -> D
     events: list[SagaEvent] = []
     commands: list[StepCommand] = []
     saga_failed = False
+    found = state
     while not state.terminal:
         due = [(position, due_at, run) for position, due_at, run in _due_runs(state)
                if due_at <= now]
@@ -730,8 +874,8 @@ def decide_due(definition: SagaDefinition, state: SagaState, now: datetime) -> D
         saga_failed = saga_failed or failed
     if not events:
         return None
-    return Decision(Verdict.APPLIED, events=tuple(events), commands=tuple(commands),
-                    saga_failed=saga_failed)
+    return _concluded(found, Decision(Verdict.APPLIED, events=tuple(events),
+                                      commands=tuple(commands), saga_failed=saga_failed))
 
 
 def _run_due(
@@ -913,12 +1057,17 @@ __all__ = [
     "decide_due",
     "decide_reject",
     "decide_reply",
+    "decide_resolve",
     "decide_start",
     "evolve",
     "fold",
+    "outcome_event_id",
+    "outcome_of",
     "outstanding_command",
     "outstanding_commands",
     "participant_of",
+    "refused_event_id",
     "request_hash",
+    "resolved_event_id",
     "saga_id_for",
 ]

@@ -13,6 +13,13 @@ A `SagaType` registers, all pure values and functions (no I/O):
                      (`CONFLICTING_DUPLICATE`) and the original saga is unchanged
     intake           what it refuses at intake and why (`IntakeRules`)
     describe         optional: a saga's start message (as JSON) in one line, for its timeline
+    events_topic     optional: the public topic its outcome events go to (before
+                     `SAGA_TOPIC_PREFIX`), keyed by business key; by default its start topic with
+                     `commands` made `events` (`transfers.commands.v1` -> `transfers.events.v1`),
+                     or `<name>.events.v1`
+    account_fields   optional: the fields of its start message that name accounts (dotted paths
+                     into the message's JSON, e.g. "source_account"), so that operators can
+                     find a saga by account (`saga list --account`, `search_sagas`)
 
 The saga id is `uuid5(namespace, f"{name}:{business_key}")` (`saga_id_for`): one saga per key and
 type, fenced by the event table's primary key.
@@ -35,7 +42,7 @@ from pydantic import BaseModel
 from orchestrator.core.definition import SagaDefinition
 from orchestrator.core.saga import RejectSaga, SagaState, StartSaga, request_hash
 from orchestrator.errors import ConfigurationError, SagaDefinitionError
-from schemas import RejectionCode
+from schemas import RejectionCode, default_events_topic
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -85,6 +92,8 @@ class SagaType(Generic[M]):
     current_version: int | None = None
     # Shown to on-call engineers: no personal data beyond what the timeline's payload holds.
     describe: Callable[[Mapping[str, Any]], str] | None = None
+    events_topic: str = ""
+    account_fields: tuple[str, ...] = ()
     _by_version: dict[int, SagaDefinition] = field(init=False, repr=False)
     _current: int = field(init=False, repr=False)
 
@@ -112,6 +121,19 @@ class SagaType(Generic[M]):
         object.__setattr__(self, "_by_version", by_version)
         if not self.start_topic:
             raise SagaDefinitionError(f"saga type {self.name!r} needs a start topic")
+        if not self.events_topic:
+            object.__setattr__(self, "events_topic",
+                               default_events_topic(self.name, self.start_topic))
+        if self.events_topic == self.start_topic:
+            raise SagaDefinitionError(
+                f"saga type {self.name!r} cannot publish its outcomes on its start topic")
+        # A misspelt field would make every search by account of this type find nothing.
+        unknown = [path for path in self.account_fields
+                   if path.split(".")[0] not in self.start_model.model_fields]
+        if isinstance(self.account_fields, str) or unknown:
+            raise SagaDefinitionError(
+                f"saga type {self.name!r}: account_fields must be a tuple of fields of"
+                f" {self.start_model.__name__}; not fields of it: {unknown or self.account_fields}")
 
     @property
     def current(self) -> SagaDefinition:
@@ -142,8 +164,9 @@ class SagaType(Generic[M]):
         return StartSaga(self.name, self.key_of(request), request, request_hash(request),
                          requested_at)
 
-    def reject(self, business_key: str, code: RejectionCode, reason: str) -> RejectSaga:
-        return RejectSaga(self.name, business_key, code, reason)
+    def reject(self, business_key: str, code: RejectionCode, reason: str,
+               request_hash: str | None = None) -> RejectSaga:
+        return RejectSaga(self.name, business_key, code, reason, request_hash)
 
 
 class SagaTypes(Mapping[str, SagaType[Any]]):
@@ -160,8 +183,14 @@ class SagaTypes(Mapping[str, SagaType[Any]]):
                 raise ConfigurationError(
                     f"saga types {topics[saga_type.start_topic]!r} and {saga_type.name!r} both"
                     f" start on {saga_type.start_topic}: each needs a topic of its own")
+            if saga_type.events_topic in topics:
+                raise ConfigurationError(
+                    f"saga type {saga_type.name!r} publishes its outcomes on"
+                    f" {saga_type.events_topic}, which saga type"
+                    f" {topics[saga_type.events_topic]!r} uses already")
             self._types[saga_type.name] = saga_type
             topics[saga_type.start_topic] = saga_type.name
+            topics[saga_type.events_topic] = saga_type.name
 
     def __getitem__(self, name: str) -> SagaType[Any]:
         return self._types[name]

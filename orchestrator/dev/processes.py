@@ -33,7 +33,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         if value is None:
             env.pop(key, None)
         else:
-            env[key] = json.dumps(value) if isinstance(value, list) else str(value)
+            # pydantic-settings reads lists and dicts (the console's role names) as JSON.
+            env[key] = json.dumps(value) if isinstance(value, list | dict) else str(value)
     return env
 
 

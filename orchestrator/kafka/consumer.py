@@ -37,7 +37,13 @@ from orchestrator.metrics import CONSUMER_REWINDS
 from orchestrator.postgres.leases import Partition, PartitionLeases
 from orchestrator.settings import Settings
 from orchestrator.throttle import LogThrottle
-from schemas import TOPIC_DEAD_LETTERS, TOPIC_REPLIES, TOPIC_TRANSFER_COMMANDS, step_topic
+from schemas import (
+    TOPIC_DEAD_LETTERS,
+    TOPIC_REPLIES,
+    TOPIC_TRANSFER_COMMANDS,
+    TOPIC_TRANSFER_EVENTS,
+    step_topic,
+)
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -63,7 +69,7 @@ def consuming_groups(settings: Settings) -> dict[str, list[str]]:
 
 
 def all_topics(settings: Settings) -> list[str]:
-    names = [TOPIC_TRANSFER_COMMANDS, TOPIC_REPLIES, TOPIC_DEAD_LETTERS]
+    names = [TOPIC_TRANSFER_COMMANDS, TOPIC_TRANSFER_EVENTS, TOPIC_REPLIES, TOPIC_DEAD_LETTERS]
     names += [step_topic(p) for p in PARTICIPANTS]
     return [settings.topic(name) for name in names]
 

@@ -117,8 +117,19 @@ async def _rows(conn: AsyncConnection, sql: str, **params: Any) -> list[Any]:
     return list((await conn.execute(text(sql), params)).all())
 
 
+def _plain(value: Any) -> str:
+    """One value of a detail as a person reads it: a time in ISO 8601 (UTC), an id or an
+    amount as written, never a Python repr such as `datetime.datetime(2026, ...)`."""
+    if isinstance(value, datetime):
+        return (value.astimezone(UTC) if value.tzinfo else value).isoformat()
+    if value is None:
+        return "NULL"
+    return str(value)
+
+
 def _sample(rows: list[Any], limit: int = 5) -> str:
-    return "; ".join(str(tuple(row)) for row in rows[:limit]) + (
+    return "; ".join("(" + ", ".join(_plain(value) for value in row) + ")"
+                     for row in rows[:limit]) + (
         f" (+{len(rows) - limit} more)" if len(rows) > limit else "")
 
 

@@ -55,23 +55,37 @@ class Select(Enum):
 ALL_PENDING: Final = Select.ALL_PENDING
 
 
+# What `saga dlq show` prints of a payload (and of each header) unless asked for all of it: a
+# record of megabytes would otherwise flood the terminal. Enough to read any normal message.
+SHOW_MAX_BYTES: Final = 4096
+
+
 @dataclass(frozen=True)
 class Encoded:
-    """Bytes shown to a person: as text when they are UTF-8, else as base64."""
+    """Bytes shown to a person: as text when they are UTF-8, else as base64; the first
+    `limit` bytes only when a limit is given (`truncated` says whether anything was left out;
+    `size_bytes` is always the whole size)."""
 
     value: str
     encoding: Literal["utf-8", "base64"]
     size_bytes: int
+    truncated: bool = False
 
     @classmethod
-    def of(cls, data: bytes) -> Encoded:
+    def of(cls, data: bytes, limit: int | None = None) -> Encoded:
+        shown = data if limit is None or len(data) <= limit else data[:limit]
+        truncated = len(shown) < len(data)
         try:
-            return cls(data.decode("utf-8"), "utf-8", len(data))
+            data.decode("utf-8")
         except UnicodeDecodeError:
-            return cls(base64.b64encode(data).decode(), "base64", len(data))
+            return cls(base64.b64encode(shown).decode(), "base64", len(data), truncated)
+        # Cut inside a multi-byte character: the partial character is left out, nothing else.
+        return cls(shown.decode("utf-8", errors="ignore") if truncated else shown.decode(),
+                   "utf-8", len(data), truncated)
 
     def to_json(self) -> dict[str, Any]:
-        return {"value": self.value, "encoding": self.encoding, "size_bytes": self.size_bytes}
+        return {"value": self.value, "encoding": self.encoding, "size_bytes": self.size_bytes,
+                "truncated": self.truncated}
 
 
 @dataclass(frozen=True)
@@ -117,6 +131,8 @@ class DeadLetterDetail:
     original_key: str | None
     headers: tuple[tuple[str, Encoded], ...]
     payload: Encoded
+    # The payload byte for byte, for `saga dlq show --out FILE` (never printed).
+    original_payload: bytes = b""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -235,8 +251,11 @@ async def resolve_id(conn: AsyncConnection, wanted: str) -> UUID | None:
     return _uuid(matches[0]) if matches else None
 
 
-async def show_dead_letter(conn: AsyncConnection, wanted: str) -> DeadLetterDetail:
-    """One dead letter by id or unique id prefix; NotFound if there is none."""
+async def show_dead_letter(conn: AsyncConnection, wanted: str,
+                           limit: int | None = SHOW_MAX_BYTES) -> DeadLetterDetail:
+    """One dead letter by id or unique id prefix; NotFound if there is none. Its payload and
+    header values are shown up to `limit` bytes each (None: whole); `original_payload` is
+    always whole."""
     dead_letter_id = await resolve_id(conn, wanted)
     row = None
     if dead_letter_id is not None:
@@ -249,9 +268,10 @@ async def show_dead_letter(conn: AsyncConnection, wanted: str) -> DeadLetterDeta
         raise NotFound(f"no dead letter with id {wanted}")
     return DeadLetterDetail(
         summary=_summary(row), reason=row.reason, original_key=row.original_key,
-        headers=tuple((name, Encoded.of(value))
+        headers=tuple((name, Encoded.of(value, limit))
                       for name, value in decode_headers(json_value(row.headers))),
-        payload=Encoded.of(bytes(row.payload)),
+        payload=Encoded.of(bytes(row.payload), limit),
+        original_payload=bytes(row.payload),
     )
 
 
@@ -393,10 +413,12 @@ def render_list(letters: Sequence[DeadLetterSummary]) -> str:
     if not letters:
         return "no dead letters"
     header = ("id", "last failed (UTC)", "stage", "reason", "att", "original record",
-              "saga type", "business key", "redriven (UTC)")
+              "saga", "saga type", "business key", "redriven (UTC)")
+    # `saga`: the short saga id, which `saga timeline` takes (as it takes the dead letter's).
     rows = [(str(d.dead_letter_id)[:SHORT_ID_HEX_DIGITS], _when(d.last_failed_at), d.stage,
-             d.reason_code, str(d.attempts), _origin(d), d.saga_type or "", d.business_key or "",
-             _when(d.redriven_at)) for d in letters]
+             d.reason_code, str(d.attempts), _origin(d),
+             str(d.saga_id)[:SHORT_ID_HEX_DIGITS] if d.saga_id else "", d.saga_type or "",
+             d.business_key or "", _when(d.redriven_at)) for d in letters]
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
     right_aligned = {header.index("att")}
     return "\n".join(
@@ -433,8 +455,14 @@ def render_detail(detail: DeadLetterDetail) -> str:
     ]
     lines = [f"{name:<15} {value}" for name, value in fields]
     lines += [f"  {name}: {value.value}" + ("  (base64)" if value.encoding == "base64" else "")
+              + (f" ... ({value.size_bytes} bytes in all)" if value.truncated else "")
               for name, value in detail.headers]
     payload = detail.payload
     lines.append(f"{'payload':<15} {payload.size_bytes} bytes, shown as {payload.encoding}")
     lines.append(payload.value)
+    if payload.truncated or any(value.truncated for _, value in detail.headers):
+        short = str(letter.dead_letter_id)[:SHORT_ID_HEX_DIGITS]
+        lines.append(f"... truncated: only the first {SHOW_MAX_BYTES} bytes of the payload and"
+                     f" of each header are shown; `saga dlq show {short} --full` prints all,"
+                     f" `saga dlq show {short} --out FILE` writes the original payload to FILE")
     return "\n".join(lines)

@@ -49,6 +49,7 @@ from orchestrator.consuming.handling import (
     poison_dead_letter,
     retrying,
 )
+from orchestrator.core.intake import unreadable
 from orchestrator.crash import crash_point, step_tags
 from orchestrator.errors import ConcurrencyConflict, SagaError
 from orchestrator.kafka.consumer import Consumed, encode_headers, participant_group
@@ -175,6 +176,8 @@ class ParticipantWorker:
         self.producer = producer
         self.topic = settings.topic(step_topic(participant.name))
         self.group_id = participant_group(participant.name)
+        # Named in every reply (`applied_by`), so a timeline says which instance applied a step.
+        self.instance = settings.worker_name or participant.name
         self._write_statement = write_statement(participant.effects)
 
     async def handle_batch(self, batch: Sequence[Consumed]) -> None:
@@ -202,8 +205,11 @@ class ParticipantWorker:
             try:
                 command = StepCommand.model_validate_json(message.value)
             except ValidationError as error:
-                bad.append(_Refused(message, RejectionCode.SCHEMA_VIOLATION,
-                                    f"not a StepCommand: {error.errors()[0]['msg']}"))
+                problem = unreadable(message.value)
+                bad.append(_Refused(
+                    message,
+                    RejectionCode.MALFORMED_JSON if problem else RejectionCode.SCHEMA_VIOLATION,
+                    problem or f"not a StepCommand: {error.errors()[0]['msg']}"))
                 continue
             unhandled = self.participant.unhandled(command)
             if unhandled is not None:
@@ -452,13 +458,16 @@ class ParticipantWorker:
             code=result.code,
             reason=result.reason,
             result=result.result,
+            applied_by=self.instance,
         )
 
     def _replay(self, command: StepCommand, stored: dict[str, Any]) -> StepReply:
-        """The stored outcome, addressed to this attempt's command."""
+        """The stored outcome, addressed to this attempt's command, naming the instance that
+        decided it (none for a reply stored before replies named one)."""
         result = StepResult(Outcome(stored["outcome"]), code=stored.get("code"),
                             reason=stored.get("reason"), result=stored.get("result") or {})
-        return self._reply(command, result).model_copy(update={"replayed": True})
+        return self._reply(command, result).model_copy(
+            update={"replayed": True, "applied_by": stored.get("applied_by")})
 
     def _record(self, reply: StepReply, trace: TraceContext | None = None) -> Record:
         """The reply's record, in the trace its command came with (from this participant's

@@ -33,9 +33,6 @@ from orchestrator.errors import (
 from orchestrator.tracing import saga_span_id
 from schemas import SAGA_EVENT_ADAPTER, SagaEvent
 
-# Payload: "<saga type>:<business key>" of a saga that just reached a terminal state (sent at
-# commit).
-TERMINAL_CHANNEL = "saga_terminal"
 _MIGRATION_LOCK = 0x5A6A0001
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
@@ -319,8 +316,6 @@ WITH new_inbox AS (
         traceparent = COALESCE(sagas.traceparent, EXCLUDED.traceparent),
         tracestate = CASE WHEN sagas.traceparent IS NULL THEN EXCLUDED.tracestate
                           ELSE sagas.tracestate END
-), ended AS (
-    SELECT pg_notify(:terminal_channel, t) FROM unnest(CAST(:ended AS text[])) AS t
 ), new_outbox AS (
     INSERT INTO outbox (topic, key, value, headers, saga_id)
     SELECT * FROM unnest(
@@ -329,8 +324,6 @@ WITH new_inbox AS (
     RETURNING id
 )
 SELECT id FROM new_outbox
-UNION ALL  -- a row-less select whose condition makes the notifications run
-SELECT NULL WHERE (SELECT count(*) FROM ended) < 0
 """)
 
 
@@ -354,7 +347,7 @@ async def write_batch(
     traces = traces or {}
     stored = [traces.get(s.saga_id) for s in states]
     params = {
-        "consumer": consumer, "now": now, "terminal_channel": TERMINAL_CHANNEL,
+        "consumer": consumer, "now": now,
         "i_id": [r.message_id for r in inbox], "i_topic": [r.topic for r in inbox],
         "i_partition": [r.partition for r in inbox], "i_offset": [r.offset for r in inbox],
         "i_verdict": [r.verdict for r in inbox], "i_saga": [r.saga_id for r in inbox],
@@ -378,7 +371,6 @@ async def write_batch(
         "s_state": [json.dumps(s.to_json()) for s in states],
         "s_traceparent": [t.traceparent if t else None for t in stored],
         "s_tracestate": [t.tracestate if t else None for t in stored],
-        "ended": [f"{s.saga_type}:{s.business_key}" for s in states if s.terminal],
         "o_topic": [o.topic for o in outbox], "o_key": [o.key for o in outbox],
         "o_value": [o.value for o in outbox],
         "o_headers": [json.dumps(o.headers) for o in outbox],

@@ -62,7 +62,7 @@ from orchestrator.settings import Settings
 from orchestrator.throttle import LogThrottle
 from orchestrator.tracing import TraceContext
 from orchestrator.workers.relay import OutboxRelay, PublishedMarker, publish_committed
-from orchestrator.workers.saga_worker import observe_ended, traced_command_rows
+from orchestrator.workers.saga_worker import observe_ended, outcome_row, traced_command_rows
 from schemas import (
     TOPIC_DEAD_LETTERS,
     DeadLetter,
@@ -175,6 +175,9 @@ class RecoveryWorker:
                 touched.append(state)
                 outbox += traced_command_rows(self.settings, definition, decision.commands,
                                               trace, spans)
+                # The saga's outcome event, if it ended: in this transaction, with its end.
+                outbox += [outcome_row(self.settings, self.sagas, outcome, trace)
+                           for outcome in decision.outcomes]
                 if decision.saga_failed:
                     done.failed.append(state.saga_id)
                     record, row_ = self._dead_letter(state, now, trace)
@@ -346,14 +349,15 @@ class RecoveryWorker:
         while not stop.is_set():
             try:
                 present = await asyncio.to_thread(listed_topics, admin, 2.0)
-                start_topics = [t.start_topic for t in self.sagas.values()]
+                start_topics = [name for t in self.sagas.values()
+                                for name in (t.start_topic, t.events_topic)]
                 wanted = {*all_topics(self.settings),
                           *(self.settings.topic(name) for name in start_topics)}
                 missing = sorted(name for name in wanted if name not in present)
                 if missing:
                     log.warning("topics missing on the broker (restarted?): %s; creating them",
                                 ", ".join(missing))
-                    # every saga type's start topic, not only those the engine lists
+                    # every saga type's start and events topic, not only those the engine lists
                     await asyncio.to_thread(ensure_topics, self.settings, start_topics)
                     lost.set()
                 await asyncio.to_thread(admin.poll, 0)  # serves the error callback

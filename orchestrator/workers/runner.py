@@ -38,6 +38,7 @@ def _require_addresses(settings: Settings) -> None:
 def application_topics(application: Application) -> list[str]:
     """The topics an application's saga types and participants need (before the prefix)."""
     return sorted({*(saga_type.start_topic for saga_type in application.sagas),
+                   *(saga_type.events_topic for saga_type in application.sagas),
                    *(step_topic(name) for name in application.participants)})
 
 

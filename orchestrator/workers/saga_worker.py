@@ -35,7 +35,7 @@ from orchestrator.consuming.handling import (
     retrying,
 )
 from orchestrator.core.definition import SagaDefinition
-from orchestrator.core.intake import Unparseable, classify
+from orchestrator.core.intake import Unparseable, classify, unreadable
 from orchestrator.core.saga import (
     Decision,
     RejectSaga,
@@ -62,9 +62,11 @@ from orchestrator.throttle import LogThrottle
 from orchestrator.tracing import TraceContext
 from orchestrator.workers.relay import PublishedMarker, publish_committed
 from schemas import (
+    OUTCOME_RECORD_TYPE,
     TOPIC_REPLIES,
     Direction,
     RejectionCode,
+    SagaOutcome,
     SagaRejected,
     SagaStarted,
     StepCommand,
@@ -127,6 +129,25 @@ def observe_ended(states: Iterable[SagaState], now: datetime) -> None:
         if state.terminal and state.requested_at is not None:
             SAGA_DURATION.record((now - state.requested_at).total_seconds(), {
                 "saga_type": state.saga_type, "outcome": state.status.value.lower()})
+
+
+def outcome_row(settings: Settings, sagas: SagaTypes, outcome: SagaOutcome,
+                trace: TraceContext | None = None) -> store.OutboxRow:
+    """The outbox row of an outcome event: on its saga type's events topic, keyed by the
+    business key (one partition keeps a key's outcomes in order), its event id as the message
+    id, in the saga's trace (ADR 0015: upstream reads its outcome in the trace it started).
+    Written in the transaction of the decision that made it, never on its own."""
+    headers = [("message-id", str(outcome.event_id).encode()),
+               ("type", OUTCOME_RECORD_TYPE.encode())]
+    if trace is not None:
+        headers += trace.headers()
+    return store.OutboxRow(
+        topic=settings.topic(sagas[outcome.saga_type].events_topic),
+        key=outcome.business_key.encode(),
+        value=outcome.model_dump_json().encode(),
+        headers=encode_headers(headers),
+        saga_id=outcome.saga_id,
+    )
 
 
 @dataclass
@@ -226,9 +247,10 @@ class OrchestratorWorker:
             try:
                 reply = StepReply.model_validate_json(message.value)
             except ValidationError as error:
-                return _Parsed(message, message_id_of(message), None,
-                               Unparseable(RejectionCode.SCHEMA_VIOLATION,
-                                           f"not a StepReply: {error.errors()[0]['msg']}"))
+                problem = unreadable(message.value)
+                return _Parsed(message, message_id_of(message), None, Unparseable(
+                    RejectionCode.MALFORMED_JSON if problem else RejectionCode.SCHEMA_VIOLATION,
+                    problem or f"not a StepReply: {error.errors()[0]['msg']}"))
             message_id = f"reply:{reply.reply_id}"
             redrive = message.header(REDRIVE_HEADER)
             if redrive:  # an operator redrove it: a new message, decided once more
@@ -287,10 +309,19 @@ class OrchestratorWorker:
                 sorted({p.saga_id for p in parsed if p.saga_id is not None}),
             )
             for item in parsed:
-                if item.message_id in seen:
-                    continue  # redelivered after a crash, or a byte-identical duplicate
-                seen.add(item.message_id)
                 state = states.get(item.saga_id) if item.saga_id else None
+                if item.message_id in seen:
+                    # Redelivered after a crash, or a byte-identical duplicate: recorded
+                    # already. A request whose saga ended is answered with its outcome event
+                    # again (the same event id), so a client that asks again hears it.
+                    if state is not None and state.terminal and isinstance(
+                            item.input, StartSaga | RejectSaga):
+                        writes.outbox += [
+                            outcome_row(self.settings, self.sagas, outcome,
+                                        self._trace_of(item, state, writes))
+                            for outcome in self._decide(item, state, now).outcomes]
+                    continue
+                seen.add(item.message_id)
                 decision = self._decide(item, state, now)
                 self._apply(item, state, decision, now, writes, states)
             spans = self._open_spans(writes, now, len(parsed)) if tracing.ENABLED else []
@@ -466,6 +497,8 @@ class OrchestratorWorker:
             definition = self.sagas.definition_of(state)
             writes.outbox += traced_command_rows(self.settings, definition, decision.commands,
                                                  trace, writes.spans)
+        for outcome in decision.outcomes:
+            writes.outbox.append(outcome_row(self.settings, self.sagas, outcome, trace))
         rejection = decision.rejection
         if decision.saga_failed and state is not None:
             code = (RejectionCode.COMPENSATION_FAILED if state.direction is Direction.COMPENSATE

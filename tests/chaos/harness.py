@@ -1,7 +1,9 @@
 """What every chaos scenario needs: a world (its own database on a shared embedded stack, its own
 topics, worker subprocesses), transfers that complete or compensate (made by the demo's own
 helpers), fault helpers, and the verdict: every accepted saga terminal within a stated bound after
-the faults stopped, and the invariant checker (I1-I7) clean over the whole database.
+the faults stopped, the invariant checker (I1-I7) clean over the whole database, and every saga
+that ended with exactly one outcome event on `transfers.events.v1` (read back with a plain
+consumer, counted by event id per business key).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from orchestrator.core import outcome_event_id
 from orchestrator.dev.embedded import EmbeddedStack, settings_for
 from orchestrator.dev.processes import WorkerProcesses
 from orchestrator.kafka.consumer import ORCHESTRATOR_GROUP
@@ -33,7 +36,13 @@ from orchestrator.ops.checker import check
 from orchestrator.ops.queries import render_timeline, timeline
 from orchestrator.postgres.store import create_engine, migrate
 from orchestrator.settings import Settings
-from schemas import TOPIC_REPLIES, TOPIC_TRANSFER_COMMANDS, step_topic
+from schemas import (
+    SAGA_OUTCOME_ADAPTER,
+    TOPIC_REPLIES,
+    TOPIC_TRANSFER_COMMANDS,
+    TOPIC_TRANSFER_EVENTS,
+    step_topic,
+)
 from steps import APPLICATION
 from steps.demo import Planned, plan_transfers, seed
 
@@ -385,6 +394,7 @@ class World:
         assert result.ok, "\n".join(f"{c.invariant} {c.name}: {c.detail}"
                                     for c in result.failures())
         assert result.duplicate_effects == 0
+        outcomes = await self.assert_one_outcome_per_ended_saga()
         extra = await details() if details is not None else ""
         if to_terminal_s > SLOW_S:
             # Why it took this long: the on-call view of the saga that ended last.
@@ -394,7 +404,75 @@ class World:
                + " ".join(f"{s.lower()}={n}" for s, n in sorted(counts.items()))
                + f", all terminal {to_terminal_s:.1f}s after the faults stopped"
                f" (bound {bound_s:.0f}s, waited {waited:.1f}s), checker ok (I1-I7),"
-               f" duplicate effects 0{extra}")
+               f" duplicate effects 0, one outcome event each ({outcomes}){extra}")
+
+    def outcome_records(self, quiet_s: float = 2.0, timeout_s: float = 60.0
+                        ) -> list[tuple[str, Any]]:
+        """Every record on the transfers' events topic, from its start, as (key, outcome):
+        read with a plain consumer until it was quiet for `quiet_s` past each partition's end
+        as first seen."""
+        topic = self.settings.topic(TOPIC_TRANSFER_EVENTS)
+        consumer = Consumer({"bootstrap.servers": self.settings.kafka_bootstrap,
+                             "group.id": f"chaos-outcomes-{uuid.uuid4()}",
+                             "enable.auto.commit": False, "fetch.wait.max.ms": 5})
+        try:
+            partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+            ends = {}
+            for p in partitions:
+                watermarks = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                ends[p] = watermarks[1] if watermarks else 0
+            consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+            records: list[tuple[str, Any]] = []
+            reached: dict[int, int] = {}
+            quiet_since, deadline = time.monotonic(), time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                message = consumer.poll(0.05)
+                if message is not None and not message.error():
+                    records.append((message.key().decode(),
+                                    SAGA_OUTCOME_ADAPTER.validate_json(message.value())))
+                    reached[message.partition()] = message.offset() + 1
+                    quiet_since = time.monotonic()
+                elif (all(reached.get(p, 0) >= end for p, end in ends.items())
+                      and time.monotonic() - quiet_since >= quiet_s):
+                    break
+            return records
+        finally:
+            consumer.close()
+
+    async def assert_one_outcome_per_ended_saga(self) -> int:
+        """Every saga of the world's database that ended has exactly one outcome event (one
+        event id, however many copies) on the events topic, keyed by its business key, saying
+        how it ended; a saga that did not end has none. Returns how many sagas were judged."""
+        async with self.engine.connect() as conn:
+            sagas = {uuid.UUID(str(row.saga_id)): row for row in (await conn.execute(text(
+                "SELECT saga_id, business_key, status FROM sagas"
+                " WHERE saga_type = 'transfer'"))).all()}
+        records = await asyncio.to_thread(self.outcome_records)
+        events_by_saga: dict[uuid.UUID, dict[uuid.UUID, Any]] = {}
+        for key, outcome in records:
+            assert key == outcome.business_key, (key, outcome)
+            saga = sagas.get(outcome.saga_id)
+            assert saga is not None, f"an outcome event for no saga of this world: {outcome}"
+            if outcome.outcome == "resolved" or (
+                    outcome.outcome == "rejected" and saga.status != "REJECTED"):
+                continue  # an operator's close, or the answer to a refused request on its key
+            seen = events_by_saga.setdefault(outcome.saga_id, {})
+            # Copies of one event (a relay's retry, an answer to a re-sent request) are equal.
+            assert seen.setdefault(outcome.event_id, outcome) == outcome, (seen, outcome)
+        ended = {saga_id for saga_id, row in sagas.items()
+                 if row.status not in ("RUNNING", "COMPENSATING")}
+        early = [str(sagas[s].business_key) for s in events_by_saga if s not in ended]
+        assert not early, f"outcome events for sagas that did not end: {early[:5]}"
+        missing = [str(sagas[s].business_key) for s in ended if s not in events_by_saga]
+        assert not missing, f"{len(missing)} sagas ended with no outcome event: {missing[:5]}"
+        for saga_id, events in events_by_saga.items():
+            assert list(events) == [outcome_event_id(saga_id)], (
+                f"saga {saga_id} has {len(events)} outcome events: {list(events.values())}")
+            [outcome] = events.values()
+            status = sagas[saga_id].status
+            assert outcome.outcome == ("failed" if status == "RESOLVED" else status.lower()), (
+                status, outcome)
+        return len(ended)
 
     async def close(self, keep_logs: bool) -> None:
         """Kill every worker (nothing of theirs needs a clean stop: the scenario is judged);

@@ -67,11 +67,17 @@ async def test_demo_on_its_own_embedded_stack_ends_clean() -> None:
     assert {k: summary[k] for k in ("completed", "compensated", "rejected", "failed")} == {
         "completed": expected["completed"], "compensated": expected["compensated"],
         "rejected": expected["rejected"], "failed": 0}
-    # One trace per saga: every saga but the unparseable requests' (which have none) wrote its
-    # events in one trace of its own.
-    malformed = sum(p.kind == "invalid:malformed"
-                    for p in plan_transfers(TRANSFERS, "any-", random.Random(SEED)))
-    assert summary["sagas"] == TRANSFERS - malformed
+    # One outcome event per saga that ended (every planned transfer with a readable transfer
+    # id: the malformed one has none) and one per conflicting re-send; exact re-sends publish
+    # the same event again, which counts once.
+    kinds = [p.kind for p in plan_transfers(TRANSFERS, "any-", random.Random(SEED))]
+    ended = TRANSFERS - kinds.count("invalid:malformed")
+    assert summary["conflicting_resends"] >= 1 and summary["exact_resends"] >= 1
+    assert summary["outcome_events"] == ended + summary["conflicting_resends"]
+    assert summary["outcome_events_expected"] == summary["outcome_events"]
+    # One trace per saga: every saga (the malformed request has none) wrote its events in one
+    # trace of its own.
+    assert summary["sagas"] == ended
     assert summary["traces"] == summary["sagas"]
     assert summary["sagas_not_in_one_trace"] == 0
     assert {"p50_ms", "p99_ms", "elapsed_s", "sagas_per_s"} <= set(summary)
@@ -122,6 +128,10 @@ async def test_chaos_demo_kills_workers_and_still_ends_clean() -> None:
     assert {k: summary[k] for k in ("completed", "compensated", "rejected", "failed")} == {
         "completed": expected["completed"], "compensated": expected["compensated"],
         "rejected": expected["rejected"], "failed": 0}
+    # Killed workers neither lose an outcome event nor publish a second one for a saga.
+    kinds = [p.kind for p in plan_transfers(TRANSFERS, "any-", random.Random(SEED))]
+    assert summary["outcome_events"] == (TRANSFERS - kinds.count("invalid:malformed")
+                                         + summary["conflicting_resends"])
 
 
 def _demo(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

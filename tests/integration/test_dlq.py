@@ -161,9 +161,9 @@ async def test_a_bad_request_is_listed_shown_and_redriven_once(
         str(dead_letter_id), topic, row.original_partition, row.original_offset, key)
     assert shown["reason"].startswith("not valid JSON")
     assert shown["payload"] == {"value": raw.decode(), "encoding": "utf-8",
-                                "size_bytes": len(raw)}
+                                "size_bytes": len(raw), "truncated": False}
     assert shown["headers"] == [{"name": "traceparent", "value": "00-dlq-it-01",
-                                 "encoding": "utf-8", "size_bytes": 12}]
+                                 "encoding": "utf-8", "size_bytes": 12, "truncated": False}]
     as_text = await saga_cli(harness, "dlq", "show", str(dead_letter_id))
     assert as_text.returncode == 0, as_text.stderr
     assert f"offset          {row.original_offset}" in as_text.stdout
@@ -417,7 +417,7 @@ async def test_list_is_newest_first_filtered_and_limited(isolated: Isolated) -> 
     assert table.returncode == 0, table.stderr
     header, *lines = table.stdout.splitlines()
     assert header.split() == ["id", "last", "failed", "(UTC)", "stage", "reason", "att",
-                              "original", "record", "saga", "type", "business", "key",
+                              "original", "record", "saga", "saga", "type", "business", "key",
                               "redriven", "(UTC)"]
     assert [line[:8] for line in lines] == [str(i)[:8] for i in (redriven, middle, oldest)]
     assert "MALFORMED_JSON" in lines[1] and "transfers.commands.v1[0]@" in lines[1]
@@ -433,9 +433,61 @@ async def test_show_prints_binary_payloads_and_headers_as_base64(isolated: Isola
     as_text = await saga_cli(isolated.harness, "dlq", "show", str(dead_letter_id))
 
     assert shown["payload"] == {"value": base64.b64encode(b"\x00\xffbinary").decode(),
-                                "encoding": "base64", "size_bytes": 8}
+                                "encoding": "base64", "size_bytes": 8, "truncated": False}
     assert [(h["name"], h["value"], h["encoding"]) for h in shown["headers"]] == [
         ("blob", "/gE=", "base64"), ("trace", "t-1", "utf-8")]
     assert as_text.returncode == 0, as_text.stderr
     assert "  blob: /gE=  (base64)" in as_text.stdout
     assert "payload         8 bytes, shown as base64" in as_text.stdout
+
+
+async def test_list_refuses_an_unknown_reason_code_and_takes_any_case(
+        isolated: Isolated) -> None:
+    """`--reason nope` said "no dead letters", as if the code existed and nothing had it."""
+    letter = await insert_letter(isolated.engine, Letter(b"x", "UNKNOWN_CURRENCY"))
+
+    refused = await saga_cli(isolated.harness, "dlq", "list", "--reason", "nope")
+    listed = _json_ok(await saga_cli(isolated.harness, "dlq", "list", "--reason",
+                                     "unknown_currency", "--json"))
+
+    assert (refused.returncode, refused.stdout) == (2, ""), refused.stderr
+    assert "argument --reason: no reason code 'nope'; the codes: MALFORMED_JSON," in (
+        refused.stderr)
+    assert "Traceback" not in refused.stderr
+    assert [item["dead_letter_id"] for item in listed] == [str(letter)]
+
+
+async def test_show_truncates_a_large_payload_unless_asked_and_writes_it_whole(
+        isolated: Isolated, tmp_path: Path) -> None:
+    """A 2 MB payload wrote 2 MB to the terminal. Shown: the first 4096 bytes and how to get
+    the rest; `--full` prints it all, `--out FILE` writes the original bytes, never over a file
+    that exists."""
+    payload = b'{"blob":"' + b"\xc3\xa9" * 1_000_000 + b'"}'  # 2 MB of UTF-8, "é"s
+    dead_letter_id = await insert_letter(isolated.engine, Letter(payload))
+    short = str(dead_letter_id)[:8]
+    cli = isolated.harness
+
+    as_text = await saga_cli(cli, "dlq", "show", short)
+    as_json = _json_ok(await saga_cli(cli, "dlq", "show", short, "--json"))
+    full = _json_ok(await saga_cli(cli, "dlq", "show", short, "--json", "--full"))
+    out = tmp_path / "payload.bin"
+    written = await saga_cli(cli, "dlq", "show", short, "--out", str(out))
+    again = await saga_cli(cli, "dlq", "show", short, "--out", str(out))
+
+    assert as_text.returncode == 0, as_text.stderr
+    assert len(as_text.stdout) < 10_000
+    assert f"payload         {len(payload)} bytes, shown as utf-8" in as_text.stdout
+    assert (f"... truncated: only the first 4096 bytes of the payload and of each header are"
+            f" shown; `saga dlq show {short} --full` prints all, `saga dlq show {short} --out"
+            " FILE` writes the original payload to FILE") in as_text.stdout
+    # cut inside a two-byte character: the half character is left out, nothing else
+    assert as_json["payload"] == {"value": payload[:4095].decode(), "encoding": "utf-8",
+                                  "size_bytes": len(payload), "truncated": True}
+    assert full["payload"] == {"value": payload.decode(), "encoding": "utf-8",
+                               "size_bytes": len(payload), "truncated": False}
+    assert written.returncode == 0, written.stderr
+    assert out.read_bytes() == payload
+    assert f"payload written to {out} ({len(payload)} bytes)" in written.stdout
+    assert again.returncode == 2, again.stderr
+    assert again.stderr.startswith(f"saga: --out {out}: File exists (it must name a new file)")
+    assert out.read_bytes() == payload

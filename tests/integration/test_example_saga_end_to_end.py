@@ -3,7 +3,8 @@ by the engine's own workers (orchestrator, relay, recovery and its two participa
 broker and PostgreSQL, in a database and under a topic prefix of its own.
 
 The test uses only what an upstream team has: it publishes `CardTopUpRequested` records to the
-type's start topic with a plain Kafka client and checks the outcome with its own SQL.
+type's start topic with a plain Kafka client (or the engine's `SagaClient`) and checks the
+outcome with its own SQL and on the type's events topic.
 """
 
 from __future__ import annotations
@@ -17,18 +18,22 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import card_topup
+from card_topup import CARD_TOPUP_TYPE
 from card_topup.cards import add_card
-from card_topup.messages import START_TOPIC
+from card_topup.messages import START_TOPIC, CardTopUpRequested
 from card_topup.wallet import open_wallet
+from orchestrator.client import SagaClient
+from orchestrator.core import outcome_event_id
 from orchestrator.ops.queries import render_timeline, timeline
 from orchestrator.postgres.store import create_engine
 from orchestrator.settings import Settings
 from orchestrator.workers.runner import run_worker, workers_ready
+from schemas import SAGA_OUTCOME_ADAPTER
 from tests.integration.test_example_participant import wait_until
 
 pytestmark = pytest.mark.integration
@@ -197,3 +202,62 @@ async def test_bad_and_conflicting_requests_are_refused_with_their_reason(
     assert await running.dead_letter_codes(bad) == ["INVALID_AMOUNT"]
     assert await running.saga(first) == ("COMPLETED", 1)
     assert await running.wallet_totals(wallet_id) == (Decimal("30.00"), 0)
+
+
+async def test_an_upstream_service_submits_with_the_client_and_hears_the_same_outcome_twice(
+        running: Running) -> None:
+    wallet_id, card_id = await running.wallet("25.00"), await running.card()
+    request = CardTopUpRequested(topup_id=uuid.uuid4(), wallet_id=wallet_id, card_id=card_id,
+                                 amount=Decimal("5.00"), currency="EUR", requested_by="e2e")
+
+    async with SagaClient(running.settings, [CARD_TOPUP_TYPE], client_id="e2e") as client:
+        first = await client.submit(CARD_TOPUP_TYPE, request, timeout_s=30)
+        again = await client.submit(CARD_TOPUP_TYPE, request, timeout_s=30)
+
+    assert first.outcome == "completed" and first.saga_type == "card_topup"
+    assert first.business_key == str(request.topup_id)
+    assert again == first
+    assert await running.wallet_totals(wallet_id) == (Decimal("20.00"), 0)  # moved once
+
+
+async def test_every_top_up_that_ended_has_exactly_one_outcome_event_on_its_topic(
+        running: Running) -> None:
+    """Read back with a plain consumer, as an upstream service would: every saga of this
+    database that ended (the other tests' too) has one outcome event, keyed by its top-up id,
+    whatever else (answers to conflicting requests, copies) the topic holds."""
+    wallet_id, card_id = await running.wallet("10.00"), await running.card(blocked=True)
+    turned_back = uuid.uuid4()
+    running.publish(running.request(turned_back, wallet_id, card_id, "4.00"), str(turned_back))
+    assert await wait_until(lambda: running.ended(turned_back), "ended") == "COMPENSATED"
+    ended = {uuid.UUID(str(saga_id)): (key, status) for saga_id, key, status in await running.rows(
+        "SELECT saga_id, business_key, status FROM sagas WHERE status NOT IN"
+        " ('RUNNING', 'COMPENSATING')")}
+    topic = running.settings.topic(CARD_TOPUP_TYPE.events_topic)
+    assert topic.endswith("card_topup.events.v1")  # the default: no events topic was named
+
+    def read_all() -> list[Any]:
+        consumer = Consumer({"bootstrap.servers": running.settings.kafka_bootstrap,
+                             "group.id": f"e2e-outcomes-{uuid.uuid4()}",
+                             "enable.auto.commit": False, "fetch.wait.max.ms": 5})
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        records, quiet_since = [], time.monotonic()
+        while time.monotonic() - quiet_since < 2.0:
+            message = consumer.poll(0.1)
+            if message is not None and not message.error():
+                records.append(message)
+                quiet_since = time.monotonic()
+        consumer.close()
+        return records
+
+    records = await asyncio.to_thread(read_all)
+
+    outcomes = [(r.key().decode(), SAGA_OUTCOME_ADAPTER.validate_json(r.value()))
+                for r in records]
+    for saga_id, (key, status) in ended.items():
+        mine = {o.event_id: o for k, o in outcomes
+                if o.event_id == outcome_event_id(saga_id) and k == key}
+        assert len(mine) == 1, (key, status, mine)
+        [outcome] = mine.values()
+        assert outcome.outcome == status.lower()
+    assert {o.saga_id for _, o in outcomes} <= set(ended)  # none for a saga still running

@@ -544,7 +544,15 @@ async def test_an_old_database_migrates_and_its_sagas_finish_and_show_their_time
         definition = "" if saga is rejected else "  definition v1"
         assert first == f"saga {saga.state.saga_id}  transfer {saga.transfer_id}  " + (
             f"{status}{definition}")
-        assert len(lines) == 1 + len(saga.events)  # the header, then one line per event
+        # the header, one line per event, then one per dead letter in the saga's name: the
+        # conflicting re-send above (written today, with the saga id) for the completed saga,
+        # the refused request (written before 0009, naming only the transfer id) for the
+        # rejected one
+        letters = [d["reason_code"] for d in data["dead_letters"]]
+        assert letters == {"completed": ["CONFLICTING_DUPLICATE"],
+                           "rejected": ["INVALID_AMOUNT"], "sanctioned": []}[saga.label]
+        assert len(lines) == 1 + len(saga.events) + len(letters)
+        assert all(line.split()[3] == "DeadLetter" for line in lines[1 + len(saga.events):])
     [started] = [e for e in json.loads((await asyncio.to_thread(
         _cli, settings, "timeline", completed.transfer_id, "--json")).stdout)["events"]
         if e["type"] == "SagaStarted"]

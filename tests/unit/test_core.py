@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from uuid import UUID, uuid4, uuid5
 
 import pytest
@@ -34,6 +35,7 @@ from orchestrator.core.saga import (
     decide_due,
     decide_reject,
     decide_reply,
+    decide_resolve,
     decide_start,
     evolve,
     fold,
@@ -42,6 +44,7 @@ from orchestrator.core.saga import (
     request_hash,
     saga_id_for,
 )
+from orchestrator.errors import OperatorActionRefused
 from schemas import (
     SAGA_EVENT_ADAPTER,
     CompensationFailed,
@@ -49,10 +52,16 @@ from schemas import (
     Outcome,
     RejectionCode,
     SagaCompensated,
+    SagaCompensatedOutcome,
     SagaCompleted,
+    SagaCompletedOutcome,
     SagaEvent,
     SagaFailed,
+    SagaFailedOutcome,
     SagaRejected,
+    SagaRejectedOutcome,
+    SagaResolved,
+    SagaResolvedOutcome,
     SagaStarted,
     StepCommand,
     StepCompensated,
@@ -187,6 +196,7 @@ class Saga:
 
     events: list[SagaEvent] = field(default_factory=list)
     commands: list[StepCommand] = field(default_factory=list)
+    outcomes: list[Any] = field(default_factory=list)
     now: datetime = NOW
 
     @property
@@ -245,6 +255,20 @@ class Saga:
     def _record(self, decision: Decision) -> None:
         self.events.extend(decision.events)
         self.commands.extend(decision.commands)
+        self.outcomes.extend(decision.outcomes)
+
+
+def ended(state: SagaState, kind: type[Any], **details: Any) -> Any:
+    """The one outcome event a saga publishes when it ends, spelled out here rather than
+    through the core's `outcome_of`: its id derived from the saga id alone."""
+    return kind(event_id=uuid5(state.saga_id, "outcome"), saga_id=state.saga_id,
+                saga_type=state.saga_type, business_key=state.business_key,
+                request_hash=state.request_hash, **details)
+
+
+def outcomes_of(saga: Saga) -> list[Any]:
+    """Every outcome event the saga's decisions made so far."""
+    return list(saga.outcomes)
 
 
 def at(step: str, direction: Direction = Direction.FORWARD) -> Saga:
@@ -315,7 +339,8 @@ def test_the_last_success_completes_without_a_command() -> None:
         StepSucceeded(step="notify", attempt=1, command_id=notify_ok.command_id,
                       result={"ok": True}),
         SagaCompleted(),
-    ))
+    ), outcomes=(ended(saga.state, SagaCompletedOutcome),))
+    assert len(outcomes_of(saga)) == 1  # none before the end
 
 
 # ---------------------------------------------------------------- business failures
@@ -343,9 +368,11 @@ def test_business_failure_compensates_applied_steps_in_reverse_order(failed_step
     failed = StepFailed(step=failed_step, attempt=1, command_id=failure.command_id,
                         code="DENIED", reason="not today", retryable=False)
     done = SagaCompensated(failed_step=failed_step, reason="DENIED: not today")
+    outcome = ended(saga.state, SagaCompensatedOutcome, failed_step=failed_step,
+                    reason="DENIED: not today")
     pending = COMPENSATIONS_AFTER_FAILURE[failed_step]
     if not pending:
-        assert decision == Decision(Verdict.APPLIED, events=(failed, done))
+        assert decision == Decision(Verdict.APPLIED, events=(failed, done), outcomes=(outcome,))
     else:
         started, command = expected_start(saga_id, pending[0], Direction.COMPENSATE, 1, payload)
         assert decision == Decision(Verdict.APPLIED, events=(failed, started), commands=(command,))
@@ -360,7 +387,9 @@ def test_business_failure_compensates_applied_steps_in_reverse_order(failed_step
             assert decision == Decision(Verdict.APPLIED, events=(compensated, started),
                                         commands=(command,))
         else:
-            assert decision == Decision(Verdict.APPLIED, events=(compensated, done))
+            assert decision == Decision(Verdict.APPLIED, events=(compensated, done),
+                                        outcomes=(outcome,))
+    assert outcomes_of(saga) == [outcome]
     compensations = [e.step for e in saga.events
                      if isinstance(e, StepStarted) and e.direction is Direction.COMPENSATE]
     assert compensations == pending
@@ -402,7 +431,10 @@ def test_failure_after_the_pivot_fails_the_saga_for_an_operator() -> None:
                        reason="failed after the pivot: SMTP_DOWN: mail relay refused"),
         ),
         saga_failed=True,
+        outcomes=(ended(saga.state, SagaFailedOutcome, step="notify",
+                        reason="failed after the pivot: SMTP_DOWN: mail relay refused"),),
     )
+    assert len(outcomes_of(saga)) == 1
     state = saga.state
     assert state.status is SagaStatus.FAILED
     assert "settle" in state.applied  # the money moved and stays moved
@@ -549,6 +581,8 @@ def test_compensation_failing_for_good_fails_the_saga() -> None:
                        reason="compensation failed: INSUFFICIENT_FUNDS_FOR_REVERSAL: bob spent it"),
         ),
         saga_failed=True,
+        outcomes=(ended(saga.state, SagaFailedOutcome, step="credit", reason=(
+            "compensation failed: INSUFFICIENT_FUNDS_FOR_REVERSAL: bob spent it")),),
     )
     state = saga.state
     assert state.status is SagaStatus.FAILED
@@ -791,9 +825,12 @@ def test_a_step_that_times_out_for_good_is_compensated_with_the_ones_before_it(
                            command_id=command_id, resend=2, gave_up=True)
     reason = f"TIMED_OUT: no reply to attempt 1 of {timed_out_step} (forward)"
     done = SagaCompensated(failed_step=timed_out_step, reason=reason)
+    outcome = ended(saga.state, SagaCompensatedOutcome, failed_step=timed_out_step,
+                    reason=reason)
     pending = COMPENSATIONS_AFTER_TIMEOUT[timed_out_step]
     if not pending:
-        assert decision == Decision(Verdict.APPLIED, events=(gave_up, done))
+        assert decision == Decision(Verdict.APPLIED, events=(gave_up, done),
+                                    outcomes=(outcome,))
     else:
         started, command = expected_start(saga_id, pending[0], Direction.COMPENSATE, 1,
                                           payload, saga.now)
@@ -803,6 +840,7 @@ def test_a_step_that_times_out_for_good_is_compensated_with_the_ones_before_it(
         assert (saga.state.step, saga.state.direction) == (step, Direction.COMPENSATE)
         saga.receive(ok(saga.state))
     assert saga.events[-1] == done
+    assert outcomes_of(saga) == [outcome]
     compensations = [e.step for e in saga.events
                      if isinstance(e, StepStarted) and e.direction is Direction.COMPENSATE]
     assert compensations == pending
@@ -834,6 +872,9 @@ def test_a_step_at_or_after_the_pivot_that_times_out_for_good_fails_the_saga(
                               f"{timed_out_step} (forward)"),
         ),
         saga_failed=True,
+        outcomes=(ended(saga.state, SagaFailedOutcome, step=timed_out_step,
+                        reason=f"failed after the pivot: TIMED_OUT: no reply to attempt 1 of "
+                               f"{timed_out_step} (forward)"),),
     )
     state = saga.state
     assert state.status is SagaStatus.FAILED
@@ -859,7 +900,11 @@ def test_a_compensation_that_times_out_for_good_fails_the_saga() -> None:
                                              "attempt 1 of credit (compensate)"),
         ),
         saga_failed=True,
+        outcomes=(ended(saga.state, SagaFailedOutcome, step="credit",
+                        reason="compensation timed out: TIMED_OUT: no reply to attempt 1 of "
+                               "credit (compensate)"),),
     )
+    assert len(outcomes_of(saga)) == 1
     state = saga.state
     assert state.status is SagaStatus.FAILED
     # the reversal may or may not have happened; reserve's hold was not touched
@@ -930,7 +975,90 @@ def test_the_same_request_twice_is_a_harmless_duplicate() -> None:
 
     decision = decide_start(TRANSFER, saga.state, start_of(request), NOW)
 
-    assert decision == Decision(Verdict.DUPLICATE)
+    assert decision == Decision(Verdict.DUPLICATE)  # in flight: its outcome is still to come
+
+
+def test_the_same_request_after_the_saga_ended_gets_the_same_outcome_event_again() -> None:
+    request = a_request()
+    saga = Saga()
+    saga.start(request)
+    saga.succeed_until("notify")
+    saga.receive(ok(saga.state))
+    (first,) = outcomes_of(saga)
+
+    decision = decide_start(TRANSFER, saga.state, start_of(request), NOW)
+
+    # the same event (same id, same content), so a reader that saw the first ignores it
+    assert decision == Decision(Verdict.DUPLICATE, outcomes=(first,))
+    assert decision.outcomes[0].model_dump_json() == first.model_dump_json()
+    # and from the state as the `sagas` row caches it
+    cached = SagaState.from_json(saga.state.to_json())
+    assert decide_start(TRANSFER, cached, start_of(request), NOW).outcomes == (first,)
+
+
+def test_replies_after_the_end_and_redelivered_replies_publish_no_outcome() -> None:
+    saga = at("notify")
+    last = ok(saga.state)
+    saga.receive(last)
+    assert len(outcomes_of(saga)) == 1
+
+    again = decide_reply(TRANSFER, saga.state, last, NOW)
+
+    assert again == Decision(Verdict.STALE)
+    assert decide_due(TRANSFER, saga.state, NOW + timedelta(days=1)) is None
+
+
+def test_only_the_deciding_that_ends_a_saga_makes_its_outcome() -> None:
+    saga = Saga()
+    saga.start()
+    decisions = []
+    while not saga.state.terminal:
+        decisions.append(saga.receive(ok(saga.state)))
+    assert [len(d.outcomes) for d in decisions] == [0] * (len(decisions) - 1) + [1]
+
+
+def test_a_conflicting_request_is_answered_with_its_own_rejected_outcome() -> None:
+    request = a_request()
+    saga = Saga()
+    saga.start(request)
+    changed = start_of(a_request(transfer_id=request.transfer_id, amount="2510.00"))
+
+    decision = decide_start(TRANSFER, saga.state, changed, NOW)
+
+    (answer,) = decision.outcomes
+    assert isinstance(answer, SagaRejectedOutcome)
+    assert answer.reason_code is RejectionCode.CONFLICTING_DUPLICATE
+    # about the conflicting request (its hash), never the saga's own outcome id
+    assert answer.request_hash == changed.request_hash != saga.state.request_hash
+    assert answer.event_id != uuid5(saga.state.saga_id, "outcome")
+    assert decide_start(TRANSFER, saga.state, changed, NOW).outcomes == (answer,)
+
+
+def test_an_operator_resolves_a_failed_saga_once_and_it_publishes_resolved() -> None:
+    saga = at("notify")
+    saga.receive(refused(saga.state, "SMTP_DOWN", "mail relay refused"))
+    assert saga.state.status is SagaStatus.FAILED
+
+    decision = decide_resolve(saga.state, "alice", "INC-42: customer told by phone")
+
+    assert decision.events == (SagaResolved(resolved_by="alice",
+                                            note="INC-42: customer told by phone"),)
+    state = state_of([*saga.events, *decision.events])
+    assert state.status is SagaStatus.RESOLVED and state.terminal
+    assert decision.outcomes == (SagaResolvedOutcome(
+        event_id=uuid5(state.saga_id, "outcome:resolved"), saga_id=state.saga_id,
+        saga_type="transfer", business_key=state.business_key,
+        request_hash=state.request_hash, resolved_by="alice",
+        note="INC-42: customer told by phone"),)
+    with pytest.raises(OperatorActionRefused, match="only a FAILED saga"):
+        decide_resolve(state, "alice", "again")
+
+
+def test_only_a_failed_saga_can_be_resolved() -> None:
+    saga = Saga()
+    saga.start()
+    with pytest.raises(OperatorActionRefused, match="RUNNING"):
+        decide_resolve(saga.state, "alice", "nothing to resolve")
 
 
 def test_the_same_transfer_id_with_another_payload_is_a_conflict() -> None:
@@ -963,6 +1091,11 @@ def test_reject_on_a_fresh_id_records_a_rejected_saga() -> None:
                              reason_code=RejectionCode.UNKNOWN_CURRENCY,
                              reason="XYZ is no currency"),),
         rejection=(RejectionCode.UNKNOWN_CURRENCY, "XYZ is no currency"),
+        outcomes=(SagaRejectedOutcome(
+            event_id=uuid5(saga_id_for_transfer(transfer_id), "outcome"),
+            saga_id=saga_id_for_transfer(transfer_id), saga_type="transfer",
+            business_key=str(transfer_id), request_hash=None,
+            reason_code=RejectionCode.UNKNOWN_CURRENCY, reason="XYZ is no currency"),),
     )
     state = state_of(decision.events)
     assert state.status is SagaStatus.REJECTED and state.terminal
@@ -970,7 +1103,7 @@ def test_reject_on_a_fresh_id_records_a_rejected_saga() -> None:
     assert state.failure == "UNKNOWN_CURRENCY: XYZ is no currency"
 
 
-def test_reject_on_an_existing_saga_records_nothing() -> None:
+def test_reject_on_an_existing_saga_records_nothing_and_answers_the_refused_request() -> None:
     request = a_request()
     saga = Saga()
     saga.start(request)
@@ -978,8 +1111,15 @@ def test_reject_on_an_existing_saga_records_nothing() -> None:
 
     decision = decide_reject(saga.state, message)
 
-    assert decision == Decision(Verdict.REJECTED,
-                                rejection=(RejectionCode.SCHEMA_VIOLATION, "bad"))
+    assert (decision.verdict, decision.events, decision.rejection) == (
+        Verdict.REJECTED, (), (RejectionCode.SCHEMA_VIOLATION, "bad"))
+    # an answer about the refused request, not the saga's outcome (that one has its own id)
+    (answer,) = decision.outcomes
+    assert isinstance(answer, SagaRejectedOutcome)
+    assert answer.event_id != uuid5(saga.state.saga_id, "outcome")
+    assert (answer.reason_code, answer.business_key) == (
+        RejectionCode.SCHEMA_VIOLATION, str(request.transfer_id))
+    assert decide_reject(saga.state, message).outcomes == (answer,)  # the same answer again
 
 
 def test_a_rejected_transfer_id_cannot_be_reused() -> None:
@@ -1287,3 +1427,31 @@ def test_nothing_is_outstanding_while_a_retry_waits_or_after_the_end() -> None:
     finished.receive(ok(finished.state))
     assert finished.state.terminal
     assert outstanding_command(TRANSFER, finished.state) is None
+
+
+# ---------------------------------------------------------------- who applied a step
+
+
+def test_each_step_outcome_names_the_participant_instance_its_reply_named() -> None:
+    """Given replies that name the instance that decided them, every outcome event records it,
+    forward and compensating, succeeded and failed, so a timeline can say who applied what."""
+    saga = at("credit")
+    credited = ok(saga.state).model_copy(update={"applied_by": "participant:ledger@host-a:11"})
+    saga.receive(credited)
+    refusal = refused(saga.state, "DAILY_LIMIT_EXCEEDED", "over the limit").model_copy(
+        update={"applied_by": "participant:ledger@host-b:22"})
+    saga.receive(refusal)
+    undone = ok(saga.state).model_copy(update={"applied_by": "participant:ledger@host-a:11"})
+
+    decision = saga.receive(undone)
+
+    outcomes = [(type(e).__name__, e.step, e.applied_by) for e in saga.events
+                if isinstance(e, StepSucceeded | StepFailed | StepCompensated)]
+    assert outcomes[-3:] == [
+        ("StepSucceeded", "credit", "participant:ledger@host-a:11"),
+        ("StepFailed", "settle", "participant:ledger@host-b:22"),
+        ("StepCompensated", "credit", "participant:ledger@host-a:11"),
+    ]
+    assert isinstance(decision.events[0], StepCompensated)
+    # a reply that names nobody (a participant of an older release) records nobody
+    assert next(e.applied_by for e in saga.events if isinstance(e, StepSucceeded)) is None

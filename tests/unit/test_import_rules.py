@@ -47,6 +47,10 @@ def test_the_repository_keeps_every_contract() -> None:
     ("orchestrator/postgres/store.py", "from orchestrator.kafka import producer",
      "The engine's layers point down only"),
     ("orchestrator/errors.py", "from orchestrator.core import saga", "The shared leaves"),
+    ("orchestrator/ops/dlq.py", "from orchestrator.console import auth",
+     "The engine's layers point down only"),
+    ("orchestrator/workers/relay.py", "import httpx",
+     "Only the console and the composition root speak HTTP"),
     ("schemas/messages.py", "from orchestrator import errors", "The wire schemas are the bottom"),
 ])
 def test_a_broken_rule_fails_the_check(tree: Path, module: str, line: str, contract: str) -> None:

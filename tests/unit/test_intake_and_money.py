@@ -75,13 +75,38 @@ def started(document: dict[str, Any]) -> StartSaga:
 # ---------------------------------------------------------------- unreadable records
 
 
-@pytest.mark.parametrize("value", [b"{not json", b"", b'{"transfer_id": ', b"\xff\xfe\x00"])
+@pytest.mark.parametrize("value", [b"{not json", b'{"transfer_id": ', b"   "])
 def test_malformed_json_is_refused_without_a_transfer_id(value: bytes) -> None:
     result = classify_value(value)
 
     assert isinstance(result, Unparseable)
     assert result.code is RejectionCode.MALFORMED_JSON
-    assert result.reason.startswith("not valid JSON")
+    assert result.reason.startswith("not valid JSON: ")
+
+
+@pytest.mark.parametrize(("value", "reason"), [
+    (b"", "empty payload (0 bytes): expected a JSON object"),
+    (b"\xff\xfe\x00", "not UTF-8 text: byte 0xff at offset 0 of 3 cannot be decoded"
+                      " (JSON must be UTF-8)"),
+    (b'{"reference": "caf\xe9"}', "not UTF-8 text: byte 0xe9 at offset 18 of 21 cannot be"
+                                  " decoded (JSON must be UTF-8)"),
+])
+def test_an_empty_record_and_bytes_that_are_not_utf8_say_so(value: bytes, reason: str) -> None:
+    """Both used to read "not valid JSON: Expecting value: line 1 column 1 (char 0)", which
+    sends on-call looking for a syntax error."""
+    result = classify_value(value)
+
+    assert result == Unparseable(RejectionCode.MALFORMED_JSON, reason)
+
+
+def test_a_misspelt_amount_is_named_in_the_reason_quoted() -> None:
+    """The reason once read `amount {value!r} is not written as digits`: pydantic's message
+    templates know `{name}` only, so a conversion stayed in the text as written."""
+    result = rejected(a_request(amount="1e5"))
+
+    assert result.code is RejectionCode.INVALID_AMOUNT
+    assert result.reason == ("amount: amount '1e5' is not written as digits with an optional"
+                             " decimal point")
 
 
 @pytest.mark.parametrize("value", [b"[1, 2]", b'"transfer"', b"null", b"42"])

@@ -13,7 +13,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from uuid import UUID, uuid4
+from uuid import UUID, uuid4, uuid5
 
 import pytest
 from hypothesis import event, given, settings
@@ -42,9 +42,11 @@ from schemas import (
     Direction,
     Outcome,
     SagaCompensated,
+    SagaCompensatedOutcome,
     SagaCompleted,
     SagaEvent,
     SagaFailed,
+    SagaFailedOutcome,
     StepCommand,
     StepCompensated,
     StepFailed,
@@ -276,9 +278,15 @@ def test_a_member_refused_after_its_siblings_succeeded_undoes_them_most_recent_f
 
     last = saga.receive(ok(undo_b))
 
+    state = saga.state
     assert last == Decision(Verdict.APPLIED, events=(
         StepCompensated(step="hold_b", attempt=1, command_id=undo_b.command_id),
-        SagaCompensated(failed_step="screen", reason="SANCTIONS_HIT: screen said no")))
+        SagaCompensated(failed_step="screen", reason="SANCTIONS_HIT: screen said no")),
+        outcomes=(SagaCompensatedOutcome(
+            event_id=uuid5(state.saga_id, "outcome"), saga_id=state.saga_id,
+            saga_type=state.saga_type, business_key=state.business_key,
+            request_hash=state.request_hash, failed_step="screen",
+            reason="SANCTIONS_HIT: screen said no"),))
     assert saga.state.status is SagaStatus.COMPENSATED
     assert saga.state.applied == ("check",)  # effect-free: nothing to undo
 
@@ -404,10 +412,16 @@ def test_a_member_failing_after_the_pivot_fails_the_saga_once_its_sibling_answer
 
     decision = saga.receive(ok(archive))
 
+    state = saga.state
     assert decision == Decision(Verdict.APPLIED, events=(
         succeeded(archive),
         SagaFailed(step="notify", reason="failed after the pivot: NO: notify said no")),
-        saga_failed=True)
+        saga_failed=True,
+        outcomes=(SagaFailedOutcome(
+            event_id=uuid5(state.saga_id, "outcome"), saga_id=state.saga_id,
+            saga_type=state.saga_type, business_key=state.business_key,
+            request_hash=state.request_hash, step="notify",
+            reason="failed after the pivot: NO: notify said no"),))
     assert saga.state.status is SagaStatus.FAILED
 
 

@@ -28,6 +28,7 @@ from orchestrator.core.saga import (
     decide_start,
     evolve,
     fold,
+    request_hash,
     saga_id_for,
 )
 from orchestrator.core.saga_type import BUSINESS_KEY_MAX, IntakeRules, Refusal, SagaType, SagaTypes
@@ -228,8 +229,11 @@ def test_intake_applies_each_types_own_rules() -> None:
     long_key = of({"notice_id": "n" * (BUSINESS_KEY_MAX + 1), "destination_account": "bob"})
 
     assert isinstance(good, StartSaga) and (good.saga_type, good.business_key) == ("notice", "n-1")
+    # refused by a check, so it was a valid start message: its hash goes with its refusal
+    shouted = NOTICE_TYPE.start_model.model_validate(
+        {"notice_id": "n-2", "destination_account": "bob", "reference": "HELLO"})
     assert shouting == RejectSaga("notice", "n-2", RejectionCode.SCHEMA_VIOLATION,
-                                  "reference: no shouting")
+                                  "reference: no shouting", request_hash(shouted))
     assert isinstance(no_account, RejectSaga) and no_account.code is RejectionCode.SAME_ACCOUNT
     assert isinstance(no_key, Unparseable) and no_key.code is RejectionCode.SCHEMA_VIOLATION
     assert isinstance(long_key, Unparseable) and "business key" in long_key.reason
@@ -251,6 +255,26 @@ def test_an_application_checks_its_types_together() -> None:
                           business_key=lambda r: r.notice_id)
     with pytest.raises(ConfigurationError, match="each needs a topic of its own"):
         SagaTypes([NOTICE_TYPE, same_topic])
+    same_events = SagaType(name="other", definitions=(SagaDefinition("other", NOTICE.steps),),
+                           start_model=NoticeRequested, start_topic="others.v1",
+                           business_key=lambda r: r.notice_id,
+                           events_topic="notices.events.v1")
+    with pytest.raises(ConfigurationError, match=r"publishes its outcomes on notices\.events\.v1"):
+        SagaTypes([NOTICE_TYPE, same_events])
+
+
+def test_each_type_has_an_events_topic_derived_from_its_start_topic_unless_named() -> None:
+    def of(start_topic: str, **named: str) -> str:
+        return SagaType(name="notice", definitions=(NOTICE,), start_model=NoticeRequested,
+                        start_topic=start_topic, business_key=lambda r: r.notice_id,
+                        **named).events_topic
+
+    assert TRANSFER_TYPE.events_topic == "transfers.events.v1"
+    assert NOTICE_TYPE.events_topic == "notices.events.v1"
+    assert of("cards.topups.v1") == "notice.events.v1"  # no "commands" in it: by the name
+    assert of("cards.topups.v1", events_topic="cards.done.v2") == "cards.done.v2"
+    with pytest.raises(SagaDefinitionError, match="on its start topic"):
+        of("cards.topups.v1", events_topic="cards.topups.v1")
 
 
 @pytest.mark.parametrize(("changes", "message"), [

@@ -33,7 +33,8 @@ def test_no_schema_file_is_left_over() -> None:
 
 def test_the_published_messages() -> None:
     assert set(SCHEMAS) == {"transfer_requested.v1.json", "step_command.v1.json",
-                            "step_reply.v1.json", "dead_letter.v1.json", "saga_event.v1.json"}
+                            "step_reply.v1.json", "dead_letter.v1.json", "saga_event.v1.json",
+                            "saga_outcome.v1.json"}
     for schema in SCHEMAS.values():
         assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
 
@@ -56,7 +57,7 @@ def test_every_event_and_message_forbids_extra_fields() -> None:
 
     models = [obj for schema in SCHEMAS.values() for obj in objects(schema)
               if obj.get("type") == "object"]
-    assert len(models) >= 16  # 4 messages and 12 events
+    assert len(models) >= 22  # 4 messages, 13 events and 5 outcomes
     assert all(obj.get("additionalProperties") is False for obj in models), [
         obj.get("title") for obj in models if obj.get("additionalProperties") is not False]
 
@@ -69,7 +70,20 @@ def test_the_event_union_is_discriminated_by_type() -> None:
     assert set(mapping) == {"SagaStarted", "SagaRejected", "StepStarted", "StepSucceeded",
                             "StepFailed", "StepCompensated", "CompensationFailed",
                             "StepRetryScheduled", "StepTimedOut",
-                            "SagaCompleted", "SagaCompensated", "SagaFailed"}
+                            "SagaCompleted", "SagaCompensated", "SagaFailed", "SagaResolved"}
+
+
+def test_the_outcome_union_is_discriminated_by_outcome_and_keyed_for_dedup() -> None:
+    schema = SCHEMAS["saga_outcome.v1.json"]
+
+    assert schema["discriminator"]["propertyName"] == "outcome"
+    assert set(schema["discriminator"]["mapping"]) == {
+        "completed", "compensated", "rejected", "failed", "resolved"}
+    for model in schema["$defs"].values():
+        if model.get("type") == "object" and "outcome" in model["properties"]:
+            assert {"event_id", "saga_id", "saga_type", "business_key"} <= set(
+                model["required"]), model["title"]
+            assert "const" in model["properties"]["outcome"], model["title"]
 
 
 def test_files_are_sorted_pretty_json_with_a_trailing_newline(tmp_path: Path) -> None:

@@ -36,4 +36,6 @@ CARD_TOPUP_TYPE: SagaType[CardTopUpRequested] = SagaType(
                              "unknown_currency": RejectionCode.UNKNOWN_CURRENCY},
         key_of_refused=key_of_refused,
     ),
+    # Where `saga list --account` looks: the wallet debited and the card credited.
+    account_fields=("wallet_id", "card_id"),
 )

@@ -1,0 +1,192 @@
+"""What the API answers, as pydantic models: they validate every response and are what the
+committed OpenAPI document (docs/api/openapi.json) describes. Times are ISO 8601 strings in
+UTC; money stays as the decimal strings the events hold, never a float."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, Field
+
+# Statuses are spelled in capitals; a query may spell them in any case.
+SagaStatus = Annotated[
+    Literal["RUNNING", "COMPENSATING", "COMPLETED", "COMPENSATED", "REJECTED", "FAILED"],
+    BeforeValidator(lambda value: value.upper() if isinstance(value, str) else value)]
+
+
+class Run(BaseModel):
+    """One step a saga waits on (several at once in a parallel group)."""
+
+    step: str
+    direction: str
+    attempt: int
+    deadline_at: str | None = None
+    next_attempt_at: str | None = None
+
+
+class SagaSummary(BaseModel):
+    saga_id: str
+    saga_type: str
+    business_key: str
+    definition_version: int | None
+    status: str
+    current_step: str | None
+    runs: list[Run]
+    attempt: int | None
+    version: int
+    input: dict[str, Any] | None = Field(description="the start message")
+    failure: str | None
+    deadline_at: str | None
+    updated_at: str
+
+
+class SagaList(BaseModel):
+    sagas: list[SagaSummary]
+    accounts_masked: bool
+
+
+class TimelineEvent(BaseModel):
+    seq: int
+    recorded_at: str
+    type: str
+    step: str | None
+    attempt: int | None
+    duration_ms: float | None = Field(description="a step outcome's: since its command; any"
+                                                  " other event's: since the event before")
+    actor: str | None
+    detail: str = Field(description="what the event says, in one line")
+    payload: dict[str, Any]
+
+
+class Saga(BaseModel):
+    """One saga: its state from the projection and its timeline from the event store."""
+
+    saga_id: str
+    saga_type: str
+    business_key: str
+    definition_version: int | None
+    status: str
+    current_step: str | None
+    runs: list[Run]
+    version: int
+    created_at: str
+    updated_at: str
+    events: list[TimelineEvent]
+    accounts_masked: bool
+
+
+class StuckSaga(BaseModel):
+    saga_id: str
+    saga_type: str
+    business_key: str
+    definition_version: int | None
+    status: str
+    current_step: str | None
+    runs: list[Run]
+    direction: str | None
+    attempt: int | None
+    due_at: str
+    overdue_s: float
+    updated_at: str
+    failure: str | None
+
+
+class SetAsideOutboxRow(BaseModel):
+    outbox_id: int
+    topic: str
+    saga_id: str | None
+    attempts: int
+    last_error: str | None
+    size_bytes: int
+    created_at: str
+    set_aside_at: str
+
+
+class Stuck(BaseModel):
+    sagas: list[StuckSaga]
+    outbox_set_aside: list[SetAsideOutboxRow]
+    accounts_masked: bool
+
+
+class DeadLetterSummary(BaseModel):
+    dead_letter_id: str
+    stage: str
+    reason_code: str
+    error_class: str
+    original_topic: str
+    original_partition: int | None
+    original_offset: int | None
+    attempts: int
+    first_failed_at: str
+    last_failed_at: str
+    saga_id: str | None
+    saga_type: str | None
+    business_key: str | None
+    redriven_at: str | None
+
+
+class DeadLetterList(BaseModel):
+    dead_letters: list[DeadLetterSummary]
+
+
+class Header(BaseModel):
+    name: str
+    value: str
+    encoding: Literal["utf-8", "base64"]
+    size_bytes: int
+
+
+class PayloadPreview(BaseModel):
+    value: str = Field(description="the payload's first bytes, as text or base64")
+    encoding: Literal["utf-8", "base64"]
+    size_bytes: int = Field(description="the whole payload's size")
+    truncated: bool
+    download_url: str = Field(description="the whole payload, as it was received")
+
+
+class DeadLetterDetail(DeadLetterSummary):
+    reason: str
+    original_key: str | None
+    headers: list[Header]
+    payload: PayloadPreview
+    accounts_masked: bool
+
+
+class RedriveResult(BaseModel):
+    actor: str = Field(description="who asked: the token's subject")
+    redriven: list[str]
+    already_redriven: list[str]
+    not_found: list[str]
+    outbox_ids: list[int]
+
+
+class BulkRedrive(BaseModel):
+    """Either `ids` or `all: true`."""
+
+    ids: list[str] | None = Field(default=None, min_length=1, max_length=1000)
+    all: bool = False
+
+
+class Window(BaseModel):
+    finished: int
+    per_minute: float
+    p50_ms: float | None
+    p99_ms: float | None
+
+
+class LastHour(Window):
+    window_s: int
+    by_type: dict[str, Window]
+
+
+class Overview(BaseModel):
+    total: int
+    by_status: dict[str, int]
+    by_type: dict[str, dict[str, int]]
+    last_hour: LastHour
+
+
+class Whoami(BaseModel):
+    subject: str
+    role: Literal["viewer", "operator", "admin"]
+    accounts_masked: bool
