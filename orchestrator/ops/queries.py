@@ -263,10 +263,10 @@ def _letter_line(letter: dict[str, Any]) -> str:
 def render_timeline(data: dict[str, Any]) -> str:
     definition = (f"  definition v{data['definition_version']}"
                   if data["definition_version"] is not None else "")
+    # The trace on the first line, so the columns stay the second (ADR 0015).
+    trace = f"  trace {data['trace_id']}" if data.get("trace_id") else ""
     lines = [f"saga {data['saga_id']}  {data['saga_type']} {data['business_key']}  "
-             f"{data['status']}{definition}"]
-    if data.get("trace_id"):
-        lines.append(f"trace {data['trace_id']}")
+             f"{data['status']}{definition}{trace}"]
     lines.append(f"{'time (UTC)':<23} {'seq':>3}  {'type':<18} {'step':<8} {'att':>3} "
                  f"{'ms':>8}  detail")
     for e in data["events"]:
