@@ -74,9 +74,11 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
         producer = KafkaProducer(settings, settings.worker_name)
     from orchestrator.metrics import configure_metrics
+    from orchestrator.tracing import configure_tracing
 
     try:
         meters = configure_metrics(settings.worker_name)
+        tracer_provider = configure_tracing(settings.worker_name)
     except ConfigurationError:
         if producer is not None:
             producer.close()
@@ -89,6 +91,8 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         if meters is not None:
             meters.shutdown()  # exports what was counted since the last export
+        if tracer_provider is not None:
+            tracer_provider.shutdown()  # exports the spans still queued
     return 0
 
 

@@ -3,7 +3,8 @@ worker's log file, a container's output), plain text when a person watches it.
 
 Every JSON line has `time` (UTC, ISO 8601), `level`, `logger`, `message`, `worker` (the worker's
 name, as in the `actor` of its events) and, when they are known, `saga_type`, `saga_id`, `step`
-and `trace_id` (the current OpenTelemetry span's, 32 hex digits), plus `exc` with a traceback.
+and `trace_id` (the current OpenTelemetry span's, else the saga's trace as the line names it:
+32 hex digits), plus `exc` with a traceback.
 
 The saga fields come from the record itself (`log.info(..., extra=saga_fields(...))`) or, for
 every line logged inside it, from `saga_context(...)`, which workers set around the work on one
@@ -32,10 +33,12 @@ _worker = ""
 
 
 def saga_fields(saga_type: str | None = None, saga_id: UUID | str | None = None,
-                step: str | None = None) -> dict[str, str]:
-    """The saga fields of one log line, for `extra=`: those that are known."""
+                step: str | None = None, trace_id: str | None = None) -> dict[str, str]:
+    """The saga fields of one log line, for `extra=`: those that are known. `trace_id` is the
+    saga's trace (ADR 0015), which the line carries even when no span is current (tracing
+    off)."""
     fields = {"saga_type": saga_type, "saga_id": str(saga_id) if saga_id else None,
-              "step": step}
+              "step": step, "trace_id": trace_id}
     return {name: value for name, value in fields.items() if value}
 
 
@@ -59,6 +62,8 @@ def _fields(record: logging.LogRecord) -> dict[str, str]:
     span = trace.get_current_span().get_span_context()
     if span.is_valid:
         fields["trace_id"] = format(span.trace_id, "032x")
+    elif trace_id := getattr(record, "trace_id", None):
+        fields["trace_id"] = str(trace_id)
     return fields
 
 

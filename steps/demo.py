@@ -253,6 +253,26 @@ async def _latencies_ms(engine: AsyncEngine, transfer_ids: list[str]) -> list[fl
     return [float(v) for v in rows]
 
 
+async def _traces(engine: AsyncEngine, transfer_ids: list[str]) -> tuple[int, int, int]:
+    """Of these transfers' sagas: how many distinct trace ids their events carry, how many
+    sagas there are, and how many of them have events in more than one trace or in none (one
+    saga is one trace: ADR 0015)."""
+    async with engine.connect() as conn:
+        row = (await conn.execute(text(
+            "SELECT count(DISTINCT e.trace_id) AS traces, count(DISTINCT s.saga_id) AS sagas"
+            " FROM sagas s JOIN saga_events e ON e.saga_id = s.saga_id"
+            " WHERE s.saga_type = 'transfer' AND s.business_key = ANY(:ids)"),
+            {"ids": transfer_ids})).one()
+        split = (await conn.execute(text(
+            "SELECT count(*) FROM (SELECT e.saga_id FROM sagas s"
+            " JOIN saga_events e ON e.saga_id = s.saga_id"
+            " WHERE s.saga_type = 'transfer' AND s.business_key = ANY(:ids)"
+            " GROUP BY e.saga_id"
+            " HAVING count(DISTINCT e.trace_id) <> 1 OR bool_or(e.trace_id IS NULL)) AS t"),
+            {"ids": transfer_ids})).scalar_one()
+    return int(row.traces), int(row.sagas), int(split)
+
+
 async def _pick_compensated(engine: AsyncEngine, transfer_ids: list[str]) -> str | None:
     """The compensated saga that undid the most effects: the most instructive timeline."""
     async with engine.connect() as conn:
@@ -555,6 +575,7 @@ async def run_demo(settings: Settings, transfers: int, timeout_s: float, as_json
         await _wait_outbox_settled(engine, timeout_s=30.0, out=out)
         report = await check(engine, APPLICATION, expect_quiescent=terminal >= transfers)
         latencies = await _latencies_ms(engine, transfer_ids)
+        traces, sagas, sagas_not_in_one_trace = await _traces(engine, transfer_ids)
         finished = counts.get("completed", 0) + counts.get("compensated", 0)
         summary: dict[str, Any] = {
             "transfers": transfers,
@@ -576,6 +597,10 @@ async def run_demo(settings: Settings, transfers: int, timeout_s: float, as_json
             # equal to the sagas that ended plus the conflicting re-sends when all is well.
             "outcome_events": await asyncio.to_thread(count_outcome_events, settings),
             "outcome_events_expected": await _outcomes_expected(engine, transfer_ids),
+            # Distinct trace ids among the sagas' events: one per saga.
+            "sagas": sagas,
+            "traces": traces,
+            "sagas_not_in_one_trace": sagas_not_in_one_trace,
             "elapsed_s": round(elapsed, 3),
             "sagas_per_s": round(finished / elapsed, 1) if elapsed else 0.0,
             "p50_ms": round(percentile(latencies, 50), 1),
@@ -610,7 +635,7 @@ def render_summary(summary: dict[str, Any]) -> str:
     keys = ["transfers", "completed", "compensated", "rejected", "failed", "stuck",
             "stuck_in_flight", "money_conserved", "duplicate_effects", "exact_resends",
             "conflicting_resends", "dead_letters", "outcome_events",
-            "outcome_events_expected", "elapsed_s", "sagas_per_s", "p50_ms",
+            "outcome_events_expected", "sagas", "traces", "elapsed_s", "sagas_per_s", "p50_ms",
             "p99_ms", "chaos_kills", "chaos_killed", "chaos_broker_crashes"]
     lines += [f"  {key:<20} {summary[key]}" for key in keys if key in summary]
     if summary.get("chaos_faults"):

@@ -192,8 +192,8 @@ async def timeline(engine: AsyncEngine, any_id: str, saga_type: str | None = Non
             " FROM sagas WHERE saga_id = :id"),
             {"id": saga_id})).one()
         rows = (await conn.execute(text(
-            "SELECT seq, type, step, attempt, payload, actor, recorded_at FROM saga_events"
-            " WHERE saga_id = :id ORDER BY seq"), {"id": saga_id})).all()
+            "SELECT seq, type, step, attempt, payload, actor, recorded_at, trace_id"
+            " FROM saga_events WHERE saga_id = :id ORDER BY seq"), {"id": saga_id})).all()
         # What was refused in this saga's name: its own rejected request, a conflicting
         # re-send of its business key (the saga is unchanged, so no event records it), a
         # reply or command set aside, its FAILED record. Each leads to `saga dlq show`.
@@ -223,13 +223,17 @@ async def timeline(engine: AsyncEngine, any_id: str, saga_type: str | None = Non
             "actor": row.actor,
             "detail": _detail(row.type, payload, (sagas or {}).get(saga.saga_type)),
             "payload": payload,
+            "trace_id": row.trace_id,
         })
+    # The saga's trace (ADR 0015); events written before migration 0010 have none.
+    trace_ids = list(dict.fromkeys(row.trace_id for row in rows if row.trace_id))
     return {
         "saga_id": str(saga.saga_id), "saga_type": saga.saga_type,
         "business_key": saga.business_key, "definition_version": saga.definition_version,
         "status": saga.status, "current_step": saga.current_step, "runs": _runs(saga.runs),
         "version": saga.version, "created_at": saga.created_at.isoformat(),
-        "updated_at": saga.updated_at.isoformat(), "events": events,
+        "updated_at": saga.updated_at.isoformat(),
+        "trace_id": trace_ids[0] if trace_ids else None, "events": events,
         "dead_letters": [{
             "dead_letter_id": str(d.dead_letter_id), "stage": d.stage,
             "reason_code": d.reason_code, "reason": d.reason,
@@ -259,8 +263,10 @@ def _letter_line(letter: dict[str, Any]) -> str:
 def render_timeline(data: dict[str, Any]) -> str:
     definition = (f"  definition v{data['definition_version']}"
                   if data["definition_version"] is not None else "")
+    # The trace on the first line, so the columns stay the second (ADR 0015).
+    trace = f"  trace {data['trace_id']}" if data.get("trace_id") else ""
     lines = [f"saga {data['saga_id']}  {data['saga_type']} {data['business_key']}  "
-             f"{data['status']}{definition}"]
+             f"{data['status']}{definition}{trace}"]
     lines.append(f"{'time (UTC)':<23} {'seq':>3}  {'type':<18} {'step':<8} {'att':>3} "
                  f"{'ms':>8}  detail")
     for e in data["events"]:

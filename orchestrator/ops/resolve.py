@@ -21,6 +21,7 @@ from uuid import UUID
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from orchestrator import tracing
 from orchestrator.core.saga import SagaState, decide_resolve, evolve
 from orchestrator.core.saga_type import SagaTypes
 from orchestrator.errors import NotFound
@@ -52,18 +53,21 @@ async def resolve_saga(conn: AsyncConnection, settings: Settings, sagas: SagaTyp
     """Close the FAILED saga `saga_id` in the caller's transaction. Raises NotFound, or
     OperatorActionRefused when the saga is not FAILED (a second resolve included)."""
     now = now or datetime.now(UTC)
-    row = (await conn.execute(text("SELECT state FROM sagas WHERE saga_id = :id FOR UPDATE"),
-                              {"id": saga_id})).one_or_none()
+    row = (await conn.execute(text(
+        "SELECT state, traceparent, tracestate FROM sagas WHERE saga_id = :id FOR UPDATE"),
+        {"id": saga_id})).one_or_none()
     if row is None:
         raise NotFound(f"no saga {saga_id}")
     state = SagaState.from_json(store.json_value(row.state))
+    # The operator's event and the 'resolved' outcome stay in the saga's trace (ADR 0015).
+    trace = tracing.stored_context(state.saga_id, row.traceparent, row.tracestate)
     decision = decide_resolve(state, resolved_by.strip(), note)
     events = []
     for event in decision.events:
         state = evolve(state, event)
         events.append(store.NewEvent(state.saga_id, state.version, event, resolved_by.strip(),
-                                     f"operator:resolve:{now.isoformat()}"))
-    outbox = [outcome_row(settings, sagas, outcome) for outcome in decision.outcomes]
+                                     f"operator:resolve:{now.isoformat()}", trace.trace_id))
+    outbox = [outcome_row(settings, sagas, outcome, trace) for outcome in decision.outcomes]
     await store.write_batch(conn, OPERATOR_CONSUMER, [], events, [state], outbox, [], now)
     return Resolved(state.saga_id, state.saga_type, state.business_key, resolved_by.strip(),
                     decision.outcomes[0])

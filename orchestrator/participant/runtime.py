@@ -33,11 +33,13 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 from uuid import UUID, uuid5
 
+from opentelemetry.trace import Span, SpanKind
 from pydantic import JsonValue, ValidationError
 from sqlalchemy import TextClause, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from orchestrator import tracing
 from orchestrator.consuming.handling import (
     dead_letter_for,
     dead_letter_record,
@@ -56,6 +58,7 @@ from orchestrator.metrics import DEAD_LETTERS
 from orchestrator.postgres import store
 from orchestrator.postgres.store import DeadLetterRow, insert_dead_letters, translate
 from orchestrator.settings import Settings
+from orchestrator.tracing import TraceContext
 from schemas import (
     TOPIC_REPLIES,
     Direction,
@@ -195,6 +198,9 @@ class ParticipantWorker:
     async def process_batch(self, batch: Sequence[Consumed]) -> None:
         commands: list[StepCommand] = []
         bad: list[_Refused] = []
+        # The trace context each command came with (by command id): its reply is sent in it.
+        traces: dict[UUID, TraceContext] = {}
+        origins: dict[UUID, Consumed] = {}  # with tracing on: each command's record
         for message in batch:
             try:
                 command = StepCommand.model_validate_json(message.value)
@@ -211,22 +217,72 @@ class ParticipantWorker:
                                     command.saga_id))
                 continue
             commands.append(command)
+            trace = tracing.from_headers(message.headers)
+            if trace is not None:
+                traces[command.command_id] = trace
+                if tracing.ENABLED:
+                    origins[command.command_id] = message
+        spans = (self._open_spans(len(batch), commands, traces, origins)
+                 if tracing.ENABLED and traces else None)
         tags = step_tags((c.step, c.direction.value) for c in commands)
         crash_point("participant.after_consume", tags)
         replies: list[StepReply] | None = None
-        if not bad:
-            replies = await self._answer_fast(commands, tags)
-        if replies is None:
-            async for attempt in retrying():
-                with attempt:
-                    replies = await self._apply(commands, bad, tags)
-        assert replies is not None
-        for refused in bad:
-            DEAD_LETTERS.add(1, {"stage": f"participant:{self.participant.name}",
-                                 "reason": refused.code.value})
-        crash_point("participant.after_effect", tags)
-        await self.producer.send([self._record(reply) for reply in replies])
-        crash_point("participant.after_produce", tags)
+        try:
+            with tracing.database_span(next(iter(spans.values()), None) if spans else None,
+                                       "INSERT", "participant_replies"):
+                if not bad:
+                    replies = await self._answer_fast(commands, tags)
+                if replies is None:
+                    async for attempt in retrying():
+                        with attempt:
+                            replies = await self._apply(commands, bad, tags)
+            assert replies is not None
+            for refused in bad:
+                DEAD_LETTERS.add(1, {"stage": f"participant:{self.participant.name}",
+                                     "reason": refused.code.value})
+            crash_point("participant.after_effect", tags)
+            await self.producer.send([self._record(reply, traces.get(reply.command_id))
+                                      for reply in replies])
+            crash_point("participant.after_produce", tags)
+        finally:
+            if spans:
+                self._close_spans(spans, replies)
+
+    def _open_spans(self, batch_size: int, commands: Sequence[StepCommand],
+                    traces: dict[UUID, TraceContext], origins: dict[UUID, Consumed]
+                    ) -> dict[UUID, Span]:
+        """With tracing on: a span per command that came with trace context, under the span
+        that sent it (the orchestrator's step attempt); its reply is sent from it."""
+        spans: dict[UUID, Span] = {}
+        for command in commands:
+            trace = traces.get(command.command_id)
+            if trace is None or command.command_id in spans:
+                continue  # a copy of a command in the batch (a re-send) shares its span
+            message = origins[command.command_id]
+            span = tracing.start_span(
+                f"process {self.topic}", trace, SpanKind.CONSUMER,
+                {**tracing.messaging_attributes(
+                    "process", self.topic, message.partition, message.offset,
+                    message_id=str(command.command_id), batch_size=batch_size),
+                 **tracing.saga_attributes(command.saga_type, command.saga_id, None,
+                                           command.step, command.attempt,
+                                           command.direction.value),
+                 "saga.participant": self.participant.name})
+            spans[command.command_id] = span
+            traces[command.command_id] = tracing.context_of(span, trace)
+        return spans
+
+    @staticmethod
+    def _close_spans(spans: dict[UUID, Span], replies: Sequence[StepReply] | None) -> None:
+        for reply in replies or ():
+            span = spans.get(reply.command_id)
+            if span is not None:
+                span.set_attribute("saga.outcome", reply.outcome.value)
+                if reply.replayed:
+                    span.set_attribute("saga.replayed", True)
+                if reply.code:
+                    span.set_attribute("saga.reason_code", reply.code)
+        tracing.end_all(list(spans.values()))
 
     async def _answer_fast(self, commands: Sequence[StepCommand], tags: Sequence[str]
                            ) -> list[StepReply] | None:
@@ -413,12 +469,18 @@ class ParticipantWorker:
         return self._reply(command, result).model_copy(
             update={"replayed": True, "applied_by": stored.get("applied_by")})
 
-    def _record(self, reply: StepReply) -> Record:
+    def _record(self, reply: StepReply, trace: TraceContext | None = None) -> Record:
+        """The reply's record, in the trace its command came with (from this participant's
+        span of it, with tracing on)."""
+        headers: tuple[tuple[str, bytes], ...] = (
+            ("message-id", str(reply.reply_id).encode()), ("type", b"StepReply"))
+        if trace is not None:
+            headers += trace.headers()
         return Record(
             topic=self.settings.topic(TOPIC_REPLIES),
             key=str(reply.saga_id).encode(),
             value=reply.model_dump_json().encode(),
-            headers=(("message-id", str(reply.reply_id).encode()), ("type", b"StepReply")),
+            headers=headers,
         )
 
     async def _dead_letter(self, conn: AsyncConnection, bad: Sequence[_Refused],

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -30,6 +30,7 @@ from orchestrator.errors import (
     StoreError,
     StoreUnavailable,
 )
+from orchestrator.tracing import saga_span_id
 from schemas import SAGA_EVENT_ADAPTER, SagaEvent
 
 _MIGRATION_LOCK = 0x5A6A0001
@@ -175,6 +176,17 @@ class NewEvent:
     event: SagaEvent
     actor: str
     causation_id: str | None
+    # The saga's trace (32 hex digits), so a timeline links to its trace (ADR 0015).
+    trace_id: str | None = None
+
+
+@dataclass(frozen=True)
+class StoredTrace:
+    """A saga's W3C trace context as `sagas` keeps it: the `traceparent` of its saga span and
+    the upstream's `tracestate`."""
+
+    traceparent: str
+    tracestate: str | None = None
 
 
 @dataclass(frozen=True)
@@ -228,17 +240,35 @@ async def seen_and_states(conn: AsyncConnection, consumer: str, message_ids: Seq
                           saga_ids: Sequence[UUID]) -> tuple[set[str], dict[UUID, SagaState]]:
     """In one round trip: which messages this consumer already recorded, and the cached state
     of the sagas the batch touches."""
+    seen, states, _ = await seen_states_and_traces(conn, consumer, message_ids, saga_ids)
+    return seen, states
+
+
+async def seen_states_and_traces(
+        conn: AsyncConnection, consumer: str, message_ids: Sequence[str],
+        saga_ids: Sequence[UUID]
+) -> tuple[set[str], dict[UUID, SagaState], dict[UUID, StoredTrace]]:
+    """`seen_and_states`, with the stored trace context of each saga that has one."""
     rows = (await conn.execute(
         text(
-            "SELECT message_id, NULL AS state FROM inbox"
-            " WHERE consumer = :c AND message_id = ANY(:ids)"
-            " UNION ALL SELECT NULL, state FROM sagas WHERE saga_id = ANY(:saga_ids)"
+            "SELECT message_id, NULL AS state, NULL AS traceparent, NULL AS tracestate"
+            " FROM inbox WHERE consumer = :c AND message_id = ANY(:ids)"
+            " UNION ALL SELECT NULL, state, traceparent, tracestate FROM sagas"
+            " WHERE saga_id = ANY(:saga_ids)"
         ),
         {"c": consumer, "ids": list(message_ids), "saga_ids": list(saga_ids)},
     )).all()
     seen = {row.message_id for row in rows if row.message_id is not None}
-    states = [SagaState.from_json(json_value(row.state)) for row in rows if row.state is not None]
-    return seen, {state.saga_id: state for state in states}
+    states: dict[UUID, SagaState] = {}
+    traces: dict[UUID, StoredTrace] = {}
+    for row in rows:
+        if row.state is None:
+            continue
+        state = SagaState.from_json(json_value(row.state))
+        states[state.saga_id] = state
+        if row.traceparent is not None:
+            traces[state.saga_id] = StoredTrace(row.traceparent, row.tracestate)
+    return seen, states, traces
 
 
 def json_value(value: Any) -> Any:
@@ -253,32 +283,39 @@ WITH new_inbox AS (
         CAST(:i_id AS text[]), CAST(:i_topic AS text[]), CAST(:i_partition AS int[]),
         CAST(:i_offset AS bigint[]), CAST(:i_verdict AS text[]), CAST(:i_saga AS uuid[]))
 ), new_events AS (
-    INSERT INTO saga_events (saga_id, seq, type, step, attempt, payload, actor, causation_id)
+    INSERT INTO saga_events (saga_id, seq, type, step, attempt, payload, actor, causation_id,
+                             trace_id)
     SELECT * FROM unnest(
         CAST(:e_saga AS uuid[]), CAST(:e_seq AS int[]), CAST(:e_type AS text[]),
         CAST(:e_step AS text[]), CAST(:e_attempt AS int[]), CAST(:e_payload AS jsonb[]),
-        CAST(:e_actor AS text[]), CAST(:e_cause AS text[]))
+        CAST(:e_actor AS text[]), CAST(:e_cause AS text[]), CAST(:e_trace AS text[]))
 ), projection AS (
     INSERT INTO sagas (saga_id, saga_type, business_key, definition_version, status,
                        current_step, direction, attempt, version, deadline_at, due_at,
-                       requested_at, created_at, updated_at, state)
+                       requested_at, created_at, updated_at, state, traceparent, tracestate)
     SELECT saga_id, saga_type, business_key, definition_version, status, step, direction,
            attempt, version, deadline_at, due_at, requested_at, CAST(:now AS timestamptz),
-           CAST(:now AS timestamptz), state
+           CAST(:now AS timestamptz), state, traceparent, tracestate
     FROM unnest(
         CAST(:s_saga AS uuid[]), CAST(:s_type AS text[]), CAST(:s_key AS text[]),
         CAST(:s_definition AS int[]),
         CAST(:s_status AS text[]), CAST(:s_step AS text[]), CAST(:s_direction AS text[]),
         CAST(:s_attempt AS int[]), CAST(:s_version AS int[]),
         CAST(:s_deadline AS timestamptz[]), CAST(:s_due AS timestamptz[]),
-        CAST(:s_requested AS timestamptz[]), CAST(:s_state AS jsonb[]))
+        CAST(:s_requested AS timestamptz[]), CAST(:s_state AS jsonb[]),
+        CAST(:s_traceparent AS text[]), CAST(:s_tracestate AS text[]))
         AS s(saga_id, saga_type, business_key, definition_version, status, step, direction,
-             attempt, version, deadline_at, due_at, requested_at, state)
+             attempt, version, deadline_at, due_at, requested_at, state, traceparent,
+             tracestate)
+    -- A saga's trace context is set once; one created before migration 0010 gets it here.
     ON CONFLICT (saga_id) DO UPDATE SET status = EXCLUDED.status,
         current_step = EXCLUDED.current_step, direction = EXCLUDED.direction,
         attempt = EXCLUDED.attempt, version = EXCLUDED.version,
         deadline_at = EXCLUDED.deadline_at, due_at = EXCLUDED.due_at,
-        updated_at = EXCLUDED.updated_at, state = EXCLUDED.state
+        updated_at = EXCLUDED.updated_at, state = EXCLUDED.state,
+        traceparent = COALESCE(sagas.traceparent, EXCLUDED.traceparent),
+        tracestate = CASE WHEN sagas.traceparent IS NULL THEN EXCLUDED.tracestate
+                          ELSE sagas.tracestate END
 ), new_outbox AS (
     INSERT INTO outbox (topic, key, value, headers, saga_id)
     SELECT * FROM unnest(
@@ -299,12 +336,16 @@ async def write_batch(
     outbox: Sequence[OutboxRow],
     dead_letters: Sequence[DeadLetterRow],
     now: datetime,
+    traces: Mapping[UUID, StoredTrace] | None = None,
 ) -> list[int]:
     """Write one batch's effects in one round trip; returns the new outbox row ids, in the
-    order of `outbox`.
+    order of `outbox`. `traces` gives the trace context of the sagas in `states` (kept on a
+    saga's row from its first write on).
 
     Raises ConcurrencyConflict if another writer recorded part of it first.
     """
+    traces = traces or {}
+    stored = [traces.get(s.saga_id) for s in states]
     params = {
         "consumer": consumer, "now": now,
         "i_id": [r.message_id for r in inbox], "i_topic": [r.topic for r in inbox],
@@ -316,6 +357,7 @@ async def write_batch(
         "e_attempt": [_event_step(e.event)[1] for e in events],
         "e_payload": [e.event.model_dump_json() for e in events],
         "e_actor": [e.actor for e in events], "e_cause": [e.causation_id for e in events],
+        "e_trace": [e.trace_id for e in events],
         "s_saga": [s.saga_id for s in states], "s_type": [s.saga_type for s in states],
         "s_key": [s.business_key for s in states],
         "s_definition": [s.definition_version for s in states],
@@ -327,6 +369,8 @@ async def write_batch(
         "s_due": [s.due_at for s in states],
         "s_requested": [s.requested_at for s in states],
         "s_state": [json.dumps(s.to_json()) for s in states],
+        "s_traceparent": [t.traceparent if t else None for t in stored],
+        "s_tracestate": [t.tracestate if t else None for t in stored],
         "o_topic": [o.topic for o in outbox], "o_key": [o.key for o in outbox],
         "o_value": [o.value for o in outbox],
         "o_headers": [json.dumps(o.headers) for o in outbox],
@@ -490,27 +534,36 @@ async def rebuild_projection(conn: AsyncConnection) -> int:
 
     await conn.execute(text("DELETE FROM sagas"))
     result = await conn.stream(text(
-        "SELECT saga_id, payload, recorded_at FROM saga_events ORDER BY saga_id, seq"))
+        "SELECT saga_id, payload, recorded_at, trace_id FROM saga_events"
+        " ORDER BY saga_id, seq"))
     rebuilt = 0
     current: Any = None
     events: list[SagaEvent] = []
     first_at: datetime | None = None
     last_at: datetime | None = None
+    trace_id: str | None = None
 
     async def flush() -> None:
         state = fold(events)
         assert state is not None and first_at is not None and last_at is not None
         await upsert_projection(conn, [state], last_at)
-        await conn.execute(text("UPDATE sagas SET created_at = :at WHERE saga_id = :id"),
-                           {"at": first_at, "id": state.saga_id})
+        # The trace context from the events' trace id (an upstream's tracestate is not in the
+        # events: a rebuilt row passes on none).
+        await conn.execute(text(
+            "UPDATE sagas SET created_at = :at, traceparent = :traceparent"
+            " WHERE saga_id = :id"),
+            {"at": first_at, "id": state.saga_id,
+             "traceparent": (f"00-{trace_id}-{saga_span_id(state.saga_id)}-01"
+                             if trace_id else None)})
 
     async for row in result:
         if row.saga_id != current:
             if current is not None:
                 await flush()
                 rebuilt += 1
-            current, events, first_at = row.saga_id, [], row.recorded_at
+            current, events, first_at, trace_id = row.saga_id, [], row.recorded_at, None
         events.append(parse_event(row.payload))
+        trace_id = trace_id or row.trace_id
         last_at = row.recorded_at
     if current is not None:
         await flush()

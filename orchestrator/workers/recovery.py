@@ -31,10 +31,11 @@ from uuid import UUID, uuid5
 
 from confluent_kafka import KafkaError
 from confluent_kafka.admin import AdminClient
+from opentelemetry.trace import Span
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orchestrator import metrics
+from orchestrator import metrics, tracing
 from orchestrator.consuming.handling import fit_dead_letter
 from orchestrator.core.saga import (
     SagaState,
@@ -59,8 +60,9 @@ from orchestrator.metrics import DEAD_LETTERS, RECOVERY_ACTIONS, SAGAS_FAILED
 from orchestrator.postgres import store
 from orchestrator.settings import Settings
 from orchestrator.throttle import LogThrottle
+from orchestrator.tracing import TraceContext
 from orchestrator.workers.relay import OutboxRelay, PublishedMarker, publish_committed
-from orchestrator.workers.saga_worker import command_row, observe_ended, outcome_row
+from orchestrator.workers.saga_worker import observe_ended, outcome_row, traced_command_rows
 from schemas import (
     TOPIC_DEAD_LETTERS,
     DeadLetter,
@@ -120,10 +122,14 @@ class RecoveryWorker:
         outbox: list[store.OutboxRow] = []
         dead_letters: list[store.DeadLetterRow] = []
         touched: list[SagaState] = []
+        # Each saga's trace context, as stored (or first given, for a saga from before 0010).
+        traces: dict[UUID, store.StoredTrace] = {}
+        contexts: dict[UUID, TraceContext] = {}
+        spans: list[Span] = []  # with tracing on: this pass's spans, ended once committed
         async with self.engine.begin() as conn:
             rows = (await conn.execute(
                 text(
-                    "SELECT saga_id, saga_type, state FROM sagas"
+                    "SELECT saga_id, saga_type, state, traceparent, tracestate FROM sagas"
                     " WHERE status IN ('RUNNING', 'COMPENSATING')"
                     " AND due_at <= :now ORDER BY due_at LIMIT :n FOR UPDATE SKIP LOCKED"
                 ),
@@ -148,21 +154,33 @@ class RecoveryWorker:
                     continue  # not due after all: the row's due_at was older than its state
                 self._tally(decision.events, done)
                 touched.append(state)
+                trace = tracing.stored_context(state.saga_id, row.traceparent, row.tracestate)
+                contexts[state.saga_id] = trace
+                traces[state.saga_id] = store.StoredTrace(trace.traceparent, trace.state)
+                if tracing.ENABLED:
+                    spans.append(tracing.start_span(
+                        "saga recovery", trace, attributes={
+                            **tracing.saga_attributes(state.saga_type, state.saga_id,
+                                                      state.business_key, state.step,
+                                                      state.attempt, state.direction
+                                                      and state.direction.value),
+                            "saga.recovery.events": ",".join(e.type for e in decision.events)},
+                        start=now))
                 cause = f"recovery:{now.isoformat()}"
                 for event in decision.events:
                     state = evolve(state, event)
                     events.append(store.NewEvent(state.saga_id, state.version, event,
-                                                 self.actor, cause))
+                                                 self.actor, cause, trace.trace_id))
                 states.append(state)
                 touched.append(state)
-                for command in decision.commands:
-                    outbox.append(command_row(self.settings, definition, command))
+                outbox += traced_command_rows(self.settings, definition, decision.commands,
+                                              trace, spans)
                 # The saga's outcome event, if it ended: in this transaction, with its end.
-                outbox += [outcome_row(self.settings, self.sagas, outcome)
+                outbox += [outcome_row(self.settings, self.sagas, outcome, trace)
                            for outcome in decision.outcomes]
                 if decision.saga_failed:
                     done.failed.append(state.saga_id)
-                    record, row_ = self._dead_letter(state, now)
+                    record, row_ = self._dead_letter(state, now, trace)
                     dead_letters.append(row_)
                     outbox.append(store.OutboxRow(
                         topic=record.topic, key=record.key, value=record.value,
@@ -176,9 +194,21 @@ class RecoveryWorker:
                              | {(run.step, run.direction.value) for s in touched
                                 for run in s.runs})
             crash_point("recovery.before_commit", tags)
-            ids = await store.write_batch(conn, "recovery", [], events, states, outbox,
-                                          dead_letters, now)
+            write = tracing.deferred_database_span(spans[0] if spans else None, "INSERT",
+                                                   "saga_events")
+            with write:
+                ids = await store.write_batch(conn, "recovery", [], events, states, outbox,
+                                              dead_letters, now, traces)
         crash_point("recovery.after_commit", tags)
+        if spans:
+            tracing.emit(write)
+            tracing.end_all(spans)
+            ended = datetime.now(UTC)
+            for state in states:
+                if state.terminal:
+                    tracing.emit_saga_span(state.saga_id, state.saga_type, state.business_key,
+                                           state.status.value, contexts[state.saga_id],
+                                           state.requested_at or now, ended, state.failure)
         # Counted only now: a pass that rolls back (a crash, a cancelled or refused write)
         # did nothing, and an exported retry must already be visible in the event store.
         for action, count in (("retry", done.retried), ("resend", done.resent),
@@ -192,7 +222,7 @@ class RecoveryWorker:
         for saga_id in done.failed:
             SAGAS_FAILED.add(1, {"stage": "recovery"})
             log.error("saga %s FAILED in recovery and was dead-lettered", saga_id,
-                      extra={"saga_id": str(saga_id)})
+                      extra={"saga_id": str(saga_id), "trace_id": contexts[saga_id].trace_id})
         await publish_committed(self.producer, self.marker, self._throttle, outbox, ids,
                                 "recovery")
         return done
@@ -211,7 +241,7 @@ class RecoveryWorker:
                 else:
                     done.resent += 1
 
-    def _dead_letter(self, state: SagaState, now: datetime
+    def _dead_letter(self, state: SagaState, now: datetime, trace: TraceContext
                      ) -> tuple[Record, store.DeadLetterRow]:
         """A FAILED saga has no consumed message to set aside: its dead letter carries the
         saga's state, so the operator has the saga's input and where it stopped in one
@@ -240,7 +270,8 @@ class RecoveryWorker:
             attempts=letter.attempts, first_failed_at=letter.first_failed_at,
         )
         record = fit_dead_letter(self.settings.topic(TOPIC_DEAD_LETTERS), payload,
-                                 str(state.saga_id).encode(), [("type", b"SagaState")], letter)
+                                 str(state.saga_id).encode(),
+                                 [("type", b"SagaState"), *trace.headers()], letter)
         return record, row
 
     async def restore_after_broker_loss(self, last_answer_at: datetime) -> int:
@@ -265,8 +296,9 @@ class RecoveryWorker:
                 " AND set_aside_at IS NULL AND NOT topic = ANY(:step_topics)"),
                 {"since": since, "step_topics": step_topics})).rowcount
             rows = (await conn.execute(text(
-                "SELECT saga_id, saga_type, state FROM sagas"
+                "SELECT saga_id, saga_type, state, traceparent, tracestate FROM sagas"
                 " WHERE status IN ('RUNNING', 'COMPENSATING')"))).all()
+            spans: list[Span] = []
             for row in rows:
                 try:
                     state = SagaState.from_json(store.json_value(row.state))
@@ -276,10 +308,14 @@ class RecoveryWorker:
                     log.exception("cannot read an in-flight saga (skipped)",
                                   extra=saga_fields(row.saga_type, row.saga_id))
                     continue
-                outbox += [command_row(self.settings, definition, command)
-                           for command in commands]
+                # Re-sent in the saga's trace (from spans of their own, with tracing on).
+                outbox += traced_command_rows(
+                    self.settings, definition, commands,
+                    tracing.stored_context(state.saga_id, row.traceparent, row.tracestate),
+                    spans)
             ids = (await store.write_batch(conn, "recovery", [], [], [], outbox, [],
                                            datetime.now(UTC)) if outbox else [])
+        tracing.end_all(spans)
         await publish_committed(self.producer, self.marker, self._throttle, outbox, ids,
                                 "broker-restore")
         RECOVERY_ACTIONS.add(len(outbox), {"action": "broker_restore"})

@@ -14,6 +14,7 @@ import os
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from orchestrator import tracing
 from orchestrator.application import Application, load_application
 from orchestrator.core.saga_type import SagaTypes
 from orchestrator.errors import ConfigurationError
@@ -97,6 +98,8 @@ async def run_worker(kind: str, settings: Settings, stop: asyncio.Event,
             raise ConfigurationError(
                 f"unknown worker {kind!r}; known: {', '.join(application.worker_kinds)}")
         _require_addresses(settings)
+        # Embedded in an application that set a TracerProvider: trace with it (ADR 0015).
+        tracing.adopt_global_provider()
         name = worker_name(kind, settings)
         settings = settings.model_copy(update={"worker_name": name})
         # Before `prepare`, so its producer id arrives during the migrations and topic setup.

@@ -10,6 +10,7 @@ an older version finish on it while new ones start on the current one.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -19,10 +20,11 @@ from typing import Any
 from uuid import UUID
 
 from opentelemetry.metrics import Histogram
+from opentelemetry.trace import Span, SpanKind
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orchestrator import metrics
+from orchestrator import metrics, tracing
 from orchestrator.consuming.handling import (
     REDRIVE_HEADER,
     dead_letter_for,
@@ -57,6 +59,7 @@ from orchestrator.metrics import DEAD_LETTERS, SAGA_DURATION, SAGAS_FAILED, STEP
 from orchestrator.postgres import store
 from orchestrator.settings import Settings
 from orchestrator.throttle import LogThrottle
+from orchestrator.tracing import TraceContext
 from orchestrator.workers.relay import PublishedMarker, publish_committed
 from schemas import (
     OUTCOME_RECORD_TYPE,
@@ -64,6 +67,8 @@ from schemas import (
     Direction,
     RejectionCode,
     SagaOutcome,
+    SagaRejected,
+    SagaStarted,
     StepCommand,
     StepReply,
     step_topic,
@@ -77,18 +82,44 @@ CONSUMER = "orchestrator"
 KNOWN_SAGAS_MAX = 20_000
 
 
-def command_row(settings: Settings, definition: SagaDefinition, command: StepCommand
-                ) -> store.OutboxRow:
+def command_row(settings: Settings, definition: SagaDefinition, command: StepCommand,
+                trace: TraceContext | None = None) -> store.OutboxRow:
     """The outbox row of a step command: on its participant's topic, keyed by the saga (one
-    partition keeps a saga's commands in order), its command id as the message id."""
+    partition keeps a saga's commands in order), its command id as the message id, and the
+    saga's trace context (kept in the row, so the relay publishes it too)."""
+    headers = [("message-id", str(command.command_id).encode()), ("type", b"StepCommand")]
+    if trace is not None:
+        headers += trace.headers()
     return store.OutboxRow(
         topic=settings.topic(step_topic(participant_of(definition, command))),
         key=str(command.saga_id).encode(),
         value=command.model_dump_json().encode(),
-        headers=encode_headers([("message-id", str(command.command_id).encode()),
-                                ("type", b"StepCommand")]),
+        headers=encode_headers(headers),
         saga_id=command.saga_id,
     )
+
+
+def traced_command_rows(settings: Settings, definition: SagaDefinition,
+                        commands: Sequence[StepCommand], trace: TraceContext | None,
+                        spans: list[Span]) -> list[store.OutboxRow]:
+    """The outbox rows of a saga's commands, sent under its trace. With tracing on, each
+    command is sent from a span of its own (a step attempt or compensation, under the saga's
+    span), which `spans` collects for the caller to end once the rows are committed."""
+    if not tracing.ENABLED or trace is None:
+        return [command_row(settings, definition, command, trace) for command in commands]
+    rows = []
+    for command in commands:
+        row = command_row(settings, definition, command)
+        span = tracing.start_span(
+            f"send {row.topic}", trace, SpanKind.PRODUCER,
+            {**tracing.messaging_attributes("send", row.topic,
+                                            message_id=str(command.command_id)),
+             **tracing.saga_attributes(command.saga_type, command.saga_id, None, command.step,
+                                       command.attempt, command.direction.value)})
+        spans.append(span)
+        rows.append(command_row(settings, definition, command,
+                                tracing.context_of(span, trace)))
+    return rows
 
 
 def observe_ended(states: Iterable[SagaState], now: datetime) -> None:
@@ -100,16 +131,21 @@ def observe_ended(states: Iterable[SagaState], now: datetime) -> None:
                 "saga_type": state.saga_type, "outcome": state.status.value.lower()})
 
 
-def outcome_row(settings: Settings, sagas: SagaTypes, outcome: SagaOutcome) -> store.OutboxRow:
+def outcome_row(settings: Settings, sagas: SagaTypes, outcome: SagaOutcome,
+                trace: TraceContext | None = None) -> store.OutboxRow:
     """The outbox row of an outcome event: on its saga type's events topic, keyed by the
     business key (one partition keeps a key's outcomes in order), its event id as the message
-    id. Written in the transaction of the decision that made it, never on its own."""
+    id, in the saga's trace (ADR 0015: upstream reads its outcome in the trace it started).
+    Written in the transaction of the decision that made it, never on its own."""
+    headers = [("message-id", str(outcome.event_id).encode()),
+               ("type", OUTCOME_RECORD_TYPE.encode())]
+    if trace is not None:
+        headers += trace.headers()
     return store.OutboxRow(
         topic=settings.topic(sagas[outcome.saga_type].events_topic),
         key=outcome.business_key.encode(),
         value=outcome.model_dump_json().encode(),
-        headers=encode_headers([("message-id", str(outcome.event_id).encode()),
-                                ("type", OUTCOME_RECORD_TYPE.encode())]),
+        headers=encode_headers(headers),
         saga_id=outcome.saga_id,
     )
 
@@ -121,6 +157,14 @@ class _BatchWrites:
     outbox: list[store.OutboxRow] = field(default_factory=list)
     dead_letters: list[store.DeadLetterRow] = field(default_factory=list)
     touched: dict[UUID, SagaState] = field(default_factory=dict)
+    # Each touched saga's trace context (pointing at its saga span), as stored and as sent.
+    traces: dict[UUID, store.StoredTrace] = field(default_factory=dict)
+    contexts: dict[UUID, TraceContext] = field(default_factory=dict)
+    # The stored contexts the careful path read, for replies that came without one.
+    stored: dict[UUID, store.StoredTrace] = field(default_factory=dict)
+    # Only with tracing on: what each message decided, and the spans of the commands sent.
+    handled: list[tuple[_Parsed, Decision, TraceContext | None]] = field(default_factory=list)
+    spans: list[Span] = field(default_factory=list)
     # Histogram values to record once the batch committed (only while metrics record).
     observed: list[tuple[Histogram, float, dict[str, str]]] | None = None
 
@@ -133,6 +177,8 @@ class _Parsed:
     input: StartSaga | RejectSaga | Unparseable | StepReply
     # The saga type whose start topic the record came from (None for a reply).
     saga_type: str | None = None
+    # The trace context the record carried (W3C headers), if any.
+    trace: TraceContext | None = None
 
 
 class OrchestratorWorker:
@@ -209,11 +255,13 @@ class OrchestratorWorker:
             redrive = message.header(REDRIVE_HEADER)
             if redrive:  # an operator redrove it: a new message, decided once more
                 message_id += f":redrive:{redrive}"
-            return _Parsed(message, message_id, reply.saga_id, reply)
+            return _Parsed(message, message_id, reply.saga_id, reply,
+                           trace=tracing.from_headers(message.headers))
         saga_type = self.start_topics[message.topic]
         intake = classify(saga_type, message.value, message.timestamp_ms)
         saga_id = None if isinstance(intake, Unparseable) else intake.saga_id
-        return _Parsed(message, message_id_of(message), saga_id, intake, saga_type.name)
+        return _Parsed(message, message_id_of(message), saga_id, intake, saga_type.name,
+                       tracing.from_headers(message.headers))
 
     async def _record(self, parsed: Sequence[_Parsed], tags: Sequence[str] = ()
                       ) -> tuple[list[int], list[store.OutboxRow]]:
@@ -232,11 +280,16 @@ class OrchestratorWorker:
         writes = self._decide_from_known(parsed, now)
         if writes is not None:
             crash_point("orchestrator.before_commit", tags)  # as in a transaction: nothing written
+            spans = self._open_spans(writes, now, len(parsed)) if tracing.ENABLED else []
+            write = tracing.deferred_database_span(spans[0] if spans else None, "INSERT",
+                                                   "saga_events")
             try:
                 async with self.held.use() as conn:
-                    ids = await store.write_batch(
-                        conn, CONSUMER, writes.inbox, writes.events,
-                        list(writes.touched.values()), writes.outbox, [], now)
+                    with write:
+                        ids = await store.write_batch(
+                            conn, CONSUMER, writes.inbox, writes.events,
+                            list(writes.touched.values()), writes.outbox, [], now,
+                            writes.traces)
             except ConcurrencyConflict:
                 for item in parsed:
                     if item.saga_id is not None:
@@ -245,10 +298,13 @@ class OrchestratorWorker:
                          "again from the database", len(parsed))
             else:
                 self._committed(writes, now)
+                if spans:
+                    tracing.emit(write)
+                    self._close_spans(spans, writes, now)
                 return ids, writes.outbox
         writes = _BatchWrites()
         async with self.engine.begin() as conn:
-            seen, states = await store.seen_and_states(
+            seen, states, writes.stored = await store.seen_states_and_traces(
                 conn, CONSUMER, [p.message_id for p in parsed],
                 sorted({p.saga_id for p in parsed if p.saga_id is not None}),
             )
@@ -261,19 +317,79 @@ class OrchestratorWorker:
                     if state is not None and state.terminal and isinstance(
                             item.input, StartSaga | RejectSaga):
                         writes.outbox += [
-                            outcome_row(self.settings, self.sagas, outcome)
+                            outcome_row(self.settings, self.sagas, outcome,
+                                        self._trace_of(item, state, writes))
                             for outcome in self._decide(item, state, now).outcomes]
                     continue
                 seen.add(item.message_id)
                 decision = self._decide(item, state, now)
                 self._apply(item, state, decision, now, writes, states)
-            ids = await store.write_batch(
-                conn, CONSUMER, writes.inbox, writes.events, list(writes.touched.values()),
-                writes.outbox, writes.dead_letters, now,
-            )
+            spans = self._open_spans(writes, now, len(parsed)) if tracing.ENABLED else []
+            write = tracing.deferred_database_span(spans[0] if spans else None, "INSERT",
+                                                   "saga_events")
+            with write:
+                ids = await store.write_batch(
+                    conn, CONSUMER, writes.inbox, writes.events, list(writes.touched.values()),
+                    writes.outbox, writes.dead_letters, now, writes.traces,
+                )
             crash_point("orchestrator.before_commit", tags)
         self._committed(writes, now)
+        if spans:
+            tracing.emit(write)
+            self._close_spans(spans, writes, now)
         return ids, writes.outbox
+
+    def _open_spans(self, writes: _BatchWrites, now: datetime, batch_size: int) -> list[Span]:
+        """With tracing on: a span per message of the batch that concerns a saga, under the
+        context the message carried. The intake that started a saga gets the span id the saga
+        span names as its parent (`intake_span_id`); a record without context starts the
+        saga's own trace. The first span is the database write's parent. Ended by
+        `_close_spans` once the batch committed; a batch that did not commit ends none (it is
+        decided again, and its spans made again)."""
+        spans: list[Span] = []
+        for item, decision, context in writes.handled:
+            if context is None or item.saga_id is None:
+                continue  # no saga: nothing to join the record to
+            message = item.message
+            attributes = {
+                **tracing.messaging_attributes("process", message.topic, message.partition,
+                                               message.offset, message_id=item.message_id,
+                                               batch_size=batch_size),
+                **self._saga_attributes(item, writes)}
+            name = f"process {message.topic}"
+            if decision.events and isinstance(decision.events[0], SagaStarted | SagaRejected):
+                spans.append(tracing.start_span(
+                    name, item.trace, SpanKind.CONSUMER, attributes,
+                    span_id=tracing.intake_span_id(item.saga_id),
+                    trace_id=None if item.trace else context.trace_id, start=now))
+            else:
+                spans.append(tracing.start_span(name, item.trace or context, SpanKind.CONSUMER,
+                                                attributes, start=now))
+        return spans
+
+    @staticmethod
+    def _saga_attributes(item: _Parsed, writes: _BatchWrites) -> dict[str, object]:
+        state = writes.touched.get(item.saga_id) if item.saga_id else None
+        value = item.input
+        if isinstance(value, StepReply):
+            return tracing.saga_attributes(state.saga_type if state else None, value.saga_id,
+                                           state.business_key if state else None, value.step,
+                                           value.attempt, value.direction.value)
+        if isinstance(value, StartSaga | RejectSaga):
+            return tracing.saga_attributes(value.saga_type, value.saga_id, value.business_key)
+        return {}
+
+    @staticmethod
+    def _close_spans(spans: list[Span], writes: _BatchWrites, started: datetime) -> None:
+        tracing.end_all(spans)
+        tracing.end_all(writes.spans)
+        ended = datetime.now(UTC)
+        for state in writes.touched.values():
+            context = writes.contexts.get(state.saga_id)
+            if state.terminal and context is not None:
+                tracing.emit_saga_span(state.saga_id, state.saga_type, state.business_key,
+                                       state.status.value, context,
+                                       state.requested_at or started, ended, state.failure)
 
     def _decide_from_known(self, parsed: Sequence[_Parsed], now: datetime) -> _BatchWrites | None:
         """The batch's writes decided from `known` states, or None when the careful path must
@@ -286,7 +402,9 @@ class OrchestratorWorker:
         states: dict[UUID, SagaState] = {}
         for item in parsed:
             if isinstance(item.input, StepReply):
-                if item.saga_id is None or item.saga_id not in self.known:
+                # A reply without trace context needs the saga's stored one: the careful path
+                # reads it.
+                if item.saga_id is None or item.saga_id not in self.known or item.trace is None:
                     return None
             elif not isinstance(item.input, StartSaga):
                 return None
@@ -338,31 +456,56 @@ class OrchestratorWorker:
             return decide_reply(definition, state, value, now)
         return Decision(Verdict.REJECTED, rejection=(value.code, value.reason))
 
+    @staticmethod
+    def _trace_of(item: _Parsed, before: SagaState | None, writes: _BatchWrites
+                  ) -> TraceContext | None:
+        """The saga's trace context: a new saga's from its request (a trace of its own when the
+        request has none); a reply's from the reply, which participants send in the saga's
+        trace; else the one stored with the saga."""
+        saga_id = before.saga_id if before is not None else item.saga_id
+        if saga_id is None:
+            return None
+        if before is None or (item.trace is not None and isinstance(item.input, StepReply)):
+            return tracing.saga_context(saga_id, item.trace)
+        stored = writes.stored.get(saga_id)
+        return tracing.stored_context(saga_id, stored.traceparent if stored else None,
+                                      stored.tracestate if stored else None)
+
     def _apply(self, item: _Parsed, state: SagaState | None, decision: Decision, now: datetime,
                writes: _BatchWrites, states: dict[UUID, SagaState]) -> None:
         if metrics.RECORDING and decision.events:
             self._observe(item, state, now, writes)
+        trace = self._trace_of(item, state, writes)
+        trace_id = trace.trace_id if trace is not None else None
         for event in decision.events:
             state = evolve(state, event)
             writes.events.append(store.NewEvent(state.saga_id, state.version, event, self.actor,
-                                                item.message_id))
+                                                item.message_id, trace_id))
         if state is not None and decision.events:
             states[state.saga_id] = state
             writes.touched[state.saga_id] = state
+            if trace is not None:
+                writes.contexts[state.saga_id] = trace
+                # Stored once (the row keeps the first); a saga this worker wrote has it.
+                if state.saga_id not in self.known:
+                    writes.traces[state.saga_id] = store.StoredTrace(trace.traceparent,
+                                                                     trace.state)
+        if tracing.ENABLED:
+            writes.handled.append((item, decision, trace))
         if decision.commands:
             assert state is not None  # a command is only ever sent for a saga
             definition = self.sagas.definition_of(state)
-            writes.outbox += [command_row(self.settings, definition, command)
-                              for command in decision.commands]
+            writes.outbox += traced_command_rows(self.settings, definition, decision.commands,
+                                                 trace, writes.spans)
         for outcome in decision.outcomes:
-            writes.outbox.append(outcome_row(self.settings, self.sagas, outcome))
+            writes.outbox.append(outcome_row(self.settings, self.sagas, outcome, trace))
         rejection = decision.rejection
         if decision.saga_failed and state is not None:
             code = (RejectionCode.COMPENSATION_FAILED if state.direction is Direction.COMPENSATE
                     else RejectionCode.FAILED_AFTER_PIVOT)
             rejection = (code, state.failure or "saga failed")
         if rejection is not None:
-            self._dead_letter(item, state, rejection, now, writes)
+            self._dead_letter(item, state, rejection, now, writes, trace)
         writes.inbox.append(store.InboxRow(
             message_id=item.message_id, topic=item.message.topic,
             partition=item.message.partition, offset=item.message.offset,
@@ -394,7 +537,7 @@ class OrchestratorWorker:
 
     def _dead_letter(self, item: _Parsed, state: SagaState | None,
                      rejection: tuple[RejectionCode, str], now: datetime,
-                     writes: _BatchWrites) -> None:
+                     writes: _BatchWrites, trace: TraceContext | None = None) -> None:
         code, reason = rejection
         saga_type, business_key = item.saga_type, None
         if isinstance(item.input, StartSaga | RejectSaga):
@@ -406,6 +549,9 @@ class OrchestratorWorker:
                                  saga_id=item.saga_id, saga_type=saga_type,
                                  business_key=business_key, message_id=item.message_id)
         record = dead_letter_record(self.settings, item.message, letter)
+        if trace is not None and item.trace is None:
+            # The original carried no context: the letter goes in its saga's trace.
+            record = dataclasses.replace(record, headers=(*record.headers, *trace.headers()))
         writes.dead_letters.append(store.DeadLetterRow(
             dead_letter_id=letter.dead_letter_id, stage=stage, reason_code=code.value,
             reason=reason, error_class=letter.error_class, original_topic=item.message.topic,
@@ -420,4 +566,4 @@ class OrchestratorWorker:
                     item.message.offset, code.value, reason,
                     extra=saga_fields(saga_type, item.saga_id,
                                       item.input.step if isinstance(item.input, StepReply)
-                                      else None))
+                                      else None, trace.trace_id if trace else None))

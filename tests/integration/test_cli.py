@@ -97,7 +97,13 @@ async def test_timeline_by_saga_id_as_text(harness: Harness, completed: Any) -> 
 
     assert result.returncode == 0, result.stderr
     first, *rest = result.stdout.splitlines()
-    assert first == f"saga {saga.saga_id}  transfer {transfer_id}  COMPLETED  definition v1"
+    async with harness.engine.connect() as conn:
+        [trace_id] = (await conn.execute(text(
+            "SELECT DISTINCT trace_id FROM saga_events WHERE saga_id = :s"),
+            {"s": saga.saga_id})).scalars()
+    # The saga's trace ends the first line (ADR 0015).
+    assert first == (f"saga {saga.saga_id}  transfer {transfer_id}  COMPLETED  definition v1"
+                     f"  trace {trace_id}")
     assert "SagaCompleted" in result.stdout
     assert sum("StepStarted" in line for line in rest) == 5
 

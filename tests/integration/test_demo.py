@@ -75,6 +75,11 @@ async def test_demo_on_its_own_embedded_stack_ends_clean() -> None:
     assert summary["conflicting_resends"] >= 1 and summary["exact_resends"] >= 1
     assert summary["outcome_events"] == ended + summary["conflicting_resends"]
     assert summary["outcome_events_expected"] == summary["outcome_events"]
+    # One trace per saga: every saga (the malformed request has none) wrote its events in one
+    # trace of its own.
+    assert summary["sagas"] == ended
+    assert summary["traces"] == summary["sagas"]
+    assert summary["sagas_not_in_one_trace"] == 0
     assert {"p50_ms", "p99_ms", "elapsed_s", "sagas_per_s"} <= set(summary)
     assert 0 <= summary["p50_ms"] <= summary["p99_ms"]
     assert summary["elapsed_s"] > 0 and summary["sagas_per_s"] > 0
@@ -114,6 +119,10 @@ async def test_chaos_demo_kills_workers_and_still_ends_clean() -> None:
     assert summary["stuck_in_flight"] == 0
     assert (summary["money_conserved"], summary["duplicate_effects"], summary["stuck"]) == (
         True, 0, 0)
+    # Killed workers change nothing of the traces: the context is stored and travels with the
+    # messages, so a saga is still one trace.
+    assert summary["traces"] == summary["sagas"] > 0
+    assert summary["sagas_not_in_one_trace"] == 0
     assert summary["invariants_ok"] is True, summary["violations"]
     expected = expected_outcomes()
     assert {k: summary[k] for k in ("completed", "compensated", "rejected", "failed")} == {

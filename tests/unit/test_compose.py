@@ -36,7 +36,7 @@ WORKERS = {
     "participant-ledger": ["participant", "ledger"],
     "participant-notify": ["participant", "notify"],
 }
-INFRASTRUCTURE = ("kafka", "postgres", "otel-collector", "prometheus", "grafana")
+INFRASTRUCTURE = ("kafka", "postgres", "otel-collector", "prometheus", "grafana", "jaeger")
 PREFIX = Settings.model_config.get("env_prefix", "")
 
 # Compose's interpolation: `$$` is a literal dollar; `${VAR}`, `${VAR:-default}`, `${VAR-default}`
@@ -229,6 +229,28 @@ def test_otel_collector_config_is_mounted_and_logs_traces(compose: dict[str, Any
     assert set(traces["receivers"]) <= set(config["receivers"])
     assert set(traces["exporters"]) <= set(config["exporters"])
     assert "debug" in traces["exporters"]
+
+
+def test_traces_go_from_every_worker_through_the_collector_to_jaeger(
+        compose: dict[str, Any]) -> None:
+    """How a saga's trace is seen with the stack (README): workers export spans over OTLP/HTTP
+    to the collector, which forwards them to Jaeger, whose UI is published on the host."""
+    for name in WORKERS:
+        env = environment(compose["services"][name])
+        assert env["OTEL_TRACES_EXPORTER"] == "otlp", name
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318", name
+    assert 4318 in container_ports(compose["services"]["otel-collector"])
+    config = yaml.safe_load((COMPOSE_DIR / "otel-collector.yaml").read_text())
+    assert config["receivers"]["otlp"]["protocols"]["http"]["endpoint"].endswith(":4318")
+    forwards = [config["exporters"][name]
+                for name in config["service"]["pipelines"]["traces"]["exporters"]
+                if name.split("/")[0] == "otlp"]
+    assert [exporter["endpoint"] for exporter in forwards] == ["jaeger:4317"]
+    assert forwards[0]["tls"]["insecure"] is True  # inside the compose network
+    jaeger = compose["services"]["jaeger"]
+    assert environment(jaeger)["COLLECTOR_OTLP_ENABLED"] == "true"
+    assert 16686 in container_ports(jaeger)
+    assert "jaeger" in compose["services"]["otel-collector"]["depends_on"]
 
 
 def strings_in(node: Any) -> list[str]:

@@ -69,6 +69,20 @@ def test_a_json_line_has_the_worker_the_saga_fields_and_the_trace_id() -> None:
     assert line["time"].endswith("+00:00")
 
 
+def test_a_line_that_names_its_saga_trace_carries_it_when_no_span_is_current() -> None:
+    """With tracing off there is no span, but a line about a saga names the saga's trace (the
+    same id `saga timeline` prints); a current span's trace wins."""
+    fields = logs.saga_fields("transfer", uuid.uuid4(), "credit", "ab" * 16)
+
+    line = json.loads(logs.JsonFormatter().format(record("dead-lettered", **fields)))
+
+    assert line["trace_id"] == "ab" * 16
+    tracer = TracerProvider().get_tracer("test")
+    with tracer.start_as_current_span("hop") as span:
+        line = json.loads(logs.JsonFormatter().format(record("dead-lettered", **fields)))
+    assert line["trace_id"] == format(span.get_span_context().trace_id, "032x")
+
+
 def test_a_line_outside_a_saga_and_a_span_names_neither() -> None:
     line = json.loads(logs.JsonFormatter().format(record("started")))
     assert not {"saga_id", "saga_type", "step", "trace_id", "worker"} & line.keys()
