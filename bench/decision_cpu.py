@@ -71,7 +71,7 @@ def run_once(count: int) -> tuple[float, float]:
     began = time.process_time()
     writes = worker._decide_from_known([worker._parse(m) for m in starts], datetime.now(UTC))
     assert writes is not None
-    worker._committed(writes)
+    worker._committed(writes, datetime.now(UTC))
     start_s = time.process_time() - began
     replies = _replies(list(writes.outbox))
     began = time.process_time()
