@@ -169,6 +169,12 @@ def _detail(event_type: str, payload: dict[str, Any],
                 f"(re-send {payload['resend']}, deadline {payload['deadline_at']})")
     if event_type == "StepCompensated":
         return f"undone (attempt {payload['attempt']}){_by(payload)}"
+    if event_type == "OperatorActed":
+        action = str(payload["action"]).replace("_", " ")
+        return f"{action} by {payload['actor']}: {payload['reason']}"
+    if event_type == "StepResent":
+        return (f"{payload['direction']} attempt {payload['attempt']} re-sent by an operator"
+                f" (deadline {payload['deadline_at']})")
     return ""
 
 
