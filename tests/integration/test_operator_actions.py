@@ -15,11 +15,14 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
+import httpx
 import pytest
 from sqlalchemy import text
 
+from orchestrator.console import ConsoleServer
 from orchestrator.core.saga import ActOnSaga, OperatorAction, SagaStatus
 from orchestrator.errors import Conflict, OperatorActionRefused
 from orchestrator.ops.actions import ActionResult, act_on_saga
@@ -27,8 +30,10 @@ from orchestrator.ops.queries import timeline
 from orchestrator.workers.relay import OutboxRelay
 from schemas import TOPIC_TRANSFER_EVENTS, Direction, Outcome, StepCommand
 from steps import APPLICATION
+from tests.integration.test_console import auth, console_settings, problem_of
 from tests.integration.test_outcomes import _outcome_rows
 from tests.integration.test_recovery import Rig, rig, template_db  # noqa: F401 (fixtures)
+from tests.oidc_issuer import OidcIssuer, running_issuer
 
 pytestmark = pytest.mark.integration
 
@@ -222,3 +227,56 @@ async def test_the_saga_command_acts_with_the_os_user_and_answers_a_repeat_the_s
     assert no_reason.returncode == 2 and "--reason" in no_reason.stderr
     assert refused.returncode == 2 and "only a FAILED saga" in refused.stderr
     assert types_count(await rig.events(saga_id), "OperatorActed") == 1
+
+
+# ---------------------------------------------------------------- the HTTP API
+
+
+@pytest.fixture(scope="module")
+def oidc() -> Iterator[OidcIssuer]:
+    with running_issuer() as issuer:
+        yield issuer
+
+
+async def test_the_api_lets_operators_act_as_their_subject_and_refuses_viewers(
+        rig: Rig, oidc: OidcIssuer) -> None:  # noqa: F811
+    saga_id = await at_credit(rig)
+    url = f"/api/v1/sagas/{saga_id}/actions/cancel"
+    action_id = str(uuid.uuid4())
+    body = {"reason": "customer withdrew", "action_id": action_id}
+
+    async with ConsoleServer(console_settings(rig.settings, oidc), rig.engine,
+                             APPLICATION.saga_types, port=0) as server, \
+            httpx.AsyncClient(base_url=server.url, timeout=30) as api:
+        nobody = await api.post(url, json=body)
+        viewer = await api.post(url, json=body, headers=auth(oidc.token("viewer", sub="vera")))
+        operator = auth(oidc.token("operator", sub="olivia@example.com"))
+        no_reason = await api.post(url, json={"reason": "  "}, headers=operator)
+        done = await api.post(f"/api/v1/sagas/{str(saga_id)[:8]}/actions/cancel", json=body,
+                              headers=operator)
+        again = await api.post(url, json=body, headers=operator)
+        refused = await api.post(url, json={"reason": "twice"}, headers=operator)
+        admin = await api.post(f"/api/v1/sagas/{saga_id}/actions/retry-now",
+                               json={"reason": "release is slow"},
+                               headers=auth(oidc.token("admin", sub="ada")))
+        unknown = await api.post(f"/api/v1/sagas/{saga_id}/actions/undo", json=body,
+                                 headers=operator)
+        saga = (await api.get(f"/api/v1/sagas/{saga_id}", headers=operator)).json()
+
+    assert problem_of(nobody, 401)
+    assert "vera has the viewer role; this needs operator" in problem_of(viewer, 403)["detail"]
+    assert problem_of(no_reason, 422)
+    assert done.status_code == 200, done.text
+    result = done.json()
+    assert (result["actor"], result["action"], result["status"], result["repeated"]) == (
+        "olivia@example.com", "cancel", "COMPENSATING", False)
+    assert again.json() == {**result, "repeated": True}
+    assert "COMPENSATING already" in problem_of(refused, 409)["detail"]
+    assert admin.status_code == 200 and admin.json()["events"] == ["OperatorActed",
+                                                                    "StepResent"]
+    assert problem_of(unknown, 422)
+    acted = [(e["actor"], e["detail"]) for e in saga["events"] if e["type"] == "OperatorActed"]
+    assert acted == [("olivia@example.com", "cancel by olivia@example.com: customer withdrew"),
+                     ("ada", "retry now by ada: release is slow")]
+    events = await rig.events(saga_id)
+    assert [e.type for e, actor in events if actor == "vera"] == []
