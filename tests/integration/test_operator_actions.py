@@ -10,8 +10,10 @@ that keeps answering FAILED); the relay publishes what the actions queued."""
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -280,3 +282,34 @@ async def test_the_api_lets_operators_act_as_their_subject_and_refuses_viewers(
                      ("ada", "retry now by ada: release is slow")]
     events = await rig.events(saga_id)
     assert [e.type for e, actor in events if actor == "vera"] == []
+
+
+async def test_the_saga_page_offers_the_allowed_actions_and_performs_them(
+        rig: Rig, oidc: OidcIssuer) -> None:  # noqa: F811
+    saga_id = await failed_compensating(rig)
+    operator = auth(oidc.token("operator", sub="olivia@example.com")) | {"Accept": "text/html"}
+    viewer = auth(oidc.token("viewer", sub="vera")) | {"Accept": "text/html"}
+    form = {"reason": "INC-12: ledger back", "action_id": str(uuid.uuid4())}
+
+    async with ConsoleServer(console_settings(rig.settings, oidc), rig.engine,
+                             APPLICATION.saga_types, port=0) as server, \
+            httpx.AsyncClient(base_url=server.url, timeout=30) as api:
+        as_operator = (await api.get(f"/sagas/{saga_id}", headers=operator)).text
+        as_viewer = (await api.get(f"/sagas/{saga_id}", headers=viewer)).text
+        done = await api.post(f"/sagas/{saga_id}/actions/retry-compensation", json=form,
+                              headers=operator)
+        twice = await api.post(f"/sagas/{saga_id}/actions/retry-compensation", json=form,
+                               headers=operator)
+        cancel = await api.post(f"/sagas/{saga_id}/actions/cancel",
+                                json={**form, "action_id": str(uuid.uuid4())}, headers=operator)
+        after = (await api.get(f"/sagas/{saga_id}", headers=operator)).text
+
+    offered = set(re.findall(r'data-action="([a-z-]+)"', as_operator))
+    assert offered == {"retry-compensation", "resolve"}  # a FAILED saga: no retry now, no cancel
+    assert 'data-action="' not in as_viewer
+    assert done.status_code == 200, done.text
+    assert "Done by olivia@example.com" in done.text and "COMPENSATING" in done.text
+    assert "Already done" in twice.text
+    assert problem_of(cancel, 409)  # the page no longer offers it; the server refuses too
+    assert "retry compensation by olivia@example.com: INC-12: ledger back" in html.unescape(after)
+    assert set(re.findall(r'data-action="([a-z-]+)"', after)) == {"retry-now"}

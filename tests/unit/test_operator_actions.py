@@ -404,3 +404,25 @@ def test_replaying_the_history_of_every_action_rebuilds_the_state() -> None:
         assert state == state_of(history)
         assert state is not None
         assert type(state).from_json(state.to_json()) == state
+
+
+# ---------------------------------------------------------------- the console's chart
+
+
+def test_the_chart_marks_an_action_with_its_actor_and_a_resend_on_its_bar() -> None:
+    from orchestrator.console.timeline import layout
+
+    saga = at("credit")
+    decide(saga, act(OperatorAction.RETRY_NOW))
+    events = [{"recorded_at": (NOW + timedelta(seconds=seq)).isoformat(), "type": e.type,
+               "step": getattr(e, "step", None), "attempt": getattr(e, "attempt", None),
+               "payload": e.model_dump(mode="json"), "detail": "",
+               "actor": "alice" if isinstance(e, (OperatorActed, StepResent)) else "worker"}
+              for seq, e in enumerate(saga.events)]
+
+    chart = layout(events, "RUNNING", NOW + timedelta(seconds=60), TRANSFER)
+
+    assert [(m.label, m.actor, m.by_person) for m in chart.markers][-1] == (
+        "retry now", "alice", True)
+    [credit] = [row for row in chart.rows if row.step == "credit"]
+    assert len(credit.bars) == 1 and len(credit.bars[0].resends) == 1
