@@ -125,6 +125,8 @@ class DeadLetterSummary(BaseModel):
     saga_type: str | None
     business_key: str | None
     redriven_at: str | None
+    redriven_by: str | None = Field(default=None, description=(
+        "who redrove it (none if not redriven, or redriven before this was recorded)"))
 
 
 class DeadLetterList(BaseModel):

@@ -27,12 +27,14 @@ from sqlalchemy import text
 from orchestrator.console import ConsoleServer
 from orchestrator.core.saga import ActOnSaga, OperatorAction, SagaStatus
 from orchestrator.errors import Conflict, OperatorActionRefused
+from orchestrator.ops import dlq
 from orchestrator.ops.actions import ActionResult, act_on_saga
 from orchestrator.ops.queries import timeline
 from orchestrator.workers.relay import OutboxRelay
 from schemas import TOPIC_TRANSFER_EVENTS, Direction, Outcome, StepCommand
 from steps import APPLICATION
 from tests.integration.test_console import auth, console_settings, problem_of
+from tests.integration.test_dlq import Letter, insert_letter
 from tests.integration.test_outcomes import _outcome_rows
 from tests.integration.test_recovery import Rig, rig, template_db  # noqa: F401 (fixtures)
 from tests.oidc_issuer import OidcIssuer, running_issuer
@@ -313,3 +315,21 @@ async def test_the_saga_page_offers_the_allowed_actions_and_performs_them(
     assert problem_of(cancel, 409)  # the page no longer offers it; the server refuses too
     assert "retry compensation by olivia@example.com: INC-12: ledger back" in html.unescape(after)
     assert set(re.findall(r'data-action="([a-z-]+)"', after)) == {"retry-now"}
+
+
+async def test_a_redrive_records_its_actor_with_the_dead_letter(rig: Rig) -> None:  # noqa: F811
+    dead_letter_id = await insert_letter(rig.engine, Letter(
+        payload=f'{{"it-actions": "{uuid.uuid4()}"'.encode(),
+        topic=rig.settings.topic("transfers.commands.v1")))
+
+    async with rig.engine.begin() as conn:
+        first = await dlq.redrive(conn, [str(dead_letter_id)], actor="olivia@example.com")
+    async with rig.engine.begin() as conn:
+        again = await dlq.redrive(conn, [str(dead_letter_id)], actor="mallory")
+    async with rig.engine.connect() as conn:
+        [letter] = await dlq.list_dead_letters(conn, limit=10, include_redriven=True,
+                                               reason=None)
+
+    assert first.redriven == (dead_letter_id,) and again.already_redriven == (dead_letter_id,)
+    assert letter.redriven_by == "olivia@example.com"  # the first, and only, redrive's actor
+    assert letter.to_json()["redriven_by"] == "olivia@example.com"
