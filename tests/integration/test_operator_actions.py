@@ -24,7 +24,7 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from orchestrator.console import ConsoleServer
+from orchestrator.console import ConsoleServer, Role
 from orchestrator.core.saga import ActOnSaga, OperatorAction, SagaStatus
 from orchestrator.errors import Conflict, OperatorActionRefused
 from orchestrator.ops import dlq
@@ -333,3 +333,55 @@ async def test_a_redrive_records_its_actor_with_the_dead_letter(rig: Rig) -> Non
     assert first.redriven == (dead_letter_id,) and again.already_redriven == (dead_letter_id,)
     assert letter.redriven_by == "olivia@example.com"  # the first, and only, redrive's actor
     assert letter.to_json()["redriven_by"] == "olivia@example.com"
+
+
+# ---------------------------------------------------------------- in a real browser
+
+
+async def test_an_operator_retries_a_failed_compensation_then_resolves_in_the_browser(
+        rig: Rig) -> None:  # noqa: F811
+    """Headless Chromium (skipped, with the reason, without one), signed in through the dev
+    login link as an operator: the saga's buttons, a reason asked for, the result shown, and
+    the timeline showing the action with the operator's name."""
+    browser_tests = pytest.importorskip("tests.integration.test_console_browser")
+    path = browser_tests.chromium_path()
+    if path is None:
+        pytest.skip("no Chromium on this machine")
+    saga_id = await failed_compensating(rig)
+    playwright = browser_tests.playwright_api
+    async with ConsoleServer(rig.settings, rig.engine, APPLICATION.saga_types, port=0,
+                             dev=True) as console, playwright.async_playwright() as driver:
+        try:
+            chromium = await driver.chromium.launch(executable_path=path, headless=True)
+        except playwright.Error as error:
+            pytest.skip(f"Chromium at {path} does not start here: {error}")
+        try:
+            page = await browser_tests.signed_in(chromium, console, Role.OPERATOR)
+            page.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+            await page.goto(f"{console.url}/sagas/{saga_id}")
+
+            retry = page.locator("form[data-action=retry-compensation]")
+            await retry.locator("textarea[name=reason]").fill("INC-12: ledger back")
+            await retry.locator("button").click()
+            await retry.locator("output .done").wait_for()
+            assert "Done by dev-operator" in await retry.locator("output").inner_text()
+            release = await command(rig, saga_id, "ledger", "reserve", Direction.COMPENSATE)
+            await rig.orchestrator.handle_batch([rig.reply(release, Outcome.FAILED)])
+
+            await page.reload()
+            resolve = page.locator("form[data-action=resolve]")
+            await resolve.locator("textarea[name=reason]").fill("INC-12: released by hand")
+            await resolve.locator("button").click()
+            await resolve.locator("output .done").wait_for()
+            await page.reload()
+            text_shown = await page.inner_text("body")
+            assert "RESOLVED" in text_shown
+            assert "retry compensation by dev-operator: INC-12: ledger back" in text_shown
+            assert "closed by dev-operator: INC-12: released by hand" in text_shown
+            assert await page.locator("form[data-action]").count() == 0
+        finally:
+            await chromium.close()
+    events = await rig.events(saga_id)
+    assert [(e.type, actor) for e, actor in events if actor == "dev-operator"] == [
+        ("OperatorActed", "dev-operator"), ("StepStarted", "dev-operator"),
+        ("SagaResolved", "dev-operator")]
