@@ -12,6 +12,9 @@ from datetime import timedelta
 from uuid import UUID, uuid4
 
 import pytest
+from hypothesis import event as label
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from orchestrator.core.saga import (
     ActOnSaga,
@@ -426,3 +429,54 @@ def test_the_chart_marks_an_action_with_its_actor_and_a_resend_on_its_bar() -> N
         "retry now", "alice", True)
     [credit] = [row for row in chart.rows if row.step == "credit"]
     assert len(credit.bars) == 1 and len(credit.bars[0].resends) == 1
+
+
+# ---------------------------------------------------------------- a property
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_any_action_at_any_point_is_refused_unchanged_or_leads_the_saga_to_an_end(
+        data: st.DataObject) -> None:
+    """Whatever happened before (successes, refusals, retries, timeouts), an action is either
+    refused or decided into events that fold, whose commands are what the saga then waits on;
+    and a saga answered with successes afterwards ends, with every effect it applied (or may
+    have) undone unless it completed or failed."""
+    saga = Saga()
+    saga.start()
+    for _ in range(data.draw(st.integers(0, 12))):
+        if saga.state.terminal:
+            break
+        move = data.draw(st.sampled_from(["ok", "refuse", "retryable", "due"]))
+        if move == "due" or saga.state.command_id is None:
+            saga.due()
+        elif move == "ok":
+            saga.receive(ok(saga.state))
+        else:
+            saga.receive(refused(saga.state, retryable=move == "retryable"))
+    action = data.draw(st.sampled_from(list(OperatorAction)))
+    before = saga.state
+    try:
+        decision = decide_action(TRANSFER, before, act(action), LATER)
+    except OperatorActionRefused:
+        assert saga.state == before
+        label(f"{action.value} refused")
+        return
+    saga.now = max(saga.now, LATER)
+    saga._record(decision)
+    state = saga.state
+    assert decision.events[0].type in ("OperatorActed", "SagaResolved")
+    waiting_on = outstanding_commands(TRANSFER, state)
+    assert all(command in waiting_on for command in decision.commands)
+    for _ in range(40):
+        if saga.state.terminal:
+            break
+        if saga.state.command_id is None:
+            saga.due()
+        else:
+            saga.receive(ok(saga.state))
+    end = saga.state
+    assert end.terminal
+    label(f"{action.value} from {before.status.value}, ended {end.status.value}")
+    if end.status is SagaStatus.COMPENSATED:
+        assert not [s for s in end.applied if TRANSFER.step(s).compensation is not None]
