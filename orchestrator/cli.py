@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import sys
+import uuid
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.application import load_application
 from orchestrator.core.saga import SagaStatus
-from orchestrator.errors import ConfigurationError, NotFound, OperatorActionRefused, SagaError
+from orchestrator.errors import ConfigurationError, Conflict, NotFound, SagaError
 from orchestrator.logs import configure_logging, set_worker
 from orchestrator.settings import Settings, worker_name
 
@@ -509,27 +510,63 @@ async def cmd_dlq_redrive(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_resolve(args: argparse.Namespace, settings: Settings) -> int:
-    from orchestrator.ops.queries import resolve_saga_id
-    from orchestrator.ops.resolve import resolve_saga
+    return await _act(args, settings, "resolve", args.note if args.note is not None
+                      else args.reason)
 
-    actor = (args.actor if args.actor is not None else _default_actor()).strip()
+
+async def cmd_retry_now(args: argparse.Namespace, settings: Settings) -> int:
+    return await _act(args, settings, "retry_now", args.reason)
+
+
+async def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    return await _act(args, settings, "cancel", args.reason)
+
+
+async def cmd_retry_compensation(args: argparse.Namespace, settings: Settings) -> int:
+    return await _act(args, settings, "retry_compensation", args.reason)
+
+
+async def _act(args: argparse.Namespace, settings: Settings, action: str,
+               reason: str | None) -> int:
+    """An operator action (orchestrator/ops/actions.py) with the operating system user as its
+    actor, refused (exit 2) before anything connects when there is no actor or no reason."""
+    from orchestrator.core.saga import ActOnSaga, OperatorAction
+    from orchestrator.ops.actions import act_on_saga
+    from orchestrator.ops.queries import resolve_saga_id
+
+    actor = (getattr(args, "actor", None) or _default_actor()).strip()
     if not actor:
-        raise ConfigurationError("who is resolving? $USER is not set: pass --actor NAME")
-    if not args.note.strip():
-        raise ConfigurationError("say what was done (--note), e.g. the incident ticket")
+        raise ConfigurationError("who is acting? $USER is not set"
+                                 + (": pass --actor NAME" if action == "resolve" else ""))
+    if not (reason or "").strip():
+        raise ConfigurationError("say why (--reason), e.g. the incident ticket")
+    assert reason is not None
+    request = ActOnSaga(OperatorAction(action), args.action_id or uuid.uuid4(), actor, reason)
     sagas = load_application(settings.application).saga_types
     engine = _engine(settings)
     try:
         saga_id = await resolve_saga_id(engine, args.id, args.type)
-        # One transaction: the event, the projection and the outcome's outbox row; the relay
-        # publishes the outcome after the commit.
-        async with engine.begin() as conn:
-            result = await resolve_saga(conn, settings, sagas, saga_id, actor, args.note)
+        # One transaction: the events, the projection, the commands' and outcome's outbox
+        # rows; the relay publishes them after the commit.
+        result = await act_on_saga(engine, settings, sagas, saga_id, request)
     finally:
         await engine.dispose()
-    _print(result.to_json(), args.json,
-           lambda r: f"saga {r['saga_id']} ({r['saga_type']} {r['business_key']}) RESOLVED by "
-                     f"{r['resolved_by']}; outcome event {r['outcome']['event_id']} queued")
+    data = result.to_json()
+    if action == "resolve":
+        data["resolved_by"] = result.actor  # as `saga resolve --json` always said
+
+    def render(r: dict[str, Any]) -> str:
+        line = (f"saga {r['saga_id']} ({r['saga_type']} {r['business_key']}):"
+                f" {action.replace('_', ' ')} by {r['actor']}"
+                f"{' (already done: this action id was used before)' if r['repeated'] else ''};"
+                f" now {r['status']}; recorded {', '.join(r['events'])}")
+        if r["commands"]:
+            line += f"; {r['commands']} command(s) queued"
+        if r["outcome"]:
+            line += f"; outcome event {r['outcome']['event_id']} queued"
+        return line
+
+    _print(data, args.json, render)
     return 0
 
 
@@ -737,16 +774,38 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--json", action="store_true")
     ck.set_defaults(run=cmd_check)
 
-    rs = sub.add_parser("resolve", help="close a FAILED saga once its leftovers were set right "
-                                        "(publishes its 'resolved' outcome)")
-    rs.add_argument("id", help="saga id or business key")
-    rs.add_argument("--type", help="the saga type, when a business key names several")
-    rs.add_argument("--note", required=True,
-                    help="what was done, for the record (an incident ticket, say)")
-    rs.add_argument("--actor", metavar="NAME",
-                    help="who resolves it, recorded as the event's actor (default: $USER)")
-    rs.add_argument("--json", action="store_true")
-    rs.set_defaults(run=cmd_resolve)
+    actions = {
+        "retry-now": ("start a waiting retry, or send the outstanding command again, now "
+                      "(every member of a parallel stage that waits)", cmd_retry_now),
+        "cancel": ("turn a running saga back: compensate what it applied, as if its current "
+                   "step had failed for good (refused after the pivot)", cmd_cancel),
+        "retry-compensation": ("a saga that FAILED while compensating tries its remaining "
+                               "compensations again", cmd_retry_compensation),
+        "resolve": ("close a FAILED saga once its leftovers were set right (publishes its "
+                    "'resolved' outcome)", cmd_resolve),
+    }
+    for name, (help_text, command) in actions.items():
+        ac = sub.add_parser(name, help=help_text,
+                            description=help_text + ". Recorded as an event of the saga with "
+                            "the operating system user ($USER) as its actor and the reason.")
+        ac.add_argument("id", help="saga id (or its first 8+ hex digits) or business key")
+        ac.add_argument("--type", help="the saga type, when a business key names several")
+        if name == "resolve":
+            why = ac.add_mutually_exclusive_group(required=True)
+            why.add_argument("--reason", help="what was done, for the record (an incident "
+                                              "ticket, say)")
+            why.add_argument("--note", help="the same as --reason (its older name)")
+            ac.add_argument("--actor", metavar="NAME",
+                            help="who resolves it, recorded as the event's actor "
+                                 "(default: $USER)")
+        else:
+            ac.add_argument("--reason", required=True,
+                            help="why, for the record (an incident ticket, say)")
+        ac.add_argument("--action-id", type=uuid.UUID, metavar="UUID",
+                        help="this action's id (default: a new one); the same id sent again "
+                             "acts once and answers what the first did")
+        ac.add_argument("--json", action="store_true")
+        ac.set_defaults(run=command)
 
     ob = sub.add_parser("outbox", help="outbox rows set aside after the broker refused them")
     ob_commands = ob.add_subparsers(dest="outbox_command", required=True)
@@ -792,7 +851,7 @@ def _main(argv: list[str] | None = None) -> int:
     except NotFound as error:
         print(f"saga: {error}", file=sys.stderr)
         return 3
-    except (ConfigurationError, OperatorActionRefused) as error:
+    except (ConfigurationError, Conflict) as error:
         print(f"saga: {error}", file=sys.stderr)
         return 2
     except SagaError as error:

@@ -16,7 +16,7 @@
     ├── NotFound                  no saga, dead letter or account with that id
     ├── Conflict                  an action the saga's or dead letter's state does not allow
     │   └── OperatorActionRefused an operator action that does not apply to the saga as it is
-    │                             (resolving a saga that is not FAILED)
+    │                             (cancelling past the pivot, resolving a saga not FAILED)
     ├── OutcomeTimeout            the client saw no outcome for its request in time (retryable:
     │                             submitting the same request again is safe)
     ├── NotAuthenticated          the console got no token, or one it cannot trust (HTTP 401)
@@ -107,8 +107,10 @@ class Conflict(SagaError):
 
 
 class OperatorActionRefused(Conflict):
-    """An operator action the saga's state does not allow (resolving a saga that is not
-    FAILED, a second resolve). Nothing was changed; the console answers 409."""
+    """An operator action the saga's state does not allow (cancelling a saga past its pivot,
+    retrying now a saga that waits on nothing, resolving a saga that is not FAILED, a second
+    resolve) or one without an actor or a reason. The message says why. Nothing was changed;
+    the CLI exits 2, the console answers 409."""
 
 
 class OutcomeTimeout(SagaError):

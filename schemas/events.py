@@ -210,6 +210,45 @@ class SagaResolved(_Event):
     type: Literal["SagaResolved"] = "SagaResolved"
     resolved_by: str = Field(min_length=1)
     note: str
+    action_id: UUID | None = Field(
+        default=None, description="The operator action that resolved it (its id makes a repeat"
+        " of the action act once); none in events recorded before operator actions had ids")
+
+
+class OperatorActed(_Event):
+    """An operator acted on a running or FAILED saga (the console or the `saga` command).
+
+    `action` says what they asked for, `actor` who (the console token's subject, or the
+    operating system user of the CLI), `reason` why, in their words. The consequences follow
+    as the usual events, decided with it by the core and recorded in the same transaction:
+    - `retry_now`: the retries waiting out their backoff start (`StepStarted`) and the
+      commands out are sent again under their ids (`StepResent`), without waiting;
+    - `cancel`: the forward steps running are given up as if they had failed for good; one
+      whose command is out counts as possibly applied (as after a timeout given up) and is
+      compensated too; then compensation starts (`StepStarted` compensate, or
+      `SagaCompensated` when nothing was applied);
+    - `retry_compensation`: a saga that FAILED while compensating is compensating again,
+      from the compensation that failed (`StepStarted`).
+    `action_id` (the caller's, one per request) makes the same action sent twice act once."""
+
+    type: Literal["OperatorActed"] = "OperatorActed"
+    action: Literal["retry_now", "cancel", "retry_compensation"]
+    action_id: UUID
+    actor: str = Field(min_length=1)
+    reason: str = Field(min_length=1)
+
+
+class StepResent(_Event):
+    """An operator's retry now sent the command out again under the same id (so a participant
+    that applied it replies with its stored result), with a new deadline. Unlike a re-send
+    after a deadline (`StepTimedOut`), it spends none of the step's attempts."""
+
+    type: Literal["StepResent"] = "StepResent"
+    step: str
+    direction: Direction
+    attempt: int
+    command_id: UUID
+    deadline_at: datetime
 
 
 SagaEvent = Annotated[
@@ -225,7 +264,9 @@ SagaEvent = Annotated[
     | SagaCompleted
     | SagaCompensated
     | SagaFailed
-    | SagaResolved,
+    | SagaResolved
+    | OperatorActed
+    | StepResent,
     Field(discriminator="type"),
 ]
 SAGA_EVENT_ADAPTER: TypeAdapter[SagaEvent] = TypeAdapter(SagaEvent)

@@ -1,13 +1,14 @@
-"""The HTTP API, `/api/v1`: reads for every role (account ids masked for viewers), dead-letter
-redrives for operators (one) and admins (in bulk). Every action records the token's subject as
-its actor. The routes only translate: the queries and the redrive are `orchestrator.ops`'s,
-the same the CLI runs.
+"""The HTTP API, `/api/v1`: reads for every role (account ids masked for viewers), operator
+actions on a saga and dead-letter redrives for operators (one) and admins (in bulk). Every
+action records the token's subject as its actor. The routes only translate: the queries, the
+actions and the redrive are `orchestrator.ops`'s, the same the CLI runs.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
+import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -19,8 +20,11 @@ from orchestrator.console import models
 from orchestrator.console.auth import Principal, Role
 from orchestrator.console.problems import Problem
 from orchestrator.console.security import Console, console_of, require
+from orchestrator.core.saga import ActOnSaga, OperatorAction
+from orchestrator.core.saga_type import SagaTypes
 from orchestrator.errors import ConfigurationError, Conflict, NotAllowed, NotFound
 from orchestrator.ops import dlq, queries
+from orchestrator.ops.actions import act_on_saga
 from orchestrator.ops.overview import overview, saga_id_by_prefix
 
 log = logging.getLogger(__name__)
@@ -108,6 +112,58 @@ async def get_saga(
     except ConfigurationError as error:  # a business key several types share
         raise Conflict(str(error).replace("pass --type", "pass ?type=")) from error
     return {**_masked(console, principal, data), "accounts_masked": not principal.sees_accounts}
+
+
+async def saga_id_of(console: Console, saga_ref: str, saga_type: str | None) -> uuid.UUID:
+    """The saga a reference names: an id, a unique prefix of one, or a business key."""
+    engine = console.database()
+    try:
+        return await queries.resolve_saga_id(engine, saga_ref, saga_type)
+    except NotFound:
+        saga_id = await saga_id_by_prefix(engine, saga_ref)
+        if saga_id is None:
+            raise
+        return saga_id
+    except ConfigurationError as error:  # a business key several types share
+        raise Conflict(str(error).replace("pass --type", "pass ?type=")) from error
+
+
+async def act(console: Console, principal: Principal, saga_ref: str, saga_type: str | None,
+              action: models.ActionName, body: models.ActionRequest) -> dict[str, Any]:
+    """An operator action with the token's subject as its actor (the pages call this too)."""
+    saga_id = await saga_id_of(console, saga_ref, saga_type)
+    sagas = (console.sagas if isinstance(console.sagas, SagaTypes)
+             else SagaTypes(console.sagas.values()))
+    request = ActOnSaga(OperatorAction(action.value.replace("-", "_")),
+                        body.action_id or uuid.uuid4(), principal.subject, body.reason)
+    result = await act_on_saga(console.database(), console.settings, sagas, saga_id, request)
+    log.info("operator action %s on saga %s by %s", request.action.value, saga_id,
+             principal.subject)
+    return result.to_json()
+
+
+@router.post("/sagas/{saga_ref}/actions/{action}", response_model=models.ActionResult,
+             summary="an operator action on one saga, recorded in its history with the token's"
+                     " subject as actor",
+             description=(
+                 "`retry-now`: start a waiting retry or send the outstanding command again, now."
+                 " `cancel`: a running saga compensates what it applied (refused after the"
+                 " pivot). `retry-compensation`: a saga that FAILED while compensating tries"
+                 " its remaining compensations again. `resolve`: close a FAILED saga as"
+                 " RESOLVED. The same `action_id` sent again acts once and answers the first"
+                 " result (`repeated: true`)."),
+             responses={404: {"description": "no such saga"},
+                        409: {"description": "the saga's state does not allow the action (the"
+                              " reason says why; nothing changed), or the action id was used"
+                              " for another action"}})
+async def saga_action(
+        principal: Operator, console: Ctx, action: models.ActionName,
+        body: models.ActionRequest,
+        saga_ref: Annotated[str, Path(min_length=1, max_length=500, description=(
+            "a saga id, a unique prefix of one (4+ hex digits), or a business key"))],
+        saga_type: Annotated[str | None, Query(alias="type", max_length=200)] = None,
+) -> dict[str, Any]:
+    return await act(console, principal, saga_ref, saga_type, action, body)
 
 
 @router.get("/stuck", response_model=models.Stuck,

@@ -4,9 +4,11 @@ UTC; money stays as the decimal strings the events hold, never a float."""
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated, Any, Literal
+from uuid import UUID
 
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 # Statuses are spelled in capitals; a query may spell them in any case.
 SagaStatus = Annotated[
@@ -125,6 +127,8 @@ class DeadLetterSummary(BaseModel):
     saga_type: str | None
     business_key: str | None
     redriven_at: str | None
+    redriven_by: str | None = Field(default=None, description=(
+        "who redrove it (none if not redriven, or redriven before this was recorded)"))
 
 
 class DeadLetterList(BaseModel):
@@ -160,6 +164,42 @@ class RedriveResult(BaseModel):
     already_redriven: list[str]
     not_found: list[str]
     outbox_ids: list[int]
+
+
+class ActionName(StrEnum):
+    """An operator action on one saga (the `saga` command of the same name)."""
+
+    RETRY_NOW = "retry-now"
+    CANCEL = "cancel"
+    RETRY_COMPENSATION = "retry-compensation"
+    RESOLVE = "resolve"
+
+
+class ActionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(min_length=1, max_length=2000, pattern=r"\S",
+                        description="why, in the operator's words (an incident ticket, say);"
+                        " recorded with the action")
+    action_id: UUID | None = Field(default=None, description=(
+        "one per request (a new UUID per click): the same id sent again acts once and answers"
+        " what the first did; the server makes one if none is given"))
+
+
+class ActionResult(BaseModel):
+    action_id: UUID
+    action: str = Field(description="retry_now, cancel, retry_compensation or resolve")
+    saga_id: UUID
+    saga_type: str
+    business_key: str
+    actor: str = Field(description="who acted: the token's subject")
+    reason: str
+    status: str = Field(description="the saga's status right after the action")
+    events: list[str] = Field(description="the types of the events the action recorded")
+    commands: int = Field(description="step commands it queued")
+    outcome: dict[str, Any] | None = Field(description="the saga's outcome event, if it ended")
+    repeated: bool = Field(description="an answer to an action id used before: nothing new"
+                           " was done")
 
 
 class BulkRedrive(BaseModel):

@@ -86,6 +86,10 @@ class Action:
     perform: Perform  # does it; answers the result in words
     confirm: str = ""  # asked in the browser before sending, when set
     reason_kept: str = "on the saga's timeline, with your name"  # where the reason goes
+    # Set when `perform` asks the engine, which refuses what the state does not allow (409,
+    # with its reason) and answers a repeat of the same action id with the first result: then
+    # `applies` only picks the forms to show, and a double click is not refused by it.
+    decided_by_engine: bool = False
 
 
 async def _redrive(console: Console, principal: Principal, ref: str, form: ActionForm) -> str:
@@ -110,11 +114,54 @@ REDRIVE: Final = Action(
     perform=_redrive,
     reason_kept="in the console's log with your name; your name also travels with the record")
 
-# Sagas have no action yet: retry now, cancel, retry compensation and resolve are to come as
-# core commands (issue 12, point 1). Each will be one `Action` here, e.g.
-#   Action("resolve", "Resolve", "Close this FAILED saga as RESOLVED.", Role.OPERATOR,
-#          applies=lambda saga: saga["status"] == "FAILED", perform=_resolve)
-SAGA_ACTIONS: tuple[Action, ...] = ()
+def _saga_action(name: models.ActionName) -> Perform:
+    async def perform(console: Console, principal: Principal, ref: str,
+                      form: ActionForm) -> str:
+        result = await api.act(console, principal, ref, None, name,
+                               models.ActionRequest(reason=form.reason,
+                                                    action_id=form.action_id))
+        said = (f"Already done: this form was sent before (by {result['actor']})."
+                if result["repeated"] else f"Done by {result['actor']}.")
+        said += f" The saga is {result['status']} now; recorded: {', '.join(result['events'])}"
+        if result["commands"]:
+            said += f"; {result['commands']} command(s) sent"
+        if result["outcome"]:
+            said += f"; its {result['outcome']['outcome']} outcome event published"
+        return said + ". Its timeline shows it."
+    return perform
+
+
+def _failed_compensating(saga: Mapping[str, Any]) -> bool:
+    """A FAILED saga whose failure was a compensation's (the core decides; this only picks the
+    button to offer)."""
+    failed = [e for e in saga.get("events", ()) if e.get("type") == "SagaFailed"]
+    return (saga.get("status") == "FAILED" and bool(failed)
+            and str(failed[-1].get("payload", {}).get("reason", "")).startswith("compensation"))
+
+
+# The saga actions of orchestrator/ops/actions.py: the core refuses, with its reason, what the
+# saga's state does not allow (cancel after the pivot, say); `applies` only picks the buttons.
+SAGA_ACTIONS: tuple[Action, ...] = (
+    Action("retry-now", "Retry now",
+           "Start the waiting retry, or send the outstanding command again, now.",
+           Role.OPERATOR, lambda saga: saga.get("status") in ("RUNNING", "COMPENSATING"),
+           _saga_action(models.ActionName.RETRY_NOW), decided_by_engine=True),
+    Action("cancel", "Cancel",
+           "Turn back: compensate what it applied, as if its current step had failed for good"
+           " (refused once the pivot step succeeded).",
+           Role.OPERATOR, lambda saga: saga.get("status") == "RUNNING",
+           _saga_action(models.ActionName.CANCEL), decided_by_engine=True,
+           confirm="Cancel this saga and compensate what it applied?"),
+    Action("retry-compensation", "Retry compensation",
+           "Try the compensation that failed, then the rest, again.",
+           Role.OPERATOR, _failed_compensating,
+           _saga_action(models.ActionName.RETRY_COMPENSATION), decided_by_engine=True),
+    Action("resolve", "Resolve",
+           "Close this FAILED saga as RESOLVED, once what it left was set right by hand.",
+           Role.OPERATOR, lambda saga: saga.get("status") == "FAILED",
+           _saga_action(models.ActionName.RESOLVE), decided_by_engine=True,
+           confirm="Close this saga as RESOLVED? It never changes again."),
+)
 DEAD_LETTER_ACTIONS: tuple[Action, ...] = (REDRIVE,)
 _ACTIONS: Final[dict[str, tuple[Action, ...]]] = {"sagas": SAGA_ACTIONS,
                                                   "dead-letters": DEAD_LETTER_ACTIONS}
@@ -306,7 +353,7 @@ async def act(request: Request, principal: Operator, console: Ctx,
     else:
         thing = await api.show_dead_letter(principal, console, request, ref)
         ref = str(thing["dead_letter_id"])
-    if not action.applies(thing):
+    if not action.decided_by_engine and not action.applies(thing):
         raise Conflict(f"{action.label} does not apply to this {kind.rstrip('s')} in its"
                        " present state: reload the page to see it")
     message = await action.perform(console, principal, ref, form)

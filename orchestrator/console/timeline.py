@@ -29,7 +29,7 @@ TERMINAL: Final = frozenset({"COMPLETED", "COMPENSATED", "REJECTED", "FAILED", "
 MIN_WIDTH_PCT: Final = 0.6
 _STEP_EVENTS: Final = frozenset({"StepStarted", "StepSucceeded", "StepFailed",
                                  "StepCompensated", "CompensationFailed",
-                                 "StepRetryScheduled", "StepTimedOut"})
+                                 "StepRetryScheduled", "StepTimedOut", "StepResent"})
 
 Outcome = Literal["succeeded", "failed", "retryable", "compensated", "gave up", "awaiting",
                   "no reply"]
@@ -178,7 +178,10 @@ def layout(events: list[dict[str, Any]], status: str, now: datetime,
         at = _time(event["recorded_at"])
         kind, step, payload = event["type"], event.get("step"), event.get("payload") or {}
         if kind not in _STEP_EVENTS or not step:
-            markers.append((at, _LIFECYCLE.get(kind, kind), event.get("actor"),
+            label = _LIFECYCLE.get(kind, kind)
+            if kind == "OperatorActed":  # the action, in words: "cancel", "retry now"
+                label = str(payload.get("action", kind)).replace("_", " ")
+            markers.append((at, label, event.get("actor"),
                             kind not in _LIFECYCLE and bool(event.get("actor"))))
             continue
         direction: Direction = (
@@ -247,6 +250,9 @@ def _fold(row: Row, kind: str, at: datetime, attempt: int, payload: dict[str, An
     if bar is None:  # an outcome without its start (a stale reply): a point at its time
         bar = Bar("attempt", attempt, at)
         row.bars.append(bar)
+    if kind == "StepResent":  # an operator's retry now: the same command sent again
+        bar.resends.append(at)
+        return
     if kind == "StepTimedOut":
         if payload.get("gave_up"):
             bar.end, bar.outcome, bar.detail = at, "gave up", detail

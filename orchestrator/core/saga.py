@@ -39,6 +39,7 @@ from orchestrator.errors import OperatorActionRefused
 from schemas import (
     CompensationFailed,
     Direction,
+    OperatorActed,
     Outcome,
     RejectionCode,
     SagaCompensated,
@@ -58,6 +59,7 @@ from schemas import (
     StepCompensated,
     StepFailed,
     StepReply,
+    StepResent,
     StepRetryScheduled,
     StepStarted,
     StepSucceeded,
@@ -492,7 +494,32 @@ def _evolve(state: SagaState, event: SagaEvent) -> SagaState:
     if isinstance(event, SagaResolved):
         return _replace(state, status=SagaStatus.RESOLVED,
                         conclusion=(event.resolved_by, event.note))
+    # Operator actions last: the messages of a saga's normal run never reach them.
+    if isinstance(event, StepResent):
+        runs = _changed(state.runs, event.step, event.direction, deadline_at=event.deadline_at)
+        return _replace(state, deadline_at=event.deadline_at, runs=runs)
+    if isinstance(event, OperatorActed):
+        return _operator_acted(state, event)
     raise TypeError(f"unknown event {event!r}")  # pragma: no cover - the union is closed
+
+
+def _operator_acted(state: SagaState, event: OperatorActed) -> SagaState:
+    if event.action == "cancel":
+        # As if the forward runs had failed for good: one whose command is out may have been
+        # applied (or be applied when it arrives late), so it counts as applied and is
+        # compensated, as after a timeout given up; a retry waiting applied nothing.
+        forward = [run for run in state.runs if run.direction is Direction.FORWARD]
+        applied = state.applied + tuple(
+            run.step for run in forward if run.sent and run.step not in state.applied)
+        return _replace(state, applied=applied,
+                        runs=tuple(r for r in state.runs if r.direction is Direction.COMPENSATE),
+                        command_id=None, deadline_at=None, next_attempt_at=None,
+                        failed_step=state.step,
+                        failure=f"CANCELLED: {event.reason} (by {event.actor})")
+    if event.action == "retry_compensation":
+        # The compensation that failed starts again with the next event (`StepStarted`).
+        return _replace(state, status=SagaStatus.COMPENSATING, conclusion=None, runs=())
+    return state  # retry_now: the runs change with the events that follow it
 
 
 def _run(state: SagaState, step: str, direction: Direction) -> StepRun | None:
@@ -667,18 +694,155 @@ def decide_reject(state: SagaState | None, message: RejectSaga) -> Decision:
                     outcomes=(outcome_of(evolve(None, event)),))
 
 
-def decide_resolve(state: SagaState, resolved_by: str, note: str) -> Decision:
+def decide_resolve(state: SagaState, resolved_by: str, note: str,
+                   action_id: UUID | None = None) -> Decision:
     """An operator closes a FAILED saga (after setting right, outside the engine, what it left):
     a `SagaResolved` event and the `resolved` outcome. Only a FAILED saga can be resolved; a
-    saga resolved already is refused too, so the outcome is published once."""
+    saga resolved already is refused too, so the outcome is published once. The note (the
+    operator's reason) is mandatory."""
     if state.status is not SagaStatus.FAILED:
         raise OperatorActionRefused(
             f"saga {state.saga_id} is {state.status.value}: only a FAILED saga can be resolved")
     if not resolved_by.strip():
-        raise OperatorActionRefused("say who resolves the saga (--by)")
-    event = SagaResolved(resolved_by=resolved_by, note=note)
+        raise OperatorActionRefused("say who resolves the saga")
+    if not note.strip():
+        raise OperatorActionRefused("say why the saga is resolved (what was set right, where)")
+    event = SagaResolved(resolved_by=resolved_by, note=note, action_id=action_id)
     return Decision(Verdict.APPLIED, events=(event,),
                     outcomes=(outcome_of(evolve(state, event)),))
+
+
+class OperatorAction(StrEnum):
+    """What an operator may ask of a saga (persisted in `OperatorActed.action`: never renamed)."""
+
+    RETRY_NOW = "retry_now"
+    CANCEL = "cancel"
+    RETRY_COMPENSATION = "retry_compensation"
+    RESOLVE = "resolve"
+
+
+@dataclass(frozen=True)
+class ActOnSaga:
+    """An operator's action on one saga: `action_id` is the caller's (one per request, so the
+    same request sent twice acts once), `actor` who asks, `reason` why."""
+
+    action: OperatorAction
+    action_id: UUID
+    actor: str
+    reason: str
+
+
+def decide_action(definition: SagaDefinition | None, state: SagaState, request: ActOnSaga,
+                  now: datetime) -> Decision:
+    """Decide an operator's action like any other message: the events that record it (first,
+    `OperatorActed` with the actor and the reason, or `SagaResolved`) and what it causes.
+    Raises OperatorActionRefused, saying why, when the saga's state does not allow it; nothing
+    is decided then. `definition` is the saga's (None only for a saga that never ran)."""
+    actor, reason = request.actor.strip(), request.reason.strip()
+    if not actor:
+        raise OperatorActionRefused("say who acts: an operator action records its actor")
+    if not reason:
+        raise OperatorActionRefused("give a reason: an operator action records why it was taken")
+    if request.action is OperatorAction.RESOLVE:
+        return decide_resolve(state, actor, reason, request.action_id)
+    if definition is None:
+        raise OperatorActionRefused(
+            f"saga {state.saga_id} is {state.status.value}: it never ran, nothing to act on")
+    acted = OperatorActed(action=request.action.value, action_id=request.action_id,
+                          actor=actor, reason=reason)
+    if request.action is OperatorAction.RETRY_NOW:
+        return _retry_now(definition, state, acted, now)
+    if request.action is OperatorAction.CANCEL:
+        return _cancel(definition, state, acted, now)
+    return _retry_compensation(definition, state, acted, now)
+
+
+def _retry_now(definition: SagaDefinition, state: SagaState, acted: OperatorActed,
+               now: datetime) -> Decision:
+    """Every run the recovery worker would act on at its due time, now: a retry waiting starts
+    its next attempt, a command out is sent again (same id, a new deadline, no attempt spent)."""
+    if state.status not in IN_FLIGHT_STATUSES:
+        hint = (": retry its compensation (retry-compensation) or resolve it"
+                if state.status is SagaStatus.FAILED else "")
+        raise OperatorActionRefused(
+            f"saga {state.saga_id} is {state.status.value}: only a running or compensating"
+            f" saga can be retried now{hint}")
+    due = sorted(_due_runs(state), key=lambda item: (item[1], item[0]))
+    if not due:
+        raise OperatorActionRefused(
+            f"saga {state.saga_id} waits on no retry and no command: nothing to retry now")
+    events: list[SagaEvent] = [acted]
+    commands: list[StepCommand] = []
+    current = evolve(state, acted)
+    for _, _, run in due:
+        step = definition.step(run.step)
+        if run.waiting:
+            acts, sent = _start_step(definition, current, step, run.direction, run.attempt + 1,
+                                     now)
+        else:
+            assert run.command_id is not None
+            deadline_at = now + timedelta(seconds=step.timeout_s)
+            acts = (StepResent(step=step.name, direction=run.direction, attempt=run.attempt,
+                               command_id=run.command_id, deadline_at=deadline_at),)
+            sent = (_command(definition, current, step, run.direction, run.attempt,
+                             run.command_id, deadline_at),)
+        for event in acts:
+            current = evolve(current, event)
+        events += acts
+        commands += sent
+    return Decision(Verdict.APPLIED, events=tuple(events), commands=tuple(commands))
+
+
+def _cancel(definition: SagaDefinition, state: SagaState, acted: OperatorActed,
+            now: datetime) -> Decision:
+    """A running saga turns back as if its current step had failed for good. Not after the
+    pivot (nothing is undone after it), nor while the pivot's command is out (its reply says
+    whether the saga is past it)."""
+    if state.status is SagaStatus.COMPENSATING:
+        raise OperatorActionRefused(
+            f"saga {state.saga_id} is COMPENSATING already: it is undoing its steps")
+    if state.status is not SagaStatus.RUNNING:
+        raise OperatorActionRefused(
+            f"saga {state.saga_id} is {state.status.value}: only a running saga can be"
+            " cancelled")
+    pivot = next((name for name in state.applied if definition.step(name).pivot), None)
+    if pivot is not None:
+        raise OperatorActionRefused(
+            f"saga {state.saga_id} is past its pivot: step {pivot} succeeded, and a"
+            f" {state.saga_type} cannot be undone after it; it finishes forward")
+    in_flight = next((run.step for run in state.runs
+                      if run.sent and definition.step(run.step).pivot), None)
+    if in_flight is not None:
+        raise OperatorActionRefused(
+            f"saga {state.saga_id} waits on its pivot step {in_flight}, which may have"
+            " succeeded: cancel is refused until its reply says (if it failed, the saga"
+            " compensates by itself)")
+    current = evolve(state, acted)
+    events, commands = _next_compensation(definition, current, now)
+    return _concluded(state, Decision(Verdict.APPLIED, events=(acted, *events),
+                                      commands=commands))
+
+
+def _retry_compensation(definition: SagaDefinition, state: SagaState, acted: OperatorActed,
+                        now: datetime) -> Decision:
+    """A saga that FAILED while compensating compensates again, from the compensation that
+    failed: its next attempt (a new command id; what is left of its budget, at least this
+    one attempt), then the ones before it as usual."""
+    if state.status is not SagaStatus.FAILED:
+        raise OperatorActionRefused(
+            f"saga {state.saga_id} is {state.status.value}: only a FAILED saga can retry its"
+            " compensation")
+    pending = [name for name in state.applied if definition.step(name).compensation is not None]
+    if state.direction is not Direction.COMPENSATE or not pending:
+        raise OperatorActionRefused(
+            f"saga {state.saga_id} failed going forward (step {state.step}), not while"
+            " compensating: there is no compensation to retry; set it right by hand, then"
+            " resolve it")
+    step = definition.step(pending[-1])
+    attempt = state.attempt + 1 if step.name == state.step else 1
+    current = evolve(state, acted)
+    events, commands = _start_step(definition, current, step, Direction.COMPENSATE, attempt, now)
+    return Decision(Verdict.APPLIED, events=(acted, *events), commands=commands)
 
 
 def outcome_of(state: SagaState) -> SagaOutcome:
@@ -1046,7 +1210,9 @@ def participant_of(definition: SagaDefinition, command: StepCommand) -> str:
 __all__ = [
     "IN_FLIGHT_STATUSES",
     "TERMINAL_STATUSES",
+    "ActOnSaga",
     "Decision",
+    "OperatorAction",
     "RejectSaga",
     "SagaState",
     "SagaStatus",
@@ -1054,6 +1220,7 @@ __all__ = [
     "StepRun",
     "Verdict",
     "command_id_for",
+    "decide_action",
     "decide_due",
     "decide_reject",
     "decide_reply",

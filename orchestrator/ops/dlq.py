@@ -15,8 +15,9 @@ outbox relay publishes it. Two facts make that exactly once:
   reply's inbox id is its `reply_id` plus the redrive id when there is one, so a redriven reply
   is decided once more too; the saga's command id decides whether it still applies.
 
-There is no column for who redrove a dead letter (this module adds no migration): the actor
-travels as the `saga-redriven-by` header of the outbox row and of the republished record.
+Who redrove a dead letter is recorded with it (`redriven_by`, migration 0011, beside
+`redriven_at`; `saga timeline` and the dead-letter pages show it) and travels as the
+`saga-redriven-by` header of the outbox row and of the republished record.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ class DeadLetterSummary:
     saga_type: str | None
     business_key: str | None
     redriven_at: datetime | None
+    redriven_by: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -119,6 +121,7 @@ class DeadLetterSummary:
             "saga_id": _str_or_none(self.saga_id), "saga_type": self.saga_type,
             "business_key": self.business_key,
             "redriven_at": self.redriven_at.isoformat() if self.redriven_at else None,
+            "redriven_by": self.redriven_by,
         }
 
 
@@ -180,7 +183,7 @@ def _uuid(value: object) -> UUID | None:
 _SUMMARY_COLUMNS = (
     "dead_letter_id, stage, reason_code, error_class, original_topic, original_partition,"
     " original_offset, attempts, first_failed_at, last_failed_at, saga_id, saga_type,"
-    " business_key, redriven_at"
+    " business_key, redriven_at, redriven_by"
 )
 
 
@@ -192,7 +195,7 @@ def _summary(row: Row[Any]) -> DeadLetterSummary:
         attempts=row.attempts, first_failed_at=row.first_failed_at,
         last_failed_at=row.last_failed_at, saga_id=_uuid(row.saga_id),
         saga_type=row.saga_type, business_key=row.business_key,
-        redriven_at=row.redriven_at,
+        redriven_at=row.redriven_at, redriven_by=row.redriven_by,
     )
 
 
@@ -342,16 +345,17 @@ async def redrive(conn: AsyncConnection, ids: Sequence[str] | Select, *,
                 "message caused it, so there is nothing to redrive; resolve the saga instead "
                 "(docs/operations/runbook.md, FAILED)")
         marked = list((await conn.execute(
-            text("UPDATE dead_letters SET redriven_at = now()"
+            text("UPDATE dead_letters SET redriven_at = now(), redriven_by = :actor"
                  " WHERE dead_letter_id = ANY(:ids) AND redriven_at IS NULL "
                  + _MARK_REDRIVEN_COLUMNS),
-            {"ids": list(wanted)},
+            {"ids": list(wanted), "actor": actor},
         )).all())
     else:
         # A FAILED saga's dead letter (stage recovery) has no message to send again.
         marked = list((await conn.execute(text(
-            "UPDATE dead_letters SET redriven_at = now() WHERE redriven_at IS NULL"
-            " AND stage <> :stage " + _MARK_REDRIVEN_COLUMNS), {"stage": RECOVERY_STAGE}
+            "UPDATE dead_letters SET redriven_at = now(), redriven_by = :actor"
+            " WHERE redriven_at IS NULL AND stage <> :stage " + _MARK_REDRIVEN_COLUMNS),
+            {"stage": RECOVERY_STAGE, "actor": actor}
         )).all())
 
     # Oldest failure first, so the relay (which publishes in outbox id order) republishes in

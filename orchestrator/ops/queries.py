@@ -169,6 +169,12 @@ def _detail(event_type: str, payload: dict[str, Any],
                 f"(re-send {payload['resend']}, deadline {payload['deadline_at']})")
     if event_type == "StepCompensated":
         return f"undone (attempt {payload['attempt']}){_by(payload)}"
+    if event_type == "OperatorActed":
+        action = str(payload["action"]).replace("_", " ")
+        return f"{action} by {payload['actor']}: {payload['reason']}"
+    if event_type == "StepResent":
+        return (f"{payload['direction']} attempt {payload['attempt']} re-sent by an operator"
+                f" (deadline {payload['deadline_at']})")
     return ""
 
 
@@ -200,7 +206,8 @@ async def timeline(engine: AsyncEngine, any_id: str, saga_type: str | None = Non
         # Intake dead letters written before 0009 name no saga id, only the (backfilled) key.
         letters = (await conn.execute(text(
             "SELECT dead_letter_id, stage, reason_code, reason, first_failed_at,"
-            " last_failed_at, attempts, redriven_at FROM dead_letters WHERE saga_id = :id"
+            " last_failed_at, attempts, redriven_at, redriven_by FROM dead_letters"
+            " WHERE saga_id = :id"
             " OR (saga_id IS NULL AND saga_type = :type AND business_key = :key)"
             " ORDER BY first_failed_at, dead_letter_id"),
             {"id": saga_id, "type": saga.saga_type, "key": saga.business_key})).all()
@@ -240,6 +247,7 @@ async def timeline(engine: AsyncEngine, any_id: str, saga_type: str | None = Non
             "first_failed_at": d.first_failed_at.isoformat(),
             "last_failed_at": d.last_failed_at.isoformat(), "attempts": d.attempts,
             "redriven_at": d.redriven_at.isoformat() if d.redriven_at else None,
+            "redriven_by": d.redriven_by,
             "show": f"saga dlq show {str(d.dead_letter_id)[:SHORT_ID_HEX_DIGITS]}",
         } for d in letters],
     }
@@ -254,7 +262,9 @@ def _utc(iso: str) -> str:
 def _letter_line(letter: dict[str, Any]) -> str:
     """A dead letter in this saga's name (its own refused request, a conflicting re-send of
     its key, a reply or command set aside, its FAILED record), and how to see it."""
-    redriven = f", redriven {_utc(letter['redriven_at'])}" if letter["redriven_at"] else ""
+    by = f" by {letter['redriven_by']}" if letter.get("redriven_by") else ""
+    redriven = (f", redriven {_utc(letter['redriven_at'])}{by}" if letter["redriven_at"]
+                else "")
     return (f"{_utc(letter['first_failed_at']):<23} {'-':>3}  {'DeadLetter':<18} {'':<8} "
             f"{letter['attempts']:>3} {'':>8}  {letter['reason_code']}: {letter['reason']}"
             f" ({letter['stage']}{redriven}); see `{letter['show']}`")

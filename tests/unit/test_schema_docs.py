@@ -70,7 +70,8 @@ def test_the_event_union_is_discriminated_by_type() -> None:
     assert set(mapping) == {"SagaStarted", "SagaRejected", "StepStarted", "StepSucceeded",
                             "StepFailed", "StepCompensated", "CompensationFailed",
                             "StepRetryScheduled", "StepTimedOut",
-                            "SagaCompleted", "SagaCompensated", "SagaFailed", "SagaResolved"}
+                            "SagaCompleted", "SagaCompensated", "SagaFailed", "SagaResolved",
+                            "OperatorActed", "StepResent"}
 
 
 def test_the_outcome_union_is_discriminated_by_outcome_and_keyed_for_dedup() -> None:
