@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import statistics
 import sys
@@ -37,6 +38,7 @@ from typing import Any
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.client import SagaClient
 from orchestrator.dev.embedded import EmbeddedStack, settings_for
@@ -76,7 +78,7 @@ def _sustained_status(i: int, minute: list[float], length_s: float) -> str:
             f"p50 {percentile(minute, 50):.1f} ms, p99 {percentile(minute, 99):.1f} ms")
 
 
-async def run_once(settings: Settings, engine, concurrency: int, transfers: int,
+async def run_once(settings: Settings, engine: AsyncEngine, concurrency: int, transfers: int,
                    run_id: str, duration_s: float | None = None) -> RunResult:
     """K = `transfers` sagas with C in flight; or, with `duration_s`, C in flight for that long
     (no new request after it; those in flight then are waited for)."""
@@ -157,7 +159,7 @@ async def run_once(settings: Settings, engine, concurrency: int, transfers: int,
                      p95_ms=percentile(latencies, 95), ended=ended, started_at=started_at)
 
 
-async def sagas_with_deadline_waits(engine, transfer_ids: list[str]) -> set[str]:
+async def sagas_with_deadline_waits(engine: AsyncEngine, transfer_ids: list[str]) -> set[str]:
     """The transfers whose saga waited out a step deadline at least once (re-sent or gave up)."""
     async with engine.connect() as conn:
         rows = (await conn.execute(text(
@@ -200,7 +202,7 @@ def minutes_of(ended: list[tuple[str, float, float]], started_at: float, duratio
     }
 
 
-async def sustained(settings: Settings, engine, concurrency: int, duration_s: float
+async def sustained(settings: Settings, engine: AsyncEngine, concurrency: int, duration_s: float
                     ) -> dict[str, Any]:
     """One run of `duration_s` at `concurrency`, reported minute by minute (see the module)."""
     result = await run_once(settings, engine, concurrency, 0, f"s{concurrency}",
@@ -235,7 +237,7 @@ def kafka_round_trip_ms(settings: Settings, samples: int = 200) -> float:
     replies, the requester consumes the reply. Same fetch settings as the workers."""
     tag = uuid.uuid4().hex[:8]
     requests, replies = f"rt-req-{tag}", f"rt-rep-{tag}"
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap or ""})
     created = admin.create_topics([NewTopic(requests, 1, 1), NewTopic(replies, 1, 1)])
     for future in created.values():
         future.result(10)
@@ -291,6 +293,9 @@ async def main() -> None:
     parser.add_argument("--sustain-s", type=float, default=None, metavar="N",
                         help="instead of --runs: keep --concurrency (one value) sagas in flight"
                              " for N seconds and report each minute")
+    parser.add_argument("--trace-sink", action="store_true",
+                        help="workers export their spans (OTLP over HTTP) to a receiver in "
+                             "this process that counts and drops them: the cost of tracing on")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.sustain_s is not None:
@@ -299,7 +304,12 @@ async def main() -> None:
         if "--concurrency" not in sys.argv[1:] or len(args.concurrency) != 1:
             parser.error("--sustain-s takes exactly one --concurrency value")
 
-    with EmbeddedStack() as stack:
+    sink = SpanSink() if args.trace_sink else None
+    if sink is not None:
+        # The workers inherit the environment: every one exports its spans over OTLP/HTTP.
+        os.environ.update({"OTEL_TRACES_EXPORTER": "otlp",
+                           "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{sink.endpoint}/v1/traces"})
+    with EmbeddedStack() as stack, (sink or contextlib.nullcontext()):
         settings = settings_for(stack, Settings(topic_prefix="bench."))
         engine = create_engine(stack.postgres.url)
         await migrate(engine, APPLICATION.migrations)
@@ -363,6 +373,49 @@ async def main() -> None:
     print(f"\nraw Kafka request/reply round trip on the same broker: {kafka_rt} ms (median)")
     print("a transfer saga is 11 Kafka hops (1 intake + 5 steps x 2) plus 6 orchestrator and "
           "5 participant transactions")
+
+
+class SpanSink:
+    """An OTLP/HTTP trace receiver on loopback that counts the spans it gets and keeps nothing:
+    what tracing costs the workers, without a collector's own load on the machine."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
+        sink = self
+        self.spans = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                request = ExportTraceServiceRequest()
+                request.ParseFromString(self.rfile.read(int(self.headers["Content-Length"])))
+                sink.spans += sum(len(scope.spans) for resource in request.resource_spans
+                                  for scope in resource.scope_spans)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> SpanSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        print(f"span sink: {self.spans} spans received", file=sys.stderr)
+        self.server.shutdown()
 
 
 def _interrupt(*_args: object) -> None:
