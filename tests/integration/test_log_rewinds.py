@@ -218,9 +218,10 @@ async def test_a_topic_created_again_under_a_running_consumer_is_read_from_its_s
 async def test_idle_freshly_assigned_consumers_keep_their_fetch_wait(
         stack_settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A consumer that has fetched nothing since its partitions were assigned, on a log whose
-    records its group already committed, is idle, not starved: after a quiet minute its
-    fetch wait is still the configured one (the watchdog once compared such a consumer with
-    the start of the log, and widened every idle consumer's wait up to 256 ms)."""
+    records its group already committed, is idle, not starved: after a dozen of the
+    watchdog's quiet periods its fetch wait is still the configured one (the watchdog once
+    compared such a consumer with the start of the log, and widened every idle consumer's wait
+    up to 256 ms)."""
     assert stack_settings.database_url
     broker = EmbeddedBroker(tmp_path, "tansu")  # the broker the watchdog is for
     broker.start()
@@ -241,8 +242,11 @@ async def test_idle_freshly_assigned_consumers_keep_their_fetch_wait(
         idle = Collector()
         caplog.set_level(logging.WARNING, logger="orchestrator.kafka.consumer")
         kafka = await start_consumer(settings, topic, group, idle)
+        # The watchdog looks after each quiet period (3 s in production); a shorter one makes
+        # the same dozen looks in seconds instead of a minute.
+        kafka.stall_after_s = 0.5
         try:
-            await asyncio.sleep(60)
+            await asyncio.sleep(6)
             wait_ms = int(kafka.config["fetch.wait.max.ms"])
         finally:
             await kafka.stop()
