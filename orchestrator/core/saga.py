@@ -126,10 +126,12 @@ def command_id_for(saga_id: UUID, step: str, direction: Direction, attempt: int)
     return uuid5(saga_id, f"{step}:{direction.value}:{attempt}")
 
 
-def outcome_event_id(saga_id: UUID) -> UUID:
+def outcome_event_id(saga_id: UUID, revived: int = 0) -> UUID:
     """The id of the one outcome event of a saga that ended (completed, compensated, rejected
-    or failed): the same on every copy, so readers deduplicate on it."""
-    return uuid5(saga_id, "outcome")
+    or failed): the same on every copy, so readers deduplicate on it. A FAILED saga that an
+    operator brought back (`retry_compensation`) ends again later: that is a new outcome, with
+    an id of its own per revival, never a second event under the first one's id."""
+    return uuid5(saga_id, "outcome") if revived == 0 else uuid5(saga_id, f"outcome:{revived}")
 
 
 def resolved_event_id(saga_id: UUID) -> UUID:
@@ -247,6 +249,9 @@ class SagaState:
     # (reason code, reason) when REJECTED, (step, reason) when FAILED, (operator, note) when
     # RESOLVED; None otherwise.
     conclusion: tuple[str, str] | None = None
+    # How many times an operator brought the saga back from FAILED: each later end publishes
+    # an outcome of its own (`outcome_event_id`).
+    revived: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -289,6 +294,8 @@ class SagaState:
             "requested_at": self.requested_at.isoformat() if self.requested_at else None,
             "runs": [run.to_json() for run in self.runs],
             "conclusion": list(self.conclusion) if self.conclusion else None,
+            # Only when set: every other cached state reads exactly as before.
+            **({"revived": self.revived} if self.revived else {}),
         }
 
     @classmethod
@@ -323,6 +330,7 @@ class SagaState:
             ),
             runs=tuple(StepRun.from_json(run) for run in data.get("runs", ())),
             conclusion=_conclusion_from_json(data),
+            revived=data.get("revived", 0),
         )
         if "runs" not in data:
             # A row cached before parallel groups: a sequential saga between two decisions has
@@ -518,7 +526,8 @@ def _operator_acted(state: SagaState, event: OperatorActed) -> SagaState:
                         failure=f"CANCELLED: {event.reason} (by {event.actor})")
     if event.action == "retry_compensation":
         # The compensation that failed starts again with the next event (`StepStarted`).
-        return _replace(state, status=SagaStatus.COMPENSATING, conclusion=None, runs=())
+        return _replace(state, status=SagaStatus.COMPENSATING, conclusion=None, runs=(),
+                        revived=state.revived + 1)
     return state  # retry_now: the runs change with the events that follow it
 
 
@@ -849,7 +858,7 @@ def outcome_of(state: SagaState) -> SagaOutcome:
     """The outcome event of a saga that ended, from its state alone, so the same state always
     gives the same event (the first publication, and every answer to a duplicate request)."""
     common: dict[str, Any] = {
-        "event_id": outcome_event_id(state.saga_id), "saga_id": state.saga_id,
+        "event_id": outcome_event_id(state.saga_id, state.revived), "saga_id": state.saga_id,
         "saga_type": state.saga_type, "business_key": state.business_key,
         "request_hash": state.request_hash or None,
     }

@@ -20,11 +20,14 @@ from orchestrator.core.saga import (
     ActOnSaga,
     Decision,
     OperatorAction,
+    SagaState,
     SagaStatus,
     Verdict,
     decide_action,
     decide_reply,
     evolve,
+    outcome_event_id,
+    outcome_of,
     outstanding_commands,
 )
 from orchestrator.errors import OperatorActionRefused
@@ -338,6 +341,12 @@ def test_retry_compensation_starts_the_failed_compensation_again_then_goes_on() 
     assert saga.state.status is SagaStatus.COMPENSATED
     assert [type(o).__name__ for o in saga.outcomes] == [
         "SagaFailedOutcome", "SagaCompensatedOutcome"]
+    # A new outcome, not a second event under the failed one's id (readers dedupe on ids);
+    # the same state gives the same id on every copy.
+    failed, compensated = saga.outcomes
+    assert failed.event_id == outcome_event_id(saga.state.saga_id)
+    assert compensated.event_id == outcome_event_id(saga.state.saga_id, 1) != failed.event_id
+    assert outcome_of(SagaState.from_json(saga.state.to_json())) == compensated
 
 
 def test_retry_compensation_that_fails_again_fails_the_saga_again() -> None:
