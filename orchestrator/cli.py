@@ -776,7 +776,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     actions = {
         "retry-now": ("start a waiting retry, or send the outstanding command again, now "
-                      "(every member of a parallel stage that waits)", cmd_retry_now),
+                      "(every member of a parallel stage that waits); a saga FAILED past its "
+                      "pivot sends the step that failed again", cmd_retry_now),
         "cancel": ("turn a running saga back: compensate what it applied, as if its current "
                    "step had failed for good (refused after the pivot)", cmd_cancel),
         "retry-compensation": ("a saga that FAILED while compensating tries its remaining "

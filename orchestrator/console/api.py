@@ -146,7 +146,8 @@ async def act(console: Console, principal: Principal, saga_ref: str, saga_type: 
              summary="an operator action on one saga, recorded in its history with the token's"
                      " subject as actor",
              description=(
-                 "`retry-now`: start a waiting retry or send the outstanding command again, now."
+                 "`retry-now`: start a waiting retry or send the outstanding command again,"
+                 " now (a saga FAILED past its pivot: send the step that failed again)."
                  " `cancel`: a running saga compensates what it applied (refused after the"
                  " pivot). `retry-compensation`: a saga that FAILED while compensating tries"
                  " its remaining compensations again. `resolve`: close a FAILED saga as"

@@ -139,12 +139,20 @@ def _failed_compensating(saga: Mapping[str, Any]) -> bool:
             and str(failed[-1].get("payload", {}).get("reason", "")).startswith("compensation"))
 
 
+def _failed_forward(saga: Mapping[str, Any]) -> bool:
+    """A FAILED saga whose failure was a forward step's, past its pivot (retry now sends it
+    again)."""
+    return saga.get("status") == "FAILED" and not _failed_compensating(saga)
+
+
 # The saga actions of orchestrator/ops/actions.py: the core refuses, with its reason, what the
 # saga's state does not allow (cancel after the pivot, say); `applies` only picks the buttons.
 SAGA_ACTIONS: tuple[Action, ...] = (
     Action("retry-now", "Retry now",
-           "Start the waiting retry, or send the outstanding command again, now.",
-           Role.OPERATOR, lambda saga: saga.get("status") in ("RUNNING", "COMPENSATING"),
+           "Start the waiting retry, or send the outstanding command again, now; a saga that"
+           " failed past its pivot sends the step that failed again and goes on.",
+           Role.OPERATOR,
+           lambda saga: saga.get("status") in ("RUNNING", "COMPENSATING") or _failed_forward(saga),
            _saga_action(models.ActionName.RETRY_NOW), decided_by_engine=True),
     Action("cancel", "Cancel",
            "Turn back: compensate what it applied, as if its current step had failed for good"

@@ -129,8 +129,9 @@ def command_id_for(saga_id: UUID, step: str, direction: Direction, attempt: int)
 def outcome_event_id(saga_id: UUID, revived: int = 0) -> UUID:
     """The id of the one outcome event of a saga that ended (completed, compensated, rejected
     or failed): the same on every copy, so readers deduplicate on it. A FAILED saga that an
-    operator brought back (`retry_compensation`) ends again later: that is a new outcome, with
-    an id of its own per revival, never a second event under the first one's id."""
+    operator brought back (`retry_compensation`, or `retry_now` past its pivot) ends again
+    later: that is a new outcome, with an id of its own per revival, never a second event
+    under the first one's id."""
     return uuid5(saga_id, "outcome") if revived == 0 else uuid5(saga_id, f"outcome:{revived}")
 
 
@@ -528,7 +529,12 @@ def _operator_acted(state: SagaState, event: OperatorActed) -> SagaState:
         # The compensation that failed starts again with the next event (`StepStarted`).
         return _replace(state, status=SagaStatus.COMPENSATING, conclusion=None, runs=(),
                         revived=state.revived + 1)
-    return state  # retry_now: the runs change with the events that follow it
+    if event.action == "retry_now" and state.status is SagaStatus.FAILED:
+        # A saga that failed going forward runs again from the step that failed, sent with
+        # the next event (`StepStarted`); its next end is a new outcome.
+        return _replace(state, status=SagaStatus.RUNNING, conclusion=None, runs=(),
+                        revived=state.revived + 1)
+    return state  # retry_now in flight: the runs change with the events that follow it
 
 
 def _run(state: SagaState, step: str, direction: Direction) -> StepRun | None:
@@ -770,12 +776,12 @@ def _retry_now(definition: SagaDefinition, state: SagaState, acted: OperatorActe
                now: datetime) -> Decision:
     """Every run the recovery worker would act on at its due time, now: a retry waiting starts
     its next attempt, a command out is sent again (same id, a new deadline, no attempt spent)."""
+    if state.status is SagaStatus.FAILED:
+        return _retry_failed_forward(definition, state, acted, now)
     if state.status not in IN_FLIGHT_STATUSES:
-        hint = (": retry its compensation (retry-compensation) or resolve it"
-                if state.status is SagaStatus.FAILED else "")
         raise OperatorActionRefused(
-            f"saga {state.saga_id} is {state.status.value}: only a running or compensating"
-            f" saga can be retried now{hint}")
+            f"saga {state.saga_id} is {state.status.value}: only a running, compensating or"
+            " FAILED saga can be retried now")
     due = sorted(_due_runs(state), key=lambda item: (item[1], item[0]))
     if not due:
         raise OperatorActionRefused(
@@ -832,6 +838,23 @@ def _cancel(definition: SagaDefinition, state: SagaState, acted: OperatorActed,
                                       commands=commands))
 
 
+def _retry_failed_forward(definition: SagaDefinition, state: SagaState, acted: OperatorActed,
+                          now: datetime) -> Decision:
+    """A saga that FAILED going forward (past its pivot: before it, a failure compensates)
+    sends the step that failed again, at its next attempt (a new command id), and goes on from
+    there. The participant applies a step at most once per saga and direction: one that had
+    applied it answers its stored reply, one that had not applies it now."""
+    if state.direction is not Direction.FORWARD or state.step is None:
+        raise OperatorActionRefused(
+            f"saga {state.saga_id} FAILED while compensating: retry its compensation"
+            " (retry-compensation), or resolve it")
+    step = definition.step(state.step)
+    current = evolve(state, acted)
+    events, commands = _start_step(definition, current, step, Direction.FORWARD,
+                                   state.attempt + 1, now)
+    return Decision(Verdict.APPLIED, events=(acted, *events), commands=commands)
+
+
 def _retry_compensation(definition: SagaDefinition, state: SagaState, acted: OperatorActed,
                         now: datetime) -> Decision:
     """A saga that FAILED while compensating compensates again, from the compensation that
@@ -845,8 +868,8 @@ def _retry_compensation(definition: SagaDefinition, state: SagaState, acted: Ope
     if state.direction is not Direction.COMPENSATE or not pending:
         raise OperatorActionRefused(
             f"saga {state.saga_id} failed going forward (step {state.step}), not while"
-            " compensating: there is no compensation to retry; set it right by hand, then"
-            " resolve it")
+            " compensating: there is no compensation to retry; send the step again"
+            " (retry-now), or set it right by hand and resolve it")
     step = definition.step(pending[-1])
     attempt = state.attempt + 1 if step.name == state.step else 1
     current = evolve(state, acted)

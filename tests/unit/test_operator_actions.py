@@ -366,6 +366,33 @@ def test_retry_compensation_of_a_saga_that_failed_after_the_pivot_is_refused() -
                  "failed going forward \\(step notify\\).*resolve it")
 
 
+def test_retry_now_of_a_saga_that_failed_past_its_pivot_sends_the_step_again_and_goes_on(
+        ) -> None:
+    saga = at("notify")  # settle (the pivot) succeeded
+    saga.receive(refused(saga.state, "SMTP_DOWN", "mail relay refused"))
+    assert saga.state.status is SagaStatus.FAILED
+    failed_attempt = saga.state.attempt
+
+    decision = decide(saga, act(OperatorAction.RETRY_NOW))
+
+    started, command = expected_start(saga.state.saga_id, "notify", FORWARD,
+                                      failed_attempt + 1, saga.state.input, LATER)
+    assert decision == Decision(Verdict.APPLIED, events=(acted(OperatorAction.RETRY_NOW), started),
+                                commands=(command,))
+    assert saga.state.status is SagaStatus.RUNNING and saga.state.conclusion is None
+    saga.receive(ok(saga.state))
+    assert saga.state.status is SagaStatus.COMPLETED
+    failed, completed = saga.outcomes
+    assert (type(failed).__name__, type(completed).__name__) == (
+        "SagaFailedOutcome", "SagaCompletedOutcome")
+    assert completed.event_id == outcome_event_id(saga.state.saga_id, 1) != failed.event_id
+
+
+def test_retry_now_of_a_saga_that_failed_compensating_points_to_retry_compensation() -> None:
+    refused_with(failed_compensating(), act(OperatorAction.RETRY_NOW),
+                 "FAILED while compensating: retry its compensation")
+
+
 @pytest.mark.parametrize("given", ["running", "compensating"])
 def test_retry_compensation_of_a_saga_in_flight_is_refused(given: str) -> None:
     saga = at("credit")

@@ -197,14 +197,15 @@ def _tables() -> set[str]:
     return created | {"pg_stat_activity", "pg_locks"}
 
 
-def test_the_sql_only_reads_except_the_guarded_outbox_insert() -> None:
+def test_the_sql_only_reads() -> None:
+    """Every change an operator makes goes through a `saga` command or the console (recorded
+    with its actor); the runbook's SQL is for reading."""
     blocks = code_blocks({"sql"})
     assert blocks
     statements = " ".join(re.sub(r"--[^\n]*", "", block) for block in blocks)
     for verb in ("UPDATE", "DELETE", "TRUNCATE", "DROP", "ALTER"):
         assert not re.search(rf"\b{verb}\b", statements, re.IGNORECASE), verb
-    inserted = re.findall(r"\bINSERT\s+INTO\s+(\w+)", statements, re.IGNORECASE)
-    assert inserted == ["outbox"], inserted
+    assert not re.search(r"\bINSERT\b", statements, re.IGNORECASE)
 
 
 def test_the_sql_names_only_tables_that_exist() -> None:
