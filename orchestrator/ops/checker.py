@@ -124,6 +124,8 @@ def _plain(value: Any) -> str:
         return (value.astimezone(UTC) if value.tzinfo else value).isoformat()
     if value is None:
         return "NULL"
+    if isinstance(value, tuple | list):  # a nested row (a view's columns beside the truth)
+        return "(" + ", ".join(_plain(item) for item in value) + ")"
     return str(value)
 
 

@@ -266,7 +266,8 @@ async def test_a_wrong_running_total_is_a_violation(isolated: Isolated) -> None:
     latest = await check(db, APPLICATION)
     assert [(c.invariant, c.name) for c in latest.failures()] == [
         ("I7", VIEW_CHECK), ("I7", CHAIN_CHECK)]
-    assert "'a'" in latest.failures()[0].detail and "balance" in latest.failures()[0].detail
+    # Named in plain text: the account, the column, the view's value and the truth.
+    assert "(a, (balance, 13.0000, 8.0000))" in latest.failures()[0].detail
     # Money is still conserved by the sums: I1 cannot see this, only I7 does.
     assert latest.money_conserved
 
