@@ -190,13 +190,20 @@ CONSUMER_LAG = _meter.create_observable_gauge(
 EXPORTERS = ("none", "console", "otlp")
 
 
+def exporter_from_environment(variable: str) -> str:
+    """The exporter an `OTEL_*_EXPORTER` variable names (`none` when unset), or a clear
+    ConfigurationError for one this package does not support. Shared by metrics and traces."""
+    exporter_name = os.environ.get(variable, "none").strip().lower() or "none"
+    if exporter_name not in EXPORTERS:
+        raise ConfigurationError(f"{variable}={exporter_name!r} is not supported: "
+                                 f"use one of {', '.join(EXPORTERS)}")
+    return exporter_name
+
+
 def configure_metrics(worker_name: str) -> MeterProvider | None:
     """Install the process's MeterProvider as the `OTEL_*` variables say; None when metrics
     are off. Call `shutdown()` on the result at exit: it exports what is left."""
-    exporter_name = os.environ.get("OTEL_METRICS_EXPORTER", "none").strip().lower() or "none"
-    if exporter_name not in EXPORTERS:
-        raise ConfigurationError(f"OTEL_METRICS_EXPORTER={exporter_name!r} is not supported: "
-                                 f"use one of {', '.join(EXPORTERS)}")
+    exporter_name = exporter_from_environment("OTEL_METRICS_EXPORTER")
     if exporter_name == "none":
         return None
     # Imported here: a worker without metrics does not pay for the SDK at start.

@@ -52,13 +52,13 @@ from opentelemetry.trace import (
 )
 
 from orchestrator.errors import ConfigurationError
+from orchestrator.metrics import exporter_from_environment
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
-EXPORTERS = ("none", "console", "otlp")
 INSTRUMENTATION_NAME = "saga-orchestrator"
 
 # Whether spans are made at all. Read on the hot path instead of asking the API for a
@@ -194,10 +194,7 @@ def configure_tracing(worker_name: str) -> TracerProvider | None:
       the SDK reads them."""
     if adopt_global_provider():
         return None
-    exporter_name = os.environ.get("OTEL_TRACES_EXPORTER", "none").strip().lower() or "none"
-    if exporter_name not in EXPORTERS:
-        raise ConfigurationError(f"OTEL_TRACES_EXPORTER={exporter_name!r} is not supported: "
-                                 f"use one of {', '.join(EXPORTERS)}")
+    exporter_name = exporter_from_environment("OTEL_TRACES_EXPORTER")
     if exporter_name == "none":
         return None
     # Imported here: a worker without tracing does not pay for the SDK at start.
