@@ -46,6 +46,7 @@ from orchestrator.core.saga import request_hash
 from orchestrator.core.saga_type import SagaType
 from orchestrator.errors import ConfigurationError, OutcomeTimeout
 from orchestrator.kafka.producer import DELIVERY_TIMEOUT_S, delivery_error
+from orchestrator.kafka.threads import OwnKafkaThreads
 from orchestrator.settings import Settings
 from schemas import SAGA_OUTCOME_ADAPTER, SagaOutcome
 
@@ -93,6 +94,9 @@ class SagaClient:
         self._topic_types = {settings.topic(t.events_topic): t.name
                              for t in self._types.values()}
         self._stopping = False
+        # This client's librdkafka threads yield the CPU to the application's (ADR 0020); the
+        # application's own Kafka clients are left alone.
+        self._threads = OwnKafkaThreads(settings.kafka_thread_niceness)
 
     @classmethod
     def connect(cls, bootstrap: str, saga_types: Iterable[SagaType[Any]],
@@ -118,6 +122,7 @@ class SagaClient:
         if self._reader is not None:
             return
         loop = asyncio.get_running_loop()
+        self._threads.client_starting()
         # Idempotent, as the workers' producer; a request's delivery report is served by the
         # reader's loop, so a publish does not wait for it (a failed one fails its outcome).
         self._producer = Producer({
@@ -280,6 +285,7 @@ class SagaClient:
         assert self._consumer is not None
         consumer = self._consumer
         while not self._stopping:
+            self._threads.tick()
             try:
                 messages = await loop.run_in_executor(self._executor, _take, consumer)
             except (KafkaException, RuntimeError) as error:

@@ -26,9 +26,10 @@ class Settings(BaseSettings):
     )
     topic_partitions: int = 4
 
-    # How long the broker may hold a fetch open when it has no record for it. Apache Kafka and
-    # the embedded noida answer as soon as a record arrives, so this costs no latency; tansu
-    # answers only when it expires, so its embedded stack sets 1 ms (ADR 0001, ADR 0007).
+    # How long the broker may hold a fetch open when it has no record for it. Apache Kafka
+    # answers as soon as a record arrives, so this costs no latency; the embedded noida holds no
+    # fetch at all (it answers an empty one at once: ADR 0020); tansu answers only when it
+    # expires, so its embedded stack sets 1 ms (ADR 0001, ADR 0007).
     kafka_fetch_wait_ms: int = 500
     # Whether the broker's high watermark tells where a log ends. A consumer whose position is
     # past it reads the partition again from its committed offset (or the start): the log was
@@ -40,6 +41,11 @@ class Settings(BaseSettings):
     consume_poll_s: float = 0.1
     consume_batch_max: int = 500
     kafka_session_timeout_ms: int = 6000
+    # How far below the worker's own threads librdkafka's threads are scheduled (a nice value
+    # added to theirs; 0 leaves them alone). Against a broker that answers empty fetches at once
+    # (the embedded noida) each consumer's thread spins; lowered, the spin takes only CPU the
+    # work does not want (orchestrator.kafka.threads, ADR 0020).
+    kafka_thread_niceness: int = Field(default=10, ge=0, le=19)
 
     # How consumers get their partitions: "lease" (PostgreSQL advisory-lock leases, handed on
     # at once when a worker dies; ADR 0004) or "group" (Kafka consumer-group membership).

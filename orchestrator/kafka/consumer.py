@@ -33,6 +33,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 
 from orchestrator import metrics
 from orchestrator.errors import BusError, ConfigurationError
+from orchestrator.kafka.threads import OwnKafkaThreads
 from orchestrator.metrics import CONSUMER_REWINDS
 from orchestrator.postgres.leases import Partition, PartitionLeases
 from orchestrator.settings import Settings
@@ -335,6 +336,8 @@ class BatchConsumer:
         self._brokers_lost = False
         self._positions_at_loss: dict[PartitionKey, int] | None = None
         self._next_log_check = time.monotonic() + self.log_check_every_s
+        # The client's librdkafka threads yield the CPU to the worker's own (ADR 0020).
+        self._threads = OwnKafkaThreads(settings.kafka_thread_niceness)
         self._last_record_at: float | None = None
         self._errors = LogThrottle()
 
@@ -444,6 +447,7 @@ class BatchConsumer:
         return self._consumer
 
     def _new_client(self) -> Consumer:
+        self._threads.client_starting()
         return Consumer(self.config, logger=log)
 
     def _describe(self) -> list[Partition]:
@@ -518,6 +522,7 @@ class BatchConsumer:
             self._next_log_check = time.monotonic() + self.log_check_every_s
             moved = self._rewind_shortened_logs()
         moved |= self._settle()
+        self._threads.tick()
         if first is not None and (first.topic(), first.partition()) in moved:
             first = None  # its partition was sought back: it comes again
         if first is None:

@@ -13,7 +13,9 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from orchestrator.kafka.consumer import BatchConsumer, Consumed
+from orchestrator.kafka.threads import kafka_thread_ids
 from orchestrator.settings import Settings
+from tests.threads import lowered_since, nices, unchanged
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -138,3 +140,25 @@ async def test_a_stop_lets_the_batch_in_hand_finish_and_commits_it(
     finally:
         await consumer.stop()
     assert rest == list(range(end, 12))
+
+
+async def test_the_consumers_kafka_threads_yield_and_no_others(stack_settings: Settings) -> None:
+    """ADR 0020: the consumer lowers the librdkafka threads of its own client (the worker's
+    Python threads and the process's other clients keep their priority)."""
+    settings = stack_settings.model_copy(update={"kafka_thread_niceness": 5})
+    topic, group = new_topic(settings, 1), f"nice-{uuid.uuid4().hex[:6]}"
+    other = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+    await asyncio.to_thread(other.list_topics, timeout=10)  # its broker threads are up
+    before = nices(kafka_thread_ids())
+
+    async def ignore(batch: list[Consumed]) -> None:
+        pass
+
+    consumer = BatchConsumer(settings, [topic], group, ignore)
+    await consumer.start()
+    try:
+        await lowered_since(before, 5)
+        assert unchanged(before)
+    finally:
+        await consumer.stop()
+        other.flush(0)

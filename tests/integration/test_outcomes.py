@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.client import SagaClient
 from orchestrator.core.saga import SagaStatus, outcome_event_id, saga_id_for
 from orchestrator.errors import OperatorActionRefused, OutcomeTimeout, StoreError
+from orchestrator.kafka.threads import kafka_thread_ids
 from orchestrator.ops.resolve import resolve_saga
 from orchestrator.settings import Settings
 from schemas import (
@@ -45,6 +46,7 @@ from steps import APPLICATION
 from steps.saga import TRANSFER_TYPE
 from tests.integration.conftest import Harness
 from tests.integration.test_recovery import Rig, rig, template_db  # noqa: F401 (fixtures)
+from tests.threads import lowered_since, nices, unchanged
 
 pytestmark = pytest.mark.integration
 CLIENT_PAGE = Path(__file__).resolve().parents[2] / "docs" / "client.md"
@@ -212,6 +214,19 @@ async def test_the_client_says_when_no_outcome_came_in_time(
             await lonely.submit(TRANSFER_TYPE, request, timeout_s=0.5)
     assert 0.5 <= time.monotonic() - started < 5
     assert raised.value.retryable
+
+
+async def test_the_clients_kafka_threads_yield_and_the_applications_do_not(
+        stack_settings: Settings, workers: None) -> None:
+    """ADR 0020: the client lowers the librdkafka threads it started; the application's own
+    Kafka clients in the same process keep their priority."""
+    application = Producer({"bootstrap.servers": stack_settings.kafka_bootstrap})
+    await asyncio.to_thread(application.list_topics, timeout=10)  # its broker threads are up
+    before = nices(kafka_thread_ids())
+    async with SagaClient(stack_settings, [TRANSFER_TYPE], client_id="it-threads"):
+        await lowered_since(before, stack_settings.kafka_thread_niceness)
+        assert unchanged(before)
+    application.flush(0)
 
 
 # ---------------------------------------------------------------- one transaction

@@ -1,0 +1,108 @@
+"""librdkafka's threads yield the CPU to the process's own threads (ADR 0020).
+
+A consumer's librdkafka broker thread sends its next fetch the moment the last one is answered.
+A broker that holds an empty fetch for `fetch.wait.max.ms` (Apache Kafka) makes that one request
+per wait; one that answers at once (the embedded noida) makes it a spin: ~60,000 fetches a
+second for one idle consumer, about 0.9 of a core between its thread and the broker. Under load
+that spin takes its share of the CPU from the threads doing the work: the worker's event loop,
+PostgreSQL, and the broker appending and serving records.
+
+At a higher nice value the librdkafka threads still get every moment nobody else wants, so an
+idle consumer's spin is unchanged, and a record is still fetched the moment it is there; but
+when the CPU is contended the work runs first, and the spin (and the broker's share of serving
+it) shrinks instead of the work. With a broker that does not spin, the threads mostly wait on
+their sockets and their priority changes nothing.
+
+Linux only: a thread's nice value is set through its id, read from `/proc/self/task`. Elsewhere
+this does nothing. Raising a nice value needs no privilege; nothing here ever lowers one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Collection
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# librdkafka names its threads `rdk:main`, `rdk:broker<id>`, `rdk:broker-1` (a bootstrap server)...
+_PREFIX = "rdk:"
+_TASKS = Path("/proc/self/task")
+# The highest nice value Linux has.
+_LOWEST_PRIORITY = 19
+
+
+def kafka_thread_ids() -> set[int]:
+    """The ids of this process's librdkafka threads (empty where there is no /proc)."""
+    if not _TASKS.is_dir():
+        return set()
+    found = set()
+    for task in _TASKS.iterdir():
+        try:
+            if (task / "comm").read_text().startswith(_PREFIX):
+                found.add(int(task.name))
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread ended while we looked
+    return found
+
+
+def lower_kafka_threads(niceness: int, exclude: Collection[int] = ()) -> int:
+    """Set this process's librdkafka threads, but those in `exclude`, to `niceness` above the
+    calling thread's nice value (at most 19), unless they are there already. Returns how many
+    threads were changed. Call it again after new Kafka clients or brokers appeared: librdkafka
+    starts a thread per broker it learns of, at its creator's nice value."""
+    if niceness <= 0:
+        return 0
+    target = min(_LOWEST_PRIORITY, os.getpriority(os.PRIO_PROCESS, 0) + niceness)
+    changed = 0
+    for thread_id in kafka_thread_ids().difference(exclude):
+        try:
+            if os.getpriority(os.PRIO_PROCESS, thread_id) >= target:
+                continue
+            os.setpriority(os.PRIO_PROCESS, thread_id, target)
+            changed += 1
+        except ProcessLookupError:
+            continue  # the thread ended while we looked
+        except PermissionError as error:  # not expected: raising one's own nice is allowed
+            log.debug("could not lower the priority of thread %s: %s", thread_id, error)
+    return changed
+
+
+class OwnKafkaThreads:
+    """Lowers the librdkafka threads of the clients one owner creates, and no others.
+
+    Call `client_starting` just before creating a client, and `tick` now and then (it is cheap
+    when there is nothing to do): for `settle_s` after each creation, the threads that were not
+    there before it are lowered, so the broker threads librdkafka starts as it learns of brokers
+    are caught too. A thread another owner starts within that window is taken for ours: the
+    price of telling threads apart only by when they appeared."""
+
+    settle_s = 10.0
+    check_every_s = 0.5
+
+    def __init__(self, niceness: int) -> None:
+        self.niceness = niceness
+        self._others: set[int] = set()
+        self._settle_by = 0.0
+        self._next_check = float("inf")  # no client yet
+
+    def client_starting(self) -> None:
+        if self.niceness <= 0:
+            self._next_check = float("inf")  # never
+            return
+        self._others = kafka_thread_ids()
+        self._settle_by = time.monotonic() + self.settle_s
+        self._next_check = 0.0
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        # The first tick after a creation lowers whenever it comes (a consumer may first wait
+        # for its partitions' leases); later ones until the window closes.
+        if self._next_check == 0.0 or self._next_check <= now < self._settle_by:
+            self._next_check = now + self.check_every_s
+            lower_kafka_threads(self.niceness, self._others)
+
+
+__all__ = ["OwnKafkaThreads", "kafka_thread_ids", "lower_kafka_threads"]
