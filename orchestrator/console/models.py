@@ -12,7 +12,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 # Statuses are spelled in capitals; a query may spell them in any case.
 SagaStatus = Annotated[
-    Literal["RUNNING", "COMPENSATING", "COMPLETED", "COMPENSATED", "REJECTED", "FAILED"],
+    Literal["RUNNING", "COMPENSATING", "COMPLETED", "COMPENSATED", "REJECTED", "FAILED",
+            "RESOLVED"],
     BeforeValidator(lambda value: value.upper() if isinstance(value, str) else value)]
 
 

@@ -20,6 +20,7 @@ entry in `SAGA_ACTIONS` and its `perform` function.
 from __future__ import annotations
 
 import logging
+import typing
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -219,7 +220,7 @@ def _result_words(result: Mapping[str, Any]) -> str:
 
 templates.env.filters.update(when=when, ms=format_ms, result_words=_result_words)
 templates.env.globals.update(live_interval_ms=LIVE_INTERVAL_MS, new_id=uuid.uuid4, statuses=(
-    "RUNNING", "COMPENSATING", "COMPLETED", "COMPENSATED", "REJECTED", "FAILED"))
+    typing.get_args(typing.get_args(models.SagaStatus)[0])))
 
 
 def _page(request: Request, name: str, principal: Principal, console: Console,
