@@ -204,6 +204,37 @@ async def test_retry_compensation_that_succeeds_ends_the_saga_compensated(
     assert rig.settings.topic(TOPIC_TRANSFER_EVENTS)
 
 
+async def test_retry_now_sends_the_failed_step_past_the_pivot_again_and_it_completes(
+        rig: Rig) -> None:  # noqa: F811
+    """Past its pivot a saga cannot compensate: notify refused for good leaves it FAILED. Retry
+    now sends notify again (its next attempt, a new command id, through the relay to the
+    participant's topic); its success completes the saga, with a second outcome of its own."""
+    saga_id = await at_credit(rig)
+    for step in ("credit", "settle"):
+        await rig.orchestrator.handle_batch([rig.reply(await command(rig, saga_id, "ledger",
+                                                                     step))])
+    notify = await command(rig, saga_id, "notify", "notify")
+    await rig.orchestrator.handle_batch([rig.reply(notify, Outcome.FAILED)])
+    assert (await rig.saga(saga_id))[0].status is SagaStatus.FAILED
+    relay = OutboxRelay(rig.settings, rig.engine, rig.producer)
+    await relay.publish_once(grace_s=0)
+
+    done = await act(rig, saga_id, OperatorAction.RETRY_NOW, reason="mail relay back")
+    await relay.publish_once(grace_s=0)
+
+    assert (done.events, done.commands, done.status) == (
+        ("OperatorActed", "StepStarted"), 1, "RUNNING")
+    again = await command(rig, saga_id, "notify", "notify")
+    assert again.attempt == notify.attempt + 1 and again.command_id != notify.command_id
+    assert [c.command_id for c in await rig.published(saga_id, "notify", 2)][-1] == (
+        again.command_id)
+    await rig.orchestrator.handle_batch([rig.reply(again)])
+    assert (await rig.assert_consistent(saga_id)).status is SagaStatus.COMPLETED
+    rows = await _outcome_rows(rig.engine, rig.settings, saga_id)
+    assert [r.outcome for r in rows] == ["failed", "completed"]
+    assert rows[1].event_id == outcome_event_id(saga_id, 1) != rows[0].event_id
+
+
 async def test_the_saga_command_acts_with_the_os_user_and_answers_a_repeat_the_same(
         rig: Rig) -> None:  # noqa: F811
     saga_id = await at_credit(rig)
