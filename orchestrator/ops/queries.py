@@ -185,6 +185,15 @@ def _by(payload: Mapping[str, Any]) -> str:
     return f" [by {applied_by}]" if applied_by else ""
 
 
+# A saga's dead letters, for its timeline; indexed both ways (migration 0012).
+SAGA_DEAD_LETTERS = (
+    "SELECT dead_letter_id, stage, reason_code, reason, first_failed_at,"
+    " last_failed_at, attempts, redriven_at, redriven_by FROM dead_letters"
+    " WHERE saga_id = :id"
+    " OR (saga_id IS NULL AND saga_type = :type AND business_key = :key)"
+    " ORDER BY first_failed_at, dead_letter_id")
+
+
 async def timeline(engine: AsyncEngine, any_id: str, saga_type: str | None = None,
                    sagas: Mapping[str, SagaType[Any]] | None = None) -> dict[str, Any]:
     """Every event of one saga (by saga id, id prefix or business key: `resolve_saga_id`),
@@ -204,13 +213,8 @@ async def timeline(engine: AsyncEngine, any_id: str, saga_type: str | None = Non
         # re-send of its business key (the saga is unchanged, so no event records it), a
         # reply or command set aside, its FAILED record. Each leads to `saga dlq show`.
         # Intake dead letters written before 0009 name no saga id, only the (backfilled) key.
-        letters = (await conn.execute(text(
-            "SELECT dead_letter_id, stage, reason_code, reason, first_failed_at,"
-            " last_failed_at, attempts, redriven_at, redriven_by FROM dead_letters"
-            " WHERE saga_id = :id"
-            " OR (saga_id IS NULL AND saga_type = :type AND business_key = :key)"
-            " ORDER BY first_failed_at, dead_letter_id"),
-            {"id": saga_id, "type": saga.saga_type, "key": saga.business_key})).all()
+        letters = (await conn.execute(text(SAGA_DEAD_LETTERS), {
+            "id": saga_id, "type": saga.saga_type, "key": saga.business_key})).all()
     started_at: dict[str, datetime] = {}
     previous: datetime | None = None
     events = []

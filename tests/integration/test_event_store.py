@@ -7,6 +7,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from orchestrator.ops.checker import replay_mismatches
+from orchestrator.ops.queries import SAGA_DEAD_LETTERS
 from orchestrator.postgres.store import HeldConnection, rebuild_projection
 from tests.integration.conftest import Harness
 
@@ -90,3 +91,15 @@ async def test_a_held_connection_is_kept_and_replaced_once_its_session_is_gone(
         assert (await admin.execute(text(
             "SELECT state FROM pg_stat_activity WHERE pid = :pid"), {"pid": second}
         )).scalar_one() == "idle"
+
+
+async def test_a_timeline_finds_its_dead_letters_through_indexes(harness: Harness) -> None:
+    """Both halves of the timeline's dead-letter lookup can use an index (migration 0012):
+    with sequential scans priced out, the plan reads the two partial indexes, not the table."""
+    async with harness.engine.connect() as conn:
+        await conn.execute(text("SET LOCAL enable_seqscan = off"))
+        plan = "\n".join((await conn.execute(text(f"EXPLAIN {SAGA_DEAD_LETTERS}"), {
+            "id": "00000000-0000-0000-0000-000000000001", "type": "transfer",
+            "key": "k"})).scalars())
+    assert "dead_letters_by_saga" in plan and "dead_letters_by_key" in plan, plan
+    assert "Seq Scan" not in plan, plan

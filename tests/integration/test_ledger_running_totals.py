@@ -178,7 +178,8 @@ async def test_a_database_with_entries_from_before_the_totals_keeps_exact_balanc
 
     assert await migrate(db, APPLICATION.migrations) == [  # the engine's first
         "0008_participant_replies.sql", "0009_generic_sagas.sql", "0010_trace_context.sql",
-        "0011_dead_letter_redriven_by.sql", "0007_ledger_running_totals.sql"]
+        "0011_dead_letter_redriven_by.sql", "0012_dead_letters_by_saga.sql",
+        "0007_ledger_running_totals.sql"]
     fast, truth = await views(db, "old", "mid")
     # (balance, held, settled today, settled ever, fence number)
     assert summary(fast["old"]) == summary(truth["old"]) == (

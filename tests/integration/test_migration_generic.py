@@ -429,7 +429,7 @@ async def test_an_old_database_migrates_and_its_sagas_finish_and_show_their_time
     # The upgrade: today's migrations bring the old database to the new schema.
     assert await migrate(db, APPLICATION.migrations) == [
         "0008_participant_replies.sql", "0009_generic_sagas.sql", "0010_trace_context.sql",
-        "0011_dead_letter_redriven_by.sql"]
+        "0011_dead_letter_redriven_by.sql", "0012_dead_letters_by_saga.sql"]
 
     everyone = [completed, rejected, sanctioned, waiting, retrying, compensating, crediting]
     async with db.connect() as conn:
