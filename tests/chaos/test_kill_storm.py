@@ -1,6 +1,13 @@
-"""A kill storm: for 60 s, a random worker (any kind) is SIGKILLed every 0.5-3 s and restarted at
-once, while several hundred transfers are published across the storm. Then every saga must end,
-with the checker clean.
+"""A kill storm: for 30 s, a random worker (any kind) is SIGKILLed every 0.5-3 s and restarted at
+once, while 160 transfers are published across the storm. Then every saga must end, with the
+checker clean.
+
+Why 30 s is enough (it was 60 s and 320 transfers, the same kill rate and traffic rate): the
+first six kills take every kind once, in a random order, all within the first 18 s, so every kind
+is still killed with sagas in flight; the ~10 random kills after them, and the assertion of at
+least one kill per 3 s, keep kills landing at every phase of the sagas' steps. A longer storm
+repeats the same situations more often; `SAGA_CHAOS_STORM_S=60` runs one (the transfers scale
+with it).
 
 The seed is random per run and printed (`SAGA_CHAOS_SEED=<seed>` replays the same kills and
 transfers; timing still differs).
@@ -26,9 +33,11 @@ from tests.chaos.harness import EXPECTED, World, plan, report
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
 
-STORM_S = 60.0
+STORM_S = float(os.environ.get("SAGA_CHAOS_STORM_S") or 30.0)
 BOUND_S = 60.0
-MIX = {"ok": 240, "over_limit": 40, "closed_destination": 20, "insufficient": 20}
+# 160 transfers per 30 s of storm: the traffic rate of the 60 s storm this was (320 in 60 s).
+MIX = {kind: round(n * STORM_S / 30.0) for kind, n in
+       {"ok": 120, "over_limit": 20, "closed_destination": 10, "insufficient": 10}.items()}
 
 
 async def test_kill_storm(new_world: NewWorld) -> None:

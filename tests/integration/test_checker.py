@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -28,6 +26,7 @@ from orchestrator.workers.saga_worker import CONSUMER
 from schemas import TOPIC_TRANSFER_COMMANDS, TransferRequested
 from steps import APPLICATION
 from steps.saga import TRANSFER, TRANSFER_TYPE
+from tests.cli_process import run_saga
 from tests.integration.conftest import Harness, Isolated
 from tests.integration.test_cli import saga_cli
 
@@ -142,9 +141,7 @@ def _cli_env(settings: Settings) -> dict[str, str]:
 
 async def check_against_topic(settings: Settings, *args: str) -> tuple[int, Any]:
     result = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "orchestrator.cli", "check", "--against-topic",
-                         "--json", *args],
-        env=_cli_env(settings), capture_output=True, text=True, timeout=90, check=False)
+        run_saga, ["check", "--against-topic", "--json", *args], _cli_env(settings), 90)
     assert result.returncode in (0, 1), (result.returncode, result.stdout, result.stderr)
     return result.returncode, json.loads(result.stdout)
 
@@ -185,9 +182,7 @@ async def test_against_topic_reports_requests_nobody_read_until_the_orchestrator
     [i8] = [c for c in report["checks"] if c["invariant"] == "I8"]
     assert i8["ok"] is False and "never read" in i8["detail"]
     as_text = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "orchestrator.cli", "check", "--against-topic",
-                         "--grace", "0"],
-        env=_cli_env(settings), capture_output=True, text=True, timeout=90, check=False)
+        run_saga, ["check", "--against-topic", "--grace", "0"], _cli_env(settings), 90)
     assert as_text.returncode == 1, as_text.stderr
     assert f"VIOLATED  I8  every request on {topic['topic']} led to" in as_text.stdout
     assert "5 with neither a saga nor a dead letter" in as_text.stdout

@@ -24,6 +24,7 @@ from orchestrator.core.saga import decide_start, evolve
 from orchestrator.postgres import store
 from schemas import TransferRequested
 from steps.saga import TRANSFER, TRANSFER_TYPE
+from tests.cli_process import run_saga
 from tests.integration.conftest import Harness, Isolated
 
 pytestmark = pytest.mark.integration
@@ -39,10 +40,10 @@ def _env(harness: Harness | None) -> dict[str, str]:
 
 
 async def saga_cli(harness: Harness | None, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run the CLI in a thread, so the session's in-process workers keep running meanwhile."""
-    return await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "orchestrator.cli", *args], env=_env(harness),
-        capture_output=True, text=True, timeout=60, check=False)
+    """Run the CLI in a process of its own (forked from one that imported it: see
+    tests/cli_process.py), waited for in a thread, so the session's in-process workers keep
+    running meanwhile."""
+    return await asyncio.to_thread(run_saga, args, _env(harness), 60)
 
 
 def _ok(result: subprocess.CompletedProcess[str]) -> Any:

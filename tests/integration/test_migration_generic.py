@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -59,6 +58,7 @@ from schemas import (
 from steps import APPLICATION
 from steps.ledger import open_account
 from steps.saga import TRANSFER, TRANSFER_TYPE
+from tests.cli_process import run_saga
 from tests.integration.conftest import Harness
 
 pytestmark = pytest.mark.integration
@@ -323,8 +323,7 @@ def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     env.update(SAGA_DATABASE_URL=settings.database_url,
                SAGA_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
                SAGA_TOPIC_PREFIX=settings.topic_prefix)
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=60, check=False)
+    return run_saga(args, env, 60)
 
 
 async def _statuses(engine: AsyncEngine, keys: list[str]) -> dict[str, str]:

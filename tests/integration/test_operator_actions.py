@@ -15,7 +15,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -33,6 +32,7 @@ from orchestrator.ops.queries import timeline
 from orchestrator.workers.relay import OutboxRelay
 from schemas import TOPIC_TRANSFER_EVENTS, Direction, Outcome, StepCommand
 from steps import APPLICATION
+from tests.cli_process import run_saga
 from tests.integration.test_console import auth, console_settings, problem_of
 from tests.integration.test_dlq import Letter, insert_letter
 from tests.integration.test_outcomes import _outcome_rows
@@ -246,8 +246,7 @@ async def test_the_saga_command_acts_with_the_os_user_and_answers_a_repeat_the_s
     action_id = str(uuid.uuid4())
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], env=env,
-                              capture_output=True, text=True, timeout=60, check=False)
+        return run_saga(args, env, 60)
 
     first = await asyncio.to_thread(cli, "retry-now", str(saga_id)[:8], "--reason", "stuck",
                                     "--action-id", action_id, "--json")

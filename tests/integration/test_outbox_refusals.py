@@ -34,22 +34,39 @@ PROMPT_S = 5.0
 
 
 def count_on_topic(harness: Harness, topic: str, wanted: set[bytes], key: bool = False,
-                   settle_s: float = 2.0) -> Counter[bytes]:
+                   timeout_s: float = 30.0) -> Counter[bytes]:
     """How many records on `topic` carry each of `wanted` as their value (or key), read from the
-    start of every partition with a plain consumer until nothing new came for `settle_s`."""
+    start of every partition with a plain consumer up to each partition's end as it was when
+    the count began, then until nothing new came for a while.
+
+    Callers count only once the rows they count are marked published (acknowledged), so those
+    records are below the ends, and the silence after them is a margin for a late copy: 0.5 s.
+    A broker whose high watermarks are wrong (tansu, ADR 0007) gives no ends to trust: there,
+    as before, 2 s of silence."""
+    trusted = harness.settings.kafka_trust_watermarks
+    settle_s = 0.5 if trusted else 2.0
     consumer = Consumer({"bootstrap.servers": harness.settings.kafka_bootstrap,
                          "group.id": f"count-{uuid.uuid4()}", "enable.auto.commit": False,
                          "fetch.wait.max.ms": 5})
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        ends = {}
+        for p in partitions if trusted else ():
+            watermarks = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            ends[p] = watermarks[1] if watermarks else 0
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         seen: Counter[bytes] = Counter()
-        quiet_since = time.monotonic()
-        while time.monotonic() - quiet_since < settle_s:
-            message = consumer.poll(0.1)
+        reached: dict[int, int] = {}
+        quiet_since, deadline = time.monotonic(), time.monotonic() + timeout_s
+        while not (all(reached.get(p, 0) >= end for p, end in ends.items())
+                   and time.monotonic() - quiet_since >= settle_s):
+            assert time.monotonic() < deadline, (
+                f"{topic}: not read to its ends {ends} in {timeout_s}s: at {reached}")
+            message = consumer.poll(0.05)
             if message is None or message.error():
                 continue
             quiet_since = time.monotonic()
+            reached[message.partition()] = message.offset() + 1
             found = message.key() if key else message.value()
             if found in wanted:
                 seen[found] += 1

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -44,6 +43,7 @@ from schemas import (
 )
 from steps import APPLICATION
 from steps.saga import TRANSFER_TYPE
+from tests.cli_process import run_saga
 from tests.integration.conftest import Harness
 from tests.integration.test_recovery import Rig, rig, template_db  # noqa: F401 (fixtures)
 from tests.threads import lowered_since, nices, unchanged
@@ -350,8 +350,7 @@ async def test_saga_resolve_closes_a_failed_saga_once_from_the_command_line(
         "SAGA_TOPIC_PREFIX": rig.settings.topic_prefix, "USER": "carol"}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], env=env,
-                              capture_output=True, text=True, timeout=60, check=False)
+        return run_saga(args, env, 60)
 
     first = await asyncio.to_thread(cli, "resolve", state.business_key, "--note",
                                     "INC-9: notified by phone", "--json")

@@ -1222,6 +1222,11 @@ REPLIES = ("succeed", "refuse", "retry")
 REPLIES_AND_TIMEOUTS = (*REPLIES, "timeout")
 # Deterministic (a fixed seed per test) and without an example database: unit tests do no I/O.
 PROPERTY = settings(deadline=None, database=None, derandomize=True)
+# Example counts: each is the smallest tried at which the (fixed) examples still reach every
+# outcome the property's `event`s name (`--hypothesis-show-statistics`): 150 runs reach all eight
+# "<status> after <step>" outcomes with replies only; with timeouts, "COMPENSATED after settle"
+# is rarer (2 in 300), so that property keeps 300. Replaying needs varied histories, not rare
+# outcomes: 100.
 
 
 def _decisions_with_replies(step: Step) -> int:
@@ -1350,7 +1355,7 @@ def _assert_ends_and_compensates_exactly_what_was_applied(run: Run) -> None:
     assert decide_due(TRANSFER, state, run.saga.now + timedelta(days=1)) is None
 
 
-@settings(PROPERTY, max_examples=300)
+@settings(PROPERTY, max_examples=150)
 @given(st.data())
 def test_any_run_ends_and_compensates_exactly_what_was_applied(data: st.DataObject) -> None:
     run = _drive(data, REPLIES, _most_decisions(_decisions_with_replies))
@@ -1375,7 +1380,7 @@ def test_any_run_with_timeouts_ends_and_compensates_what_may_have_been_applied(
     event(f"{len(run.timed_out_for_good)} timed out for good")
 
 
-@settings(PROPERTY, max_examples=200)
+@settings(PROPERTY, max_examples=100)
 @given(st.data())
 def test_replaying_the_events_rebuilds_the_state(data: st.DataObject) -> None:
     run = _drive(data, REPLIES_AND_TIMEOUTS, _most_decisions(_decisions_with_timeouts))

@@ -686,6 +686,8 @@ def test_a_saga_that_ran_the_group_goes_on_under_a_definition_without_it() -> No
 
 # Deterministic (a fixed seed per test) and without an example database: unit tests do no I/O.
 PROPERTY = settings(deadline=None, database=None, derandomize=True)
+# 150 runs (fixed examples) end in each of COMPLETED, COMPENSATED and FAILED, each in a tenth or
+# more of them (`--hypothesis-show-statistics`), as 300 did; replaying needs varied histories: 100.
 # What a participant does with a command: answer, refuse, ask for a retry, or stay silent until
 # the deadline: either having applied the effect and lost the reply, or never having got it.
 ANSWERS = ("succeed",) * 5 + ("refuse", "retry", "silent_applied", "silent")
@@ -762,7 +764,7 @@ def _run(data: st.DataObject) -> tuple[Saga, World, list[SagaState]]:
     return saga, world, states
 
 
-@settings(PROPERTY, max_examples=300)
+@settings(PROPERTY, max_examples=150)
 @given(st.data())
 def test_whatever_order_members_answer_in_every_effect_ends_completed_or_undone(
     data: st.DataObject,
@@ -796,7 +798,7 @@ def test_whatever_order_members_answer_in_every_effect_ends_completed_or_undone(
             assert earlier <= set(before.applied)
 
 
-@settings(PROPERTY, max_examples=200)
+@settings(PROPERTY, max_examples=100)
 @given(st.data())
 def test_replaying_a_parallel_history_rebuilds_every_state(data: st.DataObject) -> None:
     saga, _world, states = _run(data)
