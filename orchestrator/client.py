@@ -96,7 +96,7 @@ class SagaClient:
         self._stopping = False
         # This client's librdkafka threads yield the CPU to the application's (ADR 0020); the
         # application's own Kafka clients are left alone.
-        self._threads = OwnKafkaThreads(settings.kafka_thread_niceness)
+        self._threads = OwnKafkaThreads(settings.kafka_thread_priority)
 
     @classmethod
     def connect(cls, bootstrap: str, saga_types: Iterable[SagaType[Any]],

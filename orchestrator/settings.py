@@ -41,11 +41,11 @@ class Settings(BaseSettings):
     consume_poll_s: float = 0.1
     consume_batch_max: int = 500
     kafka_session_timeout_ms: int = 6000
-    # How far below the worker's own threads librdkafka's threads are scheduled (a nice value
-    # added to theirs; 0 leaves them alone). Against a broker that answers empty fetches at once
-    # (the embedded noida) each consumer's thread spins; lowered, the spin takes only CPU the
-    # work does not want (orchestrator.kafka.threads, ADR 0020).
-    kafka_thread_niceness: int = Field(default=10, ge=0, le=19)
+    # How a consumer's librdkafka threads are scheduled beside the worker's own: "lower" (10 nice
+    # values below), "idle" (that, and only when no other thread wants the CPU) or "normal".
+    # Against a broker that answers empty fetches at once (the embedded noida, whose stack sets
+    # "idle") they spin; lowered, the spin takes only CPU the work leaves (ADR 0020).
+    kafka_thread_priority: Literal["normal", "lower", "idle"] = "lower"
 
     # How consumers get their partitions: "lease" (PostgreSQL advisory-lock leases, handed on
     # at once when a worker dies; ADR 0004) or "group" (Kafka consumer-group membership).

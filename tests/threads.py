@@ -8,35 +8,49 @@ import os
 import time
 from collections.abc import Callable, Iterable
 
-from orchestrator.kafka.threads import kafka_thread_ids
+from orchestrator.kafka.threads import LOWER_BY, KafkaThreadPriority, kafka_thread_ids
+
+# A thread's scheduling: (nice value, policy).
+Scheduling = tuple[int, int]
 
 
-def nices(threads: Iterable[int]) -> dict[int, int]:
-    """The nice value of each of `threads` still running (librdkafka ends some on its own)."""
+def scheduling(threads: Iterable[int]) -> dict[int, Scheduling]:
+    """The nice value and policy of each of `threads` still running (librdkafka ends some on
+    its own)."""
     found = {}
     for thread in threads:
         with contextlib.suppress(ProcessLookupError):
-            found[thread] = os.getpriority(os.PRIO_PROCESS, thread)
+            found[thread] = (os.getpriority(os.PRIO_PROCESS, thread),
+                             os.sched_getscheduler(thread))
     return found
 
 
-async def lowered_since(before: dict[int, int], niceness: int, timeout_s: float = 10.0,
-                        tick: Callable[[], object] = lambda: None) -> dict[int, int]:
-    """Wait until the librdkafka threads started since `before` (a `nices` snapshot) are all
-    `niceness` above this thread's nice value, calling `tick` between looks; returns them.
-    Fails after `timeout_s`."""
-    want = min(19, os.getpriority(os.PRIO_PROCESS, 0) + niceness)
+def lowered_to(priority: KafkaThreadPriority) -> Scheduling:
+    """Where `priority` puts a thread created by this (unlowered) thread."""
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    if priority == "normal":
+        return own, os.SCHED_OTHER
+    return (min(19, own + LOWER_BY),
+            os.SCHED_IDLE if priority == "idle" else os.SCHED_OTHER)
+
+
+async def lowered_since(before: dict[int, Scheduling], priority: KafkaThreadPriority,
+                        timeout_s: float = 10.0, tick: Callable[[], object] = lambda: None
+                        ) -> dict[int, Scheduling]:
+    """Wait until the librdkafka threads started since `before` (a `scheduling` snapshot) are
+    all at `priority`, calling `tick` between looks; returns them. Fails after `timeout_s`."""
+    want = lowered_to(priority)
     deadline = time.monotonic() + timeout_s
     while True:
-        new = nices(kafka_thread_ids() - set(before))
+        new = scheduling(kafka_thread_ids() - set(before))
         if new and set(new.values()) == {want}:
             return new
-        assert time.monotonic() < deadline, f"threads {new} not all at nice {want}"
+        assert time.monotonic() < deadline, f"threads {new} not all at {want}"
         await asyncio.sleep(0.05)
         tick()
 
 
-def unchanged(before: dict[int, int]) -> bool:
-    """Whether the threads of `before` still running have the nice values they had."""
-    still = nices(before)
-    return still == {thread: nice for thread, nice in before.items() if thread in still}
+def unchanged(before: dict[int, Scheduling]) -> bool:
+    """Whether the threads of `before` still running are scheduled as they were."""
+    still = scheduling(before)
+    return still == {thread: it for thread, it in before.items() if thread in still}

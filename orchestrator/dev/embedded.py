@@ -330,14 +330,16 @@ def settings_for(stack: EmbeddedStack, settings: Settings) -> Settings:
     tansu answers a fetch only when its wait expires (so the wait is the hop latency: 1 ms,
     ADR 0001) and reports high watermarks below records it serves (so a position past one
     says nothing: ADR 0007); noida does neither, and supports DeleteRecords, so its logs are
-    trimmed up to what every consumer committed. A setting given explicitly (say a test's
-    own fetch wait) is kept.
+    trimmed up to what every consumer committed. But noida answers an empty fetch at once, so
+    every consumer spins: their librdkafka threads run only when nothing else wants the CPU
+    (ADR 0020). A setting given explicitly (say a test's own fetch wait) is kept.
     """
     update: dict[str, object] = {"database_url": stack.postgres.url,
                                  "kafka_bootstrap": stack.broker.bootstrap}
     tuned: dict[str, object] = (
         {"kafka_fetch_wait_ms": 1, "kafka_trust_watermarks": False}
-        if stack.broker.kind == "tansu" else {"kafka_trim_committed": True})
+        if stack.broker.kind == "tansu"
+        else {"kafka_trim_committed": True, "kafka_thread_priority": "idle"})
     update |= {name: value for name, value in tuned.items()
                if name not in settings.model_fields_set}
     return settings.model_copy(update=update)

@@ -337,7 +337,7 @@ class BatchConsumer:
         self._positions_at_loss: dict[PartitionKey, int] | None = None
         self._next_log_check = time.monotonic() + self.log_check_every_s
         # The client's librdkafka threads yield the CPU to the worker's own (ADR 0020).
-        self._threads = OwnKafkaThreads(settings.kafka_thread_niceness)
+        self._threads = OwnKafkaThreads(settings.kafka_thread_priority)
         self._last_record_at: float | None = None
         self._errors = LogThrottle()
 

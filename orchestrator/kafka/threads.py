@@ -24,6 +24,7 @@ import os
 import time
 from collections.abc import Collection
 from pathlib import Path
+from typing import Literal
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,10 @@ _PREFIX = "rdk:"
 _TASKS = Path("/proc/self/task")
 # The highest nice value Linux has.
 _LOWEST_PRIORITY = 19
+# How far "lower" puts a thread below its creator, in nice values.
+LOWER_BY = 10
+
+KafkaThreadPriority = Literal["normal", "lower", "idle"]
 
 
 def kafka_thread_ids() -> set[int]:
@@ -48,24 +53,35 @@ def kafka_thread_ids() -> set[int]:
     return found
 
 
-def lower_kafka_threads(niceness: int, exclude: Collection[int] = ()) -> int:
-    """Set this process's librdkafka threads, but those in `exclude`, to `niceness` above the
-    calling thread's nice value (at most 19), unless they are there already. Returns how many
-    threads were changed. Call it again after new Kafka clients or brokers appeared: librdkafka
-    starts a thread per broker it learns of, at its creator's nice value."""
-    if niceness <= 0:
+def _lower_one(thread_id: int, priority: KafkaThreadPriority, nice: int) -> bool:
+    """Lower one thread to `nice` (and SCHED_IDLE for "idle"); whether anything changed."""
+    changed = False
+    if os.getpriority(os.PRIO_PROCESS, thread_id) < nice:
+        os.setpriority(os.PRIO_PROCESS, thread_id, nice)
+        changed = True
+    if priority == "idle" and os.sched_getscheduler(thread_id) != os.SCHED_IDLE:
+        os.sched_setscheduler(thread_id, os.SCHED_IDLE, os.sched_param(0))
+        changed = True
+    return changed
+
+
+def lower_kafka_threads(priority: KafkaThreadPriority, exclude: Collection[int] = ()) -> int:
+    """Lower this process's librdkafka threads, but those in `exclude`, to `priority`, unless
+    they are there already: "lower" is `LOWER_BY` nice values above the calling thread's (at
+    most 19); "idle" is that and the SCHED_IDLE policy (a thread that runs only when no other
+    thread wants the CPU); "normal" changes nothing. Returns how many threads were changed.
+    Call it again after new Kafka clients or brokers appeared: librdkafka starts a thread per
+    broker it learns of, at its creator's priority."""
+    if priority == "normal":
         return 0
-    target = min(_LOWEST_PRIORITY, os.getpriority(os.PRIO_PROCESS, 0) + niceness)
+    nice = min(_LOWEST_PRIORITY, os.getpriority(os.PRIO_PROCESS, 0) + LOWER_BY)
     changed = 0
     for thread_id in kafka_thread_ids().difference(exclude):
         try:
-            if os.getpriority(os.PRIO_PROCESS, thread_id) >= target:
-                continue
-            os.setpriority(os.PRIO_PROCESS, thread_id, target)
-            changed += 1
+            changed += _lower_one(thread_id, priority, nice)
         except ProcessLookupError:
             continue  # the thread ended while we looked
-        except PermissionError as error:  # not expected: raising one's own nice is allowed
+        except PermissionError as error:  # not expected: lowering one's own is allowed
             log.debug("could not lower the priority of thread %s: %s", thread_id, error)
     return changed
 
@@ -82,14 +98,14 @@ class OwnKafkaThreads:
     settle_s = 10.0
     check_every_s = 0.5
 
-    def __init__(self, niceness: int) -> None:
-        self.niceness = niceness
+    def __init__(self, priority: KafkaThreadPriority) -> None:
+        self.priority = priority
         self._others: set[int] = set()
         self._settle_by = 0.0
         self._next_check = float("inf")  # no client yet
 
     def client_starting(self) -> None:
-        if self.niceness <= 0:
+        if self.priority == "normal":
             self._next_check = float("inf")  # never
             return
         self._others = kafka_thread_ids()
@@ -102,7 +118,8 @@ class OwnKafkaThreads:
         # for its partitions' leases); later ones until the window closes.
         if self._next_check == 0.0 or self._next_check <= now < self._settle_by:
             self._next_check = now + self.check_every_s
-            lower_kafka_threads(self.niceness, self._others)
+            lower_kafka_threads(self.priority, self._others)
 
 
-__all__ = ["OwnKafkaThreads", "kafka_thread_ids", "lower_kafka_threads"]
+__all__ = ["LOWER_BY", "KafkaThreadPriority", "OwnKafkaThreads", "kafka_thread_ids",
+           "lower_kafka_threads"]

@@ -15,7 +15,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from orchestrator.kafka.consumer import BatchConsumer, Consumed
 from orchestrator.kafka.threads import kafka_thread_ids
 from orchestrator.settings import Settings
-from tests.threads import lowered_since, nices, unchanged
+from tests.threads import lowered_since, scheduling, unchanged
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -145,11 +145,11 @@ async def test_a_stop_lets_the_batch_in_hand_finish_and_commits_it(
 async def test_the_consumers_kafka_threads_yield_and_no_others(stack_settings: Settings) -> None:
     """ADR 0020: the consumer lowers the librdkafka threads of its own client (the worker's
     Python threads and the process's other clients keep their priority)."""
-    settings = stack_settings.model_copy(update={"kafka_thread_niceness": 5})
+    settings = stack_settings.model_copy(update={"kafka_thread_priority": "lower"})
     topic, group = new_topic(settings, 1), f"nice-{uuid.uuid4().hex[:6]}"
     other = Producer({"bootstrap.servers": settings.kafka_bootstrap})
     await asyncio.to_thread(other.list_topics, timeout=10)  # its broker threads are up
-    before = nices(kafka_thread_ids())
+    before = scheduling(kafka_thread_ids())
 
     async def ignore(batch: list[Consumed]) -> None:
         pass
@@ -157,7 +157,7 @@ async def test_the_consumers_kafka_threads_yield_and_no_others(stack_settings: S
     consumer = BatchConsumer(settings, [topic], group, ignore)
     await consumer.start()
     try:
-        await lowered_since(before, 5)
+        await lowered_since(before, "lower")
         assert unchanged(before)
     finally:
         await consumer.stop()

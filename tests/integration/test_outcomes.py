@@ -46,7 +46,7 @@ from steps.saga import TRANSFER_TYPE
 from tests.cli_process import run_saga
 from tests.integration.conftest import Harness
 from tests.integration.test_recovery import Rig, rig, template_db  # noqa: F401 (fixtures)
-from tests.threads import lowered_since, nices, unchanged
+from tests.threads import lowered_since, scheduling, unchanged
 
 pytestmark = pytest.mark.integration
 CLIENT_PAGE = Path(__file__).resolve().parents[2] / "docs" / "client.md"
@@ -222,9 +222,9 @@ async def test_the_clients_kafka_threads_yield_and_the_applications_do_not(
     Kafka clients in the same process keep their priority."""
     application = Producer({"bootstrap.servers": stack_settings.kafka_bootstrap})
     await asyncio.to_thread(application.list_topics, timeout=10)  # its broker threads are up
-    before = nices(kafka_thread_ids())
+    before = scheduling(kafka_thread_ids())
     async with SagaClient(stack_settings, [TRANSFER_TYPE], client_id="it-threads"):
-        await lowered_since(before, stack_settings.kafka_thread_niceness)
+        await lowered_since(before, stack_settings.kafka_thread_priority)
         assert unchanged(before)
     application.flush(0)
 
