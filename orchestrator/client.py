@@ -36,6 +36,7 @@ import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -122,14 +123,26 @@ class SagaClient:
         if self._reader is not None:
             return
         loop = asyncio.get_running_loop()
-        self._threads.client_starting()
         # Idempotent, as the workers' producer; a request's delivery report is served by the
         # reader's loop, so a publish does not wait for it (a failed one fails its outcome).
-        self._producer = Producer({
+        producer = Producer({
             "bootstrap.servers": self._settings.kafka_bootstrap,
             "client.id": self._client_id, "enable.idempotence": True, "acks": "all",
             "linger.ms": 0, "message.timeout.ms": DELIVERY_TIMEOUT_S * 1000,
             "allow.auto.create.topics": False})
+        self._producer = producer
+        # Only the reader's librdkafka threads yield the CPU (ADR 0020): it is the one that
+        # spins against a broker answering empty fetches at once; a request goes out as soon as
+        # it is produced. The producer's threads (one per broker, started once it has the
+        # cluster's metadata) exist before the reader's are told apart by when they appeared.
+        try:
+            await loop.run_in_executor(self._executor, partial(producer.list_topics,
+                                                               timeout=self._ready_timeout_s))
+        except KafkaException as error:
+            await self.close()
+            raise ConfigurationError(f"no Kafka broker answers at "
+                                     f"{self._settings.kafka_bootstrap}: {error}") from error
+        self._threads.client_starting()
         consumer = Consumer({
             "bootstrap.servers": self._settings.kafka_bootstrap,
             # Offsets are never committed: the client positions itself on each start.
