@@ -127,8 +127,13 @@ async def test_an_oversized_dead_letter_copy_is_shortened_and_the_batch_goes_on(
     await asyncio.sleep(2.0)  # a relay pass every 0.2 s: a stalled row would go out again
     copies = [r for r in dlq_tap.records
               if r["headers"].get("dlq-dead-letter-id") == dead_letter_id]
-    assert len(copies) == 1, f"the dead letter reached its topic {len(copies)} times"
-    [copy] = copies
+    # Once; on a loaded machine sometimes twice, published again before its mark was written
+    # (the outbox is at-least-once by design, and readers deduplicate on the dead letter's id;
+    # seen 2 of 3 runs under a full second test load). A row that stalled unmarked would have
+    # gone out on every relay pass of those 2 s.
+    assert 1 <= len(copies) <= 2, f"the dead letter reached its topic {len(copies)} times"
+    assert all(c == copies[0] for c in copies)
+    copy = copies[0]
     headers = copy["headers"]
     assert headers["dlq-original-size-bytes"] == "999500"
     assert headers["dlq-original-sha256"] == hashlib.sha256(raw).hexdigest()
