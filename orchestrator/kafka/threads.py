@@ -7,14 +7,17 @@ second for one idle consumer, about 0.9 of a core between its thread and the bro
 that spin takes its share of the CPU from the threads doing the work: the worker's event loop,
 PostgreSQL, and the broker appending and serving records.
 
-At a higher nice value the librdkafka threads still get every moment nobody else wants, so an
-idle consumer's spin is unchanged, and a record is still fetched the moment it is there; but
-when the CPU is contended the work runs first, and the spin (and the broker's share of serving
-it) shrinks instead of the work. With a broker that does not spin, the threads mostly wait on
-their sockets and their priority changes nothing.
+Lowered (10 nice values; or the SCHED_IDLE policy, which the embedded noida stack sets) the
+librdkafka threads still get every moment nobody else wants, so an idle consumer's spin is
+unchanged and a record is still fetched the moment it is there; but when the CPU is contended
+the work runs first, and the spin (and the broker's share of serving it) shrinks instead of the
+work. The price is paid by a record whose thread waits for a core: the tail of the latency at
+low load (docs/performance.md). With a broker that does not spin, the threads mostly wait on
+their sockets and their priority changes little.
 
-Linux only: a thread's nice value is set through its id, read from `/proc/self/task`. Elsewhere
-this does nothing. Raising a nice value needs no privilege; nothing here ever lowers one.
+Linux only: a thread's nice value and policy are set through its id, read from
+`/proc/self/task`. Elsewhere this does nothing. Lowering one's own threads needs no privilege;
+nothing here ever raises one back.
 """
 
 from __future__ import annotations
