@@ -200,6 +200,16 @@ def exporter_from_environment(variable: str) -> str:
     return exporter_name
 
 
+def require_otlp_over_http(signal: str) -> None:
+    """A clear ConfigurationError unless the OTLP protocol the `OTEL_*` variables name for
+    `signal` (`metrics`, `traces`) is http/protobuf, the only one this package exports with."""
+    protocol = (os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL")
+                or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf")
+    if protocol != "http/protobuf":
+        raise ConfigurationError(f"OTLP protocol {protocol!r} is not supported for {signal}: "
+                                 "use http/protobuf (port 4318 on a collector)")
+
+
 def configure_metrics(worker_name: str) -> MeterProvider | None:
     """Install the process's MeterProvider as the `OTEL_*` variables say; None when metrics
     are off. Call `shutdown()` on the result at exit: it exports what is left."""
@@ -222,11 +232,7 @@ def configure_metrics(worker_name: str) -> MeterProvider | None:
             formatter=lambda data: json.dumps(json.loads(data.to_json()),
                                               separators=(",", ":")) + "\n")
     else:
-        protocol = (os.environ.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL")
-                    or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf")
-        if protocol != "http/protobuf":
-            raise ConfigurationError(f"OTLP protocol {protocol!r} is not supported for metrics: "
-                                     "use http/protobuf (port 4318 on a collector)")
+        require_otlp_over_http("metrics")
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
         exporter = OTLPMetricExporter()

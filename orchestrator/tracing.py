@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import os
 import re
 import sys
 import time
@@ -51,8 +50,7 @@ from opentelemetry.trace import (
     TraceState,
 )
 
-from orchestrator.errors import ConfigurationError
-from orchestrator.metrics import exporter_from_environment
+from orchestrator.metrics import exporter_from_environment, require_otlp_over_http
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -211,11 +209,7 @@ def configure_tracing(worker_name: str) -> TracerProvider | None:
         exporter = ConsoleSpanExporter(
             out=sys.stderr, formatter=lambda span: span.to_json(indent=None) + "\n")
     else:
-        protocol = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-                    or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf")
-        if protocol != "http/protobuf":
-            raise ConfigurationError(f"OTLP protocol {protocol!r} is not supported for traces: "
-                                     "use http/protobuf (port 4318 on a collector)")
+        require_otlp_over_http("traces")
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         exporter = OTLPSpanExporter()

@@ -223,6 +223,35 @@ async def harness(stack_settings: Settings, engine: AsyncEngine, workers: None
     h.close()
 
 
+# Databases of their own on the stack's PostgreSQL server.
+
+async def admin(engine: AsyncEngine, statement: str) -> None:
+    """A statement outside any transaction (CREATE and DROP DATABASE cannot run in one)."""
+    async with engine.connect() as conn:
+        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        await conn.execute(text(statement))
+
+
+def database_url(settings: Settings, database: str) -> str:
+    """`settings`' database URL, naming `database` instead."""
+    assert settings.database_url
+    return make_url(settings.database_url).set(database=database).render_as_string(
+        hide_password=False)
+
+
+@contextlib.asynccontextmanager
+async def database_of_its_own(engine: AsyncEngine, settings: Settings, prefix: str
+                              ) -> AsyncIterator[str]:
+    """A new, empty database named `prefix` and a random suffix: yields its URL, and drops it
+    afterwards (ending the sessions still on it)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    await admin(engine, f'CREATE DATABASE "{name}"')
+    try:
+        yield database_url(settings, name)
+    finally:
+        await admin(engine, f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
 # A database of its own, for what must see every dead letter there is.
 
 @dataclass(frozen=True)
@@ -234,15 +263,11 @@ class Isolated:
 @pytest.fixture
 async def isolated(stack_settings: Settings, engine: AsyncEngine) -> AsyncIterator[Isolated]:
     name = f"dlq_it_{uuid.uuid4().hex[:12]}"
-    async with engine.connect() as conn:
-        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        try:
-            await conn.execute(text(f'CREATE DATABASE "{name}"'))
-        except DBAPIError as error:
-            pytest.skip(f"cannot create a database of its own on this server: {error}")
-    assert stack_settings.database_url
-    url = make_url(stack_settings.database_url).set(database=name).render_as_string(
-        hide_password=False)
+    try:
+        await admin(engine, f'CREATE DATABASE "{name}"')
+    except DBAPIError as error:
+        pytest.skip(f"cannot create a database of its own on this server: {error}")
+    url = database_url(stack_settings, name)
     own = create_engine(url, pool_size=2)
     harness = Harness(stack_settings.model_copy(update={"database_url": url}), own)
     try:
@@ -251,6 +276,4 @@ async def isolated(stack_settings: Settings, engine: AsyncEngine) -> AsyncIterat
     finally:
         harness.close()
         await own.dispose()
-        async with engine.connect() as conn:
-            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        await admin(engine, f'DROP DATABASE "{name}" WITH (FORCE)')

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
-from sqlalchemy import make_url, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import card_topup
@@ -41,7 +41,7 @@ from orchestrator.postgres.store import create_engine
 from orchestrator.settings import Settings
 from orchestrator.workers.runner import run_worker, workers_ready
 from schemas import TOPIC_REPLIES, Direction, Outcome, StepCommand, StepReply, step_topic
-from tests.integration.conftest import DeadLetterTap
+from tests.integration.conftest import DeadLetterTap, database_of_its_own
 
 pytestmark = pytest.mark.integration
 
@@ -172,48 +172,39 @@ async def topups(stack_settings: Settings, engine: AsyncEngine) -> AsyncIterator
     """The card top-up application with its relay and both participants running, in a database
     and under a topic prefix of its own."""
     run_id = uuid.uuid4().hex[:8]
-    database = f"topup_it_{run_id}"
-    async with engine.connect() as conn:
-        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        await conn.execute(text(f'CREATE DATABASE "{database}"'))
-    assert stack_settings.database_url
-    url = make_url(stack_settings.database_url).set(database=database).render_as_string(
-        hide_password=False)
-    settings = stack_settings.model_copy(update={"database_url": url,
-                                                 "topic_prefix": f"topup-{run_id}."})
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(run_worker(
-        kind, settings.model_copy(update={"worker_name": f"topup-{kind}"}), stop,
-        application=card_topup.APPLICATION), name=kind) for kind in KINDS]
-    own = create_engine(url, pool_size=2)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            for task in tasks:
-                if task.done():
-                    task.result()  # raises the worker's startup error
-            try:
-                if await workers_ready(own, {f"topup-{kind}" for kind in KINDS}):
-                    break
-            except Exception:  # the workers table does not exist before the migrations
-                if time.monotonic() > deadline:
-                    raise
-            assert time.monotonic() < deadline, "the example's workers did not start in 60 s"
-            await asyncio.sleep(0.1)
-        replies, dead_letters = ReplyTap(settings), DeadLetterTap(settings)
-        producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 0,
-                             "enable.idempotence": True})
-        yield TopUps(settings, own, replies, dead_letters, producer, run_id)
-        replies.close()
-        dead_letters.close()
-        producer.flush(5)
-    finally:
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
-        await own.dispose()
-        async with engine.connect() as conn:
-            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await conn.execute(text(f'DROP DATABASE "{database}" WITH (FORCE)'))
+    async with database_of_its_own(engine, stack_settings, "topup_it") as url:
+        settings = stack_settings.model_copy(update={"database_url": url,
+                                                     "topic_prefix": f"topup-{run_id}."})
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(run_worker(
+            kind, settings.model_copy(update={"worker_name": f"topup-{kind}"}), stop,
+            application=card_topup.APPLICATION), name=kind) for kind in KINDS]
+        own = create_engine(url, pool_size=2)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                for task in tasks:
+                    if task.done():
+                        task.result()  # raises the worker's startup error
+                try:
+                    if await workers_ready(own, {f"topup-{kind}" for kind in KINDS}):
+                        break
+                except Exception:  # the workers table does not exist before the migrations
+                    if time.monotonic() > deadline:
+                        raise
+                assert time.monotonic() < deadline, "the example's workers did not start in 60 s"
+                await asyncio.sleep(0.1)
+            replies, dead_letters = ReplyTap(settings), DeadLetterTap(settings)
+            producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 0,
+                                 "enable.idempotence": True})
+            yield TopUps(settings, own, replies, dead_letters, producer, run_id)
+            replies.close()
+            dead_letters.close()
+            producer.flush(5)
+        finally:
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+            await own.dispose()
 
 
 async def test_the_application_has_its_own_tables_and_not_the_transfers(topups: TopUps) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
-from sqlalchemy import make_url, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import card_topup
@@ -34,6 +34,7 @@ from orchestrator.postgres.store import create_engine
 from orchestrator.settings import Settings
 from orchestrator.workers.runner import run_worker, workers_ready
 from schemas import SAGA_OUTCOME_ADAPTER
+from tests.integration.conftest import database_of_its_own
 from tests.integration.test_example_participant import wait_until
 
 pytestmark = pytest.mark.integration
@@ -101,48 +102,39 @@ class Running:
 @pytest.fixture(scope="module")
 async def running(stack_settings: Settings, engine: AsyncEngine) -> AsyncIterator[Running]:
     run_id = uuid.uuid4().hex[:8]
-    database = f"topup_e2e_{run_id}"
-    async with engine.connect() as conn:
-        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        await conn.execute(text(f'CREATE DATABASE "{database}"'))
-    assert stack_settings.database_url
-    url = make_url(stack_settings.database_url).set(database=database).render_as_string(
-        hide_password=False)
-    settings = stack_settings.model_copy(update={
-        "database_url": url, "topic_prefix": f"topup-e2e-{run_id}.",
-        "application": "card_topup:APPLICATION"})
-    kinds = APPLICATION.worker_kinds
-    stop = asyncio.Event()
-    # The application is named by the settings, as a deployment names it.
-    tasks = [asyncio.create_task(run_worker(
-        kind, settings.model_copy(update={"worker_name": f"e2e-{kind}"}), stop), name=kind)
-        for kind in kinds]
-    own = create_engine(url, pool_size=2)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            for task in tasks:
-                if task.done():
-                    task.result()  # raises the worker's startup error
-            try:
-                if await workers_ready(own, {f"e2e-{kind}" for kind in kinds}):
-                    break
-            except Exception:  # the workers table does not exist before the migrations
-                if time.monotonic() > deadline:
-                    raise
-            assert time.monotonic() < deadline, "the example's workers did not start in 60 s"
-            await asyncio.sleep(0.1)
-        producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 0,
-                             "enable.idempotence": True})
-        yield Running(settings, own, producer, run_id)
-        producer.flush(5)
-    finally:
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
-        await own.dispose()
-        async with engine.connect() as conn:
-            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await conn.execute(text(f'DROP DATABASE "{database}" WITH (FORCE)'))
+    async with database_of_its_own(engine, stack_settings, "topup_e2e") as url:
+        settings = stack_settings.model_copy(update={
+            "database_url": url, "topic_prefix": f"topup-e2e-{run_id}.",
+            "application": "card_topup:APPLICATION"})
+        kinds = APPLICATION.worker_kinds
+        stop = asyncio.Event()
+        # The application is named by the settings, as a deployment names it.
+        tasks = [asyncio.create_task(run_worker(
+            kind, settings.model_copy(update={"worker_name": f"e2e-{kind}"}), stop), name=kind)
+            for kind in kinds]
+        own = create_engine(url, pool_size=2)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                for task in tasks:
+                    if task.done():
+                        task.result()  # raises the worker's startup error
+                try:
+                    if await workers_ready(own, {f"e2e-{kind}" for kind in kinds}):
+                        break
+                except Exception:  # the workers table does not exist before the migrations
+                    if time.monotonic() > deadline:
+                        raise
+                assert time.monotonic() < deadline, "the example's workers did not start in 60 s"
+                await asyncio.sleep(0.1)
+            producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 0,
+                                 "enable.idempotence": True})
+            yield Running(settings, own, producer, run_id)
+            producer.flush(5)
+        finally:
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+            await own.dispose()
 
 
 async def test_a_top_up_completes_and_moves_the_money_once(running: Running) -> None:

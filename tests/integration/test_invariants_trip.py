@@ -28,7 +28,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from sqlalchemy import make_url, text
+from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -46,7 +46,7 @@ from orchestrator.workers.saga_worker import CONSUMER
 from schemas import TOPIC_TRANSFER_COMMANDS, TransferRequested
 from steps import APPLICATION, TRANSFER
 from steps.saga import TRANSFER_TYPE
-from tests.integration.conftest import Harness
+from tests.integration.conftest import Harness, admin, database_url
 from tests.integration.test_cli import saga_cli
 from tests.integration.test_dlq import eventually, redriven_message_id
 
@@ -95,24 +95,12 @@ class Healthy:
     redriven_copy: str  # inbox message id of the malformed request's redriven copy
 
 
-async def _autocommit(engine: AsyncEngine, sql: str) -> None:
-    async with engine.connect() as conn:
-        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        await conn.execute(text(sql))
-
-
-def _url(settings: Settings, database: str) -> str:
-    assert settings.database_url
-    return make_url(settings.database_url).set(database=database).render_as_string(
-        hide_password=False)
-
-
 async def _copy_database(engine: AsyncEngine, template: str, name: str) -> None:
     """A copy of `template`; waits out the moment its last sessions take to close."""
     deadline = time.monotonic() + 30
     while True:
         try:
-            await _autocommit(engine, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+            await admin(engine, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
             return
         except DBAPIError as error:
             if "being accessed by other users" not in str(error) or time.monotonic() > deadline:
@@ -196,13 +184,13 @@ async def _make_healthy(settings: Settings, engine: AsyncEngine, name: str) -> H
 async def healthy(stack_settings: Settings, engine: AsyncEngine) -> AsyncIterator[Healthy]:
     name = f"trip_healthy_{uuid.uuid4().hex[:10]}"
     try:
-        await _autocommit(engine, f'CREATE DATABASE "{name}"')
+        await admin(engine, f'CREATE DATABASE "{name}"')
     except DBAPIError as error:
         pytest.skip(f"cannot create a database of its own on this server: {error}")
     settings = stack_settings.model_copy(update={
-        "database_url": _url(stack_settings, name),
+        "database_url": database_url(stack_settings, name),
         "topic_prefix": f"trip-{uuid.uuid4().hex[:8]}."})
-    own = create_engine(_url(stack_settings, name), pool_size=2)
+    own = create_engine(database_url(stack_settings, name), pool_size=2)
     try:
         await migrate(own, APPLICATION.migrations)
         made = await _make_healthy(settings, own, name)
@@ -213,7 +201,7 @@ async def healthy(stack_settings: Settings, engine: AsyncEngine) -> AsyncIterato
     try:
         yield made
     finally:
-        await _autocommit(engine, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin(engine, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @dataclass(frozen=True)
@@ -228,7 +216,7 @@ async def broken(stack_settings: Settings, engine: AsyncEngine, healthy: Healthy
     """A fresh copy of the healthy database, for one test to break."""
     name = f"trip_case_{uuid.uuid4().hex[:10]}"
     await _copy_database(engine, healthy.database, name)
-    url = _url(stack_settings, name)
+    url = database_url(stack_settings, name)
     own = create_engine(url, pool_size=2)
     harness = Harness(stack_settings.model_copy(update={"database_url": url}), own)
     try:
@@ -236,7 +224,7 @@ async def broken(stack_settings: Settings, engine: AsyncEngine, healthy: Healthy
     finally:
         harness.close()
         await own.dispose()
-        await _autocommit(engine, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin(engine, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 # --- how a database gets broken ---------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import make_url, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from orchestrator.ops.checker import check
@@ -26,7 +26,7 @@ from schemas import Direction, StepCommand
 from steps import APPLICATION
 from steps.ledger import ENTRIES, LEDGER, AccountView, balances, open_account
 from steps.registry import Action, ledger
-from tests.integration.conftest import Isolated
+from tests.integration.conftest import Isolated, database_of_its_own
 from tests.integration.test_checker import consume_start, failing
 from tests.integration.test_cli import saga_cli
 
@@ -116,20 +116,12 @@ def summary(view: AccountView) -> tuple[Decimal, Decimal, Decimal, Decimal, int]
 async def own_database(stack_settings: Settings, engine: AsyncEngine
                        ) -> AsyncIterator[AsyncEngine]:
     """An empty database of its own, no migration applied."""
-    name = f"totals_it_{uuid.uuid4().hex[:12]}"
-    async with engine.connect() as conn:
-        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        await conn.execute(text(f'CREATE DATABASE "{name}"'))
-    assert stack_settings.database_url
-    own = create_engine(make_url(stack_settings.database_url).set(database=name)
-                        .render_as_string(hide_password=False), pool_size=2)
-    try:
-        yield own
-    finally:
-        await own.dispose()
-        async with engine.connect() as conn:
-            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    async with database_of_its_own(engine, stack_settings, "totals_it") as url:
+        own = create_engine(url, pool_size=2)
+        try:
+            yield own
+        finally:
+            await own.dispose()
 
 
 async def migrate_up_to(engine: AsyncEngine, last: str, tmp_path: Path,

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import make_url, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from orchestrator.core.definition import SagaDefinition
@@ -59,7 +59,7 @@ from steps import APPLICATION
 from steps.ledger import open_account
 from steps.saga import TRANSFER, TRANSFER_TYPE
 from tests.cli_process import run_saga
-from tests.integration.conftest import Harness
+from tests.integration.conftest import Harness, database_of_its_own
 
 pytestmark = pytest.mark.integration
 
@@ -289,32 +289,23 @@ class OldDatabase:
 async def old_database(stack_settings: Settings, engine: AsyncEngine
                        ) -> AsyncIterator[OldDatabase]:
     """A database of its own, made by the old migrations only, as the old `migrate` made it."""
-    name = f"old_it_{uuid.uuid4().hex[:12]}"
-    async with engine.connect() as conn:
-        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        await conn.execute(text(f'CREATE DATABASE "{name}"'))
-    assert stack_settings.database_url
-    url = make_url(stack_settings.database_url).set(database=name).render_as_string(
-        hide_password=False)
-    own = create_engine(url, pool_size=4)
-    try:
-        async with own.begin() as conn:
-            await conn.execute(text(
-                "CREATE TABLE schema_migrations (name text PRIMARY KEY,"
-                " applied_at timestamptz NOT NULL DEFAULT clock_timestamp())"))
-            raw = (await conn.get_raw_connection()).driver_connection
-            assert raw is not None
-            for path in sorted(OLD_MIGRATIONS.glob("*.sql")):
-                await raw.execute(path.read_text())
-                await conn.execute(text("INSERT INTO schema_migrations (name) VALUES (:n)"),
-                                   {"n": path.name})
-        yield OldDatabase(own, stack_settings.model_copy(update={
-            "database_url": url, "topic_prefix": f"mg-{uuid.uuid4().hex[:8]}."}))
-    finally:
-        await own.dispose()
-        async with engine.connect() as conn:
-            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    async with database_of_its_own(engine, stack_settings, "old_it") as url:
+        own = create_engine(url, pool_size=4)
+        try:
+            async with own.begin() as conn:
+                await conn.execute(text(
+                    "CREATE TABLE schema_migrations (name text PRIMARY KEY,"
+                    " applied_at timestamptz NOT NULL DEFAULT clock_timestamp())"))
+                raw = (await conn.get_raw_connection()).driver_connection
+                assert raw is not None
+                for path in sorted(OLD_MIGRATIONS.glob("*.sql")):
+                    await raw.execute(path.read_text())
+                    await conn.execute(text("INSERT INTO schema_migrations (name) VALUES (:n)"),
+                                       {"n": path.name})
+            yield OldDatabase(own, stack_settings.model_copy(update={
+                "database_url": url, "topic_prefix": f"mg-{uuid.uuid4().hex[:8]}."}))
+        finally:
+            await own.dispose()
 
 
 def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:

@@ -32,7 +32,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from opentelemetry import metrics
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from sqlalchemy import make_url, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator import metrics as saga_metrics
@@ -67,6 +67,7 @@ from schemas import (
 )
 from steps import APPLICATION
 from steps.saga import TRANSFER
+from tests.integration.conftest import admin, database_url
 
 pytestmark = pytest.mark.integration
 
@@ -108,28 +109,16 @@ def counter_total(reader: InMemoryMetricReader, name: str, **attributes: str) ->
 
 # -------------------------------------------------------------------- isolated database
 
-async def _admin(engine: AsyncEngine, statement: str) -> None:
-    async with engine.connect() as conn:
-        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        await conn.execute(text(statement))
-
-
-def _url_for(settings: Settings, database: str) -> str:
-    assert settings.database_url
-    return make_url(settings.database_url).set(database=database).render_as_string(
-        hide_password=False)
-
-
 @pytest.fixture(scope="module")
 async def template_db(stack_settings: Settings, engine: AsyncEngine) -> AsyncIterator[str]:
     """A migrated, empty database that each test's database is copied from."""
     name = f"it_recovery_template_{uuid.uuid4().hex[:8]}"
-    await _admin(engine, f'CREATE DATABASE "{name}"')
-    template = create_engine(_url_for(stack_settings, name))
+    await admin(engine, f'CREATE DATABASE "{name}"')
+    template = create_engine(database_url(stack_settings, name))
     await migrate(template, APPLICATION.migrations)
     await template.dispose()
     yield name
-    await _admin(engine, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await admin(engine, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 # --------------------------------------------------------------------------- the rig
@@ -281,9 +270,9 @@ class Rig:
 async def new_rig(stack_settings: Settings, engine: AsyncEngine, template: str
                   ) -> tuple[Rig, str]:
     database = f"it_recovery_{uuid.uuid4().hex[:10]}"
-    await _admin(engine, f'CREATE DATABASE "{database}" TEMPLATE "{template}"')
+    await admin(engine, f'CREATE DATABASE "{database}" TEMPLATE "{template}"')
     settings = stack_settings.model_copy(update={
-        "database_url": _url_for(stack_settings, database),
+        "database_url": database_url(stack_settings, database),
         "topic_prefix": f"it-recovery-{uuid.uuid4().hex[:8]}.", "worker_name": ""})
     await asyncio.to_thread(ensure_topics, settings)
     assert settings.database_url
@@ -309,7 +298,7 @@ async def rig(stack_settings: Settings, engine: AsyncEngine, template_db: str
     await made.recovery.marker.close()
     made.producer.close()
     await made.engine.dispose()
-    await _admin(engine, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    await admin(engine, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
 def only(events: Sequence[tuple[SagaEvent, str]], kind: type[Any]) -> list[Any]:

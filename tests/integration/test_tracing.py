@@ -31,7 +31,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
-from sqlalchemy import make_url, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.dev.processes import WorkerProcesses
@@ -41,6 +41,7 @@ from orchestrator.tracing import intake_span_id, saga_span_id
 from orchestrator.workers.runner import prepare
 from schemas import TOPIC_TRANSFER_COMMANDS
 from steps import APPLICATION
+from tests.integration.conftest import database_of_its_own
 
 pytestmark = pytest.mark.integration
 
@@ -191,35 +192,26 @@ async def traced(stack_settings: Settings, engine: AsyncEngine,
     """Every worker of the transfer application as a process, on a database and topics of
     their own, exporting spans to the receiver."""
     run_id = uuid.uuid4().hex[:8]
-    database = f"tracing_{run_id}"
-    async with engine.connect() as conn:
-        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        await conn.execute(text(f'CREATE DATABASE "{database}"'))
-    assert stack_settings.database_url
-    url = make_url(stack_settings.database_url).set(database=database).render_as_string(
-        hide_password=False)
-    settings = stack_settings.model_copy(update={"database_url": url,
-                                                 "topic_prefix": f"tracing-{run_id}."})
-    receiver = OtlpReceiver()
-    own = await prepare(settings, APPLICATION)
-    log_dir: Path = tmp_path_factory.mktemp("tracing-logs")
-    workers = WorkerProcesses(settings, log_dir)
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 0,
-                         "enable.idempotence": True})
-    try:
-        workers.start(env={"OTEL_TRACES_EXPORTER": "otlp",
-                           "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-                           "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_METRICS_EXPORTER": "none"})
-        await workers.wait_ready(own, timeout_s=120)
-        yield Traced(settings, own, receiver, producer, run_id, workers)
-    finally:
-        producer.flush(5)
-        await asyncio.to_thread(workers.stop)
-        receiver.close()
-        await own.dispose()
-        async with engine.connect() as conn:
-            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await conn.execute(text(f'DROP DATABASE "{database}" WITH (FORCE)'))
+    async with database_of_its_own(engine, stack_settings, "tracing") as url:
+        settings = stack_settings.model_copy(update={"database_url": url,
+                                                     "topic_prefix": f"tracing-{run_id}."})
+        receiver = OtlpReceiver()
+        own = await prepare(settings, APPLICATION)
+        log_dir: Path = tmp_path_factory.mktemp("tracing-logs")
+        workers = WorkerProcesses(settings, log_dir)
+        producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 0,
+                             "enable.idempotence": True})
+        try:
+            workers.start(env={"OTEL_TRACES_EXPORTER": "otlp",
+                               "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+                               "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_METRICS_EXPORTER": "none"})
+            await workers.wait_ready(own, timeout_s=120)
+            yield Traced(settings, own, receiver, producer, run_id, workers)
+        finally:
+            producer.flush(5)
+            await asyncio.to_thread(workers.stop)
+            receiver.close()
+            await own.dispose()
 
 
 def assert_one_tree(spans: list[ReceivedSpan], root_parent: str = "") -> ReceivedSpan:
