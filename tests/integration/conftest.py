@@ -62,13 +62,7 @@ async def workers(stack_settings: Settings, engine: AsyncEngine) -> AsyncIterato
     tasks = [asyncio.create_task(run_worker(kind, stack_settings.model_copy(
         update={"worker_name": f"it-{kind}"}), stop), name=kind)
         for kind in APPLICATION.worker_kinds]
-    deadline = time.monotonic() + 60
-    while not await workers_ready(engine, {f"it-{kind}" for kind in APPLICATION.worker_kinds}):
-        for task in tasks:
-            if task.done():
-                task.result()  # raises the worker's startup error
-        assert time.monotonic() < deadline, "workers did not get their partitions in 60 s"
-        await asyncio.sleep(0.1)
+    await workers_started(engine, tasks, {f"it-{kind}" for kind in APPLICATION.worker_kinds})
     yield
     stop.set()
     await asyncio.wait_for(asyncio.gather(*tasks), 30)
@@ -250,6 +244,27 @@ async def database_of_its_own(engine: AsyncEngine, settings: Settings, prefix: s
         yield database_url(settings, name)
     finally:
         await admin(engine, f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+async def workers_started(engine: AsyncEngine, tasks: list[asyncio.Task[None]],
+                          names: set[str], timeout_s: float = 60) -> None:
+    """Wait until the in-process workers `names` (running as `tasks`) have their partitions;
+    a worker that ended meanwhile raises its startup error. Their workers table may not exist
+    yet (the workers apply the migrations as they start)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for task in tasks:
+            if task.done():
+                task.result()  # raises the worker's startup error
+        try:
+            if await workers_ready(engine, names):
+                return
+        except Exception:  # the workers table does not exist before the migrations
+            if time.monotonic() > deadline:
+                raise
+        assert time.monotonic() < deadline, (
+            f"workers {sorted(names)} did not get their partitions in {timeout_s:g} s")
+        await asyncio.sleep(0.1)
 
 
 # A database of its own, for what must see every dead letter there is.

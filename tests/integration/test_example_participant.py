@@ -39,9 +39,9 @@ from orchestrator.kafka.consumer import participant_group
 from orchestrator.participant import CANCELLED
 from orchestrator.postgres.store import create_engine
 from orchestrator.settings import Settings
-from orchestrator.workers.runner import run_worker, workers_ready
+from orchestrator.workers.runner import run_worker
 from schemas import TOPIC_REPLIES, Direction, Outcome, StepCommand, StepReply, step_topic
-from tests.integration.conftest import DeadLetterTap, database_of_its_own
+from tests.integration.conftest import DeadLetterTap, database_of_its_own, workers_started
 
 pytestmark = pytest.mark.integration
 
@@ -181,19 +181,7 @@ async def topups(stack_settings: Settings, engine: AsyncEngine) -> AsyncIterator
             application=card_topup.APPLICATION), name=kind) for kind in KINDS]
         own = create_engine(url, pool_size=2)
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                for task in tasks:
-                    if task.done():
-                        task.result()  # raises the worker's startup error
-                try:
-                    if await workers_ready(own, {f"topup-{kind}" for kind in KINDS}):
-                        break
-                except Exception:  # the workers table does not exist before the migrations
-                    if time.monotonic() > deadline:
-                        raise
-                assert time.monotonic() < deadline, "the example's workers did not start in 60 s"
-                await asyncio.sleep(0.1)
+            await workers_started(own, tasks, {f"topup-{kind}" for kind in KINDS})
             replies, dead_letters = ReplyTap(settings), DeadLetterTap(settings)
             producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 0,
                                  "enable.idempotence": True})

@@ -32,9 +32,9 @@ from orchestrator.core import outcome_event_id
 from orchestrator.ops.queries import render_timeline, timeline
 from orchestrator.postgres.store import create_engine
 from orchestrator.settings import Settings
-from orchestrator.workers.runner import run_worker, workers_ready
+from orchestrator.workers.runner import run_worker
 from schemas import SAGA_OUTCOME_ADAPTER
-from tests.integration.conftest import database_of_its_own
+from tests.integration.conftest import database_of_its_own, workers_started
 from tests.integration.test_example_participant import wait_until
 
 pytestmark = pytest.mark.integration
@@ -114,19 +114,7 @@ async def running(stack_settings: Settings, engine: AsyncEngine) -> AsyncIterato
             for kind in kinds]
         own = create_engine(url, pool_size=2)
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                for task in tasks:
-                    if task.done():
-                        task.result()  # raises the worker's startup error
-                try:
-                    if await workers_ready(own, {f"e2e-{kind}" for kind in kinds}):
-                        break
-                except Exception:  # the workers table does not exist before the migrations
-                    if time.monotonic() > deadline:
-                        raise
-                assert time.monotonic() < deadline, "the example's workers did not start in 60 s"
-                await asyncio.sleep(0.1)
+            await workers_started(own, tasks, {f"e2e-{kind}" for kind in kinds})
             producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 0,
                                  "enable.idempotence": True})
             yield Running(settings, own, producer, run_id)
